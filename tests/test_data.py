@@ -1,0 +1,124 @@
+import csv
+import io
+
+import pytest
+import torch
+
+from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, read_labels, read_split
+from goemo.hub import GoemoError
+from tests.conftest import LABELS4, write_split
+
+
+# -- the real release -------------------------------------------------------------------------
+@pytest.mark.parametrize("name,rows", [("train.tsv", 43410), ("dev.tsv", 5426), ("test.tsv", 5427)])
+def test_real_splits_parse(goemotions, name, rows):
+    cols = read_split(goemotions / name, 28)
+    assert len(cols["text"]) == len(cols["labels"]) == len(cols["id"]) == rows
+    assert all(1 <= len(ids) <= 5 for ids in cols["labels"])
+    assert all(cols["id"]) and all(isinstance(t, str) for t in cols["text"])
+
+
+def test_real_labels_match_hub_names(goemotions):
+    assert read_labels(goemotions / "labels.txt") == GOEMOTIONS_LABELS
+
+
+def test_real_quoted_rows_are_unquoted(goemotions):
+    cols = read_split(goemotions / "train.tsv", 28)
+    raw = (goemotions / "train.tsv").read_text(encoding="utf-8").splitlines()
+    # Line 124 of train.tsv is CSV-quoted with doubled inner quotes.
+    assert raw[123].startswith('"Three words')
+    assert cols["text"][123] == 'Three words, no subtlety. "Dude. Stop. Seriously." '
+    assert cols["labels"][123] == [3] and cols["id"][123] == "eetq9g0"
+    quoted = [i for i, line in enumerate(raw) if line.startswith('"')]
+    assert len(quoted) == 1097
+    for i in quoted:  # every quoted row equals what a CSV reader gives for that line alone
+        assert cols["text"][i] == next(csv.reader(io.StringIO(raw[i]), delimiter="\t"))[0]
+
+
+# -- synthetic folders and their errors --------------------------------------------------------
+def test_tiny_folder_parses(tiny_data):
+    cols = read_split(tiny_data / "train.tsv", 4)
+    assert cols["text"][0] == 'She said "hi" to me'
+    assert read_labels(tiny_data / "labels.txt") == LABELS4
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("only text\n", "train.tsv:1: expected 3 tab-separated columns"),
+        ("ok\t0\ta\nbad\tx\tb\n", "train.tsv:2: label ids must be comma-separated integers, got 'x'"),
+        ("ok\t0\ta\nok\t1,9\tb\n", "train.tsv:2: label id 9 is outside labels.txt (ids 0..3)"),
+        ("ok\t-1\ta\n", "train.tsv:1: label id -1 is outside"),
+        ("", "train.tsv: the split is empty"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tiny_data, content, expected):
+    (tiny_data / "train.tsv").write_text(content, encoding="utf-8")
+    with pytest.raises(GoemoError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        read_split(tiny_data / "train.tsv", 4)
+
+
+def test_non_utf8_names_line(tiny_data):
+    (tiny_data / "dev.tsv").write_bytes(b"fine\t0\ta\nbad \xff byte\t1\tb\n")
+    with pytest.raises(GoemoError, match=r"dev\.tsv:2: not valid UTF-8"):
+        read_split(tiny_data / "dev.tsv", 4)
+
+
+def test_duplicate_labels(tiny_data):
+    (tiny_data / "labels.txt").write_text("joy\nanger\njoy\n")
+    with pytest.raises(GoemoError, match=r"labels\.txt:3: duplicate label name 'joy' \(also on line 1\)"):
+        GoEmotionsDataModule(data_dir=str(tiny_data))
+
+
+def test_missing_folder_and_split(tiny_data, tmp_path):
+    with pytest.raises(GoemoError, match="no such folder"):
+        GoEmotionsDataModule(data_dir=str(tmp_path / "nope"))
+    (tiny_data / "test.tsv").unlink()
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data))
+    with pytest.raises(GoemoError, match=r"test\.tsv: split file not found"):
+        dm._raw_splits()
+
+
+# -- tokenizing, caching, collating ---------------------------------------------------------------
+def test_datamodule_batches_are_padded_float_multi_hot(tiny_data, tiny_model, tmp_path):
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), train_batch_size=8,
+                              cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert dm.label_names == LABELS4 and dm.num_labels == 4
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # no token_type_ids
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (32, 4)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())  # padded to the longest, no more
+    first = read_split(tiny_data / "dev.tsv", 4)["labels"][0]
+    assert batch["labels"][0].tolist() == [1.0 if i in first else 0.0 for i in range(4)]
+
+
+def test_tokenized_splits_are_cached(tiny_data, tiny_model, tmp_path, monkeypatch):
+    kw = dict(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "cache"))
+    GoEmotionsDataModule(**kw).prepare_data()
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 3
+    monkeypatch.setattr(GoEmotionsDataModule, "_encode", lambda self, b: pytest.fail("re-tokenized"))
+    dm = GoEmotionsDataModule(**kw)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 96
+    # a different max_length is a different cache entry
+    dm2 = GoEmotionsDataModule(**{**kw, "max_length": 8})
+    with pytest.raises(pytest.fail.Exception, match="re-tokenized"):
+        dm2.setup("fit")
+
+
+def test_collator_pads_right_and_makes_float_labels():
+    rows = [
+        {"input_ids": torch.tensor([101, 7, 102]), "attention_mask": torch.ones(3, dtype=torch.long),
+         "labels": torch.tensor([0, 1, 1])},
+        {"input_ids": torch.tensor([101, 102]), "attention_mask": torch.ones(2, dtype=torch.long),
+         "labels": torch.tensor([1, 0, 0])},
+    ]  # fmt: skip
+    batch = MultiLabelCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    left = MultiLabelCollator(pad_token_id=0, padding_side="left")(rows)
+    assert left["input_ids"].tolist()[1] == [0, 101, 102]
