@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from goemo.hub import GoemoError, hub_kwargs, hub_reachable, resolve_model_path, unreachable
 
@@ -31,7 +31,7 @@ GOEMOTIONS_LABELS = [
 
 # Split names used here -> (file in the official release, split on the Hub).
 SPLITS = {"train": ("train.tsv", "train"), "validation": ("dev.tsv", "validation"), "test": ("test.tsv", "test")}
-CACHE_VERSION = "1"  # bump when the encoding below changes, to invalidate old caches
+CACHE_VERSION = "2"  # bump when the encoding below changes, to invalidate old caches
 
 
 def read_labels(path: Path) -> list[str]:
@@ -92,6 +92,43 @@ def _read_text(path: Path) -> str:
         raise GoemoError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length rows, so per-batch padding is small (GoEmotions: ~18 real tokens a row).
+
+    Training (`shuffle=True`): permute all rows, cut the permutation into pools of `pool_batches`
+    batches, sort each pool by length, cut it into batches, then permute the batches. Random, exact
+    (every row once per epoch) and deterministic for a given `seed` and epoch (Lightning calls
+    `set_epoch`). Evaluation (`shuffle=False`): rows sorted by length, longest first.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, shuffle: bool = True, seed: int = 0, pool_batches: int = 64
+    ) -> None:
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size, self.shuffle, self.seed, self.pool_batches = batch_size, shuffle, seed, pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        n, bs = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, descending=True, stable=True)
+            yield from (b.tolist() for b in order.split(bs))
+            return
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for pool in torch.randperm(n, generator=g).split(bs * self.pool_batches):
+            pool = pool[torch.argsort(self.lengths[pool], descending=True, stable=True)]
+            batches.extend(pool.split(bs))
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[i].tolist()
+
+
 @dataclass
 class MultiLabelCollator:
     """Pads a list of rows to the batch's longest row; labels stay float multi-hot for BCEWithLogitsLoss.
@@ -126,6 +163,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         max_length: int = 128,
         train_batch_size: int = 16,
         eval_batch_size: int = 32,
+        group_by_length: bool = True,
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
     ) -> None:
@@ -140,6 +178,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
             max_length: Truncate texts to this many tokens (GoEmotions' longest text is ~70 tokens).
             train_batch_size: Rows per training batch.
             eval_batch_size: Rows per validation/test/predict batch.
+            group_by_length: Train on batches of similar-length rows (less padding, same rows per epoch);
+                False: plain random batches as in the seed notebook. Evaluation is always sorted by length.
             num_workers: DataLoader worker processes (0 = load in the main process).
             cache_dir: Where tokenized splits are cached; default: the `datasets` cache folder.
         """
@@ -218,7 +258,12 @@ class GoEmotionsDataModule(L.LightningDataModule):
         multi_hot = np.zeros((len(batch["labels"]), self.num_labels), dtype=np.float32)
         for i, ids in enumerate(batch["labels"]):
             multi_hot[i, ids] = 1.0
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": multi_hot}
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": multi_hot,
+            "length": [len(x) for x in enc["input_ids"]],
+        }
 
     def _tokenized(self, split: str, raw):
         import datasets
@@ -247,15 +292,19 @@ class GoEmotionsDataModule(L.LightningDataModule):
             self.datasets = {split: self._tokenized(split, raw) for split, raw in self._raw_splits().items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        tok = self.tokenizer
-        batch_size = self.hparams.train_batch_size if split == "train" else self.hparams.eval_batch_size
+        tok, ds, hp = self.tokenizer, self.datasets[split], self.hparams
+        batch_size = hp.train_batch_size if split == "train" else hp.eval_batch_size
+        kw: dict = {"batch_size": batch_size, "shuffle": shuffle}
+        if not shuffle or hp.group_by_length:
+            lengths = ds.with_format(None)["length"]
+            seed = int(torch.initial_seed()) % 2**31  # set by seed_everything
+            kw = {"batch_sampler": LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)}
         return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
+            ds,
             collate_fn=MultiLabelCollator(tok.pad_token_id, tok.padding_side),
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            **kw,
         )
 
     def train_dataloader(self) -> DataLoader:
