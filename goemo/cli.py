@@ -93,7 +93,6 @@ class GoemoCLI(LightningCLI):
             else:  # the run folder moved: save_dir/""/version_N is where it lives now
                 args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
 
-
     def _before_run(self) -> None:
         logger = self.trainer.logger
         if isinstance(logger, HParamsTensorBoardLogger):
@@ -124,7 +123,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
                 },
             },
-            parser_kwargs={"default_env": False},
         )
     except GoemoError as e:
         if os.environ.get("GOEMO_DEBUG"):
