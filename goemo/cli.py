@@ -118,6 +118,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": run_dir is not None},  # resuming a fit rewrites its own config
             trainer_defaults={
+                "log_every_n_steps": 10,  # GoEmotions epochs are short; Lightning's 50 hides short runs' curves
                 "logger": {
                     "class_path": "goemo.cli.HParamsTensorBoardLogger",
                     "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
