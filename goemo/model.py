@@ -146,15 +146,17 @@ class EmotionClassifier(L.LightningModule):
 
         hp = self.hparams
         head_lr = hp.head_learning_rate or hp.learning_rate
-        groups: dict[tuple[float, float], list] = {}
+        groups: dict[str, dict] = {}  # named, so LearningRateMonitor logs lr-AdamW/encoder, lr-AdamW/head, ...
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            no_decay = p.ndim < 2 or "LayerNorm" in name or "layernorm" in name.lower()
-            is_head = name.startswith("head.")
-            key = (head_lr if is_head else hp.learning_rate, 0.0 if no_decay else hp.weight_decay)
-            groups.setdefault(key, []).append(p)
-        params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+            no_decay = p.ndim < 2 or "layernorm" in name.lower()  # biases and LayerNorm weights
+            part = "head" if name.startswith("head.") else "encoder"
+            key = part + ("_no_decay" if no_decay else "")
+            lr = head_lr if part == "head" else hp.learning_rate
+            group = groups.setdefault(key, {"name": key, "params": [], "lr": lr, "weight_decay": 0.0 if no_decay else hp.weight_decay})
+            group["params"].append(p)
+        params = list(groups.values())
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, fused=self.device.type == "cuda")
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)

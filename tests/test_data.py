@@ -6,7 +6,7 @@ import torch
 
 from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, read_labels, read_split
 from goemo.hub import GoemoError
-from tests.conftest import LABELS4, write_split
+from tests.conftest import LABELS4
 
 
 # -- the real release -------------------------------------------------------------------------

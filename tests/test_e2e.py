@@ -66,7 +66,7 @@ def test_fit_writes_run_folder(fitted):
     for name in ("train/loss", "val/loss", "val/f1_micro", "val/f1_macro", "val/exact_match"):
         assert name in tags, (name, sorted(tags))
     assert len(tags["val/f1_micro"]) == 2  # validated every epoch
-    assert any(t.startswith("lr-AdamW") for t in tags)  # LearningRateMonitor
+    assert {"lr-AdamW/encoder", "lr-AdamW/head"} <= set(tags)  # LearningRateMonitor
     assert {"val/f1_micro", "test/f1_micro", "test/f1_macro", "test/exact_match"} <= hparams_metric_tags(run)
 
 
