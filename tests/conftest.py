@@ -40,14 +40,18 @@ def synthetic_rows(n: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
-@pytest.fixture
-def tiny_data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    d.mkdir()
+def write_tiny_data(d: Path) -> Path:
+    """A 4-label release-shaped folder: train (96 rows), dev and test (32 each), labels.txt."""
+    d.mkdir(parents=True)
     (d / "labels.txt").write_text("\n".join(LABELS4) + "\n")
     for name, n, seed in (("train.tsv", 96, 0), ("dev.tsv", 32, 1), ("test.tsv", 32, 2)):
         write_split(d / name, synthetic_rows(n, seed))
     return d
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return write_tiny_data(tmp_path / "data")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +77,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def run_main(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python main.py ARGS` in a fresh process, offline."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # PYTHONPATH: import this checkout's goemo, not whichever one is pip-installed (e.g. another worktree).
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / "main.py"), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
