@@ -84,3 +84,45 @@ def run_main(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300)
         [sys.executable, str(REPO / "main.py"), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+# -- one tiny fitted run, shared by the predict, API, export and dashboard tests ---------------------
+# Texts to predict: empty, emoji-only, far longer than max_length (truncated), quotes and commas (CSV).
+PREDICT_TEXTS = [
+    "I am so happy and glad",
+    "",
+    "😂😂🔥",
+    "angry mad " * 300,
+    'she said "hi", then left',
+    "scared afraid table",
+    "ok",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model) -> Path:
+    """A working folder whose lightning_logs/version_0 is a tiny BERT fitted 2 epochs on 4-label data.
+
+    The fit's stdout is kept in fit.out (the terminal tests read it).
+    """
+    work = tmp_path_factory.mktemp("tiny-run")
+    data = write_tiny_data(work / "data")
+    r = run_main(
+        "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(data),
+        "--data.cache_dir", str(work / "cache"), "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+        "--val_examples.num_examples", "4", cwd=work,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (work / "fit.out").write_text(r.stdout, encoding="utf-8")
+    assert (work / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    return work
+
+
+@pytest.fixture(scope="session")
+def txt_predictions(tiny_run) -> tuple[subprocess.CompletedProcess, Path]:
+    """`predict --ckpt_path best --data.predict_file texts.txt` (PREDICT_TEXTS) in tiny_run: (process, predictions.jsonl)."""
+    src = tiny_run / "texts.txt"
+    src.write_text("\n".join(PREDICT_TEXTS) + "\n", encoding="utf-8")
+    r = run_main("predict", "--ckpt_path", "best", "--data.predict_file", str(src), cwd=tiny_run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, tiny_run / "lightning_logs" / "version_0" / "predictions.jsonl"
