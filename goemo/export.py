@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -96,10 +97,13 @@ def export_onnx(clf: Classifier, path: Path) -> float:
     batch = _probe_batch(clf)
     example = (batch["input_ids"], batch["attention_mask"])  # batch > 1: a size-1 axis would be fixed at 1
     axes = {0: "batch", 1: "sequence"}
-    clf.model.to_onnx(
-        path, example, input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}}, external_data=False, verbose=False,
-    )  # fmt: skip
+    with warnings.catch_warnings():  # both inputs share their axes, which the exporter reports as a warning
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
+        clf.model.to_onnx(
+            path, example, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}}, external_data=False,
+            verbose=False,
+        )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {k: batch[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")})
     diff = float(np.abs(got - _reference_logits(clf, batch).numpy()).max())
