@@ -56,7 +56,8 @@ class ValidationExamples(Callback):
         lines = ["| text | true labels | predicted (probability) |", "|---|---|---|"]
         for text, truth, p, hit in zip(texts, batch["labels"], probs, predicted):
             true_labels = ", ".join(names[j] for j in truth.nonzero().flatten().tolist()) or "-"
-            order = [j for j in torch.argsort(p, descending=True).tolist() if hit[j]]
-            pred = ", ".join(f"{names[j]} ({p[j]:.2f})" for j in order) or "-"
+            order = torch.argsort(p, descending=True).tolist()
+            pred = ", ".join(f"{names[j]} ({p[j]:.2f})" for j in order if hit[j])
+            pred = pred or f"- (top: {names[order[0]]} {p[order[0]]:.2f})"  # early on nothing passes
             lines.append(f"| {_cell(text)} | {true_labels} | {pred} |")
         writer.add_text(TAG, "\n".join(lines), global_step=trainer.global_step)
