@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from goemo.dashboard import ValidationExamples
 from goemo.data import GoEmotionsDataModule
 from goemo.hub import GoemoError
+from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.predict import PredictionWriter
 from goemo.runs import rewrite_args
@@ -107,6 +108,8 @@ class GoemoCLI(LightningCLI):
         trainer = cfg.trainer
         if cfg.get("output") and not cfg.data.predict_file:
             raise GoemoError("--output needs --data.predict_file FILE (the texts to predict)")
+        if self.subcommand == "predict" and cfg.data.predict_file:
+            check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
         if cfg.get("ckpt_path"):
             cfg.model.pretrained = False  # the checkpoint holds every weight: don't load (or fetch) them twice
         # `--trainer.enable_progress_bar false` (or enable_model_summary) would clash with the default callbacks.
@@ -124,7 +127,6 @@ class GoemoCLI(LightningCLI):
                 args.version = self.run_dir.name  # same paths as at fit, so ModelCheckpoint state reloads fully
             else:  # the run folder moved: save_dir/""/version_N is where it lives now
                 args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
-
 
     def predict(
         self,
