@@ -96,13 +96,12 @@ def export_onnx(clf: Classifier, path: Path) -> float:
         raise GoemoError("--onnx needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime") from None
     batch = _probe_batch(clf)
     example = (batch["input_ids"], batch["attention_mask"])  # batch > 1: a size-1 axis would be fixed at 1
-    axes = {0: "batch", 1: "sequence"}
-    with warnings.catch_warnings():  # both inputs share their axes, which the exporter reports as a warning
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    with warnings.catch_warnings():  # both inputs share both axes, which the exporter reports as a warning
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
         clf.model.to_onnx(
             path, example, input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}}, external_data=False,
-            verbose=False,
+            dynamic_shapes={"input_ids": axes, "attention_mask": axes}, external_data=False, verbose=False,
         )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {k: batch[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")})
@@ -131,6 +130,7 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if hf is not None:
         hf.save_pretrained(out_dir)  # config.json (labels, problem_type) + model.safetensors
+        print(f"{type(hf).__name__} matches the checkpoint (probabilities within {HF_TOLERANCE:g})", file=sys.stderr)
     # model_max_length = training's max_length, so pipeline(..., truncation=True) truncates as training did.
     clf.tokenizer.model_max_length = clf.max_length
     clf.tokenizer.save_pretrained(out_dir)
