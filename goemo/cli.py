@@ -1,21 +1,34 @@
-"""LightningCLI wiring: data -> model links, checkpointing, TensorBoard, and run-aware `--ckpt_path`."""
+"""LightningCLI wiring: data -> model links, checkpointing, TensorBoard, Rich terminal output,
+run-aware `--ckpt_path`, and `predict --data.predict_file FILE [--output PATH]`."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from goemo.dashboard import ValidationExamples
 from goemo.data import GoEmotionsDataModule
 from goemo.hub import GoemoError
+from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
+from goemo.predict import PredictionWriter
 from goemo.runs import rewrite_args
+
+# Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
+# with the loss, validation metrics and it/s, and a model summary table.
+# (Lightning prints the metrics table at the end of validate/test itself, with rich when installed.)
+TERMINAL_CALLBACKS = [
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {"class_path": "lightning.pytorch.callbacks.RichModelSummary"},
+]
 
 # Metric names shown as columns in TensorBoard's hparams tab (fixed: dashboards and scripts read them).
 HPARAM_METRICS = [f"{s}/{m}" for s in ("val", "test") for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
@@ -75,13 +88,38 @@ class GoemoCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(ValidationExamples, "val_examples")
+        # In the config (not trainer_defaults, which appends instances after parsing) so the
+        # enable_progress_bar/enable_model_summary check below can drop them and config.yaml records them.
+        parser.set_defaults({"trainer.callbacks": TERMINAL_CALLBACKS})
         # One source of truth: the model's name picks the tokenizer; the data's labels size the head.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        # `add_arguments_to_parser` cannot tell subcommands apart, so predict's own flag is added here.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--output", type=Optional[str], default=None,
+                help="With --data.predict_file: where to write the JSON-lines predictions (default: predictions.jsonl in the run folder).",
+            )  # fmt: skip
+        return parser
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
+        if cfg.get("output") and not cfg.data.predict_file:
+            raise GoemoError("--output needs --data.predict_file FILE (the texts to predict)")
+        if self.subcommand == "predict" and cfg.data.predict_file:
+            check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
+        if cfg.get("ckpt_path"):
+            cfg.model.pretrained = False  # the checkpoint holds every weight: don't load (or fetch) them twice
+        # `--trainer.enable_progress_bar false` (or enable_model_summary) would clash with the default callbacks.
+        off = tuple(c for c, on in ((ProgressBar, trainer.enable_progress_bar), (ModelSummary, trainer.enable_model_summary)) if on is False)
+        if off and trainer.callbacks:
+            callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+            trainer.callbacks = [cb for cb in callbacks if not issubclass(_class_of(cb), off)]
         if str(trainer.precision) in ("16-mixed", "16") and not torch.cuda.is_available():
             print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
             trainer.precision = "32-true"
@@ -101,6 +139,28 @@ class GoemoCLI(LightningCLI):
             logger.run_config = {"seed_everything": cfg.seed_everything, "trainer": trainer}
 
     before_fit = before_validate = before_test = before_predict = _before_run
+
+    def predict(
+        self,
+        model: EmotionClassifier,
+        datamodule: GoEmotionsDataModule,
+        return_predictions: Optional[bool] = None,
+        ckpt_path: Optional[str] = None,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        """`trainer.predict`; with `--data.predict_file` it streams into a JSON-lines file instead of memory."""
+        if datamodule.hparams.predict_file:
+            self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].get("output")))
+            return_predictions = False  # written batch by batch; keeping them too would grow with the file
+        self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
+
+
+def _class_of(callback: Any) -> type:
+    """The class of a callback as the parser holds it before instantiation (a class_path namespace)."""
+    if not hasattr(callback, "class_path"):
+        return type(callback)
+    module, _, name = callback.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -166,6 +166,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
+        predict_file: Optional[str] = None,
     ) -> None:
         """GoEmotions, from a folder holding the official release or from the Hugging Face Hub.
 
@@ -182,6 +183,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
                 False: plain random batches as in the seed notebook. Evaluation is always sorted by length.
             num_workers: DataLoader worker processes (0 = load in the main process).
             cache_dir: Where tokenized splits are cached; default: the `datasets` cache folder.
+            predict_file: Texts for `predict` (.txt one a line, .jsonl with a "text" field, .csv with a
+                "text" column), streamed and written to predictions.jsonl. Unset: predict the test split.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -282,13 +285,18 @@ class GoEmotionsDataModule(L.LightningDataModule):
         return out.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
 
     # -- Lightning hooks -------------------------------------------------------------------
+    def _predicting_file(self) -> bool:
+        return bool(self.hparams.predict_file) and self.trainer is not None and self.trainer.predicting
+
     def prepare_data(self) -> None:
         """Download (Hub) and tokenize every split once; later runs load the cached Arrow files."""
+        if self._predicting_file():
+            return  # the splits are not needed
         for split, raw in self._raw_splits().items():
             self._tokenized(split, raw)
 
     def setup(self, stage: str) -> None:
-        if not self.datasets:
+        if not self.datasets and not self._predicting_file():
             self.datasets = {split: self._tokenized(split, raw) for split, raw in self._raw_splits().items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -317,4 +325,11 @@ class GoEmotionsDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        if not self.hparams.predict_file:
+            return self._loader("test", shuffle=False)
+        from goemo.predict import TextFileDataset
+
+        hp = self.hparams
+        # The dataset yields whole batches (tokenized per chunk, sorted by length), so no batching here.
+        ds = TextFileDataset(hp.predict_file, self.tokenizer, hp.max_length, hp.eval_batch_size)
+        return DataLoader(ds, batch_size=None, num_workers=hp.num_workers)

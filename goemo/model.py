@@ -44,6 +44,7 @@ class EmotionClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.0,
         threshold: float = 0.5,
+        pretrained: bool = True,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
 
@@ -58,6 +59,9 @@ class EmotionClassifier(L.LightningModule):
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
             warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then linear decay to 0.
             threshold: Probability at or above which a label is predicted, for the logged metrics.
+            pretrained: Load the encoder's pretrained weights. False: build it from its config alone
+                (random weights), for when a checkpoint supplies every weight (the CLI sets this when
+                `--ckpt_path` is given, `goemo.load` always). Not saved as a hyperparameter.
         """
         super().__init__()
         if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
@@ -71,17 +75,20 @@ class EmotionClassifier(L.LightningModule):
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["pretrained"])
         self.hparams.label_names = label_names  # saved with the checkpoint: `load` and `test` check it
         self.label_names = label_names
         num_labels = len(label_names)
 
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         path = resolve_model_path(model_name_or_path)
         try:
-            # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
-            self.encoder = AutoModel.from_pretrained(path, **hub_kwargs(path)).train()
+            if pretrained:
+                # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
+                self.encoder = AutoModel.from_pretrained(path, **hub_kwargs(path)).train()
+            else:  # same modules and dtype (config.dtype, as from_pretrained's "auto"), weights left to the checkpoint
+                self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(path, **hub_kwargs(path)))
         except OSError as e:
             raise unreachable("model", model_name_or_path, e) from None
         cfg = self.encoder.config

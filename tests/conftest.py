@@ -40,14 +40,18 @@ def synthetic_rows(n: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
-@pytest.fixture
-def tiny_data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    d.mkdir()
+def write_tiny_data(d: Path) -> Path:
+    """A 4-label release-shaped folder: train (96 rows), dev and test (32 each), labels.txt."""
+    d.mkdir(parents=True)
     (d / "labels.txt").write_text("\n".join(LABELS4) + "\n")
     for name, n, seed in (("train.tsv", 96, 0), ("dev.tsv", 32, 1), ("test.tsv", 32, 2)):
         write_split(d / name, synthetic_rows(n, seed))
     return d
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return write_tiny_data(tmp_path / "data")
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +77,52 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def run_main(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python main.py ARGS` in a fresh process, offline."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # PYTHONPATH: import this checkout's goemo, not whichever one is pip-installed (e.g. another worktree).
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / "main.py"), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+# -- one tiny fitted run, shared by the predict, API, export and dashboard tests ---------------------
+# Texts to predict: empty, emoji-only, far longer than max_length (truncated), quotes and commas (CSV).
+PREDICT_TEXTS = [
+    "I am so happy and glad",
+    "",
+    "😂😂🔥",
+    "angry mad " * 300,
+    'she said "hi", then left',
+    "scared afraid table",
+    "ok",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model) -> Path:
+    """A working folder whose lightning_logs/version_0 is a tiny BERT fitted 2 epochs on 4-label data.
+
+    The fit's stdout is kept in fit.out (the terminal tests read it).
+    """
+    work = tmp_path_factory.mktemp("tiny-run")
+    data = write_tiny_data(work / "data")
+    r = run_main(
+        "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(data),
+        "--data.cache_dir", str(work / "cache"), "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+        "--trainer.log_every_n_steps", "1", "--val_examples.num_examples", "4", cwd=work,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (work / "fit.out").write_text(r.stdout, encoding="utf-8")
+    assert (work / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    return work
+
+
+@pytest.fixture(scope="session")
+def txt_predictions(tiny_run) -> tuple[subprocess.CompletedProcess, Path]:
+    """`predict --ckpt_path best --data.predict_file texts.txt` (PREDICT_TEXTS) in tiny_run: (process, predictions.jsonl)."""
+    src = tiny_run / "texts.txt"
+    src.write_text("\n".join(PREDICT_TEXTS) + "\n", encoding="utf-8")
+    r = run_main("predict", "--ckpt_path", "best", "--data.predict_file", str(src), cwd=tiny_run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, tiny_run / "lightning_logs" / "version_0" / "predictions.jsonl"

@@ -1,0 +1,109 @@
+"""Python API: a trained run as a plain classifier, no Trainer.
+
+    from goemo import load
+    clf = load("lightning_logs/version_0")          # or "best", "last", or a .ckpt file
+    clf.predict(["I love it", "ugh"])               # [{"text", "labels", "scores"}, ...] as in predictions.jsonl
+    clf.predict_proba(["I love it", "ugh"])         # numpy (2, num_labels)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from goemo.hub import GoemoError, hub_kwargs, resolve_model_path, unreachable
+from goemo.model import EmotionClassifier
+from goemo.predict import encode_batches, label_thresholds, to_records
+from goemo.runs import RUNS_DIR, load_checkpoint, resolve_checkpoint
+
+CHUNK_BATCHES = 32  # batches tokenized and length-sorted together
+
+
+class Classifier:
+    def __init__(self, model: EmotionClassifier, tokenizer, max_length: int = 128, batch_size: int = 64) -> None:
+        """Predicts label probabilities for lists of texts with a trained EmotionClassifier.
+
+        Texts are tokenized as in training (truncated to `max_length` tokens), batched by similar
+        length for little padding, and returned in input order.
+
+        Args:
+            model: The classifier, on the device to run on; it is put in eval mode.
+            tokenizer: Its tokenizer.
+            max_length: Truncate texts to this many tokens (the data module's `max_length` at training).
+            batch_size: Texts per forward pass.
+        """
+        if batch_size < 1:
+            raise GoemoError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.label_names: list[str] = list(model.label_names)
+        self.thresholds: np.ndarray = label_thresholds(model).numpy()  # (L,)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Sigmoid probabilities, float32 array (len(texts), num_labels), rows in input order."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise GoemoError("predict/predict_proba take a list of strings (wrap a single text in a list)")
+        texts = list(texts)
+        probs = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
+        chunk = CHUNK_BATCHES * self.batch_size
+        device = self.model.device
+        with torch.inference_mode():
+            for start in range(0, len(texts), chunk):
+                for batch in encode_batches(self.tokenizer, texts[start : start + chunk], self.max_length, self.batch_size, start):
+                    logits = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, L)
+                    probs[batch["index"].numpy()] = torch.sigmoid(logits.float()).cpu().numpy()
+        return probs
+
+    def predict(self, texts: Sequence[str]) -> list[dict]:
+        """One `{"text", "labels", "scores"}` record per text, as in the CLI's predictions.jsonl."""
+        return to_records(list(texts), self.predict_proba(texts), self.label_names, self.thresholds)
+
+
+def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
+    """The EmotionClassifier saved in a Lightning checkpoint file, and the checkpoint's data-module hparams.
+
+    The encoder is built from its config (no pretrained weights are read or fetched) and every
+    weight comes from the checkpoint, loaded with `weights_only=True`.
+    """
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "state_dict" not in ckpt:
+        raise GoemoError(f"{path}: not a goemo checkpoint (no hyper_parameters or state_dict)")
+    accepted = inspect.signature(EmotionClassifier.__init__).parameters
+    # Drop what Lightning adds (e.g. `_instantiator`) and settings a newer goemo no longer has.
+    args = {k: v for k, v in hparams.items() if k in accepted and k != "pretrained"}
+    model = EmotionClassifier(**args, pretrained=False)
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt.get("datamodule_hyper_parameters") or {}
+
+
+def load(
+    ckpt: Union[str, Path] = "best",
+    device: str = "cpu",
+    batch_size: int = 64,
+    runs_dir: Union[str, Path] = RUNS_DIR,
+) -> Classifier:
+    """A trained classifier from a run folder, a .ckpt file, or `best`/`last` (newest run under `runs_dir`).
+
+    Args:
+        ckpt: As the CLI's `--ckpt_path`: `best` (the run's best checkpoint by validation F1),
+            `last`, a run folder (its best checkpoint), or a checkpoint file.
+        device: Where to run, e.g. "cpu" or "cuda".
+        batch_size: Texts per forward pass.
+        runs_dir: Where `best`/`last` look for runs.
+    """
+    from transformers import AutoTokenizer
+
+    path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))
+    model, data_hparams = load_model(path)
+    name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
+    except OSError as e:
+        raise unreachable("tokenizer", name, e) from None
+    return Classifier(model.to(device), tokenizer, data_hparams.get("max_length", 128), batch_size)

@@ -1,0 +1,167 @@
+"""`python -m goemo.export CKPT OUT_DIR [--onnx]`: a trained run as a Hugging Face model folder (and ONNX).
+
+The folder loads in a plain `transformers.pipeline("text-classification", model=OUT_DIR, top_k=None,
+function_to_apply="sigmoid")`, no `trust_remote_code`: the encoder and head are mapped onto the stock
+`AutoModelForSequenceClassification` class of the encoder's family. That is exact only for `cls` pooling
+with a BERT-style head (the encoder's pooler over [CLS], then one linear layer, as
+BertForSequenceClassification). No stock class mean-pools a BERT-style encoder over its attention mask
+(ModernBERT's and EuroBERT's do, but those are other encoders; XLNet/XLM-style `summary_type="mean"`
+averages padding too), so `mean` and `cls+mean` runs export with `--onnx` only: model.onnx, tokenizer
+and thresholds. Every export is checked numerically against the checkpoint before it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from goemo.api import Classifier, load
+from goemo.hub import GoemoError
+
+# Texts of varied length (empty, emoji, long enough to be truncated) for the numeric checks.
+PROBE_TEXTS = ["", "I love it!", "😂😂😂", "thanks, that is so kind of you " * 40, "ugh. why would anyone do that?"]
+HF_TOLERANCE = 1e-5  # max abs difference of probabilities, checkpoint vs exported HF model
+ONNX_TOLERANCE = 1e-4  # max abs difference of logits, checkpoint vs onnxruntime
+
+
+def _probe_batch(clf: Classifier) -> dict[str, torch.Tensor]:
+    """The probe texts tokenized as in training, padded: input_ids/attention_mask (5, T)."""
+    return clf.tokenizer(
+        PROBE_TEXTS, truncation=True, max_length=clf.max_length, padding=True, return_tensors="pt", return_token_type_ids=False
+    )  # fmt: skip
+
+
+def _reference_logits(clf: Classifier, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return clf.model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
+
+
+def to_hf_model(clf: Classifier):
+    """The run as the encoder family's stock AutoModelForSequenceClassification, weights mapped, checked.
+
+    Raises a GoemoError when the pooling or the family's head does not map exactly.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model, names = clf.model, clf.label_names
+    pooling = model.hparams.pooling
+    if pooling != "cls":
+        raise GoemoError(
+            f"pooling {pooling!r} has no stock Hugging Face classification class (they pool [CLS], not a masked mean), "
+            f"so pipeline() could not load it without trust_remote_code; only pooling 'cls' exports to a pipeline folder "
+            f"(use --onnx for an ONNX export of this run)"
+        )
+    cfg = copy.deepcopy(model.encoder.config)
+    cfg.num_labels = len(names)
+    cfg.id2label = dict(enumerate(names))
+    cfg.label2id = {n: i for i, n in enumerate(names)}
+    cfg.problem_type = "multi_label_classification"  # pipeline() then applies a sigmoid by default
+    hf = AutoModelForSequenceClassification.from_config(cfg).eval()
+    # encoder.* -> bert.* (the base model), head.* -> classifier.*: BertForSequenceClassification's layout.
+    state = {f"{hf.base_model_prefix}.{k}": v for k, v in model.encoder.state_dict().items()}
+    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    kind = f"{cfg.model_type}'s {type(hf).__name__}"
+    if missing or unexpected:
+        raise GoemoError(
+            f"{kind} has another head than pooler + one linear layer (missing {', '.join(missing[:3]) or '-'}, "
+            f"unexpected {', '.join(unexpected[:3]) or '-'}); use --onnx for an ONNX export of this run"
+        )
+    batch = _probe_batch(clf)
+    with torch.inference_mode():
+        got = torch.sigmoid(hf(**batch).logits.float())
+    diff = (got - torch.sigmoid(_reference_logits(clf, batch))).abs().max().item()
+    if diff > HF_TOLERANCE:
+        raise GoemoError(f"{kind} does not reproduce the checkpoint (max probability difference {diff:.1e}); use --onnx")
+    return hf
+
+
+def export_onnx(clf: Classifier, path: Path) -> float:
+    """`model.onnx`: input_ids, attention_mask (batch, sequence) int64 -> logits (batch, L); returns the check's max diff.
+
+    Exports goemo's own module, so every pooling works. Apply a sigmoid and thresholds.json to the logits.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise GoemoError("--onnx needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime") from None
+    batch = _probe_batch(clf)
+    example = (batch["input_ids"], batch["attention_mask"])  # batch > 1: a size-1 axis would be fixed at 1
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    with warnings.catch_warnings():  # both inputs share both axes, which the exporter reports as a warning
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
+        clf.model.to_onnx(
+            path, example, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_shapes={"input_ids": axes, "attention_mask": axes}, external_data=False, verbose=False,
+        )  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {k: batch[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")})
+    diff = float(np.abs(got - _reference_logits(clf, batch).numpy()).max())
+    if diff > ONNX_TOLERANCE:
+        raise GoemoError(f"{path}: onnxruntime output differs from the checkpoint by {diff:.1e} (> {ONNX_TOLERANCE:g})")
+    return diff
+
+
+def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
+    """Write the export folder.
+
+    Args:
+        ckpt: `best`, `last`, a run folder or a checkpoint file, as the CLI's --ckpt_path.
+        out_dir: Folder to write (created; files of an earlier export are replaced).
+        onnx: Also write model.onnx; for `mean`/`cls+mean` pooling, the only model written.
+    """
+    clf = load(ckpt)
+    try:
+        hf = to_hf_model(clf)
+        why_not = None
+    except GoemoError as e:
+        if not onnx:
+            raise
+        hf, why_not = None, str(e)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hf is not None:
+        hf.save_pretrained(out_dir)  # config.json (labels, problem_type) + model.safetensors
+        print(f"{type(hf).__name__} matches the checkpoint (probabilities within {HF_TOLERANCE:g})", file=sys.stderr)
+    # model_max_length = training's max_length, so pipeline(..., truncation=True) truncates as training did.
+    clf.tokenizer.model_max_length = clf.max_length
+    clf.tokenizer.save_pretrained(out_dir)
+    thresholds = {name: float(t) for name, t in zip(clf.label_names, clf.thresholds)}
+    (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if onnx:
+        diff = export_onnx(clf, out_dir / "model.onnx")
+        print(f"model.onnx matches the checkpoint (max logit difference {diff:.1e})", file=sys.stderr)
+    if why_not:
+        print(f"note: no pipeline() weights written: {why_not}", file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m goemo.export",
+        description="Export a trained run as a Hugging Face model folder (pipeline-loadable for pooling 'cls') "
+        "with thresholds.json, and optionally model.onnx.",
+    )
+    parser.add_argument("ckpt", help="best, last, a run folder (lightning_logs/version_N) or a .ckpt file")
+    parser.add_argument("out_dir", type=Path, help="folder to write")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch and sequence axes)")
+    args = parser.parse_args(argv)
+    try:
+        export(args.ckpt, args.out_dir, args.onnx)
+    except GoemoError as e:
+        if os.environ.get("GOEMO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Texts to predict, read from `.txt` (one a line), `.jsonl` (a `text` field) or `.csv` (a `text` column).
+
+Files are read line by line, never whole, so a file of any size streams in constant memory.
+Every problem raises a GoemoError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from goemo.hub import GoemoError
+
+SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+def check_file(path: Path) -> None:
+    """Raise a GoemoError unless `path` is an existing file with a supported extension."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise GoemoError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use .txt (one text a line), .jsonl (a \"text\" field) or .csv (a \"text\" column)")
+    if not path.is_file():
+        raise GoemoError(f"{path}: no such file")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its newline) for each line; a byte-order mark on line 1 is dropped.
+
+    Decoding each line separately is what lets a bad byte be reported with its line number.
+    """
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GoemoError(f"{path}:{number}: not valid UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _txt(path: Path) -> Iterator[str]:
+    # Every line is one text, empty lines included; the final newline does not start another text.
+    for _, line in _lines(path):
+        yield line.removesuffix("\n").removesuffix("\r")
+
+
+def _jsonl(path: Path) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue  # blank lines hold no record
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GoemoError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise GoemoError(f"{path}:{number}: each line must be a JSON object with a \"text\" field")
+        if not isinstance(record["text"], str):
+            raise GoemoError(f"{path}:{number}: \"text\" must be a string, got {type(record['text']).__name__}")
+        yield record["text"]
+
+
+def _csv(path: Path) -> Iterator[str]:
+    lines = _lines(path)
+    reader = csv.reader(line for _, line in lines)
+    try:
+        header = next(reader, None)
+        if header is None or "text" not in header:
+            raise GoemoError(f"{path}:1: the header row has no \"text\" column (found: {', '.join(header or []) or 'nothing'})")
+        col = header.index("text")
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            if col >= len(row):
+                raise GoemoError(f"{path}:{reader.line_num}: {len(row)} columns, so no \"text\" value (column {col + 1})")
+            yield row[col]
+    except csv.Error as e:
+        raise GoemoError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
+
+
+READERS = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv}
+
+
+def read_texts(path: Path) -> Iterator[str]:
+    """The texts of a predict file, in file order, one at a time."""
+    check_file(path)
+    return READERS[path.suffix.lower()](path)
+
+
+def count_texts(path: Path) -> int:
+    """How many texts `path` holds; reads (and so validates) the whole file in constant memory."""
+    return sum(1 for _ in read_texts(path))

@@ -1,0 +1,82 @@
+"""Dashboards: a real TensorBoard server reads the tiny run's tags back; the terminal shows Rich output."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import run_main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def tensorboard(tiny_run, tmp_path_factory):
+    """A TensorBoard server on the tiny run folder; yields its base URL once it serves the run's scalars."""
+    run = tiny_run / "lightning_logs" / "version_0"
+    port = free_port()
+    log = (tmp_path_factory.mktemp("tb") / "tensorboard.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the server starts, then loads the event files in the background
+            assert proc.poll() is None, f"tensorboard exited with {proc.returncode}; see {log.name}"
+            try:
+                if get_json(f"{url}/data/plugin/scalars/tags").get(".", {}).get("val/f1_micro"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "tensorboard did not serve the run within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_scalars_lr_and_text(tensorboard):
+    scalars = set(get_json(f"{tensorboard}/data/plugin/scalars/tags")["."])
+    assert {"train/loss", "val/loss", "val/f1_micro", "val/f1_macro", "val/exact_match"} <= scalars
+    assert any(t.startswith("lr-AdamW") for t in scalars), scalars  # LearningRateMonitor
+    text_tags = get_json(f"{tensorboard}/data/plugin/text/tags")["."]
+    assert text_tags == ["val/examples/text_summary"]
+    steps = get_json(f"{tensorboard}/data/plugin/text/text?run=.&tag=val/examples/text_summary")
+    assert len(steps) == 2  # one table per epoch
+    html = steps[-1]["text"]
+    assert "true labels" in html and 'She said "hi" to me' in html  # dev.tsv's first row
+    assert html.count("<tr>") == 1 + 4 + 1  # outer table, header, --val_examples.num_examples 4
+
+
+@pytest.mark.slow
+def test_fit_shows_rich_summary_and_progress(tiny_run):
+    out = (tiny_run / "fit.out").read_text(encoding="utf-8")
+    assert "┃ Name" in out and "BertModel" in out and "Trainable params" in out  # RichModelSummary
+    assert "Epoch 1/1" in out and "it/s" in out and "train/loss" in out  # RichProgressBar: throughput, loss
+
+
+@pytest.mark.slow
+def test_validate_prints_metrics_table_without_progress_bar(tiny_run):
+    r = run_main("validate", "--ckpt_path", "best", "--trainer.enable_progress_bar", "false",
+                 "--trainer.enable_model_summary", "false", cwd=tiny_run)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Validate metric" in r.stdout and "val/f1_micro" in r.stdout and "val/exact_match" in r.stdout
+    assert "it/s" not in r.stdout + r.stderr  # no progress bar

@@ -1,0 +1,108 @@
+"""python -m goemo.export: a pipeline()-loadable HF folder (cls pooling) and model.onnx (every pooling)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from goemo import load
+from goemo.export import export
+from goemo.hub import GoemoError
+from tests.conftest import LABELS4, PREDICT_TEXTS, REPO
+
+# Varied lengths, and one text longer than the tiny model's 128 positions: pipeline() must truncate it.
+TEXTS = PREDICT_TEXTS + ["fine", "a bit longer text, with punctuation!"]
+
+
+def encode(clf, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Texts tokenized as in training, padded to the longest: (n, T) each."""
+    return clf.tokenizer(texts, truncation=True, max_length=clf.max_length, padding=True, return_tensors="pt",
+                         return_token_type_ids=False)  # fmt: skip
+
+
+def onnx_vs_torch(path: Path, clf, texts: list[str]) -> float:
+    """Max abs difference of logits (n, L): onnxruntime on model.onnx vs the checkpoint's module."""
+    import onnxruntime
+
+    enc = encode(clf, texts)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {k: enc[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")})
+    with torch.inference_mode():
+        want = clf.model(enc["input_ids"], enc["attention_mask"]).numpy()
+    assert got.shape == want.shape == (len(texts), 4)
+    return float(np.abs(got - want).max())
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run) -> Path:
+    """`python -m goemo.export best OUT --onnx` in the tiny run."""
+    out = tiny_run / "export"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}  # this checkout's goemo
+    r = subprocess.run([sys.executable, "-m", "goemo.export", "best", str(out), "--onnx"], cwd=tiny_run, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model.onnx matches the checkpoint" in r.stderr and f"exported to {out}" in r.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_hf_folder_layout(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "thresholds.json", "tokenizer.json", "model.onnx"} <= names
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["problem_type"] == "multi_label_classification"
+    assert cfg["architectures"] == ["BertForSequenceClassification"] and "auto_map" not in cfg
+    assert cfg["id2label"] == {str(i): n for i, n in enumerate(LABELS4)} and cfg["label2id"] == {n: i for i, n in enumerate(LABELS4)}
+    assert json.loads((exported / "thresholds.json").read_text()) == dict.fromkeys(LABELS4, 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_pipeline_scores_like_the_checkpoint(tiny_run, exported, batch_size):
+    from transformers import pipeline
+
+    clf = load(tiny_run / "lightning_logs" / "version_0")
+    pipe = pipeline("text-classification", model=str(exported), top_k=None, function_to_apply="sigmoid")
+    # truncation=True: the exported tokenizer's model_max_length is training's max_length
+    out = pipe(TEXTS, batch_size=batch_size, truncation=True)
+    got = np.array([[{d["label"]: d["score"] for d in row}[n] for n in LABELS4] for row in out])
+    assert np.abs(got - clf.predict_proba(TEXTS)).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_onnx_matches_on_varied_lengths(tiny_run, exported):
+    clf = load(tiny_run / "lightning_logs" / "version_0")
+    assert onnx_vs_torch(exported / "model.onnx", clf, TEXTS) <= 1e-4
+    # batch 1, and another sequence length than the export's example
+    assert onnx_vs_torch(exported / "model.onnx", clf, ["just one text"]) <= 1e-4
+
+
+# -- mean pooling: no stock HF class, ONNX only --------------------------------------------------------------
+def write_checkpoint(path: Path, tiny_model: Path, pooling: str) -> Path:
+    """A checkpoint file as Lightning writes one (the keys goemo reads), with a random head."""
+    from goemo.model import EmotionClassifier
+
+    torch.manual_seed(1)
+    model = EmotionClassifier(str(tiny_model), LABELS4, pooling=pooling)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "datamodule_hyper_parameters": {"max_length": 64, "tokenizer_name": str(tiny_model)}}, path)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls+mean"])
+def test_mean_pooling_refuses_hf_and_exports_onnx(tmp_path, tiny_model, pooling, capsys):
+    ckpt = write_checkpoint(tmp_path / "run.ckpt", tiny_model, pooling)
+    with pytest.raises(GoemoError, match=rf"pooling '{re.escape(pooling)}' has no stock Hugging Face classification class.*--onnx"):
+        export(str(ckpt), tmp_path / "hf")
+    export(str(ckpt), tmp_path / "onnx", onnx=True)
+    assert "note: no pipeline() weights written" in capsys.readouterr().err
+    names = {p.name for p in (tmp_path / "onnx").iterdir()}
+    assert "model.onnx" in names and "thresholds.json" in names and "model.safetensors" not in names
+    clf = load(ckpt)
+    assert onnx_vs_torch(tmp_path / "onnx" / "model.onnx", clf, TEXTS) <= 1e-4

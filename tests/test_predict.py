@@ -1,0 +1,171 @@
+"""predict --data.predict_file: reading .txt/.jsonl/.csv, streaming in input order, records, the CLI."""
+
+import csv
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from goemo.hub import GoemoError
+from goemo.inputs import count_texts, read_texts
+from goemo.predict import PredictionWriter, TextFileDataset, label_thresholds, to_records
+from tests.conftest import LABELS4, PREDICT_TEXTS, run_main
+
+
+def write_inputs(path: Path, texts: list[str]) -> Path:
+    """`texts` as a predict file of the type given by path's suffix."""
+    if path.suffix == ".txt":
+        path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    else:
+        with path.open("w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "text"])
+            w.writerows([i, t] for i, t in enumerate(texts))
+    return path
+
+
+def check_records(records: list[dict], texts: list[str], labels: list[str], threshold: float = 0.5) -> None:
+    """Input order, structure, and labels = scores at or above the threshold, most probable first."""
+    assert [r["text"] for r in records] == texts
+    for r in records:
+        assert set(r) == {"text", "labels", "scores"}
+        assert list(r["scores"]) == labels and all(0.0 <= p <= 1.0 for p in r["scores"].values())
+        above = sorted((n for n, p in r["scores"].items() if p >= threshold), key=lambda n: -r["scores"][n])
+        assert r["labels"] == above
+
+
+# -- reading files ------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_read_texts_round_trip(tmp_path, suffix):
+    texts = PREDICT_TEXTS + ["line one\nline two"] * (suffix == ".csv")  # a quoted newline only CSV can hold
+    texts = [t for t in texts if suffix != ".txt" or "\n" not in t]
+    path = write_inputs(tmp_path / f"in{suffix}", texts)
+    assert list(read_texts(path)) == texts
+    assert count_texts(path) == len(texts)
+
+
+def test_txt_keeps_empty_lines_and_strips_bom_and_crlf(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes("\ufeffa\r\n\r\nb".encode())
+    assert list(read_texts(path)) == ["a", "", "b"]
+
+
+def test_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a"}\n\n   \n{"text": ""}\n', encoding="utf-8")
+    assert list(read_texts(path)) == ["a", ""]
+
+
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        ("in.jsonl", b'{"text": "a"}\n{"txt": "b"}\n', r'in\.jsonl:2: each line must be a JSON object with a "text" field'),
+        ("in.jsonl", b'{"text": "a"}\n{"text": 3}\n', r'in\.jsonl:2: "text" must be a string, got int'),
+        ("in.jsonl", b'{"text": "a"}\n\n{oops\n', r"in\.jsonl:3: not valid JSON"),
+        ("in.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', r"in\.jsonl:2: not valid UTF-8 \(byte 0xff\)"),
+        ("in.csv", b"id,body\n1,hello\n", r'in\.csv:1: the header row has no "text" column \(found: id, body\)'),
+        ("in.csv", b"", r'in\.csv:1: the header row has no "text" column'),
+        ("in.csv", b"id,text\n1,a\n2\n", r'in\.csv:3: 1 columns, so no "text" value'),
+        ("in.csv", b"text\nfine\nbad \xe9 latin-1\n", r"in\.csv:3: not valid UTF-8"),
+        ("in.txt", b"fine\nalso fine\n\xff\n", r"in\.txt:3: not valid UTF-8"),
+        ("in.tsv", b"text\n", r"in\.tsv: unsupported file type '\.tsv'; use \.txt"),
+    ],
+)
+def test_bad_files_name_file_and_line(tmp_path, name, content, expected):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(GoemoError, match=expected):
+        count_texts(tmp_path / name)
+
+
+def test_missing_and_empty_files(tmp_path, tiny_model):
+    with pytest.raises(GoemoError, match=r"nope\.txt: no such file"):
+        count_texts(tmp_path / "nope.txt")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    from transformers import AutoTokenizer
+
+    with pytest.raises(GoemoError, match=r"empty\.jsonl: no texts to predict"):
+        TextFileDataset(str(tmp_path / "empty.jsonl"), AutoTokenizer.from_pretrained(tiny_model), 16, 4)
+
+
+# -- records and thresholds ---------------------------------------------------------------------------
+def test_records_sort_labels_and_use_per_label_thresholds():
+    probs = np.array([[0.2, 0.9, 0.5, 0.7], [0.1, 0.1, 0.1, 0.1]], dtype=np.float32)
+    recs = to_records(["a", "b"], probs, LABELS4, np.array([0.5, 0.5, 0.5, 0.8], dtype=np.float32))
+    assert recs[0]["labels"] == ["anger", "fear"]  # neutral (0.7) is under its own 0.8; fear is exactly 0.5
+    assert recs[1]["labels"] == [] and recs[0]["scores"]["anger"] == pytest.approx(0.9)
+
+
+def test_label_thresholds_prefers_the_tuned_buffer():
+    plain = SimpleNamespace(label_names=LABELS4, hparams=SimpleNamespace(threshold=0.3))
+    assert label_thresholds(plain).tolist() == pytest.approx([0.3] * 4)
+    tuned = SimpleNamespace(**vars(plain), thresholds=torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert label_thresholds(tuned).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+# -- streaming: sorted chunks, worker shards, written back in input order --------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stream_is_written_in_input_order(tmp_path, tiny_model, num_workers):
+    from transformers import AutoTokenizer
+
+    texts = [" ".join(["word"] * ((i * 7) % 11)) + f" {i}" for i in range(23)]  # lengths out of order
+    path = write_inputs(tmp_path / "in.jsonl", texts)
+    ds = TextFileDataset(str(path), AutoTokenizer.from_pretrained(tiny_model), max_length=16, batch_size=3, chunk_batches=2)
+    assert len(ds) == 8
+    batches = list(DataLoader(ds, batch_size=None, num_workers=num_workers))
+    assert len(batches) == 8 and sorted(i for b in batches for i in b["index"].tolist()) == list(range(23))
+    assert any(b["index"].tolist() != sorted(b["index"].tolist()) for b in batches)  # sorted by length, not position
+    assert all(b["input_ids"].shape[1] == b["attention_mask"].sum(1).max() for b in batches)
+
+    writer = PredictionWriter(str(tmp_path / "out" / "p.jsonl"))
+    module = SimpleNamespace(label_names=LABELS4, hparams=SimpleNamespace(threshold=0.5))
+    writer.on_predict_start(SimpleNamespace(world_size=1, log_dir=str(tmp_path)), module)
+    for b in batches:  # probability of label 0 encodes the row's position
+        probs = torch.zeros(len(b["index"]), 4)
+        probs[:, 0] = b["index"] / 100
+        writer.write_on_batch_end(None, module, probs, None, b, 0, 0)
+    writer.on_predict_end(None, module)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert [r["scores"]["joy"] for r in rows] == pytest.approx([i / 100 for i in range(23)])
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_predict_txt_writes_into_the_run_folder(txt_predictions):
+    r, out = txt_predictions
+    assert f"wrote {len(PREDICT_TEXTS)} predictions to lightning_logs/version_0/predictions.jsonl" in r.stdout
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    check_records(records, PREDICT_TEXTS, LABELS4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_cli_predict_jsonl_and_csv_with_output(tiny_run, txt_predictions, tmp_path, suffix):
+    src = write_inputs(tmp_path / f"texts{suffix}", PREDICT_TEXTS)
+    out = tmp_path / "sub" / "preds.jsonl"
+    r = run_main("predict", "--ckpt_path", "best", "--data.predict_file", str(src), "--output", str(out),
+                 "--data.eval_batch_size", "2", cwd=tiny_run)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"to {out}" in r.stdout
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    check_records(records, PREDICT_TEXTS, LABELS4)
+    # same scores as the .txt run (batch size 2 here, 32 there: padding must not matter)
+    txt = [json.loads(line) for line in txt_predictions[1].read_text(encoding="utf-8").splitlines()]
+    for a, b in zip(records, txt):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_predict_bad_file_is_one_line(tiny_run, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n', encoding="utf-8")
+    r = run_main("predict", "--ckpt_path", "best", "--data.predict_file", str(tmp_path / "bad.jsonl"), cwd=tiny_run)
+    assert r.returncode == 2
+    assert re.search(r'^error: \S*bad\.jsonl:2: each line must be a JSON object with a "text" field$', r.stderr, re.M), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
