@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
@@ -174,8 +175,8 @@ class EmotionClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Tune the per-label thresholds on this validation epoch and log the metrics they give.
 
-        Runs before ModelCheckpoint saves (it saves in `on_validation_end`), so the checkpoint of this
-        epoch carries these thresholds. `val/*_tuned` are in-sample (tuned and scored on the same rows):
+        Runs before ModelCheckpoint saves (in its `on_validation_end`, or at the end of the training epoch
+        when validating once an epoch), so the checkpoint of this validation carries these thresholds. `val/*_tuned` are in-sample (tuned and scored on the same rows):
         an optimistic figure, for comparing epochs; `test/*_tuned` is the honest one.
         """
         if not self.val_outputs.update_called:
@@ -240,6 +241,7 @@ class EmotionClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
+            rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")
             state["thresholds"] = self.thresholds.clone()
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
         if saved is not None and list(saved) != self.label_names:

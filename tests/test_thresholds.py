@@ -114,7 +114,8 @@ def test_old_checkpoint_without_thresholds_loads(tiny_model, tmp_path):
     state = {k: v for k, v in model.state_dict().items() if k != "thresholds"}
     ckpt = {"state_dict": state, "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": "2.6.0"}
     torch.save(ckpt, tmp_path / "old.ckpt")
-    loaded = EmotionClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="no tuned per-label thresholds"):
+        loaded = EmotionClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
     assert loaded.thresholds.tolist() == pytest.approx([0.4, 0.4])
 
 
