@@ -85,7 +85,7 @@ def test_each_checkpoint_carries_its_epochs_thresholds(tiny_data, tiny_model, tm
     """Every checkpoint (so also "best") holds the thresholds tuned on the validation that preceded it:
     re-tuning them from the checkpoint's own validation outputs gives the same vector. Saved one
     validation late (hook order), they would differ, as the thresholds move between validations here.
-    Validating twice an epoch makes ModelCheckpoint save in `on_validation_end`, the tight case (once an
+    Validating 4 times an epoch makes ModelCheckpoint save in `on_validation_end`, the tight case (once an
     epoch, it saves later, at train epoch end)."""
     L.seed_everything(0)
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"),
@@ -94,7 +94,7 @@ def test_each_checkpoint_carries_its_epochs_thresholds(tiny_data, tiny_model, tm
                               head_learning_rate=3e-2)  # fmt: skip
     ckpt = L.pytorch.callbacks.ModelCheckpoint(monitor="val/f1_micro", mode="max", save_top_k=-1)
     trainer = L.Trainer(
-        max_epochs=2, val_check_interval=0.5, accelerator="cpu", default_root_dir=tmp_path, callbacks=[ckpt],
+        max_epochs=1, val_check_interval=0.25, accelerator="cpu", default_root_dir=tmp_path, callbacks=[ckpt],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
     )  # fmt: skip
     trainer.fit(model, dm)
