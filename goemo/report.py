@@ -164,16 +164,18 @@ def print_report(report: dict, console=None) -> None:
     from rich.table import Table
 
     fx, tu = report["fixed"], report["tuned"]
-    table = Table(title=f"test: per-label F1 ({report['num_examples']} examples)")
-    for col in ("label", "support", "F1 fixed", "F1 tuned", "threshold"):
-        table.add_column(col, justify="left" if col == "label" else "right")
+    pct = int(round(100 * report["bootstrap"]["confidence"]))
+    ci = lambda s: f"[{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
+    caption = "; ".join(f"{k}-F1 {pct}% CI: fixed {ci(fx[k])}, tuned {ci(tu[k])}" for k in ("micro", "macro"))
+    table = Table(title=f"test: per-label F1 ({report['num_examples']} examples)", caption=caption)
+    for col in ("label", "support", "F1 fixed", "F1 tuned", "tuned threshold"):
+        table.add_column(col, justify="left" if col == "label" else "right", no_wrap=True)
     for n in report["labels"]:
         a, b = fx["per_label"][n], tu["per_label"][n]
         table.add_row(n, str(a["support"]), f"{a['f1']:.3f}", f"{b['f1']:.3f}", f"{b['threshold']:.2f}")
     table.add_section()
     for k in ("micro", "macro"):
-        ci = lambda s: f"{s['f1']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
-        table.add_row(k, str(fx[k]["support"]), ci(fx[k]), ci(tu[k]), "")
+        table.add_row(k, str(fx[k]["support"]), f"{fx[k]['f1']:.3f}", f"{tu[k]['f1']:.3f}", "")
     (console or Console()).print(table)
 
 
@@ -185,8 +187,9 @@ def f1_figure(report: dict):
     y = np.arange(len(names))
     fig = Figure(figsize=(7, 0.28 * len(names) + 1.2))
     ax = fig.subplots()
+    legend = {"fixed": f"fixed threshold {report['thresholds']['fixed']:g}", "tuned": "thresholds tuned on validation"}
     for off, key in ((-0.2, "fixed"), (0.2, "tuned")):
-        ax.barh(y + off, [report[key]["per_label"][n]["f1"] for n in names], height=0.4, label=key)
+        ax.barh(y + off, [report[key]["per_label"][n]["f1"] for n in names], height=0.4, label=legend[key])
     ax.set_yticks(y, names)
     ax.invert_yaxis()  # label id 0 on top
     ax.set_xlim(0, 1)
