@@ -141,10 +141,15 @@ class EmotionClassifier(L.LightningModule):
             return
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "label_frequencies"):
-            raise GoemoError("model.loss bce_pos_weight needs the training label frequencies: fit with goemo's GoEmotionsDataModule")
+            raise GoemoError(
+                "model.loss bce_pos_weight needs the training label frequencies: fit with goemo's GoEmotionsDataModule"
+            )
         freq = dm.label_frequencies()  # (L,)
         if freq.shape != self.loss_fn.pos_weight.shape:
-            raise GoemoError(f"the data has {len(freq)} labels but the model {len(self.loss_fn.pos_weight)}; link data.label_names to model.label_names")
+            raise GoemoError(
+                f"the data has {len(freq)} labels but the model {len(self.loss_fn.pos_weight)}; "
+                "link data.label_names to model.label_names"
+            )
         self.loss_fn.pos_weight.copy_(pos_weight_from_frequencies(freq, self.hparams.pos_weight_max))
 
     # -- steps -------------------------------------------------------------------------------
@@ -176,8 +181,9 @@ class EmotionClassifier(L.LightningModule):
         """Tune the per-label thresholds on this validation epoch and log the metrics they give.
 
         Runs before ModelCheckpoint saves (in its `on_validation_end`, or at the end of the training epoch
-        when validating once an epoch), so the checkpoint of this validation carries these thresholds. `val/*_tuned` are in-sample (tuned and scored on the same rows):
-        an optimistic figure, for comparing epochs; `test/*_tuned` is the honest one.
+        when validating once an epoch), so the checkpoint of this validation carries these thresholds.
+        `val/*_tuned` are in-sample (tuned and scored on the same rows): an optimistic figure, for
+        comparing epochs; `test/*_tuned` is the honest one.
         """
         if not self.val_outputs.update_called:
             return
@@ -205,7 +211,8 @@ class EmotionClassifier(L.LightningModule):
         """test_report.json/.md in the run folder, a terminal table, TensorBoard chart and PR curves (rank 0)."""
         from goemo import report
 
-        rep = report.build_report(probs, targets, self.label_names, self.hparams.threshold, self.thresholds.cpu().numpy())
+        tuned = self.thresholds.cpu().numpy()
+        rep = report.build_report(probs, targets, self.label_names, self.hparams.threshold, tuned)
         js, md = report.write_report(rep, self.trainer.log_dir or ".")
         report.print_report(rep)
         print(f"test report: {js} and {md}", flush=True)

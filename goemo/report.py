@@ -120,7 +120,8 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# Test report",
         "",
-        f"{report['num_examples']} test examples. Fixed threshold: {report['thresholds']['fixed']:g}; tuned: per label, chosen on validation.",
+        f"{report['num_examples']} test examples. Fixed threshold: {report['thresholds']['fixed']:g}; "
+        "tuned: per label, chosen on validation.",
         f"Intervals: {pct}% percentile bootstrap over examples ({report['bootstrap']['resamples']} resamples, "
         f"seed {report['bootstrap']['seed']}).",
         "",
@@ -138,7 +139,8 @@ def to_markdown(report: dict) -> str:
         "| label | support | P (fixed) | R (fixed) | F1 (fixed) | threshold (tuned) | P (tuned) | R (tuned) | F1 (tuned) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = [(n, fx["per_label"][n], tu["per_label"][n], f"{tu['per_label'][n]['threshold']:.2f}") for n in report["labels"]]
+    rows = [(n, fx["per_label"][n], tu["per_label"][n], f"{tu['per_label'][n]['threshold']:.2f}")
+            for n in report["labels"]]  # fmt: skip
     rows += [(f"**{k}**", fx[k], tu[k], "") for k in ("micro", "macro")]
     for name, a, b, thr in rows:
         lines.append(

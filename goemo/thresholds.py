@@ -37,7 +37,10 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5) -> torc
     """
     probs, targets = torch.as_tensor(probs), torch.as_tensor(targets)
     if probs.ndim != 2 or probs.shape != targets.shape or len(probs) == 0:
-        raise GoemoError(f"tune_thresholds needs probs and targets of one shape (N, L), N > 0; got {tuple(probs.shape)} and {tuple(targets.shape)}")
+        raise GoemoError(
+            f"tune_thresholds needs probs and targets of one shape (N, L), N > 0; "
+            f"got {tuple(probs.shape)} and {tuple(targets.shape)}"
+        )
     probs, targets = probs.float(), targets.bool()
     grid = GRID.to(probs.device)
     pos = targets.sum(0)  # (L,) tp + fn, the same at every threshold

@@ -51,7 +51,9 @@ def test_focal_is_fp32_under_half_inputs():
     assert loss.dtype == torch.float32 and loss.item() > 0  # (1 - p_t)^2 * BCE ~ 1e-16, not 0
 
 
-@pytest.mark.parametrize("gamma,alpha,match", [(-1.0, None, "focal_gamma must be >= 0"), (2.0, 1.5, "focal_alpha must be within 0..1")])
+@pytest.mark.parametrize(
+    "gamma,alpha,match", [(-1.0, None, "focal_gamma must be >= 0"), (2.0, 1.5, "focal_alpha must be within 0..1")]
+)
 def test_focal_bad_args(gamma, alpha, match):
     with pytest.raises(GoemoError, match=match):
         FocalLoss(gamma, alpha)
@@ -79,7 +81,8 @@ def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, t
     saved = load_checkpoint(trainer.checkpoint_callback.best_model_path)["state_dict"]["loss_fn.pos_weight"]
     torch.testing.assert_close(saved, expected)
     # and a test-time model gets them from the checkpoint, not from the data
-    assert EmotionClassifier.load_from_checkpoint(trainer.checkpoint_callback.best_model_path).loss_fn.pos_weight.tolist() == pytest.approx(expected.tolist())
+    loaded = EmotionClassifier.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    torch.testing.assert_close(loaded.loss_fn.pos_weight, expected)
 
 
 def test_model_builds_each_loss(tiny_model):
