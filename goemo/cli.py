@@ -32,6 +32,7 @@ TERMINAL_CALLBACKS = [
 
 # Metric names shown as columns in TensorBoard's hparams tab (fixed: dashboards and scripts read them).
 HPARAM_METRICS = [f"{s}/{m}" for s in ("val", "test") for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
+HPARAM_METRICS += [f"test/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]  # per-label thresholds
 
 
 class HParamsTensorBoardLogger(TensorBoardLogger):

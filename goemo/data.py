@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
 from goemo.hub import GoemoError, hub_kwargs, hub_reachable, resolve_model_path, unreachable
+from goemo.taxonomy import Taxonomy, taxonomy_labels, taxonomy_matrix
 
 # The 28 labels of the "simplified" release, in id order (= labels.txt = the Hub's ClassLabel names).
 GOEMOTIONS_LABELS = [
@@ -167,6 +168,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
         predict_file: Optional[str] = None,
+        taxonomy: Taxonomy = "original",
     ) -> None:
         """GoEmotions, from a folder holding the official release or from the Hugging Face Hub.
 
@@ -185,6 +187,10 @@ class GoEmotionsDataModule(L.LightningDataModule):
             cache_dir: Where tokenized splits are cached; default: the `datasets` cache folder.
             predict_file: Texts for `predict` (.txt one a line, .jsonl with a "text" field, .csv with a
                 "text" column), streamed and written to predictions.jsonl. Unset: predict the test split.
+            taxonomy: Label set to train and evaluate on: `original` (the data's own labels, GoEmotions' 28),
+                `ekman` (anger, disgust, fear, joy, sadness, surprise, neutral) or `sentiment` (positive,
+                negative, ambiguous, neutral), by the release's official mappings; a row gets the union of
+                its labels' groups. `ekman`/`sentiment` need GoEmotions' 28 labels.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -195,8 +201,11 @@ class GoEmotionsDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise GoemoError(f"data_dir {data_dir!r}: no such folder (it should hold the official GoEmotions TSV files)")
-        # The one source of truth for labels: the model gets them through a CLI link.
-        self.label_names = read_labels(self.data_dir / "labels.txt") if self.data_dir else list(GOEMOTIONS_LABELS)
+        # The labels of the files (or the Hub), and those after the taxonomy's mapping: the one source of
+        # truth for the model, which gets them through a CLI link.
+        self.source_labels = read_labels(self.data_dir / "labels.txt") if self.data_dir else list(GOEMOTIONS_LABELS)
+        self.label_map = taxonomy_matrix(taxonomy, self.source_labels)  # (S, L) 0/1
+        self.label_names = taxonomy_labels(taxonomy, self.source_labels)
         self.datasets: dict = {}
         self._tokenizer = None
 
@@ -225,7 +234,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
 
         if self.data_dir is not None:
             return {
-                split: datasets.Dataset.from_dict(read_split(self.data_dir / file, self.num_labels))
+                split: datasets.Dataset.from_dict(read_split(self.data_dir / file, len(self.source_labels)))
                 for split, (file, _) in SPLITS.items()
             }
         name = self.hparams.hub_dataset
@@ -237,7 +246,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             raise unreachable("dataset", name, e) from None
         names = ds["train"].features["labels"].feature.names
-        if names != self.label_names:
+        if names != self.source_labels:
             raise GoemoError(f"dataset {name!r}: its labels {names[:3]}... differ from GoEmotions' 28 labels")
         return {split: ds[hub] for split, (_, hub) in SPLITS.items()}
 
@@ -251,16 +260,18 @@ class GoEmotionsDataModule(L.LightningDataModule):
             h.update(raw._fingerprint.encode())
         self.tokenizer  # loads it and sets _tokenizer_hash
         h.update(self._tokenizer_hash.encode())
-        h.update(f"{self.hparams.max_length}|{CACHE_VERSION}".encode())
+        h.update(f"{self.hparams.max_length}|{CACHE_VERSION}|{self.hparams.taxonomy}".encode())
         return h.hexdigest()[:20]
 
     def _encode(self, batch: dict) -> dict:
         enc = self.tokenizer(
             batch["text"], truncation=True, max_length=self.hparams.max_length, return_token_type_ids=False
         )  # token_type_ids are all zero for single texts: models default to that, so don't carry them
-        multi_hot = np.zeros((len(batch["labels"]), self.num_labels), dtype=np.float32)
+        multi_hot = np.zeros((len(batch["labels"]), len(self.source_labels)), dtype=np.float32)  # (B, S)
         for i, ids in enumerate(batch["labels"]):
             multi_hot[i, ids] = 1.0
+        if self.hparams.taxonomy != "original":  # union of the groups: (B, S) @ (S, L) counts, > 0
+            multi_hot = (multi_hot @ self.label_map > 0).astype(np.float32)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -298,6 +309,16 @@ class GoEmotionsDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if not self.datasets and not self._predicting_file():
             self.datasets = {split: self._tokenized(split, raw) for split, raw in self._raw_splits().items()}
+
+    def label_frequencies(self) -> torch.Tensor:
+        """Fraction of training rows carrying each label, (L,) float64 (after the taxonomy's mapping).
+
+        The model's `bce_pos_weight` loss reads it at fit to weight each label's positives by neg/pos.
+        """
+        if "train" not in self.datasets:
+            self.setup("fit")
+        labels = self.datasets["train"].with_format("numpy", columns=["labels"])["labels"]  # (N, L)
+        return torch.from_numpy(np.asarray(labels, dtype=np.float64).mean(0))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tok, ds, hp = self.tokenizer, self.datasets[split], self.hparams

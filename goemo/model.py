@@ -10,12 +10,15 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from goemo.data import GOEMOTIONS_LABELS
 from goemo.hub import GoemoError, hub_kwargs, resolve_model_path, unreachable
+from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
+from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
 
 Pooling = Literal["cls", "mean", "cls+mean"]
 
@@ -45,6 +48,10 @@ class EmotionClassifier(L.LightningModule):
         warmup_ratio: float = 0.0,
         threshold: float = 0.5,
         pretrained: bool = True,
+        loss: Loss = "bce",
+        focal_gamma: float = 2.0,
+        focal_alpha: Optional[float] = None,
+        pos_weight_max: float = 100.0,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
 
@@ -58,10 +65,19 @@ class EmotionClassifier(L.LightningModule):
             head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
             warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then linear decay to 0.
-            threshold: Probability at or above which a label is predicted, for the logged metrics.
             pretrained: Load the encoder's pretrained weights. False: build it from its config alone
                 (random weights), for when a checkpoint supplies every weight (the CLI sets this when
                 `--ckpt_path` is given, `goemo.load` always). Not saved as a hyperparameter.
+            threshold: Probability above which a label is predicted, for the logged metrics at the fixed
+                threshold (`val/f1_micro`, `test/f1_macro`, ...). Per-label thresholds are also tuned on
+                every validation epoch (best F1 per label over 0.01..0.99), saved with the checkpoint and
+                used by `test` (`test/*_tuned`, test_report.json) and `predict`.
+            loss: `bce`: binary cross-entropy; `bce_pos_weight`: BCE whose positives of each label weigh
+                negatives/positives of that label in the training data (capped at `pos_weight_max`);
+                `focal`: sigmoid focal loss (`focal_gamma`, `focal_alpha`).
+            focal_gamma: Focal loss focusing exponent; 0 (and no alpha) is plain BCE.
+            focal_alpha: Focal loss weight of positives (negatives get 1 - alpha), within 0..1; unset: no weighting.
+            pos_weight_max: Cap on the `bce_pos_weight` weights (GoEmotions' rarest label has neg/pos ~560).
         """
         super().__init__()
         if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
@@ -72,6 +88,8 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
         if weight_decay < 0:
             raise GoemoError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if pos_weight_max < 1:
+            raise GoemoError(f"model.pos_weight_max must be >= 1, got {pos_weight_max}")
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -98,9 +116,15 @@ class EmotionClassifier(L.LightningModule):
         self.head = nn.Linear(width, num_labels)
         nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
+        # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
+        # carries those of the validation that preceded it. Untuned, they equal the fixed threshold.
+        self.register_buffer("thresholds", torch.full((num_labels,), float(threshold)))
+        # Every (B, L) probability and target of the epoch, gathered across ranks at the end.
+        self.val_outputs = ProbsAndTargets()
+        self.test_outputs = ProbsAndTargets()
 
     # -- forward -----------------------------------------------------------------------------
     def pool(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,6 +144,23 @@ class EmotionClassifier(L.LightningModule):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         return self.head(self.dropout(self.pool(out, attention_mask)))
 
+    def setup(self, stage: str) -> None:
+        """At fit, `bce_pos_weight` reads the training label frequencies from the data module."""
+        if stage != "fit" or self.hparams.loss != "bce_pos_weight":
+            return
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "label_frequencies"):
+            raise GoemoError(
+                "model.loss bce_pos_weight needs the training label frequencies: fit with goemo's GoEmotionsDataModule"
+            )
+        freq = dm.label_frequencies()  # (L,)
+        if freq.shape != self.loss_fn.pos_weight.shape:
+            raise GoemoError(
+                f"the data has {len(freq)} labels but the model {len(self.loss_fn.pos_weight)}; "
+                "link data.label_names to model.label_names"
+            )
+        self.loss_fn.pos_weight.copy_(pos_weight_from_frequencies(freq, self.hparams.pos_weight_max))
+
     # -- steps -------------------------------------------------------------------------------
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
@@ -133,7 +174,9 @@ class EmotionClassifier(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> None:
         loss, logits = self.model_step(batch)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(torch.sigmoid(logits), batch["labels"].int())
+        probs = torch.sigmoid(logits)
+        metrics.update(probs, batch["labels"].int())
+        getattr(self, f"{stage}_outputs").update(probs, batch["labels"])
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["labels"]), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
@@ -143,8 +186,51 @@ class EmotionClassifier(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def on_validation_epoch_end(self) -> None:
+        """Tune the per-label thresholds on this validation epoch and log the metrics they give.
+
+        Runs before ModelCheckpoint saves (in its `on_validation_end`, or at the end of the training epoch
+        when validating once an epoch), so the checkpoint of this validation carries these thresholds.
+        `val/*_tuned` are in-sample (tuned and scored on the same rows): an optimistic figure, for
+        comparing epochs; `test/*_tuned` is the honest one.
+        """
+        if not self.val_outputs.update_called:
+            return
+        probs, targets = self.val_outputs.compute()  # (N, L) from all ranks
+        self.val_outputs.reset()
+        if self.trainer.sanity_checking:  # a couple of batches: don't let them set the thresholds
+            return
+        self.thresholds.copy_(tune_thresholds(probs, targets, fallback=self.hparams.threshold))
+        tuned = thresholded_metrics(probs, targets, self.thresholds)
+        # every rank computed the same values from the gathered outputs: no sync needed
+        self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()})
+
+    def on_test_epoch_end(self) -> None:
+        """Log `test/*_tuned` (the thresholds tuned on validation, never on test) and write the report."""
+        if not self.test_outputs.update_called:
+            return
+        probs, targets = self.test_outputs.compute()  # (N, L) from all ranks
+        self.test_outputs.reset()
+        tuned = thresholded_metrics(probs, targets, self.thresholds)
+        self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()})
+        if self.trainer.is_global_zero:
+            self._report(probs.cpu().numpy(), targets.cpu().numpy())
+
+    def _report(self, probs, targets) -> None:
+        """test_report.json/.md in the run folder, a terminal table, TensorBoard chart and PR curves (rank 0)."""
+        from goemo import report
+
+        tuned = self.thresholds.cpu().numpy()
+        rep = report.build_report(probs, targets, self.label_names, self.hparams.threshold, tuned)
+        js, md = report.write_report(rep, self.trainer.log_dir or ".")
+        report.print_report(rep)
+        print(f"test report: {js} and {md}", flush=True)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_pr_curve"):  # a TensorBoard SummaryWriter
+            report.log_tensorboard(experiment, rep, probs, targets, self.global_step)
+
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Label probabilities (B, L)."""
+        """Label probabilities (B, L); `goemo.predict` turns them into labels with the tuned `thresholds`."""
         return torch.sigmoid(self(batch["input_ids"], batch["attention_mask"]))
 
     # -- optimisation ------------------------------------------------------------------------
@@ -170,6 +256,10 @@ class EmotionClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
+            rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")
+            state["thresholds"] = self.thresholds.clone()
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
         if saved is not None and list(saved) != self.label_names:
             raise GoemoError(

@@ -126,3 +126,13 @@ def txt_predictions(tiny_run) -> tuple[subprocess.CompletedProcess, Path]:
     r = run_main("predict", "--ckpt_path", "best", "--data.predict_file", str(src), cwd=tiny_run)
     assert r.returncode == 0, r.stderr[-3000:]
     return r, tiny_run / "lightning_logs" / "version_0" / "predictions.jsonl"
+
+
+def best_thresholds(work: Path) -> list[float]:
+    """The per-label thresholds (tuned on validation) in the best checkpoint of work/lightning_logs/version_0."""
+    import torch
+
+    from goemo.runs import best_checkpoint
+
+    ckpt = best_checkpoint(work / "lightning_logs" / "version_0")
+    return torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]["thresholds"].tolist()

@@ -7,7 +7,7 @@ import pytest
 
 from goemo import load
 from goemo.hub import GoemoError
-from tests.conftest import LABELS4, PREDICT_TEXTS
+from tests.conftest import LABELS4, PREDICT_TEXTS, best_thresholds
 from tests.test_predict import check_records
 
 
@@ -16,10 +16,10 @@ def clf(tiny_run):
     return load(tiny_run / "lightning_logs" / "version_0", batch_size=2)  # batch 2: several length-sorted batches
 
 
-def test_predict_proba_shape_and_order(clf):
+def test_predict_proba_shape_and_order(clf, tiny_run):
     probs = clf.predict_proba(PREDICT_TEXTS)
     assert probs.shape == (len(PREDICT_TEXTS), 4) and probs.dtype == np.float32
-    assert clf.label_names == LABELS4 and clf.thresholds.tolist() == [0.5] * 4
+    assert clf.label_names == LABELS4 and clf.thresholds.tolist() == pytest.approx(best_thresholds(tiny_run))
     # row i depends on text i alone: reversed input gives reversed rows
     assert np.allclose(clf.predict_proba(PREDICT_TEXTS[::-1]), probs[::-1], atol=1e-6)
     assert clf.predict_proba([]).shape == (0, 4)
@@ -27,7 +27,7 @@ def test_predict_proba_shape_and_order(clf):
 
 def test_predict_agrees_with_predict_proba(clf):
     records = clf.predict(PREDICT_TEXTS)
-    check_records(records, PREDICT_TEXTS, LABELS4)
+    check_records(records, PREDICT_TEXTS, LABELS4, clf.thresholds.tolist())
     probs = clf.predict_proba(PREDICT_TEXTS)
     assert np.allclose([list(r["scores"].values()) for r in records], probs, atol=1e-7)
 

@@ -82,6 +82,8 @@ def test_test_best_in_new_process(fitted):
     # the run's saved config was reused: same model and data, nothing repeated on the command line
     cfg = yaml.safe_load((run / "config_test.yaml").read_text())
     fit_cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"].pop("pretrained") is False  # the checkpoint holds every weight
+    fit_cfg["model"].pop("pretrained")
     assert cfg["model"] == fit_cfg["model"] and cfg["data"]["data_dir"] == fit_cfg["data"]["data_dir"]
     # `best` is ModelCheckpoint's best by val/f1_micro
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")

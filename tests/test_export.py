@@ -14,7 +14,7 @@ import torch
 from goemo import load
 from goemo.export import export
 from goemo.hub import GoemoError
-from tests.conftest import LABELS4, PREDICT_TEXTS, REPO
+from tests.conftest import LABELS4, PREDICT_TEXTS, REPO, best_thresholds
 
 # Varied lengths, and one text longer than the tiny model's 128 positions: pipeline() must truncate it.
 TEXTS = PREDICT_TEXTS + ["fine", "a bit longer text, with punctuation!"]
@@ -52,14 +52,15 @@ def exported(tiny_run) -> Path:
 
 
 @pytest.mark.slow
-def test_hf_folder_layout(exported):
+def test_hf_folder_layout(exported, tiny_run):
     names = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "thresholds.json", "tokenizer.json", "model.onnx"} <= names
     cfg = json.loads((exported / "config.json").read_text())
     assert cfg["problem_type"] == "multi_label_classification"
     assert cfg["architectures"] == ["BertForSequenceClassification"] and "auto_map" not in cfg
     assert cfg["id2label"] == {str(i): n for i, n in enumerate(LABELS4)} and cfg["label2id"] == {n: i for i, n in enumerate(LABELS4)}
-    assert json.loads((exported / "thresholds.json").read_text()) == dict.fromkeys(LABELS4, 0.5)
+    tuned = dict(zip(LABELS4, best_thresholds(tiny_run)))  # the checkpoint's per-label thresholds
+    assert json.loads((exported / "thresholds.json").read_text()) == pytest.approx(tuned)
 
 
 @pytest.mark.slow

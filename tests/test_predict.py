@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from goemo.hub import GoemoError
 from goemo.inputs import count_texts, read_texts
 from goemo.predict import PredictionWriter, TextFileDataset, label_thresholds, to_records
-from tests.conftest import LABELS4, PREDICT_TEXTS, run_main
+from tests.conftest import LABELS4, PREDICT_TEXTS, best_thresholds, run_main
 
 
 def write_inputs(path: Path, texts: list[str]) -> Path:
@@ -31,13 +31,14 @@ def write_inputs(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def check_records(records: list[dict], texts: list[str], labels: list[str], threshold: float = 0.5) -> None:
-    """Input order, structure, and labels = scores at or above the threshold, most probable first."""
+def check_records(records: list[dict], texts: list[str], labels: list[str], thresholds: list[float]) -> None:
+    """Input order, structure, and labels = scores at or above their label's threshold, most probable first."""
+    threshold = dict(zip(labels, thresholds))
     assert [r["text"] for r in records] == texts
     for r in records:
         assert set(r) == {"text", "labels", "scores"}
         assert list(r["scores"]) == labels and all(0.0 <= p <= 1.0 for p in r["scores"].values())
-        above = sorted((n for n, p in r["scores"].items() if p >= threshold), key=lambda n: -r["scores"][n])
+        above = sorted((n for n, p in r["scores"].items() if p >= threshold[n]), key=lambda n: -r["scores"][n])
         assert r["labels"] == above
 
 
@@ -138,11 +139,11 @@ def test_stream_is_written_in_input_order(tmp_path, tiny_model, num_workers):
 
 # -- the CLI ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_predict_txt_writes_into_the_run_folder(txt_predictions):
+def test_cli_predict_txt_writes_into_the_run_folder(tiny_run, txt_predictions):
     r, out = txt_predictions
     assert f"wrote {len(PREDICT_TEXTS)} predictions to lightning_logs/version_0/predictions.jsonl" in r.stdout
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    check_records(records, PREDICT_TEXTS, LABELS4)
+    check_records(records, PREDICT_TEXTS, LABELS4, best_thresholds(tiny_run))
 
 
 @pytest.mark.slow
@@ -155,7 +156,7 @@ def test_cli_predict_jsonl_and_csv_with_output(tiny_run, txt_predictions, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"to {out}" in r.stdout
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    check_records(records, PREDICT_TEXTS, LABELS4)
+    check_records(records, PREDICT_TEXTS, LABELS4, best_thresholds(tiny_run))
     # same scores as the .txt run (batch size 2 here, 32 there: padding must not matter)
     txt = [json.loads(line) for line in txt_predictions[1].read_text(encoding="utf-8").splitlines()]
     for a, b in zip(records, txt):

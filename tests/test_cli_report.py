@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from tests.conftest import LABELS4, run_main
+
+
+@pytest.mark.slow
+def test_fit_then_test_best_in_a_new_process(tiny_data, tiny_model, tmp_path):
+    """fit (tiny) -> `test --ckpt_path best` in a new process: tuned metrics logged, report in the run folder."""
+    fit = run_main(
+        "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
+        "--data.cache_dir", str(tmp_path / "cache"), "--model.loss", "focal", "--model.focal_alpha", "0.25",
+        "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    test = run_main("test", "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    out = test.stdout
+    for name in ("test/f1_macro", "test/f1_micro_tuned", "test/f1_macro_tuned", "test/exact_match_tuned"):
+        assert name in out
+    report = json.loads((run / "test_report.json").read_text())
+    assert report["labels"] == LABELS4 and report["num_examples"] == 32
+    assert set(report["fixed"]["per_label"]) == set(LABELS4)
+    assert (run / "test_report.md").read_text().startswith("# Test report")
+    # the tuned thresholds in the report are those of the best checkpoint, tuned on validation
+    from goemo.runs import best_checkpoint, load_checkpoint
+
+    saved = load_checkpoint(best_checkpoint(run))["state_dict"]["thresholds"].tolist()
+    assert report["thresholds"]["tuned"] == pytest.approx(saved)
+    assert "focal" in (run / "config.yaml").read_text()

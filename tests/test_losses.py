@@ -1,0 +1,90 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from goemo.data import GoEmotionsDataModule
+from goemo.hub import GoemoError
+from goemo.losses import FocalLoss, build_loss, pos_weight_from_frequencies
+from goemo.model import EmotionClassifier
+from goemo.runs import load_checkpoint
+
+# One row, two labels: logits (2, -1), targets (1, 0).
+LOGITS = torch.tensor([[2.0, -1.0]])
+TARGETS = torch.tensor([[1.0, 0.0]])
+sig = lambda x: 1 / (1 + math.exp(-x))
+P0, P1 = sig(2.0), sig(-1.0)  # probability of label 0 (a positive) and label 1 (a negative)
+BCE0, BCE1 = -math.log(P0), -math.log(1 - P1)  # per-term cross-entropy
+
+
+def test_bce_by_hand():
+    loss = build_loss("bce", 2, 2.0, None)(LOGITS, TARGETS)
+    assert loss.item() == pytest.approx((BCE0 + BCE1) / 2, rel=1e-6)
+
+
+def test_bce_pos_weight_by_hand():
+    loss_fn = build_loss("bce_pos_weight", 2, 2.0, None)
+    assert loss_fn.pos_weight.tolist() == [1.0, 1.0]  # until fit fills it in
+    loss_fn.pos_weight.copy_(torch.tensor([3.0, 5.0]))
+    # pos_weight scales the positive term only: label 0's, not label 1's (a negative)
+    assert loss_fn(LOGITS, TARGETS).item() == pytest.approx((3.0 * BCE0 + BCE1) / 2, rel=1e-6)
+    both = torch.tensor([[1.0, 1.0]])
+    assert loss_fn(LOGITS, both).item() == pytest.approx((3.0 * BCE0 - 5.0 * math.log(P1)) / 2, rel=1e-6)
+
+
+def test_focal_by_hand():
+    gamma = 2.0
+    # p_t = P0 for the positive, 1 - P1 for the negative
+    fl0, fl1 = (1 - P0) ** gamma * BCE0, P1**gamma * BCE1
+    assert FocalLoss(gamma)(LOGITS, TARGETS).item() == pytest.approx((fl0 + fl1) / 2, rel=1e-6)
+    alpha = 0.25  # positives weigh alpha, negatives 1 - alpha
+    got = build_loss("focal", 2, gamma, alpha)(LOGITS, TARGETS).item()
+    assert got == pytest.approx((alpha * fl0 + (1 - alpha) * fl1) / 2, rel=1e-6)
+    # gamma 0, no alpha: plain BCE
+    assert FocalLoss(0.0)(LOGITS, TARGETS).item() == pytest.approx((BCE0 + BCE1) / 2, rel=1e-6)
+
+
+def test_focal_is_fp32_under_half_inputs():
+    logits = torch.tensor([[12.0, -12.0]], dtype=torch.float16)
+    loss = FocalLoss(2.0)(logits, torch.tensor([[1.0, 0.0]], dtype=torch.float16))
+    assert loss.dtype == torch.float32 and loss.item() > 0  # (1 - p_t)^2 * BCE ~ 1e-16, not 0
+
+
+@pytest.mark.parametrize(
+    "gamma,alpha,match", [(-1.0, None, "focal_gamma must be >= 0"), (2.0, 1.5, "focal_alpha must be within 0..1")]
+)
+def test_focal_bad_args(gamma, alpha, match):
+    with pytest.raises(GoemoError, match=match):
+        FocalLoss(gamma, alpha)
+
+
+def test_pos_weight_from_frequencies():
+    w = pos_weight_from_frequencies(torch.tensor([0.5, 0.2, 0.001, 0.0]), max_weight=100.0)
+    assert w.tolist() == pytest.approx([1.0, 4.0, 100.0, 100.0])  # 999 capped; no positives -> the cap
+
+
+def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, tmp_path):
+    """`bce_pos_weight`: the data module's training frequencies become neg/pos, carried by the checkpoint."""
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names, loss="bce_pos_weight")
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    freq = dm.label_frequencies()
+    labels = torch.stack([r["labels"] for r in dm.datasets["train"]])  # (96, 4) from the rows themselves
+    torch.testing.assert_close(freq, labels.double().mean(0))
+    expected = ((1 - freq) / freq).float()
+    torch.testing.assert_close(model.loss_fn.pos_weight, expected)
+    saved = load_checkpoint(trainer.checkpoint_callback.best_model_path)["state_dict"]["loss_fn.pos_weight"]
+    torch.testing.assert_close(saved, expected)
+    # and a test-time model gets them from the checkpoint, not from the data
+    loaded = EmotionClassifier.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    torch.testing.assert_close(loaded.loss_fn.pos_weight, expected)
+
+
+def test_model_builds_each_loss(tiny_model):
+    for name, cls in (("bce", torch.nn.BCEWithLogitsLoss), ("bce_pos_weight", torch.nn.BCEWithLogitsLoss), ("focal", FocalLoss)):
+        assert isinstance(EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=name).loss_fn, cls)

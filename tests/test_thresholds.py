@@ -1,0 +1,134 @@
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from goemo.data import GoEmotionsDataModule
+from goemo.hub import GoemoError
+from goemo.model import EmotionClassifier
+from goemo.runs import load_checkpoint
+from goemo.thresholds import GRID, ProbsAndTargets, apply_thresholds, thresholded_metrics, tune_thresholds
+
+
+def brute_force(probs: np.ndarray, targets: np.ndarray, fallback: float) -> np.ndarray:
+    """Every grid value for every label, scored by sklearn; strictly better only, so ties keep the lowest."""
+    out = []
+    for j in range(probs.shape[1]):
+        best_t, best_f1 = fallback, 0.0
+        for t in GRID.numpy():
+            f1 = f1_score(targets[:, j], probs[:, j] > t, zero_division=0)
+            if f1 > best_f1:
+                best_t, best_f1 = float(t), f1
+        out.append(best_t)
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(0)
+    n, k = 300, 6
+    targets = (rng.random((n, k)) < [0.05, 0.1, 0.2, 0.3, 0.5, 0.02]).astype(np.int64)
+    # informative but noisy scores, float32 as the model produces them
+    probs = np.clip(0.35 * targets + rng.random((n, k)) * 0.7, 0, 1).astype(np.float32)
+    targets[:, 5] = 0  # a label with no positives: best F1 is 0 -> fallback
+    return probs, targets
+
+
+def test_matches_brute_force(arrays):
+    probs, targets = arrays
+    got = tune_thresholds(probs, targets, fallback=0.5)
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    np.testing.assert_array_equal(got.numpy(), brute_force(probs, targets, 0.5))
+    assert got[5] == 0.5  # no positives
+    # torch input, other fallback: same choice where there is something to learn
+    got2 = tune_thresholds(torch.from_numpy(probs), torch.from_numpy(targets), fallback=0.3)
+    np.testing.assert_array_equal(got2[:5].numpy(), got[:5].numpy())
+    assert got2[5] == pytest.approx(0.3)
+
+
+def test_ties_pick_the_lowest_threshold():
+    # positives at 0.8/0.9, negatives at 0.1: every threshold in [0.10, 0.79] separates them perfectly
+    probs = np.array([[0.9], [0.8], [0.1], [0.1]], dtype=np.float32)
+    targets = np.array([[1], [1], [0], [0]])
+    assert tune_thresholds(probs, targets).item() == pytest.approx(0.10)  # 0.1 > 0.10 is false in float32
+
+
+def test_tuned_metrics_equal_fixed_when_thresholds_are_fixed(arrays):
+    from torchmetrics.functional.classification import multilabel_f1_score
+
+    probs, targets = map(torch.from_numpy, arrays)
+    m = thresholded_metrics(probs, targets, torch.full((6,), 0.3))
+    fixed = multilabel_f1_score(probs, targets, num_labels=6, threshold=0.3, average="macro", zero_division=0)
+    assert m["f1_macro"] == pytest.approx(fixed.item())
+    pred = apply_thresholds(probs, torch.full((6,), 0.3))
+    assert m["f1_micro"] == pytest.approx(f1_score(targets.numpy(), pred.numpy(), average="micro", zero_division=0))
+    assert m["exact_match"] == pytest.approx((pred.numpy() == targets.numpy().astype(bool)).all(1).mean())
+
+
+def test_bad_shapes():
+    with pytest.raises(GoemoError, match=r"one shape \(N, L\)"):
+        tune_thresholds(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+def test_probs_and_targets_collects_batches():
+    m = ProbsAndTargets()
+    m.update(torch.tensor([[0.1, 0.9]]), torch.tensor([[0.0, 1.0]]))
+    m.update(torch.tensor([[0.7, 0.2], [0.3, 0.4]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    probs, targets = m.compute()
+    assert probs.shape == targets.shape == (3, 2) and targets.dtype == torch.uint8
+    assert targets[:, 0].tolist() == [0, 1, 0]
+
+
+# -- in a real fit ---------------------------------------------------------------------------------
+def test_each_checkpoint_carries_its_epochs_thresholds(tiny_data, tiny_model, tmp_path):
+    """Every checkpoint (so also "best") holds the thresholds tuned on the validation that preceded it:
+    re-tuning them from the checkpoint's own validation outputs gives the same vector. Saved one
+    validation late (hook order), they would differ, as the thresholds move between validations here.
+    Validating 4 times an epoch makes ModelCheckpoint save in `on_validation_end`, the tight case (once an
+    epoch, it saves later, at train epoch end)."""
+    L.seed_everything(0)
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"),
+                              train_batch_size=8)  # fmt: skip
+    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names, pooling="mean", learning_rate=3e-3,
+                              head_learning_rate=3e-2)  # fmt: skip
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(monitor="val/f1_micro", mode="max", save_top_k=-1)
+    trainer = L.Trainer(
+        max_epochs=1, val_check_interval=0.25, accelerator="cpu", default_root_dir=tmp_path, callbacks=[ckpt],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert {"val/f1_micro_tuned", "val/f1_macro_tuned", "val/exact_match_tuned"} <= set(trainer.callback_metrics)
+    files = sorted(ckpt.best_k_models)
+    assert len(files) == 4 and ckpt.best_model_path in files
+    saved = [load_checkpoint(f)["state_dict"]["thresholds"] for f in files]
+    assert len({tuple(t.tolist()) for t in saved}) > 1  # they move between epochs, so the check below bites
+    for f, thresholds in zip(files, saved):
+        again = EmotionClassifier.load_from_checkpoint(f)
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(again, dm, verbose=False)
+        torch.testing.assert_close(again.thresholds, thresholds)
+
+
+def test_old_checkpoint_without_thresholds_loads(tiny_model, tmp_path):
+    model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], threshold=0.4)
+    state = {k: v for k, v in model.state_dict().items() if k != "thresholds"}
+    ckpt = {"state_dict": state, "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": "2.6.0"}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="no tuned per-label thresholds"):
+        loaded = EmotionClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.thresholds.tolist() == pytest.approx([0.4, 0.4])
+
+
+def test_predict_uses_tuned_thresholds(tiny_model):
+    from goemo.predict import label_thresholds, to_records
+
+    model = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c"]).eval()
+    model.thresholds.copy_(torch.tensor([0.0, 1.0, 0.5]))
+    batch = {"input_ids": torch.tensor([[101, 2000, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with torch.no_grad():
+        probs = model.predict_step(batch, 0)
+    assert probs.shape == (1, 3)
+    assert label_thresholds(model).tolist() == [0.0, 1.0, 0.5]
+    (rec,) = to_records(["x"], probs.numpy(), model.label_names, label_thresholds(model).numpy())
+    assert "a" in rec["labels"] and "b" not in rec["labels"]  # any p >= 0, no p >= 1
+    assert ("c" in rec["labels"]) == bool(probs[0, 2] >= 0.5)
