@@ -33,6 +33,20 @@ def multilabel_metrics(num_labels: int, threshold: float, prefix: str) -> Metric
     )
 
 
+def load_encoder(path: str):
+    """`AutoModel.from_pretrained` with PyTorch's fused attention (SDPA) where the architecture has it.
+
+    Recent transformers already default to SDPA; asking for it keeps older versions off the slower
+    eager attention. Architectures without an SDPA implementation raise ValueError: load them as they come.
+    """
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path, attn_implementation="sdpa", **hub_kwargs(path))
+    except (ValueError, ImportError):
+        return AutoModel.from_pretrained(path, **hub_kwargs(path))
+
+
 class EmotionClassifier(L.LightningModule):
     def __init__(
         self,
@@ -44,6 +58,7 @@ class EmotionClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.0,
         threshold: float = 0.5,
+        compile: bool = False,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
 
@@ -58,6 +73,9 @@ class EmotionClassifier(L.LightningModule):
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
             warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then linear decay to 0.
             threshold: Probability at or above which a label is predicted, for the logged metrics.
+            compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
+                Off by default: compiling costs time at the first batches and for every new batch shape,
+                and it has not been measured to pay off for these short, variable-length batches.
         """
         super().__init__()
         if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
@@ -76,14 +94,14 @@ class EmotionClassifier(L.LightningModule):
         self.label_names = label_names
         num_labels = len(label_names)
 
-        from transformers import AutoModel
-
         path = resolve_model_path(model_name_or_path)
         try:
             # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
-            self.encoder = AutoModel.from_pretrained(path, **hub_kwargs(path)).train()
+            self.encoder = load_encoder(path).train()
         except OSError as e:
             raise unreachable("model", model_name_or_path, e) from None
+        if compile:
+            self.encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
         cfg = self.encoder.config
         width = cfg.hidden_size * (2 if pooling == "cls+mean" else 1)
         # Same head as BertForSequenceClassification: dropout then one linear layer, initialised like HF.
