@@ -36,6 +36,27 @@ def multilabel_metrics(num_labels: int, threshold: float, prefix: str) -> Metric
     )
 
 
+def load_encoder(path: str, pretrained: bool = True):
+    """The encoder, with PyTorch's fused attention (SDPA) where the architecture has it.
+
+    `pretrained=False` builds it from its config alone (same modules and dtype), for when a checkpoint
+    supplies every weight. Recent transformers already default to SDPA; asking for it keeps older versions
+    off the slower eager attention. Architectures without an SDPA implementation raise ValueError: load
+    them as they come.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    def build(**attn):
+        if pretrained:
+            return AutoModel.from_pretrained(path, **attn, **hub_kwargs(path))
+        return AutoModel.from_config(AutoConfig.from_pretrained(path, **hub_kwargs(path)), **attn)
+
+    try:
+        return build(attn_implementation="sdpa")
+    except (ValueError, ImportError):
+        return build()
+
+
 class EmotionClassifier(L.LightningModule):
     def __init__(
         self,
@@ -52,6 +73,7 @@ class EmotionClassifier(L.LightningModule):
         focal_gamma: float = 2.0,
         focal_alpha: Optional[float] = None,
         pos_weight_max: float = 100.0,
+        compile: bool = False,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
 
@@ -78,6 +100,9 @@ class EmotionClassifier(L.LightningModule):
             focal_gamma: Focal loss focusing exponent; 0 (and no alpha) is plain BCE.
             focal_alpha: Focal loss weight of positives (negatives get 1 - alpha), within 0..1; unset: no weighting.
             pos_weight_max: Cap on the `bce_pos_weight` weights (GoEmotions' rarest label has neg/pos ~560).
+            compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
+                Off by default: compiling costs time at the first batches and for every new batch shape,
+                and it has not been measured to pay off for these short, variable-length batches.
         """
         super().__init__()
         if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
@@ -98,17 +123,14 @@ class EmotionClassifier(L.LightningModule):
         self.label_names = label_names
         num_labels = len(label_names)
 
-        from transformers import AutoConfig, AutoModel
-
         path = resolve_model_path(model_name_or_path)
         try:
-            if pretrained:
-                # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
-                self.encoder = AutoModel.from_pretrained(path, **hub_kwargs(path)).train()
-            else:  # same modules and dtype (config.dtype, as from_pretrained's "auto"), weights left to the checkpoint
-                self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(path, **hub_kwargs(path)))
+            # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
+            self.encoder = load_encoder(path, pretrained).train()
         except OSError as e:
             raise unreachable("model", model_name_or_path, e) from None
+        if compile:
+            self.encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
         cfg = self.encoder.config
         width = cfg.hidden_size * (2 if pooling == "cls+mean" else 1)
         # Same head as BertForSequenceClassification: dropout then one linear layer, initialised like HF.

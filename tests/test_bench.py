@@ -1,0 +1,73 @@
+"""The benchmark: subset folders, the Throughput callback's counts, and `benchmarks/cpu.py` end to end (tiny)."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+
+from benchmarks.cpu import copy_rows
+from benchmarks.throughput import Throughput
+from goemo.data import GoEmotionsDataModule
+from goemo.model import EmotionClassifier
+from tests.conftest import LABELS4, REPO
+
+
+def test_copy_rows_keeps_quoted_rows_whole(tmp_path):
+    src, dst = tmp_path / "in.tsv", tmp_path / "out.tsv"
+    src.write_text('a\t0\tid0\n"two\nlines"\t1\tid1\nc\t2\tid2\n', encoding="utf-8")
+    assert copy_rows(src, dst, 2) == 2
+    assert dst.read_text(encoding="utf-8") == 'a\t0\tid0\n"two\nlines"\t1\tid1\n'
+    assert copy_rows(src, dst, None) == 3 and dst.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("val_check_interval,val_runs", [(1.0, 2), (3, 4)])  # 6 batches an epoch, 2 epochs
+def test_throughput_counts(tiny_data, tiny_model, tmp_path, val_check_interval, val_runs):
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), train_batch_size=16,
+                              cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    model = EmotionClassifier(str(tiny_model), label_names=LABELS4)
+    out = tmp_path / "tp" / "out.json"
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[Throughput(str(out))], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, val_check_interval=val_check_interval,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    r = json.loads(out.read_text())
+    lengths = {s: sum(dm.datasets[s].with_format(None)["length"]) for s in ("train", "validation")}
+    assert r["epochs"] == 2 and r["global_step"] == 12
+    assert r["train_samples"] == 2 * 96 and r["train_real_tokens"] == 2 * lengths["train"]
+    # the sanity check's batch is not counted
+    assert r["val_samples"] == val_runs * 32 and r["val_real_tokens"] == val_runs * lengths["validation"]
+    assert r["train_padded_tokens"] >= r["train_real_tokens"] and 0 <= r["train_padding_fraction"] < 1
+    assert 0 < r["train_time_s"] + r["val_time_s"] <= r["fit_time_s"]
+    assert r["train_samples_per_s"] == pytest.approx(r["train_samples"] / r["train_time_s"], rel=1e-2)
+    assert r["val_f1_micro"] is not None and "val/f1_macro" in r["val_metrics"]
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_end_to_end(goemotions, tiny_model, tmp_path):
+    """The README command at a tiny size: both children run, the table and JSON carry every field."""
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cpu.py"), "--data", str(goemotions), "--train-rows", "64",
+         "--eval-rows", "16", "--epochs", "1", "--model", str(tiny_model), "--out-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for row in ("train samples/s", "of the ceiling (78/s)", "eval samples/s", "of the ceiling (267/s)",
+                "peak RSS (MiB)", "wall time of the command", "dev macro-F1 after 1 epoch", "dev micro-F1 after 1 epoch"):  # fmt: skip
+        assert row in r.stdout, row
+    assert "machine: " in r.stdout and " cores" in r.stdout and "torch " in r.stdout
+    (report,) = out.glob("cpu-*.json")
+    assert report.with_suffix(".md").is_file() and len(list(out.glob("cpu-*.log"))) == 2
+    rep = json.loads(report.read_text())
+    assert rep["data_rows"] == {"train": 64, "dev": 16, "test": 16}
+    assert {"cpu", "cores", "torch"} <= rep["machine"].keys()
+    for name in ("seed", "goemo"):
+        res = rep["results"][name]
+        for key in ("train_samples_per_s", "val_samples_per_s", "peak_rss_mib", "wall_s", "val_f1_macro",
+                    "val_f1_micro", "train_of_ceiling", "val_of_ceiling", "other_s"):  # fmt: skip
+            assert res.get(key) is not None, (name, key)
+        assert res["train_samples"] == 64 and res["val_samples"] == 16, name
+        assert res["peak_rss_mib"] > 100 and res["wall_s"] > res["train_time_s"], name
