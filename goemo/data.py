@@ -343,16 +343,15 @@ class GoEmotionsDataModule(L.LightningDataModule):
             lengths = ds.with_format(None)["length"]
             seed = int(torch.initial_seed()) % 2**31  # set by seed_everything
             kw = {"batch_sampler": LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)}
+        return DataLoader(ds, collate_fn=MultiLabelCollator(tok.pad_token_id, tok.padding_side), **self._workers(), **kw)
+
+    def _workers(self) -> dict:
+        """DataLoader worker and pinning settings for the device the batches go to."""
         on_cuda = self._on_cuda()
-        workers = hp.num_workers if hp.num_workers is not None else default_num_workers(on_cuda)
-        return DataLoader(
-            ds,
-            collate_fn=MultiLabelCollator(tok.pad_token_id, tok.padding_side),
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=on_cuda,  # page-locked batches only speed up host -> GPU copies
-            **kw,
-        )
+        n = self.hparams.num_workers
+        n = default_num_workers(on_cuda) if n is None else n
+        # page-locked batches only speed up host -> GPU copies
+        return {"num_workers": n, "persistent_workers": n > 0, "pin_memory": on_cuda}
 
     def _on_cuda(self) -> bool:
         """Whether batches go to a CUDA device: the trainer's device when attached, else CUDA availability."""
@@ -377,4 +376,4 @@ class GoEmotionsDataModule(L.LightningDataModule):
         hp = self.hparams
         # The dataset yields whole batches (tokenized per chunk, sorted by length), so no batching here.
         ds = TextFileDataset(hp.predict_file, self.tokenizer, hp.max_length, hp.eval_batch_size)
-        return DataLoader(ds, batch_size=None, num_workers=hp.num_workers)
+        return DataLoader(ds, batch_size=None, **self._workers())
