@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from goemo.dashboard import ValidationExamples
@@ -51,6 +52,7 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
 
     run_config: dict = {}  # trainer settings and seed, set by the CLI, shown beside the model/data hparams
 
+    @rank_zero_only  # as TensorBoardLogger's: other ranks have no event writer
     def log_hyperparams(self, params: Any, metrics: Optional[dict] = None, step: Optional[int] = None) -> None:
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
         from torch.utils.tensorboard.summary import hparams

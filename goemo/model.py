@@ -243,8 +243,9 @@ class EmotionClassifier(L.LightningModule):
             return
         self.thresholds.copy_(tune_thresholds(probs, targets, fallback=self.hparams.threshold))
         tuned = thresholded_metrics(probs, targets, self.thresholds)
-        # every rank computed the same values from the gathered outputs: no sync needed
-        self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()})
+        # Every rank computed the same values from the gathered outputs; sync_dist only averages equal numbers
+        # (once an epoch), and keeps Lightning from warning about unsynced epoch-level logs under DDP.
+        self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         """Log `test/*_tuned` (the thresholds tuned on validation, never on test) and write the report."""
@@ -253,7 +254,7 @@ class EmotionClassifier(L.LightningModule):
         probs, targets = self.test_outputs.compute()  # (N, L) from all ranks
         self.test_outputs.reset()
         tuned = thresholded_metrics(probs, targets, self.thresholds)
-        self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()})
+        self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)  # equal on every rank
         if self.trainer.is_global_zero:
             self._report(probs.cpu().numpy(), targets.cpu().numpy())
 
