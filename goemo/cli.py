@@ -139,6 +139,11 @@ class GoemoCLI(LightningCLI):
         if off and trainer.callbacks:
             callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
             trainer.callbacks = [cb for cb in callbacks if not issubclass(_class_of(cb), off)]
+        if trainer.strategy == "ddp" and cfg.model.pooling == "mean":
+            # The encoder's pooler (over [CLS]) gets no gradient when pooling by the mean, and DDP stops at the
+            # first step over parameters without one unless told to look for them.
+            print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
+            trainer.strategy = "ddp_find_unused_parameters_true"
         if str(trainer.precision) in ("16-mixed", "16") and not torch.cuda.is_available():
             print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
             trainer.precision = "32-true"
