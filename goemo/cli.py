@@ -27,7 +27,7 @@ from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.predict import PredictionWriter
 from goemo.reliability import ExactResume, Interrupts, LastCheckpoint, SafeCheckpointIO, StopOnNonFiniteLoss
-from goemo.runs import rewrite_args
+from goemo.runs import load_checkpoint, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
 # with the loss, validation metrics and it/s, and a model summary table.
@@ -117,6 +117,18 @@ class GoemoCLI(LightningCLI):
                 help="With --data.predict_file: where to write the JSON-lines predictions (default: predictions.jsonl in the run folder).",
             )  # fmt: skip
         return parser
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters into the config (torch.load, weights_only=True) before
+        # anything else; a file that is not a loadable, safe checkpoint raises there. Read it first through
+        # goemo.runs.load_checkpoint (memory-mapped: cheap), so that is one line, not a traceback.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            ckpt = load_checkpoint(Path(ckpt_path), mmap=True)
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+                raise GoemoError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,21 +45,35 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -
     pickle uses to run code) is refused, and nothing in it runs.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # an old-style pickle gets a warning about its protocol, then refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # mmap needs torch's zip format; an old-style file (or one that is no zip at all) is read whole
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         if any("Weights only load failed" in line for line in lines):
-            # torch names the offending global in a line such as "WeightsUnpickler error: Unsupported global: ..."
-            what = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler error" in line), lines[-1])
-            what = what.removeprefix("WeightsUnpickler error:").strip()
+            # torch names what it refused in a line such as "Trying to load unsupported GLOBAL posix.system whose
+            # module posix is blocked." (between paragraphs of advice, one of which is to load it unsafely)
+            what = next((line for line in lines if re.search("unsupported|GLOBAL", line, re.I) and "file an issue" not in line), "")
+            what = what.removeprefix("WeightsUnpickler error:").strip().split(". ")[0].rstrip(".")
+            what = what or "objects other than tensors and plain data"
             raise GoemoError(
                 f"{path}: refused to load: it holds pickled Python objects, not only tensors and plain data "
                 f"({what[:160]}); goemo loads checkpoints with weights_only=True and runs no code from them"
             ) from None
-        raise GoemoError(f"{path}: not a loadable checkpoint ({(lines or [type(e).__name__])[0][:200]})") from None
-    except Exception as e:  # RuntimeError (truncated zip), EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GoemoError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+        raise GoemoError(f"{path}: not a loadable checkpoint ({_reason(e)})") from None
+    except Exception as e:  # RuntimeError (truncated zip), EOFError, KeyError (not a pickle), ...
+        raise GoemoError(f"{path}: not a loadable checkpoint ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    """What torch.load's exception says, in a few words."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, EOFError) or (not first and not isinstance(e, KeyError)):
+        return "the file is empty or cut short"
+    if isinstance(e, KeyError) or not re.search("[A-Za-z]{3}", first):  # e.g. KeyError('101') for a text file
+        return "not a file written by torch.save"
+    return first.split(". ")[0][:200]  # torch goes on with advice about miniz and bug reports
 
 
 def last_checkpoint(run: Path) -> Path:
