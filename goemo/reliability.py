@@ -183,9 +183,17 @@ def _checkpoint_dir(trainer) -> Optional[Path]:
 
 
 def _last_saved_step(trainer) -> int:
-    """The global step of the newest checkpoint saved in this process (-1: none)."""
+    """The global step of the newest checkpoint saved in this process (0 also when none was)."""
     steps = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-    return max((s for s in steps if s is not None), default=-1)
+    return max((s for s in steps if s is not None), default=0)
+
+
+def _step_of(path: Path) -> Optional[int]:
+    """The global step a checkpoint file holds (memory-mapped: only that number is read)."""
+    try:
+        return int(load_checkpoint(path, mmap=True)["global_step"])
+    except (GoemoError, KeyError, TypeError, ValueError):
+        return None
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -265,18 +273,20 @@ class Interrupts(Callback):
             and (what == "SIGTERM" or self._sigint)  # Ctrl-C outside a batch end (e.g. in setup) saves nothing
         )
         saved = None
-        if saveable:
+        if saveable and trainer.global_step > 0:  # with no step taken there is nothing to resume
             saved = folder / "last.ckpt"
             if _last_saved_step(trainer) != trainer.global_step:  # else saved at this very step already
                 trainer.save_checkpoint(saved, weights_only=False)  # through SafeCheckpointIO: atomic
         if not trainer.is_global_zero:
             return
+        last = folder / "last.ckpt" if folder is not None else None
         if trainer.state.fn != TrainerFn.FITTING:
             msg = f"interrupted by {what}"
         elif saved is not None:
             msg = f"interrupted by {what} {where}: saved {saved}; resume with: {resume_hint(folder.parent)}"
-        elif folder is not None and (folder / "last.ckpt").is_file():
-            msg = f"interrupted by {what} {where}: kept the last checkpoint, {folder / 'last.ckpt'}; resume with: {resume_hint(folder.parent)}"
+        elif last is not None and last.is_file():
+            kept = f"kept the last checkpoint, {last} (step {_step_of(last)})"
+            msg = f"interrupted by {what} {where}: {kept}; resume with: {resume_hint(folder.parent)}"
         else:
             msg = f"interrupted by {what} {where}: no checkpoint saved yet, nothing to resume"
         print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -297,9 +307,8 @@ class StopOnNonFiniteLoss(Callback):
             return
         folder = _checkpoint_dir(trainer)
         last = folder / "last.ckpt" if folder is not None else None
-        step = _last_saved_step(trainer)
         if last is not None and last.is_file():
-            kept = f"the last checkpoint, {last}" + (f" (step {step})" if step >= 0 else "") + ", is kept"
+            kept = f"the last checkpoint, {last} (step {_step_of(last)}), is kept"
         else:
             kept = "no checkpoint was saved before it"
         raise GoemoError(

@@ -51,7 +51,9 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        if any("Weights only load failed" in line for line in lines):
+        # "Weights only load failed" with an unsupported GLOBAL: what a pickle that runs code needs. (Other failures,
+        # e.g. "Unsupported operand", are bytes the safe unpickler cannot read: not a checkpoint.)
+        if any("Weights only load failed" in line for line in lines) and any("GLOBAL" in line for line in lines):
             # torch names what it refused in a line such as "Trying to load unsupported GLOBAL posix.system whose
             # module posix is blocked." (between paragraphs of advice, one of which is to load it unsafely)
             what = next((line for line in lines if re.search("unsupported|GLOBAL", line, re.I) and "file an issue" not in line), "")
@@ -71,7 +73,8 @@ def _reason(e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, EOFError) or (not first and not isinstance(e, KeyError)):
         return "the file is empty or cut short"
-    if isinstance(e, KeyError) or not re.search("[A-Za-z]{3}", first):  # e.g. KeyError('101') for a text file
+    if isinstance(e, KeyError) or not re.search("[A-Za-z]{3}", first) or "Weights only load failed" in first:
+        # e.g. KeyError('101') for a text file, "Unsupported operand" from the safe unpickler for other bytes
         return "not a file written by torch.save"
     return first.split(". ")[0][:200]  # torch goes on with advice about miniz and bug reports
 

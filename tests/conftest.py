@@ -87,7 +87,7 @@ def run_main(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300)
 
 
 # -- one tiny fitted run, shared by the predict, API, export and dashboard tests ---------------------
-# Texts to predict: empty, emoji-only, far longer than max_length (truncated), quotes and commas (CSV).
+# Texts to predict: empty, emoji-only, far longer than max_length (truncated), quotes and commas (CSV), non-English.
 PREDICT_TEXTS = [
     "I am so happy and glad",
     "",
@@ -96,6 +96,9 @@ PREDICT_TEXTS = [
     'she said "hi", then left',
     "scared afraid table",
     "ok",
+    "Je suis très content, merci beaucoup !",  # non-English
+    "今日はとても嬉しい",
+    "word " * 10_000,  # 10,000 words
 ]
 
 

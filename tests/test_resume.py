@@ -21,7 +21,7 @@ from goemo.runs import load_checkpoint
 from tests.conftest import LEARNING_ARGS, ONE_THREAD, RECORD, REPO, records, run_main
 from tests.test_e2e import scalar_tags
 
-SLOW = ("--trainer.callbacks+=tests.helpers.SlowSteps", "--trainer.callbacks.seconds", "0.4")
+SLOW = ("--trainer.callbacks+=tests.helpers.SlowSteps", "--trainer.callbacks.seconds", "0.25")
 LAST = Path("lightning_logs/version_0/checkpoints/last.ckpt")
 
 
@@ -72,47 +72,53 @@ def resume(work: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume_ends_as_uninterrupted(learned_run, tiny_model, tmp_path):
-    proc = start(fit_args(learned_run, tiny_model) + list(SLOW), tmp_path)
-    step = wait_for_save(proc, tmp_path / LAST, min_step=13)  # a step save inside the second epoch
+def test_sigterm_then_kill_9_then_resume_ends_as_uninterrupted(learned_run, tiny_model, tmp_path):
+    # 1. SIGTERM in the first epoch, a step or so after the first step save: the process saves its own last.ckpt
+    proc = start(fit_args(learned_run, tiny_model) + list(SLOW), tmp_path)  # SlowSteps goes into config.yaml
+    wait_for_save(proc, tmp_path / LAST, min_step=5)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    step = saved_step(tmp_path / LAST)
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted by SIGTERM at step {step} (epoch 0): saved lightning_logs/version_0/checkpoints/last.ckpt; "
+        f"resume with: python main.py fit --ckpt_path last"
+    ), err[-3000:]
+    assert "Traceback" not in err and 5 <= step < 12
+    assert load_checkpoint(tmp_path / LAST)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "consumed": step}  # the train loader's position: `step` batches of epoch 0 taken
+    ]
+
+    # 2. resumed (slow too: the run's config has SlowSteps), then kill -9 at a step save inside the second epoch
+    proc = start(["fit", "--ckpt_path", "last"], tmp_path)
+    step = wait_for_save(proc, tmp_path / LAST, min_step=13)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     ckpt = load_checkpoint(tmp_path / LAST)
     assert ckpt["global_step"] == step and step % 12  # mid-epoch
-    # the train loader's position is in the checkpoint: epoch 1, `step - 12` batches taken
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": step - 12}]
     ckpts = sorted(p.name for p in (tmp_path / LAST.parent).glob("*.ckpt"))
     assert ckpts == ["epoch00-step12.ckpt", "last.ckpt"]  # one last.ckpt, never last-v1.ckpt
 
+    # 3. resumed again, to the end: the same numbers and weights as never stopping
     resume(tmp_path)
     assert_same_as_uninterrupted(tmp_path, learned_run)
     run = tmp_path / "lightning_logs" / "version_0"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["ckpt_path"].endswith("last.ckpt")  # the resumed fit rewrote the run's config
-    tags = scalar_tags(run)  # TensorBoard: both processes' event files in one folder, curves continue
-    assert len(list(run.glob("events.out.tfevents.*"))) == 2
-    assert len(tags["val/f1_micro"]) == 2 and len(tags["train/loss"]) >= 24
+    # TensorBoard: the three processes' event files in one folder; the last one's curve goes on from the step
+    # it resumed at (what the killed process logged after its last flush is lost with it).
+    events = sorted(run.glob("events.out.tfevents.*"))
+    assert len(events) == 3 and len(scalar_tags(run)["val/f1_micro"]) == 2
+    assert logged_steps(events[-1], "train/loss") == list(range(step, 24))
 
 
-@pytest.mark.slow
-def test_sigterm_saves_last_ckpt_and_resumes(learned_run, tiny_model, tmp_path):
-    proc = start(fit_args(learned_run, tiny_model) + list(SLOW), tmp_path)
-    wait_for_save(proc, tmp_path / LAST, min_step=5)  # the first step save, in the first epoch
-    time.sleep(0.5)  # a step or so past it: the save on SIGTERM is the process's own
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    step = saved_step(tmp_path / LAST)
-    assert last == (
-        f"error: interrupted by SIGTERM at step {step} (epoch 0): saved lightning_logs/version_0/checkpoints/last.ckpt; "
-        f"resume with: python main.py fit --ckpt_path last"
-    ), err[-3000:]
-    assert "Traceback" not in err and 5 <= step < 12
+def logged_steps(events: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    resume(tmp_path)
-    assert_same_as_uninterrupted(tmp_path, learned_run)
+    return [ev.step for ev in EventFileLoader(str(events)).Load() for v in ev.summary.value if v.tag == tag]
 
 
 @pytest.mark.slow

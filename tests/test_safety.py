@@ -4,7 +4,6 @@ are plain YAML. Crafted files that would run code are refused in one line, and t
 import os
 import pickle
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -85,17 +84,13 @@ def test_cli_refuses_in_process(evil_ckpt, tiny_model, tiny_data, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_cli_and_export_refuse_as_processes(tiny_model, tiny_data, tmp_path):
+def test_cli_refuses_as_a_process(tiny_model, tiny_data, tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": RunsCode(marker)}}, path)
     r = run_main("test", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
                  "--ckpt_path", str(path), cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr and REFUSED.fullmatch(r.stderr.strip().splitlines()[-1]), r.stderr[-3000:]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "goemo.export", str(path), str(tmp_path / "out")], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 2 and REFUSED.fullmatch(r.stderr.strip()), r.stderr[-3000:]
     assert not marker.exists()
 
 
