@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from goemo.hub import GoemoError, hub_kwargs, resolve_model_path, unreachable
+from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
 from goemo.model import EmotionClassifier
 from goemo.predict import encode_batches, label_thresholds, to_records
 from goemo.runs import RUNS_DIR, load_checkpoint, resolve_checkpoint
@@ -104,6 +104,6 @@ def load(
     name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
-    except OSError as e:
-        raise unreachable("tokenizer", name, e) from None
+    except (OSError, ValueError) as e:  # missing files, a broken config, custom code
+        raise load_error("tokenizer", name, e) from None
     return Classifier(model.to(device), tokenizer, data_hparams.get("max_length", 128), batch_size)

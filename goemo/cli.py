@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from jsonargparse import ArgumentError
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from goemo.dashboard import ValidationExamples
 from goemo.data import GoEmotionsDataModule
@@ -20,7 +26,8 @@ from goemo.hub import GoemoError
 from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.predict import PredictionWriter
-from goemo.runs import rewrite_args
+from goemo.reliability import ExactResume, Interrupts, LastCheckpoint, SafeCheckpointIO, StopOnNonFiniteLoss
+from goemo.runs import load_checkpoint, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
 # with the loss, validation metrics and it/s, and a model summary table.
@@ -45,6 +52,7 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
 
     run_config: dict = {}  # trainer settings and seed, set by the CLI, shown beside the model/data hparams
 
+    @rank_zero_only  # as TensorBoardLogger's: other ranks have no event writer
     def log_hyperparams(self, params: Any, metrics: Optional[dict] = None, step: Optional[int] = None) -> None:
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
         from torch.utils.tensorboard.summary import hparams
@@ -85,8 +93,11 @@ class GoemoCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch:02d}-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
+                # last.ckpt is shared with LastCheckpoint: overwrite it, never add last-v1.ckpt beside it
+                "checkpoint.enable_version_counter": False,
             }
         )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt every N steps
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ValidationExamples, "val_examples")
@@ -107,6 +118,18 @@ class GoemoCLI(LightningCLI):
             )  # fmt: skip
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters into the config (torch.load, weights_only=True) before
+        # anything else; a file that is not a loadable, safe checkpoint raises there. Read it first through
+        # goemo.runs.load_checkpoint (memory-mapped: cheap), so that is one line, not a traceback.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            ckpt = load_checkpoint(Path(ckpt_path), mmap=True)
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+                raise GoemoError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
@@ -114,13 +137,25 @@ class GoemoCLI(LightningCLI):
             raise GoemoError("--output needs --data.predict_file FILE (the texts to predict)")
         if self.subcommand == "predict" and cfg.data.predict_file:
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
+        if cfg.get("weights_only") is False:
+            raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
         if cfg.get("ckpt_path"):
             cfg.model.pretrained = False  # the checkpoint holds every weight: don't load (or fetch) them twice
+        # goemo's batch samplers deal batches to each rank themselves; Lightning's sampler injection cannot wrap
+        # them (it would fail under DDP). Configs saved before it defaulted to false still say true.
+        trainer.use_distributed_sampler = False
+        if cfg.get("last_checkpoint") and cfg.last_checkpoint.every_n_train_steps:
+            cfg.checkpoint.enable_version_counter = False  # as the default above, also for older run configs
         # `--trainer.enable_progress_bar false` (or enable_model_summary) would clash with the default callbacks.
         off = tuple(c for c, on in ((ProgressBar, trainer.enable_progress_bar), (ModelSummary, trainer.enable_model_summary)) if on is False)
         if off and trainer.callbacks:
             callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
             trainer.callbacks = [cb for cb in callbacks if not issubclass(_class_of(cb), off)]
+        if trainer.strategy == "ddp" and cfg.model.pooling == "mean":
+            # The encoder's pooler (over [CLS]) gets no gradient when pooling by the mean, and DDP stops at the
+            # first step over parameters without one unless told to look for them.
+            print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
+            trainer.strategy = "ddp_find_unused_parameters_true"
         if str(trainer.precision) in ("16-mixed", "16") and not torch.cuda.is_available():
             print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
             trainer.precision = "32-true"
@@ -132,7 +167,16 @@ class GoemoCLI(LightningCLI):
             else:  # the run folder moved: save_dir/""/version_N is where it lives now
                 args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (TypeError, ValueError) as e:  # Lightning's checks of devices, strategy, precision, ...
+            raise GoemoError(f"trainer settings: {one_line(e)}") from None
+
     def _before_run(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a plugin the user chose
+            strategy.checkpoint_io = SafeCheckpointIO()  # atomic saves, weights_only loads, one-line errors
         logger = self.trainer.logger
         if isinstance(logger, HParamsTensorBoardLogger):
             cfg = self.config[self.subcommand]
@@ -178,16 +222,39 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_dir=run_dir,
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": run_dir is not None},  # resuming a fit rewrites its own config
+            parser_kwargs={"exit_on_error": False},  # errors come here as ArgumentError: one line, no usage dump
             trainer_defaults={
                 "log_every_n_steps": 10,  # GoEmotions epochs are short; Lightning's 50 hides short runs' curves
+                "use_distributed_sampler": False,  # the batch samplers shard by rank themselves (goemo.data)
                 "logger": {
                     "class_path": "goemo.cli.HParamsTensorBoardLogger",
                     "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
                 },
+                # Always there, not in the config: exact resume, interrupts and divergence (goemo.reliability).
+                "callbacks": [ExactResume(), Interrupts(), StopOnNonFiniteLoss()],
             },
         )
-    except GoemoError as e:
+    except SIGTERMException:
+        # Lightning re-raises it (a SystemExit without a status) after `Interrupts` saved and said how to resume.
+        sys.exit(128 + signal.SIGTERM)
+    except (GoemoError, ArgumentError, MisconfigurationException) as e:
         if os.environ.get("GOEMO_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(e: BaseException) -> str:
+    """An error message on one line: jsonargparse and Lightning spread theirs over several."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, ArgumentError):
+        args = sys.argv[1:]
+        configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+        configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+        if len(configs) == 1:  # YAML errors name the text they parsed, not the file
+            text = text.replace('"<unicode string>"', configs[0])
+        if configs:
+            text += f" (config: {', '.join(configs)})"
+        sub = next((a for a in args if a in ("fit", "validate", "test", "predict")), None)
+        text += f" (see: python main.py {sub + ' ' if sub else ''}--help)"
+    return text or type(e).__name__

@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
-from goemo.hub import GoemoError, hub_kwargs, hub_reachable, resolve_model_path, unreachable
+from goemo.hub import GoemoError, hub_kwargs, hub_reachable, load_error, resolve_model_path, unreachable
 from goemo.taxonomy import Taxonomy, taxonomy_labels, taxonomy_matrix
 
 # The 28 labels of the "simplified" release, in id order (= labels.txt = the Hub's ClassLabel names).
@@ -65,10 +65,19 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
         raise GoemoError(f"{path}: split file not found (a data_dir holds train.tsv, dev.tsv, test.tsv, labels.txt)")
     cols: dict[str, list] = {"text": [], "labels": [], "id": []}
     reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t")
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
+    start = 1  # line where the current row starts (a quoted text may span lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a field over the csv module's size limit after an unclosed quote
+            raise GoemoError(f"{path}:{start}: unreadable row ({e}); an unclosed double quote takes in the lines after it") from None
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
         if len(row) != 3:
-            raise GoemoError(f"{where}: expected 3 tab-separated columns (text, label ids, id), found {len(row)}")
+            hint = "; an unclosed double quote takes in the lines after it" if len(row) < 3 and "\n" in row[0] else ""
+            raise GoemoError(f"{where}: expected 3 tab-separated columns (text, label ids, id), found {len(row)}{hint}")
         text, ids, cid = row
         try:
             labels = [int(x) for x in ids.split(",")]
@@ -113,35 +122,118 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     Training (`shuffle=True`): permute all rows, cut the permutation into pools of `pool_batches`
     batches, sort each pool by length, cut it into batches, then permute the batches. Random, exact
     (every row once per epoch) and deterministic for a given `seed` and epoch (Lightning calls
-    `set_epoch`). Evaluation (`shuffle=False`): rows sorted by length, longest first.
+    `set_epoch`). `pool_batches=1` gives plain random batches. Evaluation (`shuffle=False`): rows sorted
+    by length, longest first.
+
+    Distributed (`num_replicas` > 1): the batches of the one-process order are dealt out in turn, batch i
+    to rank i % num_replicas, and every rank gets the same number (DDP steps all ranks together). Training
+    repeats the first few batches to fill the last round, as torch's DistributedSampler repeats rows.
+    Evaluation cuts the sorted rows into a multiple of `num_replicas` batches of near-equal size (at most
+    `batch_size`), so each row is scored exactly once and metrics gathered from all ranks equal a
+    one-process run's; when the one-process batch count is already a multiple with equal batches, the
+    batches themselves are the same.
+
+    Resuming mid-epoch: `consumed` counts the batches of the epoch (over all ranks) the training loop has
+    taken, kept by `ResumableDataLoader`; `load_state_dict` makes the next iteration start after them.
     """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, shuffle: bool = True, seed: int = 0, pool_batches: int = 64
+        self,
+        lengths: list[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        pool_batches: int = 64,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise GoemoError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.lengths = torch.as_tensor(lengths)
         self.batch_size, self.shuffle, self.seed, self.pool_batches = batch_size, shuffle, seed, pool_batches
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self.consumed = 0  # batches of this epoch, over all ranks, already taken by the training loop
+        n = len(self.lengths)
+        if not shuffle and num_replicas > 1 and self._num_batches() > n:
+            raise GoemoError(
+                f"{n} evaluation rows cannot be cut into equal numbers of batches for {num_replicas} processes; "
+                f"use a larger data.eval_batch_size or fewer devices"
+            )
+
+    @property
+    def sampler(self) -> "LengthGroupedBatchSampler":
+        """Itself. Lightning calls `set_epoch` on `dataloader.batch_sampler.sampler` (a torch BatchSampler's
+        sampler), never on the batch sampler, so this is how its epoch reaches the shuffling."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.consumed = 0  # a new epoch starts at its first batch
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+    def _num_batches(self) -> int:
+        """Batches of an epoch over all ranks (before training's padding to a multiple of num_replicas)."""
+        k = -(-len(self.lengths) // self.batch_size)
+        if not self.shuffle and self.num_replicas > 1:
+            k = -(-k // self.num_replicas) * self.num_replicas
+        return k
 
-    def __iter__(self):
-        n, bs = len(self.lengths), self.batch_size
+    def __len__(self) -> int:
+        """Batches this rank gets in an epoch."""
+        return -(-self._num_batches() // self.num_replicas)
+
+    def epoch_batches(self) -> list[list[int]]:
+        """Every batch of the epoch, for all ranks, in order; a multiple of num_replicas long."""
+        n, bs, w = len(self.lengths), self.batch_size, self.num_replicas
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True)
-            yield from (b.tolist() for b in order.split(bs))
-            return
+            chunks = order.split(bs) if w == 1 else order.tensor_split(self._num_batches())
+            return [b.tolist() for b in chunks]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = []
         for pool in torch.randperm(n, generator=g).split(bs * self.pool_batches):
             pool = pool[torch.argsort(self.lengths[pool], descending=True, stable=True)]
             batches.extend(pool.split(bs))
-        for i in torch.randperm(len(batches), generator=g).tolist():
-            yield batches[i].tolist()
+        batches = [batches[i].tolist() for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches + batches[: (-len(batches)) % w]
+
+    def __iter__(self):
+        batches = self.epoch_batches()
+        if self.consumed >= len(batches):
+            self.consumed = 0  # the epoch was finished: iterating it again starts over
+        rest = batches[self.consumed :]
+        rest += rest[: (-len(rest)) % self.num_replicas]  # only after a resume with another process count
+        yield from rest[self.rank :: self.num_replicas]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, whose position within the epoch Lightning saves in every checkpoint.
+
+    Lightning checkpoints the state of a train loader that has `state_dict`/`load_state_dict` and restores it
+    before iterating again (loops/fit_loop.py), so a fit resumed from a mid-epoch `last.ckpt` goes on with the
+    batches the interrupted epoch had not reached, in the same order. Batches are counted here, as the training
+    loop takes them, not in the sampler, which worker processes read ahead of the loop. (Lightning does not
+    prefetch from a loader with a length.) The batch sampler must be a `LengthGroupedBatchSampler`.
+    """
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        for batch in super().__iter__():  # the sampler reads its start position at the first batch
+            sampler.consumed += sampler.num_replicas
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.batch_sampler.load_state_dict(state_dict)
 
 
 @dataclass
@@ -197,6 +289,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
             eval_batch_size: Rows per validation/test/predict batch.
             group_by_length: Train on batches of similar-length rows (less padding, same rows per epoch);
                 False: plain random batches as in the seed notebook. Evaluation is always sorted by length.
+                Either way the order is fixed by the seed and epoch, and resumes mid-epoch where it stopped.
             num_workers: DataLoader worker processes (0 = load in the main process). Unset: 0 on a CPU,
                 where workers would take cores from the model; a few (up to 4) when training on a GPU.
             cache_dir: Where tokenized splits are cached; default: the `datasets` cache folder.
@@ -212,7 +305,11 @@ class GoEmotionsDataModule(L.LightningDataModule):
         if max_length < 2:
             raise GoemoError(f"data.max_length must be at least 2, got {max_length}")
         if train_batch_size < 1 or eval_batch_size < 1:
-            raise GoemoError("data.train_batch_size and data.eval_batch_size must be at least 1")
+            raise GoemoError(
+                f"data.train_batch_size and data.eval_batch_size must be at least 1, got {train_batch_size} and {eval_batch_size}"
+            )
+        if num_workers is not None and num_workers < 0:
+            raise GoemoError(f"data.num_workers must be >= 0 (0 = load in the main process), got {num_workers}")
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise GoemoError(f"data_dir {data_dir!r}: no such folder (it should hold the official GoEmotions TSV files)")
@@ -236,8 +333,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
             name = resolve_model_path(self.hparams.tokenizer_name)
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
-            except OSError as e:
-                raise unreachable("tokenizer", name, e) from None
+            except (OSError, ValueError) as e:  # missing files, a broken config, custom code
+                raise load_error("tokenizer", name, e) from None
             # Hash it now: calling it stores truncation settings in its JSON, which would change the hash.
             self._tokenizer_hash = hashlib.sha256(self._tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
         return self._tokenizer
@@ -338,12 +435,22 @@ class GoEmotionsDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tok, ds, hp = self.tokenizer, self.datasets[split], self.hparams
         batch_size = hp.train_batch_size if split == "train" else hp.eval_batch_size
-        kw: dict = {"batch_size": batch_size, "shuffle": shuffle}
-        if not shuffle or hp.group_by_length:
-            lengths = ds.with_format(None)["length"]
-            seed = int(torch.initial_seed()) % 2**31  # set by seed_everything
-            kw = {"batch_sampler": LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)}
-        return DataLoader(ds, collate_fn=MultiLabelCollator(tok.pad_token_id, tok.padding_side), **self._workers(), **kw)
+        lengths = ds.with_format(None)["length"]
+        seed = int(torch.initial_seed()) % 2**31  # set by seed_everything, the same on every rank
+        # Under DDP the batch sampler deals batches to this rank itself (Lightning's sampler injection cannot
+        # wrap a custom batch sampler; the CLI turns it off with trainer.use_distributed_sampler=false).
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = LengthGroupedBatchSampler(
+            lengths, batch_size, shuffle=shuffle, seed=seed, pool_batches=64 if hp.group_by_length else 1,
+            num_replicas=world, rank=rank,
+        )  # fmt: skip
+        loader = ResumableDataLoader if shuffle else DataLoader
+        # Its own generator: starting an iterator draws a worker seed from it, not from the global random
+        # state, so the dropout masks do not depend on when loaders start (what makes resuming exact).
+        return loader(
+            ds, batch_sampler=sampler, collate_fn=MultiLabelCollator(tok.pad_token_id, tok.padding_side),
+            generator=torch.Generator().manual_seed(seed), **self._workers(),
+        )  # fmt: skip
 
     def _workers(self) -> dict:
         """DataLoader worker and pinning settings for the device the batches go to."""

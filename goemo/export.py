@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -114,6 +115,9 @@ def export_onnx(clf: Classifier, path: Path) -> float:
 def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
     """Write the export folder.
 
+    Everything is written into a temporary folder beside `out_dir` and moved into place only once every
+    check has passed, so a failed export leaves nothing that looks like a finished one.
+
     Args:
         ckpt: `best`, `last`, a run folder or a checkpoint file, as the CLI's --ckpt_path.
         out_dir: Folder to write (created; files of an earlier export are replaced).
@@ -127,20 +131,38 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
         if not onnx:
             raise
         hf, why_not = None, str(e)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if hf is not None:
-        hf.save_pretrained(out_dir)  # config.json (labels, problem_type) + model.safetensors
-        print(f"{type(hf).__name__} matches the checkpoint (probabilities within {HF_TOLERANCE:g})", file=sys.stderr)
-    # model_max_length = training's max_length, so pipeline(..., truncation=True) truncates as training did.
-    clf.tokenizer.model_max_length = clf.max_length
-    clf.tokenizer.save_pretrained(out_dir)
-    thresholds = {name: float(t) for name, t in zip(clf.label_names, clf.thresholds)}
-    (out_dir / "thresholds.json").write_text(json.dumps(thresholds, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if onnx:
-        diff = export_onnx(clf, out_dir / "model.onnx")
-        print(f"model.onnx matches the checkpoint (max logit difference {diff:.1e})", file=sys.stderr)
+    out_dir = out_dir.resolve()
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+    tmp.mkdir(parents=True)
+    try:
+        if hf is not None:
+            hf.save_pretrained(tmp)  # config.json (labels, problem_type) + model.safetensors
+            print(f"{type(hf).__name__} matches the checkpoint (probabilities within {HF_TOLERANCE:g})", file=sys.stderr)
+        # model_max_length = training's max_length, so pipeline(..., truncation=True) truncates as training did.
+        clf.tokenizer.model_max_length = clf.max_length
+        clf.tokenizer.save_pretrained(tmp)
+        thresholds = {name: float(t) for name, t in zip(clf.label_names, clf.thresholds)}
+        (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if onnx:
+            diff = export_onnx(clf, tmp / "model.onnx")
+            print(f"model.onnx matches the checkpoint (max logit difference {diff:.1e})", file=sys.stderr)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into(tmp, out_dir)
     if why_not:
         print(f"note: no pipeline() weights written: {why_not}", file=sys.stderr)
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move the finished export `src` to `dst`: a rename when `dst` is new, else file by file over the old ones."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    for f in src.iterdir():
+        os.replace(f, dst / f.name)
+    src.rmdir()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

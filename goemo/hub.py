@@ -68,13 +68,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def hub_kwargs(name: str) -> dict:
-    """Extra `from_pretrained` arguments: only the local cache when `name` is a Hub id and the Hub is down."""
+    """Extra `from_pretrained` arguments.
+
+    `trust_remote_code=False`, always: a model or tokenizer folder that ships its own Python code is refused
+    at once (left unset, transformers asks on the terminal whether to run it). And only the local cache when
+    `name` is a Hub id and the Hub is down.
+    """
     if Path(name).is_dir() or hub_reachable():
-        return {}
-    return {"local_files_only": True}
+        return {"trust_remote_code": False}
+    return {"trust_remote_code": False, "local_files_only": True}
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def load_error(what: str, name: str, err: Exception) -> GoemoError:
+    """The one-line error for a model/tokenizer that `from_pretrained` could not load (OSError, ValueError)."""
+    if "contains custom code" in str(err) or "trust_remote_code" in str(err):
+        return GoemoError(
+            f"cannot load {what} {name!r}: it needs Python code shipped with it (custom code), "
+            f"which goemo never runs (trust_remote_code stays off); use a model of a family transformers knows"
+        )
+    if Path(name).is_dir():
+        return GoemoError(f"cannot load {what} from folder {name}: {_first_line(err)}")
+    return unreachable(what, name, err)
 
 
 def unreachable(what: str, name: str, err: Exception) -> GoemoError:
     """The one-line error for a Hub model/dataset that is neither reachable nor cached."""
-    reason = "the Hub is unreachable and it is not in the local cache" if not hub_reachable() else str(err).splitlines()[0]
+    reason = "the Hub is unreachable and it is not in the local cache" if not hub_reachable() else _first_line(err)
     return GoemoError(f"cannot load {what} {name!r}: {reason}; {OFFLINE_HINT}")

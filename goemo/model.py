@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from goemo.data import GOEMOTIONS_LABELS
-from goemo.hub import GoemoError, hub_kwargs, resolve_model_path, unreachable
+from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
 from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
 from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
 
@@ -55,6 +55,17 @@ def load_encoder(path: str, pretrained: bool = True):
         return build(attn_implementation="sdpa")
     except (ValueError, ImportError):
         return build()
+
+
+def max_positions(config) -> Optional[int]:
+    """The longest input (in tokens) an encoder's position embeddings take, if its config says."""
+    n = getattr(config, "max_position_embeddings", None)
+    relative = getattr(config, "position_embedding_type", "absolute") != "absolute"
+    if n is None or relative or getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative only
+        return None  # relative/rotary positions: no fixed table to run off
+    if "roberta" in getattr(config, "model_type", "") or getattr(config, "model_type", "") == "camembert":
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1  # positions start after the padding index
+    return n
 
 
 class EmotionClassifier(L.LightningModule):
@@ -127,8 +138,8 @@ class EmotionClassifier(L.LightningModule):
         try:
             # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
             self.encoder = load_encoder(path, pretrained).train()
-        except OSError as e:
-            raise unreachable("model", model_name_or_path, e) from None
+        except (OSError, ValueError) as e:  # missing files, a broken config.json, custom code
+            raise load_error("model", path, e) from None
         if compile:
             self.encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
         cfg = self.encoder.config
@@ -167,10 +178,18 @@ class EmotionClassifier(L.LightningModule):
         return self.head(self.dropout(self.pool(out, attention_mask)))
 
     def setup(self, stage: str) -> None:
-        """At fit, `bce_pos_weight` reads the training label frequencies from the data module."""
+        """Checks the data's max_length against the encoder; at fit, `bce_pos_weight` reads the label frequencies."""
+        dm = self.trainer.datamodule
+        max_length = getattr(getattr(dm, "hparams", None), "max_length", None)
+        limit = max_positions(self.encoder.config)
+        if max_length is not None and limit is not None and max_length > limit:
+            # Past it the position embeddings have no row: an IndexError deep inside the first long batch.
+            raise GoemoError(
+                f"data.max_length {max_length} is more than model {self.hparams.model_name_or_path!r} "
+                f"takes ({limit} positions); use --data.max_length {limit} or less"
+            )
         if stage != "fit" or self.hparams.loss != "bce_pos_weight":
             return
-        dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "label_frequencies"):
             raise GoemoError(
                 "model.loss bce_pos_weight needs the training label frequencies: fit with goemo's GoEmotionsDataModule"
@@ -224,8 +243,9 @@ class EmotionClassifier(L.LightningModule):
             return
         self.thresholds.copy_(tune_thresholds(probs, targets, fallback=self.hparams.threshold))
         tuned = thresholded_metrics(probs, targets, self.thresholds)
-        # every rank computed the same values from the gathered outputs: no sync needed
-        self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()})
+        # Every rank computed the same values from the gathered outputs; sync_dist only averages equal numbers
+        # (once an epoch), and keeps Lightning from warning about unsynced epoch-level logs under DDP.
+        self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         """Log `test/*_tuned` (the thresholds tuned on validation, never on test) and write the report."""
@@ -234,7 +254,7 @@ class EmotionClassifier(L.LightningModule):
         probs, targets = self.test_outputs.compute()  # (N, L) from all ranks
         self.test_outputs.reset()
         tuned = thresholded_metrics(probs, targets, self.thresholds)
-        self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()})
+        self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)  # equal on every rank
         if self.trainer.is_global_zero:
             self._report(probs.cpu().numpy(), targets.cpu().numpy())
 
@@ -290,4 +310,18 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(
                 f"the checkpoint was trained on {len(saved)} labels ({', '.join(saved[:3])}, ...) but the data has "
                 f"{len(self.label_names)} ({', '.join(self.label_names[:3])}, ...); use the data (and taxonomy) it was trained with"
+            )
+        # Lightning's strict load_state_dict would fail with a multi-line message; say it in one.
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            what = "; ".join(
+                f"{label} {len(keys)} (e.g. {keys[0]}" + (f": checkpoint {tuple(state[keys[0]].shape)}, model {tuple(own[keys[0]].shape)})" if label == "mismatched" else ")")
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", shapes)) if keys
+            )
+            raise GoemoError(
+                f"the checkpoint's weights do not fit model {self.hparams.model_name_or_path!r} ({what}); "
+                f"use the model (--model.*) it was trained with"
             )

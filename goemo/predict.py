@@ -141,7 +141,10 @@ class PredictionWriter(BasePredictionWriter):
             raise GoemoError("predicting a file runs on one device; pass --trainer.devices 1")
         self.path = Path(self.output).expanduser() if self.output else Path(trainer.log_dir or ".") / "predictions.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("w", encoding="utf-8")
+        # Written under a temporary name and renamed at the end: a run that fails half-way leaves no
+        # predictions file that looks complete (nor replaces a good one from before).
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.file = self.partial.open("w", encoding="utf-8")
         self.labels = list(pl_module.label_names)
         self.thresholds = label_thresholds(pl_module).numpy()
         self.pending: dict[int, dict] = {}  # input position -> record, until its turn
@@ -160,9 +163,12 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         self.file.close()
         if self.pending:  # cannot happen unless batches went missing
+            self.partial.unlink(missing_ok=True)
             raise GoemoError(f"{self.path}: {len(self.pending)} predictions were never written (rows missing before them)")
+        self.partial.replace(self.path)
         print(f"wrote {self.written} predictions to {self.path}", file=sys.stdout)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if getattr(self, "file", None) is not None:
             self.file.close()
+            self.partial.unlink(missing_ok=True)

@@ -155,9 +155,16 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / JSON_NAME, out_dir / MD_NAME
-    js.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    md.write_text(to_markdown(report), encoding="utf-8")
+    _write_atomic(js, json.dumps(report, indent=2) + "\n")
+    _write_atomic(md, to_markdown(report))
     return js, md
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a temp file beside `path`, then rename it: a crash never leaves a half-written report."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def print_report(report: dict, console=None) -> None:

@@ -7,9 +7,12 @@ run's saved `config.yaml` and logs into the same `version_N` folder.
 
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -35,13 +38,45 @@ def newest_run(root: Path = RUNS_DIR) -> Path:
     return runs[-1]
 
 
-def load_checkpoint(path: Path, **kw) -> dict:
-    """torch.load with `weights_only=True` (never runs pickled code), turning failures into one line."""
+def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """torch.load with `weights_only=True` (never runs pickled code), turning failures into one line.
+
+    A file that needs more than tensors and plain data to unpickle (a class, a function: what a crafted
+    pickle uses to run code) is refused, and nothing in it runs.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, **kw)
-    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GoemoError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+        with warnings.catch_warnings():  # an old-style pickle gets a warning about its protocol, then refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # mmap needs torch's zip format; an old-style file (or one that is no zip at all) is read whole
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # "Weights only load failed" with an unsupported GLOBAL: what a pickle that runs code needs. (Other failures,
+        # e.g. "Unsupported operand", are bytes the safe unpickler cannot read: not a checkpoint.)
+        if any("Weights only load failed" in line for line in lines) and any("GLOBAL" in line for line in lines):
+            # torch names what it refused in a line such as "Trying to load unsupported GLOBAL posix.system whose
+            # module posix is blocked." (between paragraphs of advice, one of which is to load it unsafely)
+            what = next((line for line in lines if re.search("unsupported|GLOBAL", line, re.I) and "file an issue" not in line), "")
+            what = what.removeprefix("WeightsUnpickler error:").strip().split(". ")[0].rstrip(".")
+            what = what or "objects other than tensors and plain data"
+            raise GoemoError(
+                f"{path}: refused to load: it holds pickled Python objects, not only tensors and plain data "
+                f"({what[:160]}); goemo loads checkpoints with weights_only=True and runs no code from them"
+            ) from None
+        raise GoemoError(f"{path}: not a loadable checkpoint ({_reason(e)})") from None
+    except Exception as e:  # RuntimeError (truncated zip), EOFError, KeyError (not a pickle), ...
+        raise GoemoError(f"{path}: not a loadable checkpoint ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    """What torch.load's exception says, in a few words."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, EOFError) or (not first and not isinstance(e, KeyError)):
+        return "the file is empty or cut short"
+    if isinstance(e, KeyError) or not re.search("[A-Za-z]{3}", first) or "Weights only load failed" in first:
+        # e.g. KeyError('101') for a text file, "Unsupported operand" from the safe unpickler for other bytes
+        return "not a file written by torch.save"
+    return first.split(". ")[0][:200]  # torch goes on with advice about miniz and bug reports
 
 
 def last_checkpoint(run: Path) -> Path:
@@ -67,8 +102,12 @@ def best_checkpoint(run: Path) -> Path:
     return last  # nothing monitored (e.g. no validation ran): the newest is the best we know
 
 
-def resolve_checkpoint(value: str, root: Path = RUNS_DIR) -> tuple[Path, Optional[Path]]:
-    """`best` | `last` | a run folder | a .ckpt file  ->  (checkpoint file, its run folder or None)."""
+def resolve_checkpoint(value: str, root: Path = RUNS_DIR, resume: bool = False) -> tuple[Path, Optional[Path]]:
+    """`best` | `last` | a run folder | a .ckpt file  ->  (checkpoint file, its run folder or None).
+
+    A run folder means its best checkpoint, or with `resume` (for `fit`) its last one: training goes on
+    from where it stopped, not from its best epoch.
+    """
     if value in ALIASES:
         run = newest_run(root)
     else:
@@ -79,7 +118,7 @@ def resolve_checkpoint(value: str, root: Path = RUNS_DIR) -> tuple[Path, Optiona
         if not path.is_dir():
             raise GoemoError(f"--ckpt_path {value!r}: no such file or run folder; use best, last, a run folder or a .ckpt file")
         run = path
-    ckpt = best_checkpoint(run) if value != "last" else last_checkpoint(run)
+    ckpt = last_checkpoint(run) if value == "last" or (resume and value != "best") else best_checkpoint(run)
     return ckpt, run
 
 
@@ -106,7 +145,7 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
         return argv, None
     if value in ("", "null", "None"):
         return argv, None
-    ckpt, run = resolve_checkpoint(value, root)
+    ckpt, run = resolve_checkpoint(value, root, resume=argv[sub] == "fit")
     args[idx] = str(ckpt)
     if run is not None and (run / "config.yaml").is_file():
         args[sub + 1 : sub + 1] = ["--config", str(run / "config.yaml")]

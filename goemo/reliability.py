@@ -1,0 +1,318 @@
+"""Crash-safe training: atomic checkpoint files, `last.ckpt` every N steps, exact resume, interrupts, divergence.
+
+- `SafeCheckpointIO` writes every checkpoint to a temp file beside it, fsyncs it and renames it over the old one,
+  so a kill during a save leaves the previous file whole; it refuses to save non-finite weights, and loads only
+  with `weights_only=True` (a checkpoint never runs code), turning failures into one-line errors.
+- `LastCheckpoint` saves `last.ckpt` every N optimizer steps (the epoch checkpoints come only at epoch ends).
+- `ExactResume` keeps the random states in every checkpoint and restores them, with the train loader's position
+  (`goemo.data.ResumableDataLoader`), when training resumes; Lightning restores weights, optimizer, scheduler and
+  loop progress. A resumed fit then ends as an uninterrupted one would.
+- `Interrupts` turns Ctrl-C and SIGTERM into a saved `last.ckpt` and a one-line "resume with" message.
+- `StopOnNonFiniteLoss` stops training at a nan/inf loss before its backward pass, naming the step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from goemo.hub import GoemoError
+from goemo.runs import load_checkpoint
+
+DEFAULT_EVERY_N_TRAIN_STEPS = 500  # BERT-base on a GPU: about a minute of training between saves
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files for Lightning: atomic writes, finite weights only, `weights_only=True` loads.
+
+    Lightning's own `TorchCheckpointIO` writes the final path directly (through a temp file in the system temp
+    folder, then a move that is a copy across file systems, without fsync), so a kill can leave a truncated file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Union[str, Path], storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path) or storage_options is not None:  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        _check_finite(checkpoint.get("state_dict", {}), path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Beside the target (same file system, so the rename is atomic); a fixed name, so a file left by a
+        # killed save is overwritten by the next one. Not *.ckpt: never taken for a checkpoint.
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # and the rename itself survives a power cut
+
+    def load_checkpoint(
+        self, path: Union[str, Path], map_location: Optional[Callable] = None, weights_only: Optional[bool] = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise GoemoError("weights_only=False: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
+        ckpt = load_checkpoint(Path(path), map_location=map_location or "cpu")
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise GoemoError(f"{path}: not a Lightning checkpoint (no state_dict)")
+        return ckpt
+
+
+def _check_finite(state: dict, path: Path) -> None:
+    """Raise a GoemoError if a floating-point tensor of the state dict holds nan or inf."""
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()])  # one device sync, not one per tensor
+    if not bool(finite.all()):
+        first = next(k for k, ok in zip(floats, finite.tolist()) if not ok)
+        raise GoemoError(
+            f"not saving {path}: the weights are not finite (first: {first}); training diverged, "
+            f"the checkpoints saved before are kept (lower --model.learning_rate)"
+        )
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    def __init__(self, every_n_train_steps: int = DEFAULT_EVERY_N_TRAIN_STEPS) -> None:
+        """Saves `last.ckpt` in the run's checkpoints folder every N optimizer steps, for resuming after a crash.
+
+        The epoch checkpoints (`--checkpoint.*`) also write `last.ckpt` after each validation; this adds the saves
+        in between. Each save is atomic (temp file, then rename), so a kill during a save keeps the previous one.
+
+        Args:
+            every_n_train_steps: Optimizer steps between saves; 0 turns them off (last.ckpt then comes only
+                at epoch ends).
+        """
+        if every_n_train_steps < 0:
+            raise GoemoError(f"last_checkpoint.every_n_train_steps must be >= 0 (0 = off), got {every_n_train_steps}")
+        # save_top_k=0: only last.ckpt. No version counter: it must overwrite the last.ckpt that the epoch
+        # checkpoints write too, never add last-v1.ckpt.
+        super().__init__(
+            save_top_k=0, save_last=every_n_train_steps > 0, every_n_train_steps=every_n_train_steps,
+            every_n_epochs=0, enable_version_counter=False,
+        )  # fmt: skip
+
+
+def rng_states() -> dict:
+    """The torch (CPU and CUDA), numpy and Python random states, as tensors and plain data (`weights_only`-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": random.getstate(),
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ExactResume(Callback):
+    """What a resumed fit needs beyond Lightning's restore, applied when training starts again.
+
+    - The random states: saved in every checkpoint, restored at `on_train_start`, after Lightning's sanity
+      check (which isolates the random state anyway) and just before the first batch. Between there and the
+      save point nothing else draws random numbers (the loaders have their own generators), so the next
+      dropout masks are those of the uninterrupted run.
+    - The train loader's position: Lightning saves it (`goemo.data.ResumableDataLoader`) but restores it only
+      when the loader is built after the loop state is loaded, and `configure_optimizers` asking for
+      `trainer.estimated_stepping_batches` builds it before (Lightning issue #20550). Applied here instead; the
+      loader reads it when the epoch's first batch is taken, which comes after this hook.
+    """
+
+    def __init__(self) -> None:
+        self._rng: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._rng = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        fit_loop = trainer.fit_loop
+        if fit_loop.restarting and fit_loop._combined_loader_states_to_load:  # not applied by Lightning (#20550)
+            fit_loop._load_combined_loader_states()
+        if self._rng:
+            set_rng_states(self._rng)
+        self._rng = None
+
+
+def _checkpoint_dir(trainer) -> Optional[Path]:
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            return Path(cb.dirpath)
+    return None
+
+
+def _last_saved_step(trainer) -> int:
+    """The global step of the newest checkpoint saved in this process (0 also when none was)."""
+    steps = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    return max((s for s in steps if s is not None), default=0)
+
+
+def _step_of(path: Path) -> Optional[int]:
+    """The global step a checkpoint file holds (memory-mapped: only that number is read)."""
+    try:
+        return int(load_checkpoint(path, mmap=True)["global_step"])
+    except (GoemoError, KeyError, TypeError, ValueError):
+        return None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that resumes the fit logged in `run_dir`: `--ckpt_path last` when it is the newest run."""
+    from goemo.runs import RUNS_DIR, newest_run
+
+    try:
+        newest = newest_run(RUNS_DIR).resolve() == run_dir.resolve()
+    except GoemoError:
+        newest = False
+    return f"python main.py fit --ckpt_path {'last' if newest else run_dir / 'checkpoints' / 'last.ckpt'}"
+
+
+class Interrupts(Callback):
+    """Ctrl-C and SIGTERM during `fit` save `last.ckpt` and stop with a one-line message saying how to resume.
+
+    Both stop training at the end of the current batch, so the saved state is that of a finished step (what a
+    step checkpoint holds) and resuming from it gives the same result as never stopping. A second Ctrl-C stops
+    at once and saves nothing. Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch
+    (each batch under DDP, where it broadcasts the signal); here it is raised at the next batch end. Lightning
+    then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
+    `goemo.cli.main`). An interrupt during validation or before training keeps the last saved checkpoint: half
+    a validation epoch would not resume cleanly. Under DDP, Ctrl-C is shared between the processes each step,
+    so they all stop at the same batch.
+    """
+
+    def __init__(self) -> None:
+        self._sigint = False  # Ctrl-C seen: stop at the end of this batch
+        self._forced = False  # Ctrl-C twice: stopped mid-step, nothing consistent to save
+        self._previous_handler: Any = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._sigint:
+            self._forced = True
+            raise KeyboardInterrupt
+        self._sigint = True
+        print("\nCtrl-C: stopping after this batch and saving last.ckpt (press again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stop = self._sigint
+        if trainer.world_size > 1:  # every process stops at the same batch, or saving would wait forever
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._sigint = True
+            raise KeyboardInterrupt
+        if trainer.received_sigterm and trainer.world_size == 1:  # DDP: Lightning's loop raises it each batch
+            raise SIGTERMException()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._sigint:
+            raise KeyboardInterrupt
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return
+        what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        folder = _checkpoint_dir(trainer)
+        saveable = (
+            trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.stage == RunningStage.TRAINING  # not during the sanity check or validation
+            and folder is not None
+            and not self._forced
+            and (what == "SIGTERM" or self._sigint)  # Ctrl-C outside a batch end (e.g. in setup) saves nothing
+        )
+        saved = None
+        if saveable and trainer.global_step > 0:  # with no step taken there is nothing to resume
+            saved = folder / "last.ckpt"
+            if _last_saved_step(trainer) != trainer.global_step:  # else saved at this very step already
+                trainer.save_checkpoint(saved, weights_only=False)  # through SafeCheckpointIO: atomic
+        if not trainer.is_global_zero:
+            return
+        last = folder / "last.ckpt" if folder is not None else None
+        if trainer.state.fn != TrainerFn.FITTING:
+            msg = f"interrupted by {what}"
+        elif saved is not None:
+            msg = f"interrupted by {what} {where}: saved {saved}; resume with: {resume_hint(folder.parent)}"
+        elif last is not None and last.is_file():
+            kept = f"kept the last checkpoint, {last} (step {_step_of(last)})"
+            msg = f"interrupted by {what} {where}: {kept}; resume with: {resume_hint(folder.parent)}"
+        else:
+            msg = f"interrupted by {what} {where}: no checkpoint saved yet, nothing to resume"
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops `fit` with a one-line error when the training loss is nan or inf, before its backward pass.
+
+    No checkpoint is written from that state (`SafeCheckpointIO` also refuses non-finite weights), so the last
+    checkpoint saved before it stays the newest. Under DDP the decision is shared, so every process stops.
+    """
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        folder = _checkpoint_dir(trainer)
+        last = folder / "last.ckpt" if folder is not None else None
+        if last is not None and last.is_file():
+            kept = f"the last checkpoint, {last} (step {_step_of(last)}), is kept"
+        else:
+            kept = "no checkpoint was saved before it"
+        raise GoemoError(
+            f"non-finite training loss ({loss.detach().float().item()}) at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}): training stopped and saved nothing; {kept}; "
+            f"lower --model.learning_rate or check the data"
+        )

@@ -1,0 +1,55 @@
+"""Callbacks the tests put on the command line (`--trainer.callbacks+=tests.helpers.NAME`); not part of goemo."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SlowSteps(Callback):
+    def __init__(self, seconds: float = 0.3) -> None:
+        """Sleeps after each training batch, so a test can signal the process mid-epoch.
+
+        Args:
+            seconds: Sleep per batch.
+        """
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+class RecordValidation(Callback):
+    def __init__(self, path: str) -> None:
+        """Appends one JSON line per validation epoch (rank 0): the step, every val/* metric and the tuned thresholds.
+
+        Args:
+            path: JSON-lines file to append to.
+        """
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        record = {"step": trainer.global_step, "metrics": metrics, "thresholds": pl_module.thresholds.tolist()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class NanLossAt(Callback):
+    def __init__(self, step: int = 3) -> None:
+        """Makes the training loss nan from optimizer step `step` on (scales the head's weights by nan).
+
+        Args:
+            step: Global step at which the weights become nan.
+        """
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.head.weight.mul_(float("nan"))

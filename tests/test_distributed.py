@@ -1,0 +1,138 @@
+"""Scale-out: the batch sampler deals batches to ranks itself; 2-process DDP on the CPU (gloo) scores like 1 process."""
+
+import random
+import shutil
+
+import pytest
+import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from torch.utils.data import DataLoader
+
+from goemo.data import LengthGroupedBatchSampler, ResumableDataLoader
+from goemo.hub import GoemoError
+from goemo.runs import load_checkpoint
+from tests.conftest import LEARNING_ARGS, ONE_THREAD, RECORD, records, run_main
+
+LENGTHS = [random.Random(0).randint(3, 40) for _ in range(101)]
+
+
+def batches(sampler) -> list[list[int]]:
+    return [list(b) for b in sampler]
+
+
+# -- the sampler, one process -------------------------------------------------------------------------
+@pytest.mark.parametrize("pool_batches", [64, 1])  # length-grouped, plain random
+def test_training_epoch_covers_every_row_once(pool_batches):
+    s = LengthGroupedBatchSampler(LENGTHS, 8, shuffle=True, seed=3, pool_batches=pool_batches)
+    got = batches(s)
+    assert len(got) == len(s) == 13 and sorted(i for b in got for i in b) == list(range(101))
+
+
+def test_lightning_sets_the_epoch():
+    # Lightning calls set_epoch on dataloader.batch_sampler.sampler, as on a torch BatchSampler
+    s = LengthGroupedBatchSampler(LENGTHS, 8, shuffle=True, seed=3)
+    loader = DataLoader(list(range(101)), batch_sampler=s)
+    first = batches(s)
+    _set_sampler_epoch(loader, 1)
+    assert s.epoch == 1 and batches(s) != first
+    _set_sampler_epoch(loader, 0)
+    assert batches(s) == first  # deterministic per (seed, epoch)
+
+
+def test_loader_resumes_where_the_epoch_stopped():
+    def loader():
+        s = LengthGroupedBatchSampler(LENGTHS, 8, shuffle=True, seed=3)
+        return ResumableDataLoader(list(range(101)), batch_sampler=s, collate_fn=list)
+
+    a = loader()
+    _set_sampler_epoch(a, 2)
+    whole = list(a)
+    it = iter(a)
+    taken = [next(it) for _ in range(5)]
+    state = a.state_dict()
+    assert taken == whole[:5] and state == {"epoch": 2, "consumed": 5}
+    b = loader()  # a new process
+    b.load_state_dict(state)
+    _set_sampler_epoch(b, 2)  # Lightning sets the same epoch again
+    assert list(b) == whole[5:]
+    assert list(b) == whole  # the next pass over the same epoch starts over
+    _set_sampler_epoch(b, 3)
+    assert b.state_dict() == {"epoch": 3, "consumed": 0}
+
+
+# -- the sampler, several ranks ---------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_training_batches_are_dealt_out_in_equal_numbers(world):
+    one = batches(LengthGroupedBatchSampler(LENGTHS, 8, shuffle=True, seed=3))
+    ranks = [LengthGroupedBatchSampler(LENGTHS, 8, shuffle=True, seed=3, num_replicas=world, rank=r) for r in range(world)]
+    got = [batches(s) for s in ranks]
+    assert {len(b) for b in got} == {len(ranks[0])} == {-(-13 // world)}  # every rank steps together
+    dealt = [b for i in range(len(got[0])) for b in (g[i] for g in got)]
+    assert dealt[:13] == one and all(b in one for b in dealt[13:])  # one process's order, the first repeated
+
+
+@pytest.mark.parametrize("n,bs,world", [(101, 8, 2), (101, 32, 3), (32, 8, 2), (5, 32, 4), (64, 5, 3)])
+def test_evaluation_scores_every_row_exactly_once(n, bs, world):
+    lengths = LENGTHS[:n] if n <= len(LENGTHS) else LENGTHS
+    ranks = [LengthGroupedBatchSampler(lengths, bs, shuffle=False, num_replicas=world, rank=r) for r in range(world)]
+    got = [batches(s) for s in ranks]
+    assert len({len(b) for b in got}) == 1 and len(got[0]) == len(ranks[0])
+    rows = [i for g in got for b in g for i in b]
+    assert sorted(rows) == list(range(len(lengths)))
+    assert all(0 < len(b) <= bs for g in got for b in g)
+
+
+def test_evaluation_batches_equal_one_process_when_they_divide():
+    one = batches(LengthGroupedBatchSampler(LENGTHS[:96], 8, shuffle=False))
+    two = [batches(LengthGroupedBatchSampler(LENGTHS[:96], 8, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(two[0] + two[1]) == sorted(one)  # the same batches, so the same padding and numbers
+
+
+def test_too_few_evaluation_rows_for_the_processes():
+    with pytest.raises(GoemoError, match="3 evaluation rows cannot be cut into equal numbers of batches for 4 processes"):
+        LengthGroupedBatchSampler([5, 6, 7], 1, shuffle=False, num_replicas=4, rank=0)
+
+
+# -- DDP on the CPU ----------------------------------------------------------------------------------
+def ddp(*args: str) -> tuple[str, ...]:
+    return ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", *args)
+
+
+@pytest.mark.slow
+def test_two_process_validation_scores_like_one(learned_run, tiny_model, tmp_path):
+    ckpt = tmp_path / "fixed.ckpt"  # outside any run folder: each validate logs into its own folder
+    (best,) = (learned_run / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    shutil.copy(best, ckpt)
+    common = ("validate", "--model.model_name_or_path", str(tiny_model), "--model.pooling", "mean",
+              "--data.data_dir", str(learned_run / "data"), "--data.cache_dir", str(learned_run / "cache"),
+              "--data.eval_batch_size", "8", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt), *RECORD)  # fmt: skip
+    results = {}
+    for n, extra in ((1, ("--trainer.devices", "1", "--trainer.accelerator", "cpu")), (2, ddp())):
+        work = tmp_path / f"p{n}"
+        work.mkdir()
+        r = run_main(*common, *extra, cwd=work, env=ONE_THREAD, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[n] = records(work)
+        assert len(results[n]) == 1  # rank 0 alone records (as it alone writes configs and reports)
+        assert (work / "lightning_logs" / "version_0" / "config_validate.yaml").is_file()
+        assert not (work / "lightning_logs" / "version_1").exists()
+    one, two = results[1][0], results[2][0]
+    assert two["thresholds"] == one["thresholds"]  # tuned on predictions gathered from both ranks
+    for name in ("f1_micro", "f1_macro", "exact_match", "f1_micro_tuned", "f1_macro_tuned", "exact_match_tuned"):
+        assert two["metrics"][f"val/{name}"] == one["metrics"][f"val/{name}"], name
+    assert two["metrics"]["val/loss"] == pytest.approx(one["metrics"]["val/loss"], abs=1e-6)
+    assert 0.5 < one["metrics"]["val/f1_micro"] < 1.0  # a model that has learned something, not a trivial score
+
+
+@pytest.mark.slow
+def test_two_process_fit_trains_and_rank_zero_saves(learned_run, tiny_model, tmp_path):
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
+                 "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "1",
+                 *ddp(), cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true" in r.stderr
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch00-step6.ckpt", "last.ckpt"]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6  # 12 batches over 2 ranks
+    assert (run / "config.yaml").is_file() and not (tmp_path / "lightning_logs" / "version_1").exists()
+    assert torch.isfinite(load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["head.weight"]).all()

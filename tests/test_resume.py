@@ -1,0 +1,210 @@
+"""Crash and resume: kill -9 mid-epoch, SIGTERM, Ctrl-C, a nan loss; atomic checkpoint files.
+
+A resumed fit (`fit --ckpt_path last`, new process, same version_N folder) must end exactly as the
+uninterrupted `learned_run`: same validation metrics and thresholds, same weights.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from goemo.hub import GoemoError
+from goemo.reliability import SafeCheckpointIO
+from goemo.runs import load_checkpoint
+from tests.conftest import LEARNING_ARGS, ONE_THREAD, RECORD, REPO, records, run_main
+from tests.test_e2e import scalar_tags
+
+SLOW = ("--trainer.callbacks+=tests.helpers.SlowSteps", "--trainer.callbacks.seconds", "0.25")
+LAST = Path("lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+def fit_args(learned_run: Path, tiny_model: Path) -> list[str]:
+    """The learned run's command line, on its data and tokenized cache."""
+    return ["fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
+            "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, *RECORD]  # fmt: skip
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`python main.py ARGS` in the background, as run_main would run it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **ONE_THREAD}
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def saved_step(path: Path) -> int:
+    return int(load_checkpoint(path, mmap=True)["global_step"]) if path.is_file() else -1
+
+
+def wait_for_save(proc: subprocess.Popen, path: Path, min_step: int, timeout: float = 240) -> int:
+    """Poll until `path` holds a checkpoint of at least `min_step` steps (atomic saves: always loadable)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if (step := saved_step(path)) >= min_step:
+            return step
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint of step >= {min_step} within {timeout} s")
+
+
+def assert_same_as_uninterrupted(work: Path, learned_run: Path) -> None:
+    assert records(work) == records(learned_run)  # val metrics and tuned thresholds of both epochs, exactly
+    got = load_checkpoint(work / LAST)
+    want = load_checkpoint(learned_run / LAST)
+    assert got["global_step"] == want["global_step"] == 24
+    for k, v in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def resume(work: Path) -> subprocess.CompletedProcess:
+    r = run_main("fit", "--ckpt_path", "last", cwd=work, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "using run lightning_logs/version_0" in r.stderr
+    assert not (work / "lightning_logs" / "version_1").exists()  # the same run folder
+    return r
+
+
+@pytest.mark.slow
+def test_sigterm_then_kill_9_then_resume_ends_as_uninterrupted(learned_run, tiny_model, tmp_path):
+    # 1. SIGTERM in the first epoch, a step or so after the first step save: the process saves its own last.ckpt
+    proc = start(fit_args(learned_run, tiny_model) + list(SLOW), tmp_path)  # SlowSteps goes into config.yaml
+    wait_for_save(proc, tmp_path / LAST, min_step=5)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    step = saved_step(tmp_path / LAST)
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted by SIGTERM at step {step} (epoch 0): saved lightning_logs/version_0/checkpoints/last.ckpt; "
+        f"resume with: python main.py fit --ckpt_path last"
+    ), err[-3000:]
+    assert "Traceback" not in err and 5 <= step < 12
+    assert load_checkpoint(tmp_path / LAST)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "consumed": step}  # the train loader's position: `step` batches of epoch 0 taken
+    ]
+
+    # 2. resumed (slow too: the run's config has SlowSteps), then kill -9 at a step save inside the second epoch
+    proc = start(["fit", "--ckpt_path", "last"], tmp_path)
+    step = wait_for_save(proc, tmp_path / LAST, min_step=13)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert ckpt["global_step"] == step and step % 12  # mid-epoch
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": step - 12}]
+    ckpts = sorted(p.name for p in (tmp_path / LAST.parent).glob("*.ckpt"))
+    assert ckpts == ["epoch00-step12.ckpt", "last.ckpt"]  # one last.ckpt, never last-v1.ckpt
+
+    # 3. resumed again, to the end: the same numbers and weights as never stopping
+    resume(tmp_path)
+    assert_same_as_uninterrupted(tmp_path, learned_run)
+    run = tmp_path / "lightning_logs" / "version_0"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["ckpt_path"].endswith("last.ckpt")  # the resumed fit rewrote the run's config
+    # TensorBoard: the three processes' event files in one folder; the last one's curve goes on from the step
+    # it resumed at (what the killed process logged after its last flush is lost with it).
+    events = sorted(run.glob("events.out.tfevents.*"))
+    assert len(events) == 3 and len(scalar_tags(run)["val/f1_micro"]) == 2
+    assert logged_steps(events[-1], "train/loss") == list(range(step, 24))
+
+
+def logged_steps(events: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [ev.step for ev in EventFileLoader(str(events)).Load() for v in ev.summary.value if v.tag == tag]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_batch_and_saves(learned_run, tiny_model, tmp_path):
+    proc = start(fit_args(learned_run, tiny_model) + list(SLOW), tmp_path)
+    wait_for_save(proc, tmp_path / LAST, min_step=5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    step = saved_step(tmp_path / LAST)
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted by Ctrl-C at step {step} (epoch 0): saved lightning_logs/version_0/checkpoints/last.ckpt; "
+        f"resume with: python main.py fit --ckpt_path last"
+    ), err[-3000:]
+    assert "Traceback" not in err
+    assert load_checkpoint(tmp_path / LAST)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "consumed": step}
+    ]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(learned_run, tiny_model, tmp_path):
+    nan = ("--trainer.callbacks+=tests.helpers.NanLossAt", "--trainer.callbacks.step", "7")
+    r = run_main(*fit_args(learned_run, tiny_model), *nan, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: non-finite training loss (nan) at step 7 (epoch 0): training stopped and saved nothing; "
+        "the last checkpoint, lightning_logs/version_0/checkpoints/last.ckpt (step 5), is kept; "
+        "lower --model.learning_rate or check the data"
+    )
+    assert "Traceback" not in r.stderr
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert ckpt["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# -- atomic checkpoint files -----------------------------------------------------------------------------
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("fails half-way through the save")
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    with pytest.raises(RuntimeError, match="half-way"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "later": Unpicklable()}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    path = tmp_path / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, path)
+    with pytest.raises(GoemoError, match=r"not saving .*last\.ckpt: the weights are not finite \(first: w\)"):
+        SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    assert load_checkpoint(path)["global_step"] == 1
+
+
+# A child that saves ever larger checkpoints over one path, forever; killed while one is being written.
+SAVER = """
+import sys, torch
+from goemo.reliability import SafeCheckpointIO
+io, path = SafeCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"state_dict": {"w": torch.zeros(1)}, "global_step": 0}, path)
+print("ready", flush=True)
+step = 0
+while True:
+    step += 1
+    io.save_checkpoint({"state_dict": {"w": torch.full((16_000_000,), float(step))}, "global_step": step}, path)
+"""
+
+
+def test_kill_9_during_a_save_leaves_a_whole_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    partial = tmp_path / ".last.ckpt.partial"
+    end = time.monotonic() + 120
+    while not (partial.is_file() and partial.stat().st_size > 1_000_000):  # caught in the middle of writing
+        assert time.monotonic() < end and proc.poll() is None
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    ckpt = load_checkpoint(path)  # the previous save, whole
+    step = ckpt["global_step"]
+    assert ckpt["state_dict"]["w"].eq(float(step)).all()
