@@ -396,13 +396,17 @@ class GoEmotionsDataModule(L.LightningDataModule):
 
         cache_root = Path(self.hparams.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "goemo")
         cache_root.mkdir(parents=True, exist_ok=True)
+        key = self._fingerprint(split, raw)
         out = raw.map(
             self._encode,
             batched=True,
             batch_size=2000,
             remove_columns=["labels"],  # replaced by the multi-hot column
-            cache_file_name=str(cache_root / f"{split}-{self._fingerprint(split, raw)}.arrow"),
+            cache_file_name=str(cache_root / f"{split}-{key}.arrow"),
             load_from_cache_file=True,
+            # Our key already names the result; without one, `datasets` pickles `_encode` with the whole
+            # tokenizer (dill) on every call to hash it: seconds per split, cached or not.
+            new_fingerprint=key,
             desc=f"tokenizing {split}",
         )
         return out.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
@@ -429,13 +433,13 @@ class GoEmotionsDataModule(L.LightningDataModule):
         """
         if "train" not in self.datasets:
             self.setup("fit")
-        labels = self.datasets["train"].with_format("numpy", columns=["labels"])["labels"]  # (N, L)
+        labels = self.datasets["train"].with_format("numpy", columns=["labels"])[:]["labels"]  # (N, L)
         return torch.from_numpy(np.asarray(labels, dtype=np.float64).mean(0))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tok, ds, hp = self.tokenizer, self.datasets[split], self.hparams
         batch_size = hp.train_batch_size if split == "train" else hp.eval_batch_size
-        lengths = ds.with_format(None)["length"]
+        lengths = ds.with_format("numpy", columns=["length"])[:]["length"]  # (N,) at once, not row by row
         seed = int(torch.initial_seed()) % 2**31  # set by seed_everything, the same on every rank
         # Under DDP the batch sampler deals batches to this rank itself (Lightning's sampler injection cannot
         # wrap a custom batch sampler; the CLI turns it off with trainer.use_distributed_sampler=false).

@@ -84,6 +84,7 @@ class EmotionClassifier(L.LightningModule):
         focal_gamma: float = 2.0,
         focal_alpha: Optional[float] = None,
         pos_weight_max: float = 100.0,
+        freeze_embeddings: bool = False,
         compile: bool = False,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
@@ -111,6 +112,10 @@ class EmotionClassifier(L.LightningModule):
             focal_gamma: Focal loss focusing exponent; 0 (and no alpha) is plain BCE.
             focal_alpha: Focal loss weight of positives (negatives get 1 - alpha), within 0..1; unset: no weighting.
             pos_weight_max: Cap on the `bce_pos_weight` weights (GoEmotions' rarest label has neg/pos ~560).
+            freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
+                tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
+                rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
+                Position embeddings, LayerNorms and every layer above still train.
             compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
                 Off by default: compiling costs time at the first batches and for every new batch shape,
                 and it has not been measured to pay off for these short, variable-length batches.
@@ -140,6 +145,8 @@ class EmotionClassifier(L.LightningModule):
             self.encoder = load_encoder(path, pretrained).train()
         except (OSError, ValueError) as e:  # missing files, a broken config.json, custom code
             raise load_error("model", path, e) from None
+        if freeze_embeddings:
+            self.encoder.get_input_embeddings().weight.requires_grad_(False)
         if compile:
             self.encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
         cfg = self.encoder.config
