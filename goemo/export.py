@@ -1,13 +1,15 @@
 """`python -m goemo.export CKPT OUT_DIR [--onnx]`: a trained run as a Hugging Face model folder (and ONNX).
 
-The folder loads in a plain `transformers.pipeline("text-classification", model=OUT_DIR, top_k=None,
-function_to_apply="sigmoid")`, no `trust_remote_code`: the encoder and head are mapped onto the stock
-`AutoModelForSequenceClassification` class of the encoder's family. That is exact only for `cls` pooling
-with a BERT-style head (the encoder's pooler over [CLS], then one linear layer, as
-BertForSequenceClassification). No stock class mean-pools a BERT-style encoder over its attention mask
-(ModernBERT's and EuroBERT's do, but those are other encoders; XLNet/XLM-style `summary_type="mean"`
-averages padding too), so `mean` and `cls+mean` runs export with `--onnx` only: model.onnx, tokenizer
-and thresholds. Every export is checked numerically against the checkpoint before it is kept.
+`cls` pooling with a BERT-style head maps onto the encoder family's stock
+`AutoModelForSequenceClassification` (the pooler over [CLS], then one linear layer), so the folder loads in
+a plain `transformers.pipeline("text-classification", model=OUT_DIR, top_k=None, function_to_apply="sigmoid")`.
+No stock class mean-pools a BERT-style encoder over its attention mask (ModernBERT's and EuroBERT's do,
+but those are other encoders; XLNet/XLM-style `summary_type="mean"` averages padding too), so `mean` and
+`cls+mean` runs export with goemo's own small class (`goemo/hf_model.py`, copied in as
+`modeling_goemo.py` and named in config.json's `auto_map`): the same call with `trust_remote_code=True`
+loads it, and without it transformers refuses the folder rather than guess a head. Every export is
+checked numerically against the checkpoint (the custom class after loading it back from the folder)
+before it is kept.
 """
 
 from __future__ import annotations
@@ -46,6 +48,26 @@ def _reference_logits(clf: Classifier, batch: dict[str, torch.Tensor]) -> torch.
         return clf.model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
 
 
+def hf_config(clf: Classifier, cfg):
+    """`cfg` (a transformers config) with the run's labels and the multi-label problem type."""
+    names = clf.label_names
+    cfg.num_labels = len(names)
+    cfg.id2label = dict(enumerate(names))
+    cfg.label2id = {n: i for i, n in enumerate(names)}
+    cfg.problem_type = "multi_label_classification"  # pipeline() then applies a sigmoid by default
+    return cfg
+
+
+def _check(kind: str, hf, clf: Classifier) -> None:
+    """Raise unless `hf` gives the checkpoint's probabilities on the probe texts (within HF_TOLERANCE)."""
+    batch = _probe_batch(clf)
+    with torch.inference_mode():
+        got = torch.sigmoid(hf(**batch).logits.float())
+    diff = (got - torch.sigmoid(_reference_logits(clf, batch))).abs().max().item()
+    if diff > HF_TOLERANCE:
+        raise GoemoError(f"{kind} does not reproduce the checkpoint (max probability difference {diff:.1e}); use --onnx")
+
+
 def to_hf_model(clf: Classifier):
     """The run as the encoder family's stock AutoModelForSequenceClassification, weights mapped, checked.
 
@@ -53,19 +75,10 @@ def to_hf_model(clf: Classifier):
     """
     from transformers import AutoModelForSequenceClassification
 
-    model, names = clf.model, clf.label_names
-    pooling = model.hparams.pooling
-    if pooling != "cls":
-        raise GoemoError(
-            f"pooling {pooling!r} has no stock Hugging Face classification class (they pool [CLS], not a masked mean), "
-            f"so pipeline() could not load it without trust_remote_code; only pooling 'cls' exports to a pipeline folder "
-            f"(use --onnx for an ONNX export of this run)"
-        )
-    cfg = copy.deepcopy(model.encoder.config)
-    cfg.num_labels = len(names)
-    cfg.id2label = dict(enumerate(names))
-    cfg.label2id = {n: i for i, n in enumerate(names)}
-    cfg.problem_type = "multi_label_classification"  # pipeline() then applies a sigmoid by default
+    model = clf.model
+    if model.hparams.pooling != "cls":
+        raise GoemoError(f"pooling {model.hparams.pooling!r}: no stock Hugging Face class pools that way")
+    cfg = hf_config(clf, copy.deepcopy(model.encoder.config))
     hf = AutoModelForSequenceClassification.from_config(cfg).eval()
     # encoder.* -> bert.* (the base model), head.* -> classifier.*: BertForSequenceClassification's layout.
     state = {f"{hf.base_model_prefix}.{k}": v for k, v in model.encoder.state_dict().items()}
@@ -75,15 +88,37 @@ def to_hf_model(clf: Classifier):
     if missing or unexpected:
         raise GoemoError(
             f"{kind} has another head than pooler + one linear layer (missing {', '.join(missing[:3]) or '-'}, "
-            f"unexpected {', '.join(unexpected[:3]) or '-'}); use --onnx for an ONNX export of this run"
+            f"unexpected {', '.join(unexpected[:3]) or '-'})"
         )
-    batch = _probe_batch(clf)
-    with torch.inference_mode():
-        got = torch.sigmoid(hf(**batch).logits.float())
-    diff = (got - torch.sigmoid(_reference_logits(clf, batch))).abs().max().item()
-    if diff > HF_TOLERANCE:
-        raise GoemoError(f"{kind} does not reproduce the checkpoint (max probability difference {diff:.1e}); use --onnx")
+    _check(kind, hf, clf)
     return hf
+
+
+def save_goemo_model(clf: Classifier, out: Path) -> None:
+    """The run as goemo's own HF class (any pooling): config.json with `auto_map`, modeling_goemo.py and
+    model.safetensors in `out`; then loaded back from `out` with trust_remote_code and checked."""
+    from transformers import AutoModelForSequenceClassification
+
+    from goemo import hf_model
+
+    model = clf.model
+    encoder = model.encoder.config.to_dict()
+    for key in ("_name_or_path", "architectures", "id2label", "label2id", "transformers_version"):
+        encoder.pop(key, None)  # the wrapper's own, or a path on this machine
+    cfg = hf_config(clf, hf_model.GoemoConfig(encoder=encoder, pooling=model.hparams.pooling))
+    cfg.architectures = ["GoemoForSequenceClassification"]
+    cfg.auto_map = {
+        "AutoConfig": "modeling_goemo.GoemoConfig",
+        "AutoModelForSequenceClassification": "modeling_goemo.GoemoForSequenceClassification",
+    }
+    hf = hf_model.GoemoForSequenceClassification(cfg)
+    state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}  # the same names as goemo's
+    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    hf.load_state_dict(state)
+    hf.save_pretrained(out)
+    shutil.copy(hf_model.__file__, out / "modeling_goemo.py")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
+    _check("the exported GoemoForSequenceClassification", reloaded, clf)
 
 
 def export_onnx(clf: Classifier, path: Path) -> float:
@@ -121,16 +156,15 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
     Args:
         ckpt: `best`, `last`, a run folder or a checkpoint file, as the CLI's --ckpt_path.
         out_dir: Folder to write (created; files of an earlier export are replaced).
-        onnx: Also write model.onnx; for `mean`/`cls+mean` pooling, the only model written.
+        onnx: Also write model.onnx.
     """
     clf = load(ckpt)
-    try:
-        hf = to_hf_model(clf)
-        why_not = None
-    except GoemoError as e:
-        if not onnx:
-            raise
-        hf, why_not = None, str(e)
+    hf, why = None, f"pooling {clf.model.hparams.pooling!r}: no stock Hugging Face class pools that way"
+    if clf.model.hparams.pooling == "cls":
+        try:
+            hf = to_hf_model(clf)
+        except GoemoError as e:  # e.g. RoBERTa's stock head has another layer: use goemo's class
+            why = str(e)
     out_dir = out_dir.resolve()
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
@@ -139,6 +173,13 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
         if hf is not None:
             hf.save_pretrained(tmp)  # config.json (labels, problem_type) + model.safetensors
             print(f"{type(hf).__name__} matches the checkpoint (probabilities within {HF_TOLERANCE:g})", file=sys.stderr)
+        else:
+            save_goemo_model(clf, tmp)
+            print(
+                f"GoemoForSequenceClassification matches the checkpoint (probabilities within {HF_TOLERANCE:g}). "
+                f"{why[0].upper()}{why[1:]}, so load the folder with trust_remote_code=True (it runs the exported "
+                f"modeling_goemo.py)", file=sys.stderr,
+            )  # fmt: skip
         # model_max_length = training's max_length, so pipeline(..., truncation=True) truncates as training did.
         clf.tokenizer.model_max_length = clf.max_length
         clf.tokenizer.save_pretrained(tmp)
@@ -151,8 +192,6 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _move_into(tmp, out_dir)
-    if why_not:
-        print(f"note: no pipeline() weights written: {why_not}", file=sys.stderr)
 
 
 def _move_into(src: Path, dst: Path) -> None:
@@ -168,8 +207,8 @@ def _move_into(src: Path, dst: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m goemo.export",
-        description="Export a trained run as a Hugging Face model folder (pipeline-loadable for pooling 'cls') "
-        "with thresholds.json, and optionally model.onnx.",
+        description="Export a trained run as a Hugging Face model folder with thresholds.json, and optionally "
+        "model.onnx. Pooling 'cls' loads with stock transformers classes; 'mean' and 'cls+mean' with trust_remote_code=True.",
     )
     parser.add_argument("ckpt", help="best, last, a run folder (lightning_logs/version_N) or a .ckpt file")
     parser.add_argument("out_dir", type=Path, help="folder to write")

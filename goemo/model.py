@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from goemo.data import GOEMOTIONS_LABELS
+from goemo.hf_model import pool
 from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
 from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
 from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
@@ -169,15 +170,7 @@ class EmotionClassifier(L.LightningModule):
     # -- forward -----------------------------------------------------------------------------
     def pool(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) token states -> (B, H) or (B, 2H) per the `pooling` setting."""
-        hidden = out.last_hidden_state  # (B, T, H)
-        parts = []
-        if self.hparams.pooling in ("cls", "cls+mean"):
-            pooled = getattr(out, "pooler_output", None)
-            parts.append(pooled if pooled is not None else hidden[:, 0])
-        if self.hparams.pooling in ("mean", "cls+mean"):
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            parts.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
-        return torch.cat(parts, dim=-1)
+        return pool(out, attention_mask, self.hparams.pooling)  # shared with the exported HF class
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, L)."""

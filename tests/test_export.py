@@ -1,4 +1,4 @@
-"""python -m goemo.export: a pipeline()-loadable HF folder (cls pooling) and model.onnx (every pooling)."""
+"""python -m goemo.export: a pipeline()-loadable HF folder (stock class for cls pooling, goemo's for mean) and model.onnx."""
 
 import json
 import os
@@ -84,7 +84,7 @@ def test_onnx_matches_on_varied_lengths(tiny_run, exported):
     assert onnx_vs_torch(exported / "model.onnx", clf, ["just one text"]) <= 1e-4
 
 
-# -- mean pooling: no stock HF class, ONNX only --------------------------------------------------------------
+# -- mean pooling: no stock HF class, goemo's own (trust_remote_code) ------------------------------------------
 def write_checkpoint(path: Path, tiny_model: Path, pooling: str) -> Path:
     """A checkpoint file as Lightning writes one (the keys goemo reads), with a random head."""
     from goemo.model import EmotionClassifier
@@ -97,13 +97,27 @@ def write_checkpoint(path: Path, tiny_model: Path, pooling: str) -> Path:
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls+mean"])
-def test_mean_pooling_refuses_hf_and_exports_onnx(tmp_path, tiny_model, pooling, capsys):
+def test_mean_pooling_exports_goemo_class_and_onnx(tmp_path, tiny_model, pooling, capsys):
+    from transformers import pipeline
+
     ckpt = write_checkpoint(tmp_path / "run.ckpt", tiny_model, pooling)
-    with pytest.raises(GoemoError, match=rf"pooling '{re.escape(pooling)}' has no stock Hugging Face classification class.*--onnx"):
-        export(str(ckpt), tmp_path / "hf")
-    export(str(ckpt), tmp_path / "onnx", onnx=True)
-    assert "note: no pipeline() weights written" in capsys.readouterr().err
-    names = {p.name for p in (tmp_path / "onnx").iterdir()}
-    assert "model.onnx" in names and "thresholds.json" in names and "model.safetensors" not in names
+    out = tmp_path / "export"
+    export(str(ckpt), out, onnx=True)
+    assert "load the folder with trust_remote_code=True" in capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_goemo.py", "thresholds.json", "model.onnx"} <= names
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "goemo" and cfg["pooling"] == pooling and cfg["problem_type"] == "multi_label_classification"
+    assert cfg["auto_map"]["AutoModelForSequenceClassification"] == "modeling_goemo.GoemoForSequenceClassification"
+    assert str(tiny_model) not in (out / "config.json").read_text()  # no path of this machine
+    assert "import goemo" not in (out / "modeling_goemo.py").read_text()  # loads where goemo is not installed
     clf = load(ckpt)
-    assert onnx_vs_torch(tmp_path / "onnx" / "model.onnx", clf, TEXTS) <= 1e-4
+    pipe = pipeline("text-classification", model=str(out), top_k=None, function_to_apply="sigmoid", trust_remote_code=True)
+    for batch_size in (1, 4):  # 4: padded batches, where the mean must skip padding
+        rows = pipe(TEXTS, batch_size=batch_size, truncation=True)
+        got = np.array([[{d["label"]: d["score"] for d in row}[n] for n in LABELS4] for row in rows])
+        assert np.abs(got - clf.predict_proba(TEXTS)).max() <= 1e-5
+    # Without trust_remote_code transformers refuses the folder (model_type goemo), never a wrong stock head.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("text-classification", model=str(out))
+    assert onnx_vs_torch(out / "model.onnx", clf, TEXTS) <= 1e-4
