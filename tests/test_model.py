@@ -70,3 +70,25 @@ def test_optimizer_groups(tiny_model):
         lrs.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
         opt.step(), sched.step()
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.02
+
+
+def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
+    """Frozen: the token embedding matrix gets no gradient, no AdamW state and does not move; the rest trains."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], freeze_embeddings=True, learning_rate=1e-2)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = m.configure_optimizers()["optimizer"]
+    words = m.encoder.get_input_embeddings().weight
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(words) not in in_opt and len(in_opt) == len(list(m.parameters())) - 1
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    ids = torch.randint(5, 1000, (4, 7))
+    loss = m.model_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.ones(4, 2)})[0]
+    loss.backward()
+    opt.step()
+    assert words.grad is None and torch.equal(words, before["encoder.embeddings.word_embeddings.weight"])
+    moved = [n for n, p in m.named_parameters() if not torch.equal(p, before[n])]
+    assert "encoder.embeddings.position_embeddings.weight" in moved and "head.weight" in moved
+    assert len(moved) == len(before) - 1
