@@ -208,8 +208,34 @@ def _class_of(callback: Any) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+# glibc's malloc serves a large block from its heap once a block that size was freed (its mmap threshold
+# grows up to 32 MiB), and freed heap memory mostly stays in the process. Training frees and reallocates
+# activations of a different size every batch, so the heap fragments and peak RSS grows well above what is
+# in use: fixed at 1 MiB, each large tensor is its own mapping, returned when freed. MiniLM-L6, batch 32,
+# 51 tokens, 2-core dev machine: peak RSS of a training step 1,129 -> 967 MiB.
+MMAP_THRESHOLD_ENV = "GOEMO_MMAP_THRESHOLD"
+M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+
+
+def lean_malloc() -> None:
+    """Fix glibc's mmap threshold (bytes in $GOEMO_MMAP_THRESHOLD, default 1 MiB; 0 keeps glibc's own).
+
+    A no-op where the C library is not glibc (macOS, musl, Windows).
+    """
+    threshold = int(os.environ.get(MMAP_THRESHOLD_ENV, 1 << 20))
+    if threshold <= 0 or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    lean_malloc()
     try:
         args, run_dir = rewrite_args(argv)
         if run_dir is not None:
