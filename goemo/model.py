@@ -86,6 +86,7 @@ class EmotionClassifier(L.LightningModule):
         focal_alpha: Optional[float] = None,
         pos_weight_max: float = 100.0,
         freeze_embeddings: bool = False,
+        checkpoint_tokens: Optional[int] = None,
         compile: bool = False,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
@@ -117,6 +118,10 @@ class EmotionClassifier(L.LightningModule):
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
                 Position embeddings, LayerNorms and every layer above still train.
+            checkpoint_tokens: Training batches with more token positions than this (rows x padded length)
+                keep only each encoder layer's input and recompute the rest in the backward pass (activation
+                checkpointing, same gradients). Caps the memory of the few longest batches for one more
+                forward pass over those batches only; unset: never.
             compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
                 Off by default: compiling costs time at the first batches and for every new batch shape,
                 and it has not been measured to pay off for these short, variable-length batches.
@@ -148,6 +153,9 @@ class EmotionClassifier(L.LightningModule):
             raise load_error("model", path, e) from None
         if freeze_embeddings:
             self.encoder.get_input_embeddings().weight.requires_grad_(False)
+        if checkpoint_tokens is not None and checkpoint_tokens < 1:
+            raise GoemoError(f"model.checkpoint_tokens must be >= 1 (or unset: never), got {checkpoint_tokens}")
+        self._checkpointed = self._checkpointable_layers() if checkpoint_tokens is not None else []
         if compile:
             self.encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
         cfg = self.encoder.config
@@ -207,7 +215,25 @@ class EmotionClassifier(L.LightningModule):
         logits = self(batch["input_ids"], batch["attention_mask"])
         return self.loss_fn(logits, batch["labels"]), logits
 
+    def _checkpointable_layers(self) -> list[nn.Module]:
+        """The encoder's layers with activation checkpointing set up (off until a long batch turns it on)."""
+        if not getattr(self.encoder, "supports_gradient_checkpointing", False):
+            raise GoemoError(f"model.checkpoint_tokens: {type(self.encoder).__name__} has no activation checkpointing; unset it")
+        enable = getattr(self.encoder, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            self.encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        layers = [m for m in self.encoder.modules() if m is not self.encoder and getattr(m, "gradient_checkpointing", False)]
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        return layers
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._checkpointed:  # (B, T) positions over the budget: recompute this batch's layers in backward
+            long = batch["input_ids"].numel() > self.hparams.checkpoint_tokens
+            for layer in self._checkpointed:
+                layer.gradient_checkpointing = long
         loss, _ = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss

@@ -92,3 +92,22 @@ def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
     moved = [n for n, p in m.named_parameters() if not torch.equal(p, before[n])]
     assert "encoder.embeddings.position_embeddings.weight" in moved and "head.weight" in moved
     assert len(moved) == len(before) - 1
+
+
+def test_checkpoint_tokens_recomputes_long_batches_with_the_same_gradients(tiny_model):
+    """Over the budget the layers are checkpointed (dropout replayed exactly); the gradients do not change."""
+    ids = torch.randint(5, 1000, (4, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.ones(4, 2)}
+    grads = {}
+    for budget in (None, 36, 35):  # 36 = 4 x 9 positions: not over; 35: over, so checkpointed
+        torch.manual_seed(0)
+        m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], checkpoint_tokens=budget)
+        torch.manual_seed(1)  # same dropout masks in each run
+        m.training_step(batch, 0).backward()
+        assert [layer.gradient_checkpointing for layer in m._checkpointed] == ([True] * 2 if budget == 35 else [False] * 2 if budget else [])
+        grads[budget] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for budget in (36, 35):
+        for n, g in grads[None].items():
+            torch.testing.assert_close(grads[budget][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(GoemoError, match="checkpoint_tokens must be >= 1"):
+        EmotionClassifier(str(tiny_model), label_names=["a", "b"], checkpoint_tokens=0)
