@@ -1,4 +1,4 @@
-"""goemo.cli.lean_malloc: large blocks stay separate mappings after a free (glibc only)."""
+"""goemo.cli.lean_malloc: with GOEMO_MMAP_THRESHOLD set, large blocks stay separate mappings after a free (glibc only)."""
 
 import subprocess
 import sys
@@ -16,9 +16,10 @@ class Mallinfo2(ctypes.Structure):
 libc.mallinfo2.restype = Mallinfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
+from goemo.cli import lean_malloc
 if sys.argv[1] == "lean":
-    from goemo.cli import lean_malloc
-    lean_malloc()
+    os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
+lean_malloc()  # unset: glibc's default
 libc.free(libc.malloc(8 << 20))  # freeing an 8 MiB mapping raises glibc's dynamic threshold to 8 MiB
 before = libc.mallinfo2().hblks
 block = libc.malloc(4 << 20)  # 4 MiB: a mapping of its own only if the threshold stayed below it
