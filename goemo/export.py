@@ -6,7 +6,7 @@ a plain `transformers.pipeline("text-classification", model=OUT_DIR, top_k=None,
 No stock class mean-pools a BERT-style encoder over its attention mask (ModernBERT's and EuroBERT's do,
 but those are other encoders; XLNet/XLM-style `summary_type="mean"` averages padding too), so `mean` and
 `cls+mean` runs export with goemo's own small class (`goemo/hf_model.py`, copied in as
-`modeling_goemo.py` and named in config.json's `auto_map`): the same call with `trust_remote_code=True`
+`modeling_goemo.py` and named in config.json's `auto_map`): the same call with `trust_remote_code` on
 loads it, and without it transformers refuses the folder rather than guess a head. Every export is
 checked numerically against the checkpoint (the custom class after loading it back from the folder)
 before it is kept.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from goemo.api import Classifier, load
-from goemo.hub import GoemoError
+from goemo.hub import GoemoError, hub_kwargs
 
 # Texts of varied length (empty, emoji, long enough to be truncated) for the numeric checks.
 PROBE_TEXTS = ["", "I love it!", "😂😂😂", "thanks, that is so kind of you " * 40, "ugh. why would anyone do that?"]
@@ -96,9 +96,8 @@ def to_hf_model(clf: Classifier):
 
 def save_goemo_model(clf: Classifier, out: Path) -> None:
     """The run as goemo's own HF class (any pooling): config.json with `auto_map`, modeling_goemo.py and
-    model.safetensors in `out`; then loaded back from `out` with trust_remote_code and checked."""
-    from transformers import AutoModelForSequenceClassification
-
+    model.safetensors in `out`; then loaded back from `out` (with goemo's copy of the class: goemo runs no code
+    from a model folder) and checked."""
     from goemo import hf_model
 
     model = clf.model
@@ -117,7 +116,9 @@ def save_goemo_model(clf: Classifier, out: Path) -> None:
     hf.load_state_dict(state)
     hf.save_pretrained(out)
     shutil.copy(hf_model.__file__, out / "modeling_goemo.py")
-    reloaded = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
+    if (out / "modeling_goemo.py").read_bytes() != Path(hf_model.__file__).read_bytes():
+        raise GoemoError(f"{out}/modeling_goemo.py differs from goemo's hf_model.py")
+    reloaded = hf_model.GoemoForSequenceClassification.from_pretrained(out, **hub_kwargs(str(out))).eval()
     _check("the exported GoemoForSequenceClassification", reloaded, clf)
 
 
@@ -177,7 +178,7 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
             save_goemo_model(clf, tmp)
             print(
                 f"GoemoForSequenceClassification matches the checkpoint (probabilities within {HF_TOLERANCE:g}). "
-                f"{why[0].upper()}{why[1:]}, so load the folder with trust_remote_code=True (it runs the exported "
+                f"{why[0].upper()}{why[1:]}, so load the folder with trust_remote_code on (it runs the exported "
                 f"modeling_goemo.py)", file=sys.stderr,
             )  # fmt: skip
         # model_max_length = training's max_length, so pipeline(..., truncation=True) truncates as training did.
@@ -208,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m goemo.export",
         description="Export a trained run as a Hugging Face model folder with thresholds.json, and optionally "
-        "model.onnx. Pooling 'cls' loads with stock transformers classes; 'mean' and 'cls+mean' with trust_remote_code=True.",
+        "model.onnx. Pooling 'cls' loads with stock transformers classes; 'mean' and 'cls+mean' with trust_remote_code on.",
     )
     parser.add_argument("ckpt", help="best, last, a run folder (lightning_logs/version_N) or a .ckpt file")
     parser.add_argument("out_dir", type=Path, help="folder to write")

@@ -1,8 +1,8 @@
 """goemo's classifier as a Hugging Face model class, for exported runs whose pooling no stock class has.
 
 `python -m goemo.export` copies this file, unchanged, into the export folder as `modeling_goemo.py` and
-names it in config.json's `auto_map`, so `pipeline(..., trust_remote_code=True)` and
-`AutoModelForSequenceClassification.from_pretrained(..., trust_remote_code=True)` load it. It therefore
+names it in config.json's `auto_map`, so `pipeline` and `AutoModelForSequenceClassification` load it
+with `trust_remote_code` on. It therefore
 imports only torch and transformers, never goemo. Its model_type is `goemo`, so without
 `trust_remote_code` transformers refuses the folder instead of loading some other head.
 
