@@ -14,6 +14,10 @@ untimed warm-up (imports, model files) comes first, so neither side starts from 
 child: wall time of the whole command and peak RSS (`os.wait4` on that child: the largest resident set
 of the child and of any process it waited for, e.g. dataloader workers). Prints the machine and a
 markdown table, and saves table, JSON and the children's logs to benchmarks/out/ (git-ignored).
+
+A shared VM's speed drifts 10-15% from one run to the next, so one pair of runs can land either side of a
+target. `--repeat N` runs the pair N times, alternating which side goes first (seed-goemo, goemo-seed, ...),
+each goemo run with a fresh tokenization cache, and reports each figure's median with its range.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,8 +126,32 @@ def fmt(x: Optional[float], digits: int) -> str:
     return f"{x:.0%}" if digits < 0 else f"{x:,.{digits}f}"
 
 
+def summarize(runs: list[dict]) -> dict:
+    """One side's figures over repeated runs: the median of each number, and under "range" its min and max."""
+    out: dict = {"runs": len(runs), "range": {}}
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if len(values) != len(runs):
+            out[key] = runs[-1].get(key)  # text, or missing in some run: not summarised
+            continue
+        out[key] = statistics.median(values)
+        out["range"][key] = (min(values), max(values))
+    return out
+
+
+def cell(side: dict, key: str, digits: int) -> str:
+    """A table cell: the figure, and its range in brackets when it comes from several runs that differ."""
+    text = fmt(side.get(key), digits)
+    lo, hi = side.get("range", {}).get(key, (None, None))
+    if side.get("runs", 1) > 1 and lo is not None and lo != hi:
+        text += f" ({fmt(lo, digits)}-{fmt(hi, digits)})"
+    return text
+
+
 def table(res: dict, epochs: int) -> str:
-    """The markdown comparison: seed, goemo, goemo/seed, and throughput as a fraction of the ceilings."""
+    """The markdown comparison: seed, goemo, goemo/seed, and throughput as a fraction of the ceilings.
+
+    With repeated runs each cell is the median with its (min-max) range, and the ratio is of the medians."""
     seed, goemo = res.get("seed", {}), res.get("goemo", {})
     rows = [
         ("train samples/s (training loop)", "train_samples_per_s", 1),
@@ -139,7 +168,7 @@ def table(res: dict, epochs: int) -> str:
     for label, key, digits in rows:
         a, b = seed.get(key), goemo.get(key)
         ratio = f"{b / a:.2f}x" if a and b is not None and digits >= 0 else "-"
-        out.append(f"| {label} | {fmt(a, digits)} | {fmt(b, digits)} | {ratio} |")
+        out.append(f"| {label} | {cell(seed, key, digits)} | {cell(goemo, key, digits)} | {ratio} |")
     return "\n".join(out)
 
 
@@ -152,6 +181,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model for both (default: the config's, MiniLM-L6)")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "minilm.yaml", help="goemo's config (default: configs/minilm.yaml)")
     p.add_argument("--only", choices=("seed", "goemo"), default=None, help="run one side only")
+    p.add_argument("--repeat", type=int, default=1, help="run the pair N times, alternating which goes first; report medians (default: 1)")
     p.add_argument("--goemo-args", default="", help="extra flags for main.py fit, e.g. '--data.train_batch_size 64'")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out", help="default: benchmarks/out")
     return p.parse_args(argv)
@@ -182,50 +212,59 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
           f"{info['transformers']}, lightning {info['lightning']}", flush=True)  # fmt: skip
 
-    results: dict = {}
+    if a.repeat < 1:
+        sys.exit(f"error: --repeat must be at least 1, got {a.repeat}")
+    runs: dict[str, list[dict]] = {"seed": [], "goemo": []}
     with tempfile.TemporaryDirectory(prefix="goemo-bench-") as tmp:
         tmp = Path(tmp)
         sizes = write_subset(a.data.expanduser().resolve(), tmp / "data", a.train_rows, a.eval_rows)
         print(f"data: {sizes['train']} train, {sizes['dev']} dev, {sizes['test']} test rows; {a.epochs} epoch(s)", flush=True)
         warm_up(env, model_path)
-        commands = {
-            "seed": [
-                sys.executable, str(REPO / "benchmarks" / "seed_recipe.py"), "--data", str(tmp / "data"),
-                "--model", model_path, "--epochs", str(a.epochs), "--out", str(tmp / "seed.json"),
-                "--output-dir", str(tmp / "seed-run"),
-            ],
-            "goemo": [
-                sys.executable, str(REPO / "main.py"), "fit", "--config", str(config),
-                "--data.data_dir", str(tmp / "data"), "--data.cache_dir", str(tmp / "cache"),
-                "--trainer.max_epochs", str(a.epochs),
-                "--trainer.callbacks+=benchmarks.throughput.Throughput", "--trainer.callbacks.path", str(tmp / "goemo.json"),
-                *(["--model.model_name_or_path", model] if a.model else []), *shlex.split(a.goemo_args),
-            ],
-        }  # fmt: skip
-        for name, cmd in commands.items():
-            if a.only not in (None, name):
-                continue
-            print(f"running {name} ...", flush=True)
-            log = Path(f"{prefix}-{name}.log")
-            child = run_child(cmd, log, cwd=tmp, env=env)  # cwd: lightning_logs and checkpoints stay in tmp
-            if child["returncode"] != 0:
-                tail = log.read_text(errors="replace").splitlines()[-25:]
-                sys.exit(f"error: {name} exited with {child['returncode']}; log: {log}\n" + "\n".join(tail))
-            r = {**json.loads((tmp / f"{name}.json").read_text()), **child}
-            # startup, imports, tokenization, model load, checkpoints: what the loops' clocks leave out
-            r["other_s"] = round(child["wall_s"] - r["train_time_s"] - r["val_time_s"], 2)
-            r["train_of_ceiling"] = r["train_samples_per_s"] / TRAIN_CEILING if r.get("train_samples_per_s") else None
-            r["val_of_ceiling"] = r["val_samples_per_s"] / EVAL_CEILING if r.get("val_samples_per_s") else None
-            results[name] = r
-            print(f"  {name}: {child['wall_s']} s, peak RSS {child['peak_rss_mib']} MiB", flush=True)
+        for i in range(a.repeat):
+            run = tmp / f"run{i}"  # a fresh tokenization cache and output folders each round
+            commands = {
+                "seed": [
+                    sys.executable, str(REPO / "benchmarks" / "seed_recipe.py"), "--data", str(tmp / "data"),
+                    "--model", model_path, "--epochs", str(a.epochs), "--out", str(run / "seed.json"),
+                    "--output-dir", str(run / "seed-run"),
+                ],
+                "goemo": [
+                    sys.executable, str(REPO / "main.py"), "fit", "--config", str(config),
+                    "--data.data_dir", str(tmp / "data"), "--data.cache_dir", str(run / "cache"),
+                    "--trainer.max_epochs", str(a.epochs),
+                    "--trainer.callbacks+=benchmarks.throughput.Throughput", "--trainer.callbacks.path", str(run / "goemo.json"),
+                    *(["--model.model_name_or_path", model] if a.model else []), *shlex.split(a.goemo_args),
+                ],
+            }  # fmt: skip
+            order = ["seed", "goemo"] if i % 2 == 0 else ["goemo", "seed"]  # neither side always runs first
+            for name in order:
+                if a.only not in (None, name):
+                    continue
+                run.mkdir(exist_ok=True)
+                print(f"running {name}" + (f" ({i + 1}/{a.repeat})" if a.repeat > 1 else "") + " ...", flush=True)
+                log = Path(f"{prefix}-{name}" + (f"-{i + 1}" if a.repeat > 1 else "") + ".log")
+                child = run_child(commands[name], log, cwd=run, env=env)  # cwd: lightning_logs, checkpoints stay in tmp
+                if child["returncode"] != 0:
+                    tail = log.read_text(errors="replace").splitlines()[-25:]
+                    sys.exit(f"error: {name} exited with {child['returncode']}; log: {log}\n" + "\n".join(tail))
+                r = {**json.loads((run / f"{name}.json").read_text()), **child}
+                # startup, imports, tokenization, model load, checkpoints: what the loops' clocks leave out
+                r["other_s"] = round(child["wall_s"] - r["train_time_s"] - r["val_time_s"], 2)
+                r["train_of_ceiling"] = r["train_samples_per_s"] / TRAIN_CEILING if r.get("train_samples_per_s") else None
+                r["val_of_ceiling"] = r["val_samples_per_s"] / EVAL_CEILING if r.get("val_samples_per_s") else None
+                runs[name].append(r)
+                print(f"  {name}: {child['wall_s']} s, peak RSS {child['peak_rss_mib']} MiB", flush=True)
+    results = {name: summarize(rs) if len(rs) > 1 else rs[0] for name, rs in runs.items() if rs}
 
     md = table(results, a.epochs)
     header = (
         f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}\n"
-        f"data: {sizes['train']} train rows, {sizes['dev']} dev rows; model: {model}; {a.epochs} epoch(s)\n"
+        f"data: {sizes['train']} train rows, {sizes['dev']} dev rows; model: {model}; {a.epochs} epoch(s)"
+        + (f"; median (min-max) of {a.repeat} runs per side, ratios of the medians" if a.repeat > 1 else "")
+        + "\n"
     )
     print("\n" + header + "\n" + md)
-    report = {"args": {k: str(v) for k, v in vars(a).items()}, "machine": info, "data_rows": sizes, "results": results}
+    report = {"args": {k: str(v) for k, v in vars(a).items()}, "machine": info, "data_rows": sizes, "results": results, "runs": runs}
     Path(f"{prefix}.md").write_text(header + "\n" + md + "\n")
     Path(f"{prefix}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nsaved {prefix}.md, {prefix}.json and the logs")

@@ -7,7 +7,7 @@ import sys
 import lightning as L
 import pytest
 
-from benchmarks.cpu import copy_rows
+from benchmarks.cpu import copy_rows, summarize, table
 from benchmarks.throughput import Throughput
 from goemo.data import GoEmotionsDataModule
 from goemo.model import EmotionClassifier
@@ -20,6 +20,23 @@ def test_copy_rows_keeps_quoted_rows_whole(tmp_path):
     assert copy_rows(src, dst, 2) == 2
     assert dst.read_text(encoding="utf-8") == 'a\t0\tid0\n"two\nlines"\t1\tid1\n'
     assert copy_rows(src, dst, None) == 3 and dst.read_bytes() == src.read_bytes()
+
+
+def test_repeated_runs_report_medians_ranges_and_ratio_of_medians():
+    seed = summarize([{"wall_s": 100.0, "peak_rss_mib": 1000.0, "train_samples_per_s": 50.0, "val_f1_macro": 0.0, "returncode": 0},
+                      {"wall_s": 130.0, "peak_rss_mib": 1010.0, "train_samples_per_s": 60.0, "val_f1_macro": 0.0, "returncode": 0},
+                      {"wall_s": 110.0, "peak_rss_mib": 990.0, "train_samples_per_s": 40.0, "val_f1_macro": 0.0, "returncode": 0}])  # fmt: skip
+    assert seed["runs"] == 3 and seed["wall_s"] == 110.0 and seed["train_samples_per_s"] == 50.0
+    assert seed["range"]["wall_s"] == (100.0, 130.0) and seed["range"]["peak_rss_mib"] == (990.0, 1010.0)
+    goemo = summarize([{"wall_s": 50.0, "peak_rss_mib": 900.0, "train_samples_per_s": 100.0, "val_f1_macro": 0.05, "returncode": 0},
+                       {"wall_s": 70.0, "peak_rss_mib": 950.0, "train_samples_per_s": 90.0, "val_f1_macro": 0.05, "returncode": 0}])  # fmt: skip
+    assert goemo["wall_s"] == 60.0  # an even count: the mean of the middle two
+    md = table({"seed": seed, "goemo": goemo}, epochs=1)
+    assert "| wall time of the command (s) | 110.0 (100.0-130.0) | 60.0 (50.0-70.0) | 0.55x |" in md
+    assert "| train samples/s (training loop) | 50.0 (40.0-60.0) | 95.0 (90.0-100.0) | 1.90x |" in md
+    assert "| dev macro-F1 after 1 epoch(s) | 0.0000 | 0.0500 | - |" in md  # equal in every run: no range
+    single = table({"seed": {"wall_s": 100.0}, "goemo": {"wall_s": 50.0}}, epochs=1)
+    assert "| wall time of the command (s) | 100.0 | 50.0 | 0.50x |" in single
 
 
 @pytest.mark.parametrize("val_check_interval,val_runs", [(1.0, 2), (3, 4)])  # 6 batches an epoch, 2 epochs
@@ -47,11 +64,11 @@ def test_throughput_counts(tiny_data, tiny_model, tmp_path, val_check_interval, 
 
 @pytest.mark.slow
 def test_cpu_benchmark_end_to_end(goemotions, tiny_model, tmp_path):
-    """The README command at a tiny size: both children run, the table and JSON carry every field."""
+    """The README command at a tiny size, twice: both children run each round, the table and JSON carry every field."""
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "cpu.py"), "--data", str(goemotions), "--train-rows", "64",
-         "--eval-rows", "16", "--epochs", "1", "--model", str(tiny_model), "--out-dir", str(out)],
+         "--eval-rows", "16", "--epochs", "1", "--model", str(tiny_model), "--out-dir", str(out), "--repeat", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -60,12 +77,16 @@ def test_cpu_benchmark_end_to_end(goemotions, tiny_model, tmp_path):
         assert row in r.stdout, row
     assert "machine: " in r.stdout and " cores" in r.stdout and "torch " in r.stdout
     (report,) = out.glob("cpu-*.json")
-    assert report.with_suffix(".md").is_file() and len(list(out.glob("cpu-*.log"))) == 2
+    assert report.with_suffix(".md").is_file() and len(list(out.glob("cpu-*.log"))) == 4
+    assert "median (min-max) of 2 runs per side" in r.stdout
+    # the second round starts with goemo, so neither side always runs first
+    assert r.stdout.index("running goemo (2/2)") < r.stdout.index("running seed (2/2)")
     rep = json.loads(report.read_text())
     assert rep["data_rows"] == {"train": 64, "dev": 16, "test": 16}
     assert {"cpu", "cores", "torch"} <= rep["machine"].keys()
     for name in ("seed", "goemo"):
         res = rep["results"][name]
+        assert res["runs"] == 2 and len(rep["runs"][name]) == 2, name
         for key in ("train_samples_per_s", "val_samples_per_s", "peak_rss_mib", "wall_s", "val_f1_macro",
                     "val_f1_micro", "train_of_ceiling", "val_of_ceiling", "other_s"):  # fmt: skip
             assert res.get(key) is not None, (name, key)
