@@ -222,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         warm_up(env, model_path)
         for i in range(a.repeat):
             run = tmp / f"run{i}"  # a fresh tokenization cache and output folders each round
+            run.mkdir()
             commands = {
                 "seed": [
                     sys.executable, str(REPO / "benchmarks" / "seed_recipe.py"), "--data", str(tmp / "data"),
@@ -240,7 +241,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for name in order:
                 if a.only not in (None, name):
                     continue
-                run.mkdir(exist_ok=True)
                 print(f"running {name}" + (f" ({i + 1}/{a.repeat})" if a.repeat > 1 else "") + " ...", flush=True)
                 log = Path(f"{prefix}-{name}" + (f"-{i + 1}" if a.repeat > 1 else "") + ".log")
                 child = run_child(commands[name], log, cwd=run, env=env)  # cwd: lightning_logs, checkpoints stay in tmp

@@ -116,8 +116,6 @@ def save_goemo_model(clf: Classifier, out: Path) -> None:
     hf.load_state_dict(state)
     hf.save_pretrained(out)
     shutil.copy(hf_model.__file__, out / "modeling_goemo.py")
-    if (out / "modeling_goemo.py").read_bytes() != Path(hf_model.__file__).read_bytes():
-        raise GoemoError(f"{out}/modeling_goemo.py differs from goemo's hf_model.py")
     reloaded = hf_model.GoemoForSequenceClassification.from_pretrained(out, **hub_kwargs(str(out))).eval()
     _check("the exported GoemoForSequenceClassification", reloaded, clf)
 
