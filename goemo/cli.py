@@ -24,6 +24,7 @@ from goemo.dashboard import ValidationExamples
 from goemo.data import GoEmotionsDataModule
 from goemo.hub import GoemoError
 from goemo.inputs import check_file
+from goemo.memory import ReleaseFreeMemory, lean_malloc
 from goemo.model import EmotionClassifier
 from goemo.predict import PredictionWriter
 from goemo.reliability import ExactResume, Interrupts, LastCheckpoint, SafeCheckpointIO, StopOnNonFiniteLoss
@@ -208,33 +209,6 @@ def _class_of(callback: Any) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-# glibc's malloc serves a large block from its heap once a block that size was freed (its mmap threshold
-# grows up to 32 MiB), and freed heap memory mostly stays in the process. Training frees and reallocates
-# activations of a different size every batch, so the heap fragments and peak RSS grows above what is in
-# use. GOEMO_MMAP_THRESHOLD=1048576 fixes the threshold at 1 MiB: each large tensor is its own mapping,
-# returned when freed, but every new one is page-faulted in again. Measured with the CPU benchmark
-# (MiniLM-L6, 8,192 rows, 2-core dev machine): peak RSS 1,342 -> 1,203 MiB, training 126 -> 98 samples/s,
-# evaluation 475 -> 334 samples/s. Opt-in, for when memory is what runs out.
-MMAP_THRESHOLD_ENV = "GOEMO_MMAP_THRESHOLD"
-M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
-
-
-def lean_malloc() -> None:
-    """Fix glibc's mmap threshold at $GOEMO_MMAP_THRESHOLD bytes, if set and > 0 (else glibc's default).
-
-    A no-op where the C library is not glibc (macOS, musl, Windows).
-    """
-    threshold = int(os.environ.get(MMAP_THRESHOLD_ENV) or 0)
-    if threshold <= 0 or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     lean_malloc()
@@ -258,8 +232,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "class_path": "goemo.cli.HParamsTensorBoardLogger",
                     "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
                 },
-                # Always there, not in the config: exact resume, interrupts and divergence (goemo.reliability).
-                "callbacks": [ExactResume(), Interrupts(), StopOnNonFiniteLoss()],
+                # Always there, not in the config: exact resume, interrupts, divergence (goemo.reliability) and
+                # giving fragmented heap memory back before each validation (goemo.memory).
+                "callbacks": [ExactResume(), Interrupts(), StopOnNonFiniteLoss(), ReleaseFreeMemory()],
             },
         )
     except SIGTERMException:

@@ -1,4 +1,4 @@
-"""goemo.cli.lean_malloc: with GOEMO_MMAP_THRESHOLD set, large blocks stay separate mappings after a free (glibc only)."""
+"""goemo.memory.lean_malloc: with GOEMO_MMAP_THRESHOLD set, large blocks stay separate mappings after a free (glibc only)."""
 
 import subprocess
 import sys
@@ -16,7 +16,7 @@ class Mallinfo2(ctypes.Structure):
 libc.mallinfo2.restype = Mallinfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-from goemo.cli import lean_malloc
+from goemo.memory import lean_malloc
 if sys.argv[1] == "lean":
     os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
 lean_malloc()  # unset: glibc's default
