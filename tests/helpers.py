@@ -53,3 +53,17 @@ class NanLossAt(Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.head.weight.mul_(float("nan"))
+
+
+class RecordCallbacks(Callback):
+    def __init__(self, path: str) -> None:
+        """Writes the class names of the trainer's callbacks (JSON list) when fit starts.
+
+        Args:
+            path: JSON file to write.
+        """
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump([type(cb).__name__ for cb in trainer.callbacks], f)

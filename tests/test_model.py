@@ -41,6 +41,7 @@ def test_labels_default_to_goemotions(tiny_model):
         ({"head_learning_rate": 0.0}, "head_learning_rate"),
         ({"threshold": 1.5}, "threshold must be within 0..1"),
         ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"attention_dropout": 1.0}, "attention_dropout must be within"),
     ],
 )
 def test_nonsense_values_are_refused(tiny_model, kw, msg):
@@ -111,3 +112,56 @@ def test_checkpoint_tokens_recomputes_long_batches_with_the_same_gradients(tiny_
             torch.testing.assert_close(grads[budget][n], g, rtol=1e-5, atol=1e-6, msg=n)
     with pytest.raises(GoemoError, match="checkpoint_tokens must be >= 1"):
         EmotionClassifier(str(tiny_model), label_names=["a", "b"], checkpoint_tokens=0)
+
+
+def _dropouts(m: EmotionClassifier) -> dict[str, set]:
+    """p of the attention-probability dropouts and of all the others in the encoder."""
+    attn = {mod.dropout.p for mod in m.encoder.modules() if type(mod).__name__.endswith("SelfAttention")}
+    other = {mod.p for name, mod in m.encoder.named_modules() if isinstance(mod, torch.nn.Dropout) and "attention.self" not in name}
+    return {"attention": attn, "other": other}
+
+
+@pytest.mark.parametrize("pretrained", [True, False])  # False: the path `test --ckpt_path` and goemo.load take
+def test_attention_dropout_replaces_the_encoders_own(tiny_model, pretrained):
+    default = EmotionClassifier(str(tiny_model), label_names=["a", "b"], pretrained=pretrained)
+    assert _dropouts(default) == {"attention": {0.1}, "other": {0.1}}  # BertConfig's defaults
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], attention_dropout=0.0, pretrained=pretrained)
+    assert m.encoder.config.attention_probs_dropout_prob == 0.0
+    assert _dropouts(m) == {"attention": {0.0}, "other": {0.1}}  # hidden-state dropout stays
+    assert m.hparams.attention_dropout == 0.0  # saved, so a checkpoint rebuilds the same encoder
+
+
+def test_attention_dropout_on_an_encoder_without_one_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    EmotionClassifier(str(tmp_path), label_names=["a", "b"])  # loads when the option is unset
+    with pytest.raises(GoemoError, match="GPT2Config has no attention dropout setting"):
+        EmotionClassifier(str(tmp_path), label_names=["a", "b"], attention_dropout=0.0)
+
+
+def test_gradients_are_freed_after_each_optimizer_step(tiny_data, tiny_model, tmp_path):
+    """Lightning zeroes gradients after the next forward pass; the model frees them right after the step,
+    so no forward pass runs with the last batch's gradients still allocated."""
+    import lightning as L
+
+    from goemo.data import GoEmotionsDataModule
+
+    seen = {"before_step": [], "batch_start": []}
+
+    class Watch(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["before_step"].append(all(p.grad is not None for p in pl_module.parameters() if p.requires_grad))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["batch_start"].append(any(p.grad is not None for p in pl_module.parameters()))
+
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names, pooling="cls+mean")  # every weight gets a gradient
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=4, limit_val_batches=0, accelerator="cpu", default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[Watch()],
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert seen["before_step"] == [True] * 4  # backward filled them
+    assert seen["batch_start"] == [False] * 4  # and none survived into the next batch
