@@ -42,7 +42,7 @@ def to_records(texts: Sequence[str], probs: np.ndarray, label_names: Sequence[st
         records.append(
             {
                 "text": text,
-                "labels": [label_names[j] for j in order if p[j] >= thresholds[j]],
+                "labels": [label_names[j] for j in order if p[j] > thresholds[j]],  # strictly above, as the metrics count
                 "scores": {name: float(x) for name, x in zip(label_names, p)},
             }
         )
