@@ -233,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
                 },
                 # Always there, not in the config: exact resume, interrupts, divergence (goemo.reliability) and
-                # giving fragmented heap memory back before each validation (goemo.memory).
+                # giving free heap pages back between training, validation and test (goemo.memory).
                 "callbacks": [ExactResume(), Interrupts(), StopOnNonFiniteLoss(), ReleaseFreeMemory()],
             },
         )

@@ -6,6 +6,7 @@ Shapes: input_ids/attention_mask (B, T) -> hidden states (B, T, H) -> pooled (B,
 
 from __future__ import annotations
 
+import copy
 from typing import Literal, Optional
 
 import lightning as L
@@ -61,10 +62,10 @@ def load_encoder(path: str, pretrained: bool = True, attention_dropout: Optional
             )
         setattr(config, key, attention_dropout)
 
-    def build(**attn):
+    def build(**attn):  # a copy each time: from_config sets the attention implementation on the config it gets
         if pretrained:
-            return AutoModel.from_pretrained(path, config=config, **attn, **hub_kwargs(path))
-        return AutoModel.from_config(config, **attn)
+            return AutoModel.from_pretrained(path, config=copy.deepcopy(config), **attn, **hub_kwargs(path))
+        return AutoModel.from_config(copy.deepcopy(config), **attn)
 
     try:
         return build(attn_implementation="sdpa")
