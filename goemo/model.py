@@ -62,10 +62,11 @@ def load_encoder(path: str, pretrained: bool = True, attention_dropout: Optional
             )
         setattr(config, key, attention_dropout)
 
-    def build(**attn):  # a copy each time: from_config sets the attention implementation on the config it gets
+    def build(**attn):
+        cfg = copy.deepcopy(config)  # from_config sets the attention implementation on the config it gets
         if pretrained:
-            return AutoModel.from_pretrained(path, config=copy.deepcopy(config), **attn, **hub_kwargs(path))
-        return AutoModel.from_config(copy.deepcopy(config), **attn)
+            return AutoModel.from_pretrained(path, config=cfg, **attn, **hub_kwargs(path))
+        return AutoModel.from_config(cfg, **attn)
 
     try:
         return build(attn_implementation="sdpa")
