@@ -18,6 +18,7 @@ different size every batch, so the heap fragments: late in the CPU benchmark's e
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from typing import Optional
@@ -28,6 +29,7 @@ MMAP_THRESHOLD_ENV = "GOEMO_MMAP_THRESHOLD"
 M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 
 
+@functools.cache  # opened once per process, not at every phase change
 def _glibc() -> Optional[ctypes.CDLL]:
     if not sys.platform.startswith("linux"):
         return None

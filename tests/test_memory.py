@@ -1,4 +1,4 @@
-"""goemo.memory: GOEMO_MMAP_THRESHOLD keeps large blocks separate mappings; free heap pages go back before validation (glibc only)."""
+"""goemo.memory: GOEMO_MMAP_THRESHOLD keeps large blocks separate mappings; free heap pages go back between phases (glibc only)."""
 
 import json
 import subprocess
