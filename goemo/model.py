@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from goemo.data import GOEMOTIONS_LABELS
+from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
 from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
 from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
@@ -104,6 +105,7 @@ class EmotionClassifier(L.LightningModule):
         freeze_embeddings: bool = False,
         checkpoint_tokens: Optional[int] = None,
         attention_dropout: Optional[float] = None,
+        fast_dropout: bool = True,
         compile: bool = False,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
@@ -144,6 +146,10 @@ class EmotionClassifier(L.LightningModule):
                 attention kernel runs in training too (with dropout on, SDPA falls back to its unfused math
                 path), which saves one random mask and two (B, heads, T, T) tensors per layer. The other
                 dropouts (hidden states, head) stay.
+            fast_dropout: When training on a CPU, draw the dropout masks of the encoder's and the head's dropout
+                modules four at a time from 64-bit random words and keep them as bool for backward
+                (`goemo.dropout`): same dropout (p rounded to a multiple of 1/65536), masks ~2.5x cheaper to
+                draw, a quarter of their memory. False: PyTorch's own. No effect on a GPU.
             compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
                 Off by default: compiling costs time at the first batches and for every new batch shape,
                 and it has not been measured to pay off for these short, variable-length batches.
@@ -187,6 +193,8 @@ class EmotionClassifier(L.LightningModule):
         # Same head as BertForSequenceClassification: dropout then one linear layer, initialised like HF.
         self.dropout = nn.Dropout(getattr(cfg, "classifier_dropout", None) or getattr(cfg, "hidden_dropout_prob", 0.1))
         self.head = nn.Linear(width, num_labels)
+        if fast_dropout:
+            use_cpu_dropout(self)  # encoder and head
         nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
