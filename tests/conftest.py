@@ -114,7 +114,8 @@ def tiny_run(tmp_path_factory, tiny_model) -> Path:
         "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(data),
         "--data.cache_dir", str(work / "cache"), "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
         "--trainer.log_every_n_steps", "1", "--val_examples.num_examples", "4",
-        "--trainer.callbacks+=tests.helpers.RecordCallbacks", "--trainer.callbacks.path", str(work / "callbacks.json"), cwd=work,
+        "--trainer.callbacks+=tests.helpers.RecordCallbacks", "--trainer.callbacks.path", str(work / "callbacks.json"),
+        "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.path", str(work / "saves.txt"), cwd=work,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     (work / "fit.out").write_text(r.stdout, encoding="utf-8")

@@ -67,3 +67,17 @@ class RecordCallbacks(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         with open(self.path, "w", encoding="utf-8") as f:
             json.dump([type(cb).__name__ for cb in trainer.callbacks], f)
+
+
+class RecordSaves(Callback):
+    def __init__(self, path: str) -> None:
+        """Appends the global step of every checkpoint save (one line each) to a text file.
+
+        Args:
+            path: Text file to append to.
+        """
+        self.path = path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{trainer.global_step}\n")

@@ -208,3 +208,20 @@ def test_kill_9_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     ckpt = load_checkpoint(path)  # the previous save, whole
     step = ckpt["global_step"]
     assert ckpt["state_dict"]["w"].eq(float(step)).all()
+
+
+
+def test_last_ckpt_is_written_once_and_at_the_final_step(tiny_run, tiny_model, tmp_path):
+    """LastCheckpoint (every 500 steps: more than these fits have) writes last.ckpt when training ends unless the
+    epoch checkpoint just wrote it at that step: never the same file twice, never a stale last.ckpt."""
+    saves = [int(s) for s in (tiny_run / "saves.txt").read_text().split()]  # global step of every save
+    assert saves == [6, 6, 12]  # epoch 0: best and last; epoch 1 (not better): last only, at training end
+    assert load_checkpoint(tiny_run / LAST)["global_step"] == 12
+    r = run_main(
+        "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_run / "data"),
+        "--data.cache_dir", str(tiny_run / "cache"), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.path", "saves.txt", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "saves.txt").read_text().split() == ["6", "6"]  # best and last, not last again at the end
+    assert load_checkpoint(tmp_path / LAST)["global_step"] == 6
