@@ -3,16 +3,22 @@
 glibc serves a large block from its heap once a block that size was freed (its mmap threshold grows up to
 32 MiB), and freed heap memory mostly stays resident. Training frees and reallocates activations of a
 different size every batch, so the heap fragments: late in the CPU benchmark's epoch (MiniLM-L6, batch 32)
-411 of the heap's 743 MiB were free yet resident. Two tools against it:
+411 of the heap's 743 MiB were free yet resident. `ReleaseFreeMemory` (always on) does two things:
 
-- `ReleaseFreeMemory` (always on): hands the free heap pages back to the system where one phase hands over
-  to the next (before each training epoch, validation and test), so the next phase's tensors of other
-  sizes (validation's longest rows come first, 128 at a time) land on pages it touches itself rather than
-  on top of the last phase's resident holes. A few times an epoch, so it costs nothing measurable.
-- `lean_malloc` (opt-in, GOEMO_MMAP_THRESHOLD=1048576): fixes the mmap threshold at 1 MiB, so each large
-  tensor is its own mapping, returned when freed, but page-faulted in again on every allocation. Measured
-  with the CPU benchmark (2-core dev machine): peak RSS 1,342 -> 1,203 MiB, training 126 -> 98 samples/s,
-  evaluation 475 -> 334 samples/s. For when memory is what runs out.
+- Training takes blocks of 2 MiB and more (MiniLM-L6 at batch 32: the feed-forward activations of all but
+  the shortest batches) as mappings of their own, returned to the system when freed, so they never
+  fragment the heap; evaluation (inference, batch 128: blocks up to tens of MiB) keeps them in the heap,
+  since paging a mapping in again for every block would cost it ~20% of its speed. Measured with the
+  CPU benchmark's goemo command (2-core dev machine): peak RSS 1,217-1,261 MiB over three runs with glibc's
+  dynamic threshold; one run each with 2 MiB in every phase: 1,173 MiB, training 127 and evaluation 431
+  samples/s (129.7 and 521.6 in a run with the dynamic threshold); these phases: 1,174-1,200 MiB over three.
+- It hands the free heap pages back to the system where one phase hands over to the next (before each
+  training epoch, validation and test: `malloc_trim`), so the next phase's tensors of other sizes land on
+  pages it touches itself rather than on top of the last phase's resident holes.
+
+`lean_malloc` (opt-in, GOEMO_MMAP_THRESHOLD=1048576) instead fixes the threshold at that many bytes for
+every phase: less memory still, slower (with 1 MiB: training 126 -> 98 samples/s, evaluation 475 -> 334,
+peak RSS 1,342 -> 1,203 MiB, measured before the phase thresholds and the other memory changes).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from typing import Optional
 from lightning.pytorch.callbacks import Callback
 
 MMAP_THRESHOLD_ENV = "GOEMO_MMAP_THRESHOLD"
-M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h
+TRAIN_MMAP_THRESHOLD = 2 << 20  # bytes: training's larger blocks become mappings of their own
+EVAL_MMAP_THRESHOLD = 32 << 20  # the most glibc's dynamic threshold grows to (64-bit): evaluation keeps its blocks
 
 
 @functools.cache  # opened once per process, not at every phase change
@@ -43,10 +51,26 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 def lean_malloc() -> None:
     """Fix glibc's mmap threshold at $GOEMO_MMAP_THRESHOLD bytes, if set and > 0 (else glibc's default)."""
-    threshold = int(os.environ.get(MMAP_THRESHOLD_ENV) or 0)
-    libc = _glibc() if threshold > 0 else None
+    threshold = _fixed_threshold()
+    libc = _glibc() if threshold else None
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def _fixed_threshold() -> int:
+    return int(os.environ.get(MMAP_THRESHOLD_ENV) or 0)
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Blocks of `nbytes` and more get a mapping of their own; False (nothing set) off glibc or when the user
+    fixed the threshold with $GOEMO_MMAP_THRESHOLD. The heap's top is kept up to twice that, as glibc's own
+    dynamic threshold does, so a phase's churn of large blocks does not shrink and regrow the heap every batch."""
+    libc = _glibc()
+    if libc is None or _fixed_threshold() > 0:
+        return False
+    libc.mallopt(M_MMAP_THRESHOLD, nbytes)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)
+    return True
 
 
 def release_free_memory() -> bool:
@@ -59,13 +83,28 @@ def release_free_memory() -> bool:
 
 
 class ReleaseFreeMemory(Callback):
-    """Calls `release_free_memory` when a training epoch, a validation (sanity check included) or a test starts."""
+    """Training's mmap threshold from the start of `fit` (its sanity check included) and after each
+    validation within it, evaluation's for validation, test and predict; `release_free_memory` at each of
+    those changes (a training epoch, a validation or a test starts, training resumes after a validation)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        set_mmap_threshold(TRAIN_MMAP_THRESHOLD if stage == "fit" else EVAL_MMAP_THRESHOLD)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        set_mmap_threshold(TRAIN_MMAP_THRESHOLD)
         release_free_memory()
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        # The sanity check's two batches keep training's threshold: heap grown for them would stay for training.
+        if not trainer.sanity_checking:
+            set_mmap_threshold(EVAL_MMAP_THRESHOLD)
         release_free_memory()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":  # training goes on (a validation every N steps, or the next epoch)
+            set_mmap_threshold(TRAIN_MMAP_THRESHOLD)
+            # glibc maps a block only when no free heap chunk fits it: return validation's top of the heap first.
+            release_free_memory()
 
     def on_test_start(self, trainer, pl_module) -> None:
         release_free_memory()

@@ -1,4 +1,5 @@
-"""goemo.memory: GOEMO_MMAP_THRESHOLD keeps large blocks separate mappings; free heap pages go back between phases (glibc only)."""
+"""goemo.memory: training maps its large blocks, evaluation keeps them in the heap, GOEMO_MMAP_THRESHOLD fixes one
+threshold for all; free heap pages go back between phases (glibc only)."""
 
 import json
 import subprocess
@@ -74,3 +75,58 @@ def test_every_fit_releases_free_memory(tiny_run):
     """ReleaseFreeMemory is one of the callbacks the CLI always adds (tiny_run records the fit's callbacks)."""
     names = json.loads((tiny_run / "callbacks.json").read_text())
     assert "ReleaseFreeMemory" in names and "ExactResume" in names
+
+
+PHASES = """
+import ctypes, os, sys, types
+sys.path.insert(0, {repo!r})
+libc = ctypes.CDLL("libc.so.6")
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "fixed":
+    os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
+from goemo.memory import ReleaseFreeMemory, lean_malloc
+lean_malloc()
+
+def mapped():  # does a 4 MiB block get a mapping of its own now?
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(4 << 20)
+    n = libc.mallinfo2().hblks - before
+    libc.free(block)
+    return n
+
+def trainer(fn, sanity=False):
+    return types.SimpleNamespace(sanity_checking=sanity, state=types.SimpleNamespace(fn=fn))
+
+fit, cb, out = trainer("fit"), ReleaseFreeMemory(), []
+cb.setup(fit, None, "fit"); out.append(mapped())
+cb.on_validation_start(trainer("fit", sanity=True), None); out.append(mapped())
+cb.on_validation_end(trainer("fit", sanity=True), None)
+cb.on_train_epoch_start(fit, None); out.append(mapped())
+cb.on_validation_start(fit, None); out.append(mapped())
+cb.on_validation_end(fit, None); out.append(mapped())
+ReleaseFreeMemory().setup(trainer("test"), None, "test"); out.append(mapped())
+print(*out)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        # fit from its start (sanity check included): mapped; its validations: heap; training again: mapped; test: heap
+        ("phases", "1 1 1 0 1 0"),
+        ("fixed", "1 1 1 1 1 1"),  # GOEMO_MMAP_THRESHOLD=1 MiB: the user's threshold in every phase
+    ],
+)
+def test_training_maps_large_blocks_and_evaluation_keeps_them_in_the_heap(mode, expected):
+    from tests.conftest import REPO
+
+    r = subprocess.run([sys.executable, "-c", PHASES.format(repo=str(REPO)), mode], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-2] == expected
