@@ -120,15 +120,15 @@ class LastCheckpoint(ModelCheckpoint):
         )  # fmt: skip
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # Lightning writes last.ckpt when training ends if this callback never did (a fit shorter than N steps).
-        # Skip it where the epoch checkpoints wrote last.ckpt at this very step already: the same file again
-        # (MiniLM-L6 with AdamW state: ~0.4 s, 180 MB; BERT-base: ~1.3 GB).
+        # last.ckpt must hold the final step. Lightning's own end-of-training save runs only if this callback never
+        # saved, and the epoch checkpoint writes last.ckpt only in an epoch that set a new best; so a fit whose
+        # last epoch was not its best kept the last.ckpt of the last multiple of N steps. Write it unless a
+        # checkpoint callback (this one at a multiple of N, or the epoch checkpoint) already did at this step:
+        # never the same file twice (MiniLM-L6 with AdamW state: ~0.4 s, 180 MB; BERT-base: ~1.3 GB).
         step = trainer.global_step
-        if not any(
-            cb is not self and cb.save_last and getattr(cb, "_last_global_step_saved", None) == step
-            for cb in trainer.checkpoint_callbacks
-        ):
-            super().on_train_end(trainer, pl_module)
+        done = any(cb.save_last and getattr(cb, "_last_global_step_saved", None) == step for cb in trainer.checkpoint_callbacks)
+        if self.save_last and not done and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # as Lightning's on_train_end
 
 
 def rng_states() -> dict:

@@ -211,9 +211,12 @@ def test_kill_9_during_a_save_leaves_a_whole_checkpoint(tmp_path):
 
 
 
-def test_last_ckpt_is_written_once_and_at_the_final_step(tiny_run, tiny_model, tmp_path):
-    """LastCheckpoint (every 500 steps: more than these fits have) writes last.ckpt when training ends unless the
-    epoch checkpoint just wrote it at that step: never the same file twice, never a stale last.ckpt."""
+def test_last_ckpt_is_written_once_and_at_the_final_step(tiny_run, learned_run, tiny_model, tmp_path):
+    """LastCheckpoint writes last.ckpt when training ends unless a checkpoint callback just wrote it at that step:
+    never the same file twice, never a stale last.ckpt."""
+    # every 5 steps over 24: saved at step 20; the second epoch was not the best, so no epoch save at 24 either
+    assert load_checkpoint(learned_run / LAST)["global_step"] == 24
+    # every 500 steps (the default): more than these fits have
     saves = [int(s) for s in (tiny_run / "saves.txt").read_text().split()]  # global step of every save
     assert saves == [6, 6, 12]  # epoch 0: best and last; epoch 1 (not better): last only, at training end
     assert load_checkpoint(tiny_run / LAST)["global_step"] == 12
