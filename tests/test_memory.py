@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-PROBE = """
+MALLINFO = """
 import ctypes, os, sys
 sys.path.insert(0, {repo!r})
 libc = ctypes.CDLL("libc.so.6")
@@ -18,6 +18,9 @@ class Mallinfo2(ctypes.Structure):
 libc.mallinfo2.restype = Mallinfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+
+PROBE = MALLINFO + """
 from goemo.memory import lean_malloc
 if sys.argv[1] == "lean":
     os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
@@ -77,17 +80,8 @@ def test_every_fit_releases_free_memory(tiny_run):
     assert "ReleaseFreeMemory" in names and "ExactResume" in names
 
 
-PHASES = """
-import ctypes, os, sys, types
-sys.path.insert(0, {repo!r})
-libc = ctypes.CDLL("libc.so.6")
-
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc.mallinfo2.restype = Mallinfo2
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
+PHASES = MALLINFO + """
+import types
 if sys.argv[1] == "fixed":
     os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
 from goemo.memory import ReleaseFreeMemory, lean_malloc
