@@ -52,7 +52,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
 def lean_malloc() -> None:
     """Fix glibc's mmap threshold at $GOEMO_MMAP_THRESHOLD bytes, if set and > 0 (else glibc's default)."""
     threshold = _fixed_threshold()
-    libc = _glibc() if threshold else None
+    libc = _glibc() if threshold > 0 else None
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
