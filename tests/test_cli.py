@@ -1,10 +1,13 @@
 """Every shipped config parses; run resolution and offline errors behave."""
 
+import gc
+import runpy
 from pathlib import Path
 
 import pytest
 import yaml
 
+import goemo.cli
 from goemo.cli import main
 from goemo.runs import rewrite_args
 from tests.conftest import REPO, run_main
@@ -59,6 +62,19 @@ def test_no_run_yet_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: no run with checkpoints under lightning_logs/")
     assert "python main.py fit" in err
+
+
+def test_main_script_freezes_objects_after_the_command(monkeypatch):
+    """`python main.py` runs the CLI, then takes every object out of the garbage collections at exit."""
+    frozen_during = []
+    monkeypatch.setattr(goemo.cli, "main", lambda: frozen_during.append(gc.get_freeze_count()))
+    before = gc.get_freeze_count()
+    try:
+        runpy.run_path(str(REPO / "main.py"), run_name="__main__")
+        assert frozen_during == [before]  # the command itself runs with the collector as usual
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()  # this test process goes on
 
 
 def test_rewrite_args_puts_run_config_first(tmp_path):
