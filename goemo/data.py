@@ -116,6 +116,32 @@ def default_num_workers(on_cuda: bool) -> int:
     return max(1, min(4, cores // 2))
 
 
+def evaluation_batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices of (N,) `lengths`, longest first, cut into batches of at most `batch_size` rows.
+
+    A batch also ends where the length changes once it is at least half full, so most batches hold rows of
+    one length: no padding, and the attention needs no mask. Every batch but the last is at least half full.
+    (GoEmotions' dev split at 128: 49 batches, 1.9% padding, against 43 and 3.3% when cut every 128 rows;
+    evaluation ran 5% faster, 548 vs 523 samples/s, MiniLM-L6 on the 2-core dev machine.)
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    counts = torch.unique_consecutive(lengths[order], return_counts=True)[1].tolist()  # rows of each length
+    batches, start, end = [], 0, 0  # the batch being filled is order[start:end]
+    for count in counts:
+        if 2 * (end - start) >= batch_size:  # a new length, and the batch is at least half full
+            batches.append(order[start:end])
+            start = end
+        stop = end + count
+        while end < stop:
+            end = min(stop, start + batch_size)
+            if end - start == batch_size:
+                batches.append(order[start:end])
+                start = end
+    if end > start:
+        batches.append(order[start:end])
+    return batches
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar-length rows, so per-batch padding is small (GoEmotions: ~18 real tokens a row).
 
@@ -123,15 +149,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     batches, sort each pool by length, cut it into batches, then permute the batches. Random, exact
     (every row once per epoch) and deterministic for a given `seed` and epoch (Lightning calls
     `set_epoch`). `pool_batches=1` gives plain random batches. Evaluation (`shuffle=False`): rows sorted
-    by length, longest first.
+    by length, longest first, in the batches of `evaluation_batches` (most hold one length: no padding).
 
     Distributed (`num_replicas` > 1): the batches of the one-process order are dealt out in turn, batch i
     to rank i % num_replicas, and every rank gets the same number (DDP steps all ranks together). Training
     repeats the first few batches to fill the last round, as torch's DistributedSampler repeats rows.
-    Evaluation cuts the sorted rows into a multiple of `num_replicas` batches of near-equal size (at most
-    `batch_size`), so each row is scored exactly once and metrics gathered from all ranks equal a
-    one-process run's; when the one-process batch count is already a multiple with equal batches, the
-    batches themselves are the same.
+    Evaluation halves its largest batches until their number is a multiple of `num_replicas`, so each row
+    is scored exactly once and metrics gathered from all ranks equal a one-process run's; when the
+    one-process batch count is already a multiple, the batches themselves are the same.
 
     Resuming mid-epoch: `consumed` counts the batches of the epoch (over all ranks) the training loop has
     taken, kept by `ResumableDataLoader`; `load_state_dict` makes the next iteration start after them.
@@ -154,12 +179,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.consumed = 0  # batches of this epoch, over all ranks, already taken by the training loop
-        n = len(self.lengths)
-        if not shuffle and num_replicas > 1 and self._num_batches() > n:
-            raise GoemoError(
-                f"{n} evaluation rows cannot be cut into equal numbers of batches for {num_replicas} processes; "
-                f"use a larger data.eval_batch_size or fewer devices"
-            )
+        # Evaluation's order never changes: cut it once. (E,) row-index tensors, E a multiple of num_replicas.
+        self._evaluation = None if shuffle else self._evaluation_batches()
 
     @property
     def sampler(self) -> "LengthGroupedBatchSampler":
@@ -172,24 +193,29 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             self.consumed = 0  # a new epoch starts at its first batch
         self.epoch = epoch
 
-    def _num_batches(self) -> int:
-        """Batches of an epoch over all ranks (before training's padding to a multiple of num_replicas)."""
-        k = -(-len(self.lengths) // self.batch_size)
-        if not self.shuffle and self.num_replicas > 1:
-            k = -(-k // self.num_replicas) * self.num_replicas
-        return k
+    def _evaluation_batches(self) -> list[torch.Tensor]:
+        """`evaluation_batches`, with the largest halved until their number is a multiple of num_replicas."""
+        batches, w = evaluation_batches(self.lengths, self.batch_size), self.num_replicas
+        while len(batches) % w:
+            i = max(range(len(batches)), key=lambda j: len(batches[j]))  # the first of the largest
+            if len(batches[i]) < 2:
+                raise GoemoError(
+                    f"{len(self.lengths)} evaluation rows cannot be cut into equal numbers of batches for {w} "
+                    f"processes; use fewer devices"
+                )
+            batches[i : i + 1] = batches[i].tensor_split(2)  # both halves stay sorted, longest first
+        return batches
 
     def __len__(self) -> int:
         """Batches this rank gets in an epoch."""
-        return -(-self._num_batches() // self.num_replicas)
+        total = len(self._evaluation) if self._evaluation is not None else -(-len(self.lengths) // self.batch_size)
+        return -(-total // self.num_replicas)
 
     def epoch_batches(self) -> list[list[int]]:
         """Every batch of the epoch, for all ranks, in order; a multiple of num_replicas long."""
         n, bs, w = len(self.lengths), self.batch_size, self.num_replicas
-        if not self.shuffle:
-            order = torch.argsort(self.lengths, descending=True, stable=True)
-            chunks = order.split(bs) if w == 1 else order.tensor_split(self._num_batches())
-            return [b.tolist() for b in chunks]
+        if self._evaluation is not None:
+            return [b.tolist() for b in self._evaluation]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = []
         for pool in torch.randperm(n, generator=g).split(bs * self.pool_batches):

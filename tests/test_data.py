@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, read_labels, read_split
+from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, evaluation_batches, read_labels, read_split
 from goemo.hub import GoemoError
 from tests.conftest import LABELS4
 
@@ -88,9 +88,11 @@ def test_datamodule_batches_are_padded_float_multi_hot(tiny_data, tiny_model, tm
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}  # no token_type_ids
-    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (32, 4)
-    assert batch["input_ids"].shape == batch["attention_mask"].shape
-    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())  # padded to the longest, no more
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (17, 4)  # the longest rows (<= 32)
+    for b in (batch, next(iter(dm.train_dataloader()))):
+        assert b["input_ids"].shape == b["attention_mask"].shape
+        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())  # padded to the longest, no more
+    assert any(not b["attention_mask"].all() for b in dm.train_dataloader())  # some batches needed padding
     first = read_split(tiny_data / "dev.tsv", 4)["labels"][0]
     assert batch["labels"][0].tolist() == [1.0 if i in first else 0.0 for i in range(4)]
 
@@ -107,6 +109,32 @@ def test_tokenized_splits_are_cached(tiny_data, tiny_model, tmp_path, monkeypatc
     dm2 = GoEmotionsDataModule(**{**kw, "max_length": 8})
     with pytest.raises(pytest.fail.Exception, match="re-tokenized"):
         dm2.setup("fit")
+
+
+def test_evaluation_batches_end_where_the_length_changes_once_half_full():
+    lengths = torch.tensor([3, 5, 4, 3, 5, 3, 3, 4, 5, 3])  # rows 1, 4, 8 have 5 tokens; 2, 7 have 4; the rest 3
+    cut = lambda bs: [b.tolist() for b in evaluation_batches(lengths, bs)]  # noqa: E731
+    assert cut(4) == [[1, 4, 8], [2, 7], [0, 3, 5, 6], [9]]  # one length each: 3 and 2 rows are half of 4
+    assert cut(8) == [[1, 4, 8, 2, 7], [0, 3, 5, 6, 9]]  # 3 rows of 8 go on into the next length
+    assert cut(1) == [[i] for i in (1, 4, 8, 2, 7, 0, 3, 5, 6, 9)]
+    assert cut(100) == [[1, 4, 8, 2, 7, 0, 3, 5, 6, 9]]  # longest first, stable
+
+
+@pytest.mark.parametrize("bs", [1, 2, 7, 32, 128])
+def test_evaluation_batches_cover_every_row_and_pad_less_than_cutting_every_bs_rows(bs):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.cat([torch.randint(3, 40, (900,), generator=g), torch.randint(40, 128, (100,), generator=g)])
+    got = evaluation_batches(lengths, bs)
+    order = torch.cat(got)
+    assert sorted(order.tolist()) == list(range(1000))  # every row once
+    assert (lengths[order].diff() <= 0).all()  # longest first across batches
+    assert all(2 * len(b) >= bs for b in got[:-1]) and all(0 < len(b) <= bs for b in got)
+    # a batch mixes lengths only if it was under half full when the length changed
+    for b in got:
+        first_short = int((lengths[b] < lengths[b[0]]).nonzero()[0]) if (lengths[b] < lengths[b[0]]).any() else None
+        assert first_short is None or 2 * first_short < bs
+    padded = lambda bs_: sum(len(b) * int(lengths[b].max()) for b in bs_)  # noqa: E731
+    assert padded(got) <= padded(torch.argsort(lengths, descending=True, stable=True).split(bs))
 
 
 def test_collator_pads_right_and_makes_float_labels():

@@ -1,5 +1,6 @@
 """Scale-out: the batch sampler deals batches to ranks itself; 2-process DDP on the CPU (gloo) scores like 1 process."""
 
+import itertools
 import random
 import shutil
 
@@ -82,10 +83,17 @@ def test_evaluation_scores_every_row_exactly_once(n, bs, world):
     assert all(0 < len(b) <= bs for g in got for b in g)
 
 
-def test_evaluation_batches_equal_one_process_when_they_divide():
-    one = batches(LengthGroupedBatchSampler(LENGTHS[:96], 8, shuffle=False))
-    two = [batches(LengthGroupedBatchSampler(LENGTHS[:96], 8, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert sorted(two[0] + two[1]) == sorted(one)  # the same batches, so the same padding and numbers
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_evaluation_batches_are_one_process_batches_halved_to_divide(world):
+    one = batches(LengthGroupedBatchSampler(LENGTHS, 8, shuffle=False))
+    ranks = [batches(LengthGroupedBatchSampler(LENGTHS, 8, shuffle=False, num_replicas=world, rank=r)) for r in range(world)]
+    dealt = [b for i in range(len(ranks[0])) for b in (g[i] for g in ranks)]  # batch i went to rank i % world
+    assert [i for b in dealt for i in b] == [i for b in one for i in b]  # the same rows in the same order
+    assert len(one) <= len(dealt) < len(one) + world and len(dealt) % world == 0
+    cuts = lambda bs: set(itertools.accumulate(len(b) for b in bs))  # noqa: E731
+    assert cuts(one) <= cuts(dealt)  # only splits: no batch mixes rows that the one-process run kept apart
+    if len(one) % world == 0:
+        assert dealt == one  # the same batches, so the same padding and numbers
 
 
 def test_too_few_evaluation_rows_for_the_processes():
