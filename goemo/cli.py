@@ -160,6 +160,7 @@ class GoemoCLI(LightningCLI):
         if str(trainer.precision) in ("16-mixed", "16") and not torch.cuda.is_available():
             print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
             trainer.precision = "32-true"
+        trainer.precision = default_precision(trainer.precision, trainer.accelerator)
         logger = trainer.logger
         if self.run_dir is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", "")):
             args = logger.init_args
@@ -199,6 +200,18 @@ class GoemoCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].get("output")))
             return_predictions = False  # written batch by batch; keeping them too would grow with the file
         self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
+
+
+def default_precision(precision: Any, accelerator: Any) -> Any:
+    """The trainer's precision: as given, or when unset `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and
+    newer; the matmuls run on tensor cores, no loss scaling needed). Unset elsewhere stays Lightning's 32-true:
+    on the 2-core dev CPU (AVX512-BF16, no AMX) bf16-mixed was slower (README, Benchmark)."""
+    if precision is not None or str(accelerator) not in ("auto", "gpu", "cuda"):
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        print("note: precision bf16-mixed on this CUDA device (--trainer.precision 32-true for full precision)", file=sys.stderr)
+        return "bf16-mixed"
+    return precision
 
 
 def _class_of(callback: Any) -> type:

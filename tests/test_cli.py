@@ -5,10 +5,11 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import goemo.cli
-from goemo.cli import main
+from goemo.cli import default_precision, main
 from goemo.runs import rewrite_args
 from tests.conftest import REPO, run_main
 
@@ -62,6 +63,24 @@ def test_no_run_yet_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: no run with checkpoints under lightning_logs/")
     assert "python main.py fit" in err
+
+
+@pytest.mark.parametrize(
+    "precision,accelerator,cuda,bf16,expected",
+    [
+        (None, "auto", True, True, "bf16-mixed"),  # unset, on a GPU with bfloat16
+        (None, "gpu", True, True, "bf16-mixed"),
+        (None, "auto", True, False, None),  # older GPUs: Lightning's 32-true unless asked
+        (None, "auto", False, False, None),  # CPU
+        (None, "cpu", True, True, None),  # told to stay on the CPU
+        ("32-true", "auto", True, True, "32-true"),  # set: kept
+        ("16-mixed", "auto", True, True, "16-mixed"),  # configs/base.yaml, the seed's fp16
+    ],
+)
+def test_unset_precision_is_bf16_mixed_on_gpus_that_have_it(monkeypatch, precision, accelerator, cuda, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert default_precision(precision, accelerator) == expected
 
 
 def test_main_script_freezes_objects_after_the_command(monkeypatch):
