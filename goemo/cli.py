@@ -157,9 +157,6 @@ class GoemoCLI(LightningCLI):
             # first step over parameters without one unless told to look for them.
             print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
             trainer.strategy = "ddp_find_unused_parameters_true"
-        if str(trainer.precision) in ("16-mixed", "16") and not torch.cuda.is_available():
-            print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
-            trainer.precision = "32-true"
         trainer.precision = default_precision(trainer.precision, trainer.accelerator)
         logger = trainer.logger
         if self.run_dir is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", "")):
@@ -203,9 +200,13 @@ class GoemoCLI(LightningCLI):
 
 
 def default_precision(precision: Any, accelerator: Any) -> Any:
-    """The trainer's precision: as given, or when unset `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and
-    newer; the matmuls run on tensor cores, no loss scaling needed). Unset elsewhere stays Lightning's 32-true:
-    on the 2-core dev CPU (AVX512-BF16, no AMX) bf16-mixed was slower (README, Benchmark)."""
+    """The trainer's precision: as given, except 16-mixed without a CUDA device (configs/base.yaml on a CPU) falls
+    back to 32-true; when unset, `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and newer; the matmuls run
+    on tensor cores, no loss scaling needed). Unset elsewhere stays Lightning's 32-true: on the 2-core dev CPU
+    (AVX512-BF16, no AMX) bf16-mixed was slower (README, Benchmark)."""
+    if str(precision) in ("16-mixed", "16") and not torch.cuda.is_available():
+        print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
+        return "32-true"
     if precision is not None or str(accelerator) not in ("auto", "gpu", "cuda"):
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
