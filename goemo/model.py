@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from goemo.data import GOEMOTIONS_LABELS
-from goemo.dropout import use_cpu_attention_dropout, use_cpu_dropout
+from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
 from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
 from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
@@ -149,9 +149,7 @@ class EmotionClassifier(L.LightningModule):
             fast_dropout: When training on a CPU, draw the dropout masks of the encoder's and the head's dropout
                 modules four at a time from 64-bit random words and keep them as bool for backward
                 (`goemo.dropout`): same dropout (p rounded to a multiple of 1/65536), masks ~2.5x cheaper to
-                draw, a quarter of their memory. Likewise the attention-probability dropout of encoders that
-                run SDPA attention, with a written-out attention in place of PyTorch's unfused fallback.
-                False: PyTorch's own. No effect on a GPU.
+                draw, a quarter of their memory. False: PyTorch's own. No effect on a GPU.
             compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
                 Off by default: compiling costs time at the first batches and again for variable lengths,
                 and on a 2-core CPU (MiniLM-L6) it took 67 s and then ran slower than eager (README).
@@ -197,7 +195,6 @@ class EmotionClassifier(L.LightningModule):
         self.head = nn.Linear(width, num_labels)
         if fast_dropout:
             use_cpu_dropout(self)  # encoder and head
-            use_cpu_attention_dropout(self.encoder)
         nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)

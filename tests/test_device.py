@@ -24,10 +24,8 @@ def test_loaders_pin_and_spawn_workers_only_for_cuda(tiny_data, tiny_model, tmp_
 
 
 def test_encoder_uses_sdpa(tiny_model):
-    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], fast_dropout=False)
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])
     assert m.encoder.config._attn_implementation == "sdpa"
-    # fast_dropout (the default): transformers' sdpa function but in CPU training with dropout (test_dropout.py)
-    assert EmotionClassifier(str(tiny_model), label_names=["a", "b"]).encoder.config._attn_implementation == "goemo_sdpa"
 
 
 def test_encoder_without_sdpa_still_loads(tiny_model, monkeypatch):

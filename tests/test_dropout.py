@@ -1,12 +1,10 @@
-"""goemo.dropout: the same dropout as PyTorch's, with masks drawn 16 bits at a time and kept as bool; attention too."""
+"""goemo.dropout: the same dropout as PyTorch's, with masks drawn 16 bits at a time and kept as bool."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from goemo import dropout as goemo_dropout
-from goemo.dropout import ATTENTION, Dropout, keep_mask, use_cpu_attention_dropout, use_cpu_dropout
+from goemo.dropout import Dropout, keep_mask, use_cpu_dropout
 from goemo.model import EmotionClassifier
 
 
@@ -73,80 +71,3 @@ def test_use_cpu_dropout_swaps_every_dropout_module_of_the_classifier(tiny_model
     stock = EmotionClassifier(str(tiny_model), label_names=["a", "b"], fast_dropout=False)
     assert all(type(d) is nn.Dropout for d in stock.modules() if isinstance(d, nn.Dropout))
     assert use_cpu_dropout(stock) == len(drops) and use_cpu_dropout(stock) == 0  # nothing left to swap
-
-
-def _qkv_and_mask(dtype=torch.float64):
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 5, 4, dtype=dtype, requires_grad=True) for _ in range(3))  # (B, h, T, d)
-    mask = torch.ones(3, 1, 5, 5, dtype=torch.bool)  # (B, 1, T, S) as transformers' sdpa_mask makes it
-    mask[1, ..., 3:] = False  # row 1: two padded keys
-    mask[2, ..., 1:] = False  # row 2: one real token
-    return q, k, v, mask
-
-
-def test_attention_without_dropout_is_pytorchs_and_its_gradient_is_exact():
-    q, k, v, mask = _qkv_and_mask()
-    attend = goemo_dropout._AttentionFunction.apply
-    torch.testing.assert_close(attend(q, k, v, mask, 0.0, 0.5), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, -1e9)
-    torch.testing.assert_close(attend(q, k, v, additive, 0.0, 0.5), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    assert torch.autograd.gradcheck(lambda a, b, c: attend(a, b, c, mask, 0.0, 0.3), (q, k, v))
-
-
-def test_attention_drops_probabilities_with_keep_mask_and_backpropagates_through_the_same_mask():
-    q, k, v, mask = _qkv_and_mask()
-    p, scale = 0.3, 0.5
-
-    def attend(a, b, c):
-        torch.manual_seed(7)
-        return goemo_dropout._AttentionFunction.apply(a, b, c, mask, p, scale)
-
-    torch.manual_seed(7)
-    keep = keep_mask(torch.Size([3, 2, 5, 5]), p)
-    probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), -1)
-    expected = (probs * keep * (65536 / (65536 - round(p * 65536)))) @ v
-    torch.testing.assert_close(attend(q, k, v), expected)
-    assert 0.6 < keep.float().mean().item() < 0.8
-    assert torch.autograd.gradcheck(attend, (q, k, v))  # reseeded each call: the same mask throughout
-
-
-def test_the_attention_keeps_the_probabilities_and_a_bool_mask_for_backward():
-    q, k, v, mask = _qkv_and_mask(torch.float32)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
-        goemo_dropout._AttentionFunction.apply(q, k, v, mask, 0.1, 0.5)
-    big = [s for s in saved if s[1] == (3, 2, 5, 5)]  # (B, h, T, S): one float tensor and one bool
-    assert sorted(big, key=str) == sorted([(torch.float32, (3, 2, 5, 5)), (torch.bool, (3, 2, 5, 5))], key=str)
-
-
-def test_the_classifier_trains_with_goemos_attention_and_evaluates_with_sdpa(tiny_model, monkeypatch):
-    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])  # fast_dropout by default
-    assert m.encoder.config._attn_implementation == ATTENTION
-    stock = EmotionClassifier(str(tiny_model), label_names=["a", "b"], fast_dropout=False)
-    assert stock.encoder.config._attn_implementation == "sdpa"
-    assert use_cpu_attention_dropout(stock) == 1 and use_cpu_attention_dropout(stock) == 0
-    seen = []
-    real = goemo_dropout._AttentionFunction.apply
-    monkeypatch.setattr(goemo_dropout._AttentionFunction, "apply", lambda q, k, v, mask, p, s: seen.append((mask, p)) or real(q, k, v, mask, p, s))
-    ids = torch.randint(5, 1000, (2, 6))
-    attention_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    m.train()
-    m(ids, attention_mask).sum().backward()
-    assert len(seen) == 2 and {p for _, p in seen} == {0.1}  # both layers
-    mask = seen[0][0]  # transformers' sdpa mask: the padded keys of row 1 masked, nothing else
-    assert mask.dtype == torch.bool and mask.shape == (2, 1, 6, 6)
-    assert mask[0].all() and mask[1, ..., :4].all() and not mask[1, ..., 4:].any()
-    seen.clear()
-    m.eval()
-    stock.load_state_dict(m.state_dict())
-    stock.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(m(ids, attention_mask), stock(ids, attention_mask), rtol=0, atol=0)
-    assert seen == []  # evaluation: transformers' own sdpa function
-
-
-def test_encoders_on_other_attention_implementations_are_left_alone(tiny_model):
-    from transformers import AutoModel
-
-    eager = AutoModel.from_pretrained(str(tiny_model), attn_implementation="eager")
-    assert use_cpu_attention_dropout(eager) == 0 and eager.config._attn_implementation == "eager"
