@@ -1,6 +1,6 @@
 """goemo against the seed notebook's recipe, on this machine, in one command.
 
-    python benchmarks/cpu.py --data ../shared/goemotions --train-rows 8192 --epochs 1
+    python benchmarks/cpu.py --train-rows 8192 --epochs 1
 
 Writes a subset of the release (the first N training rows; dev and test whole or limited) to a temp
 folder, then runs one after the other, each as a child process:
@@ -70,7 +70,9 @@ def copy_rows(src: Path, dst: Path, limit: Optional[int]) -> int:
 
     Rows are counted with the csv module, so a quoted row spanning lines stays whole.
     """
-    text = src.read_text(encoding="utf-8")
+    from goemo.data import read_release_text
+
+    text = read_release_text(src)  # the embedded release's splits are gzipped
     reader = csv.reader(text.splitlines(keepends=True), delimiter="\t")
     rows = 0
     for _ in reader:
@@ -84,12 +86,14 @@ def copy_rows(src: Path, dst: Path, limit: Optional[int]) -> int:
 
 def write_subset(data: Path, out: Path, train_rows: Optional[int], eval_rows: Optional[int]) -> dict[str, int]:
     """A data folder with the first rows of each split, and labels.txt."""
+    from goemo.data import release_file
+
     out.mkdir(parents=True)
-    shutil.copy(data / "labels.txt", out / "labels.txt")
+    shutil.copy(release_file(data, "labels.txt"), out / "labels.txt")
     return {
-        "train": copy_rows(data / "train.tsv", out / "train.tsv", train_rows),
-        "dev": copy_rows(data / "dev.tsv", out / "dev.tsv", eval_rows),
-        "test": copy_rows(data / "test.tsv", out / "test.tsv", eval_rows),
+        "train": copy_rows(release_file(data, "train.tsv"), out / "train.tsv", train_rows),
+        "dev": copy_rows(release_file(data, "dev.tsv"), out / "dev.tsv", eval_rows),
+        "test": copy_rows(release_file(data, "test.tsv"), out / "test.tsv", eval_rows),
     }
 
 
@@ -174,7 +178,7 @@ def table(res: dict, epochs: int) -> str:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "goemotions", help="the official release (default: ../shared/goemotions beside the checkout)")
+    p.add_argument("--data", default="pkg:goemo/goemotions", help="a folder with the official release (default: the copy inside goemo)")
     p.add_argument("--train-rows", type=int, default=8192, help="first N training rows (default: 8192)")
     p.add_argument("--eval-rows", type=int, default=None, help="first N dev/test rows (default: all)")
     p.add_argument("--epochs", type=int, default=1, help="epochs for both (default: 1)")
@@ -217,7 +221,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     runs: dict[str, list[dict]] = {"seed": [], "goemo": []}
     with tempfile.TemporaryDirectory(prefix="goemo-bench-") as tmp:
         tmp = Path(tmp)
-        sizes = write_subset(a.data.expanduser().resolve(), tmp / "data", a.train_rows, a.eval_rows)
+        from goemo.data import resolve_data_dir
+
+        sizes = write_subset(resolve_data_dir(a.data).resolve(), tmp / "data", a.train_rows, a.eval_rows)
         print(f"data: {sizes['train']} train, {sizes['dev']} dev, {sizes['test']} test rows; {a.epochs} epoch(s)", flush=True)
         warm_up(env, model_path)
         for i in range(a.repeat):

@@ -7,9 +7,11 @@ collator pads a batch to its longest row, so batches are `(B, T_max)` and labels
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
-from goemo.hub import GoemoError, hub_kwargs, hub_reachable, load_error, resolve_model_path, unreachable
+from goemo.errors import GoemoError
+from goemo.hub import hub_kwargs, hub_reachable, load_error, package_path, resolve_model_path, unreachable
 from goemo.taxonomy import Taxonomy, taxonomy_labels, taxonomy_matrix
 
 # The 28 labels of the "simplified" release, in id order (= labels.txt = the Hub's ClassLabel names).
@@ -33,6 +36,24 @@ GOEMOTIONS_LABELS = [
 
 # Split names used here -> (file in the official release, split on the Hub).
 SPLITS = {"train": ("train.tsv", "train"), "validation": ("dev.tsv", "validation"), "test": ("test.tsv", "test")}
+FIELD_SIZE_LIMIT = 2**31 - 1  # the largest the csv module takes: a text may be as long as the file
+# The official release shipped inside goemo (goemo/goemotions/: the TSV files gzipped, byte for byte): the default.
+EMBEDDED = "pkg:goemo/goemotions"
+
+
+def resolve_data_dir(data_dir: str) -> Path:
+    """The folder a `data_dir` value names: `pkg:MODULE/SUBDIR` (the embedded copy) or a path."""
+    path = package_path(data_dir, "data_dir") if data_dir.startswith("pkg:") else Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise GoemoError(f"data_dir {data_dir!r}: no such folder (it should hold the official GoEmotions TSV files)")
+    return path
+
+
+def release_file(folder: Path, name: str) -> Path:
+    """`folder/name`, or its gzipped copy `folder/name.gz` when only that exists (the embedded release)."""
+    path = folder / name
+    gz = path.with_name(path.name + ".gz")
+    return gz if not path.exists() and gz.is_file() else path
 CACHE_VERSION = "2"  # bump when the encoding below changes, to invalidate old caches
 
 
@@ -40,7 +61,7 @@ def read_labels(path: Path) -> list[str]:
     """Label names from `labels.txt`, one a line; line i is label id i."""
     if not path.is_file():
         raise GoemoError(f"{path}: label file not found (expected labels.txt beside the TSV splits)")
-    names = [line.strip() for line in _read_text(path).splitlines()]
+    names = [line.strip() for line in read_release_text(path).splitlines()]
     while names and not names[-1]:
         names.pop()
     seen: dict[str, int] = {}
@@ -64,7 +85,8 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
     if not path.is_file():
         raise GoemoError(f"{path}: split file not found (a data_dir holds train.tsv, dev.tsv, test.tsv, labels.txt)")
     cols: dict[str, list] = {"text": [], "labels": [], "id": []}
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t")
+    csv.field_size_limit(FIELD_SIZE_LIMIT)  # texts of any length (the csv module's default stops at 128 KiB)
+    reader = csv.reader(io.StringIO(read_release_text(path), newline=""), delimiter="\t")
     start = 1  # line where the current row starts (a quoted text may span lines)
     while True:
         try:
@@ -75,6 +97,8 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
             raise GoemoError(f"{path}:{start}: unreadable row ({e}); an unclosed double quote takes in the lines after it") from None
         where = f"{path}:{start}"
         start = reader.line_num + 1
+        if not row:  # a blank line (a trailing one is common): no row
+            continue
         if len(row) != 3:
             hint = "; an unclosed double quote takes in the lines after it" if len(row) < 3 and "\n" in row[0] else ""
             raise GoemoError(f"{where}: expected 3 tab-separated columns (text, label ids, id), found {len(row)}{hint}")
@@ -94,13 +118,29 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
     return cols
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+def read_release_text(path: Path) -> str:
+    """The file's text: UTF-8, gunzipped when its name ends in .gz; any failure is one GoemoError line."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a .gz that is not gzip or is cut short
+        raise GoemoError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the first row
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise GoemoError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
+def folder_digest(folder: Path) -> str:
+    """A short hash of every file under `folder`: names and bytes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:20]
 
 
 def default_num_workers(on_cuda: bool) -> int:
@@ -289,7 +329,7 @@ class MultiLabelCollator:
 class GoEmotionsDataModule(L.LightningDataModule):
     def __init__(
         self,
-        data_dir: Optional[str] = None,
+        data_dir: Optional[str] = EMBEDDED,
         tokenizer_name: str = "bert-base-uncased",
         hub_dataset: str = "google-research-datasets/go_emotions",
         hub_config: str = "simplified",
@@ -305,10 +345,12 @@ class GoEmotionsDataModule(L.LightningDataModule):
         """GoEmotions, from a folder holding the official release or from the Hugging Face Hub.
 
         Args:
-            data_dir: Folder with train.tsv, dev.tsv, test.tsv and labels.txt (the official release).
-                Unset: load `hub_dataset` from the Hugging Face Hub.
+            data_dir: Folder with train.tsv, dev.tsv, test.tsv and labels.txt in the official release's format
+                (each TSV may be gzipped, NAME.tsv.gz). Default `pkg:goemo/goemotions`: the official release shipped
+                inside goemo. null: load `hub_dataset` with `datasets.load_dataset` instead.
             tokenizer_name: Tokenizer to encode with; linked from `model.model_name_or_path` by the CLI.
-            hub_dataset: Hub dataset id, used when `data_dir` is unset.
+            hub_dataset: Used when `data_dir` is null: a Hugging Face Hub dataset id, or a local folder laid out
+                like the Hub repository (`simplified/train-00000-of-00001.parquet`, ...; a README declaring it).
             hub_config: Hub dataset configuration.
             max_length: Truncate texts to this many tokens (GoEmotions' longest text is ~70 tokens).
             train_batch_size: Rows per training batch.
@@ -336,12 +378,10 @@ class GoEmotionsDataModule(L.LightningDataModule):
             )
         if num_workers is not None and num_workers < 0:
             raise GoemoError(f"data.num_workers must be >= 0 (0 = load in the main process), got {num_workers}")
-        self.data_dir = Path(data_dir).expanduser() if data_dir else None
-        if self.data_dir is not None and not self.data_dir.is_dir():
-            raise GoemoError(f"data_dir {data_dir!r}: no such folder (it should hold the official GoEmotions TSV files)")
+        self.data_dir = resolve_data_dir(data_dir) if data_dir else None
         # The labels of the files (or the Hub), and those after the taxonomy's mapping: the one source of
         # truth for the model, which gets them through a CLI link.
-        self.source_labels = read_labels(self.data_dir / "labels.txt") if self.data_dir else list(GOEMOTIONS_LABELS)
+        self.source_labels = read_labels(release_file(self.data_dir, "labels.txt")) if self.data_dir else list(GOEMOTIONS_LABELS)
         self.label_map = taxonomy_matrix(taxonomy, self.source_labels)  # (S, L) 0/1
         self.label_names = taxonomy_labels(taxonomy, self.source_labels)
         self.datasets: dict = {}
@@ -372,30 +412,40 @@ class GoEmotionsDataModule(L.LightningDataModule):
 
         if self.data_dir is not None:
             return {
-                split: datasets.Dataset.from_dict(read_split(self.data_dir / file, len(self.source_labels)))
+                split: datasets.Dataset.from_dict(read_split(release_file(self.data_dir, file), len(self.source_labels)))
                 for split, (file, _) in SPLITS.items()
             }
-        name = self.hparams.hub_dataset
-        offline = not hub_reachable()
+        name, kwargs = self.hparams.hub_dataset, {}
+        local = Path(name).expanduser().is_dir()  # a folder laid out like the Hub repository
+        if local:
+            name = str(Path(name).expanduser())
+            # `datasets` caches a local folder's Arrow files under the folder's name alone (datasets 5.2): another
+            # folder of that name, or this one with new files, would silently load the old rows. Key by content.
+            kwargs["cache_dir"] = str(Path(datasets.config.HF_DATASETS_CACHE) / "goemo-local" / folder_digest(Path(name)))
         try:
-            if offline:  # only the local cache; otherwise `datasets` retries for ~30 s
+            if not local and not hub_reachable():  # only the local cache; otherwise `datasets` retries for ~30 s
                 datasets.config.HF_HUB_OFFLINE = True
-            ds = datasets.load_dataset(name, self.hparams.hub_config)
-        except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-            raise unreachable("dataset", name, e) from None
-        names = ds["train"].features["labels"].feature.names
+            ds = datasets.load_dataset(name, self.hparams.hub_config, **kwargs)
+        except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError, ...
+            raise (load_error("dataset", name, e) if local else unreachable("dataset", name, e)) from None
+        missing = [hub for _, hub in SPLITS.values() if hub not in ds]
+        if missing:
+            raise GoemoError(f"dataset {name!r}: no {missing[0]!r} split (it has {', '.join(ds)}); GoEmotions has train, validation, test")
+        feature = ds["train"].features.get("labels")
+        names = getattr(getattr(feature, "feature", None), "names", None)  # Sequence(ClassLabel(names=...))
         if names != self.source_labels:
-            raise GoemoError(f"dataset {name!r}: its labels {names[:3]}... differ from GoEmotions' 28 labels")
+            raise GoemoError(f"dataset {name!r}: its labels {(names or [])[:3]}... differ from GoEmotions' 28 labels")
         return {split: ds[hub] for split, (_, hub) in SPLITS.items()}
 
     def _fingerprint(self, split: str, raw) -> str:
         """Cache key of a tokenized split: the raw data, the tokenizer and the encoding settings."""
         h = hashlib.sha256()
         if self.data_dir is not None:
-            h.update((self.data_dir / SPLITS[split][0]).read_bytes())
+            h.update(release_file(self.data_dir, SPLITS[split][0]).read_bytes())
             h.update("\n".join(self.label_names).encode())
-        else:
+        else:  # `_fingerprint` alone is the same for other rows under the same name: add where they were read from
             h.update(raw._fingerprint.encode())
+            h.update("|".join(f["filename"] for f in raw.cache_files).encode())
         self.tokenizer  # loads it and sets _tokenizer_hash
         h.update(self._tokenizer_hash.encode())
         h.update(f"{self.hparams.max_length}|{CACHE_VERSION}|{self.hparams.taxonomy}".encode())

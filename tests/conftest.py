@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# The official release lives beside the checkout (../shared/goemotions); GOEMO_DATA overrides.
-GOEMOTIONS = Path(os.environ.get("GOEMO_DATA", REPO.parent / "shared" / "goemotions"))
 LABELS4 = ["joy", "anger", "fear", "neutral"]
 
 
 @pytest.fixture(scope="session")
 def goemotions() -> Path:
-    assert (GOEMOTIONS / "train.tsv").is_file(), f"GoEmotions release not found at {GOEMOTIONS}; set GOEMO_DATA"
-    return GOEMOTIONS
+    """The official release shipped inside goemo (goemo/goemotions: TSV splits gzipped)."""
+    from goemo.data import EMBEDDED, resolve_data_dir
+
+    return resolve_data_dir(EMBEDDED)
 
 
 def write_split(path: Path, rows: list[tuple[str, str]]) -> None:

@@ -34,7 +34,7 @@ def test_every_config_parses(config, capsys):
 def test_base_is_the_seed_recipe(capsys):
     cfg = print_config(capsys, "--config", str(REPO / "configs" / "base.yaml"))
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
-    assert m["model_name_or_path"] == "bert-base-uncased" and d["data_dir"] is None  # Hub model and data
+    assert m["model_name_or_path"] == "bert-base-uncased" and d["data_dir"] == "pkg:goemo/goemotions"  # Hub model, embedded data
     assert (m["learning_rate"], m["weight_decay"], m["warmup_ratio"], m["threshold"]) == (2e-5, 0.01, 0.0, 0.5)
     assert m["pooling"] == "cls" and m["head_learning_rate"] is None
     assert (d["train_batch_size"], d["eval_batch_size"], t["max_epochs"]) == (16, 32, 10)
@@ -125,7 +125,7 @@ def test_unreachable_hub_model_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_unreachable_hub_dataset_is_one_line(tmp_path, tiny_model):
-    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--trainer.fast_dev_run", "1",
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", "null", "--trainer.fast_dev_run", "1",
                  cwd=tmp_path, env={**HUB_DOWN, "HF_HOME": str(tmp_path / "hf")}, timeout=120)  # fmt: skip
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]

@@ -4,27 +4,30 @@ import io
 import pytest
 import torch
 
-from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, evaluation_batches, read_labels, read_split
-from goemo.hub import GoemoError
+from goemo.data import (
+    GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, evaluation_batches, read_labels, read_release_text,
+    read_split, release_file,
+)  # fmt: skip
+from goemo.errors import GoemoError
 from tests.conftest import LABELS4
 
 
 # -- the real release -------------------------------------------------------------------------
 @pytest.mark.parametrize("name,rows", [("train.tsv", 43410), ("dev.tsv", 5426), ("test.tsv", 5427)])
 def test_real_splits_parse(goemotions, name, rows):
-    cols = read_split(goemotions / name, 28)
+    cols = read_split(release_file(goemotions, name), 28)
     assert len(cols["text"]) == len(cols["labels"]) == len(cols["id"]) == rows
     assert all(1 <= len(ids) <= 5 for ids in cols["labels"])
     assert all(cols["id"]) and all(isinstance(t, str) for t in cols["text"])
 
 
 def test_real_labels_match_hub_names(goemotions):
-    assert read_labels(goemotions / "labels.txt") == GOEMOTIONS_LABELS
+    assert read_labels(release_file(goemotions, "labels.txt")) == GOEMOTIONS_LABELS
 
 
 def test_real_quoted_rows_are_unquoted(goemotions):
-    cols = read_split(goemotions / "train.tsv", 28)
-    raw = (goemotions / "train.tsv").read_text(encoding="utf-8").splitlines()
+    cols = read_split(release_file(goemotions, "train.tsv"), 28)
+    raw = read_release_text(goemotions / "train.tsv.gz").splitlines()
     # Line 124 of train.tsv is CSV-quoted with doubled inner quotes.
     assert raw[123].startswith('"Three words')
     assert cols["text"][123] == 'Three words, no subtlety. "Dude. Stop. Seriously." '

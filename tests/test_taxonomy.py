@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, read_split
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.taxonomy import EKMAN_MAPPING, SENTIMENT_MAPPING, taxonomy_labels, taxonomy_matrix
 
 EKMAN = ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
@@ -50,7 +50,7 @@ def test_real_dev_rows_map_by_hand(goemotions, tiny_model, taxonomy):
     dm = GoEmotionsDataModule(data_dir=str(goemotions), tokenizer_name=str(tiny_model), taxonomy=taxonomy)
     names = EKMAN if taxonomy == "ekman" else SENTIMENT
     assert dm.label_names == names and dm.num_labels == len(names)
-    cols = read_split(goemotions / "dev.tsv", 28)
+    cols = read_split(goemotions / "dev.tsv.gz", 28)
     lines = list(DEV_ROWS)
     batch = {"text": [cols["text"][i - 1] for i in lines], "labels": [cols["labels"][i - 1] for i in lines]}
     assert batch["labels"] == [DEV_ROWS[i][0] for i in lines]  # the rows are the ones annotated above
