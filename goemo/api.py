@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 
-from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
+from goemo.errors import GoemoError
+from goemo.hub import hub_kwargs, load_error, resolve_model_path
 from goemo.model import EmotionClassifier
 from goemo.predict import encode_batches, label_thresholds, to_records
 from goemo.runs import RUNS_DIR, load_checkpoint, resolve_checkpoint
@@ -44,11 +45,12 @@ class Classifier:
         self.label_names: list[str] = list(model.label_names)
         self.thresholds: np.ndarray = label_thresholds(model).numpy()  # (L,)
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """Sigmoid probabilities, float32 array (len(texts), num_labels), rows in input order."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise GoemoError("predict/predict_proba take a list of strings (wrap a single text in a list)")
-        texts = list(texts)
+    def predict_proba(self, texts: Iterable[str]) -> np.ndarray:
+        """Sigmoid probabilities, float32 array (number of texts, num_labels), rows in input order.
+
+        `texts`: any iterable of strings (a list, a tuple, a generator, a numpy array of str, ...).
+        """
+        texts = as_texts(texts)
         probs = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
         chunk = CHUNK_BATCHES * self.batch_size
         device = self.model.device
@@ -59,9 +61,29 @@ class Classifier:
                     probs[batch["index"].numpy()] = torch.sigmoid(logits.float()).cpu().numpy()
         return probs
 
-    def predict(self, texts: Sequence[str]) -> list[dict]:
+    def predict(self, texts: Iterable[str]) -> list[dict]:
         """One `{"text", "labels", "scores"}` record per text, as in the CLI's predictions.jsonl."""
-        return to_records(list(texts), self.predict_proba(texts), self.label_names, self.thresholds)
+        texts = as_texts(texts)  # read once: a generator cannot be read again
+        return to_records(texts, self.predict_proba(texts), self.label_names, self.thresholds)
+
+
+def as_texts(texts: Iterable[str]) -> list[str]:
+    """`texts` as a list, read once; a GoemoError unless it is an iterable of strings (and not one string)."""
+    if isinstance(texts, (str, bytes)):
+        raise GoemoError("predict/predict_proba take an iterable of strings, not one string (wrap a single text in a list)")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise GoemoError(f"predict/predict_proba take an iterable of strings, got {type(texts).__name__}") from None
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise GoemoError(f"predict/predict_proba take strings only: item {i} is {type(t).__name__}")
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can read it
+                raise GoemoError(f"predict/predict_proba: item {i} is not valid Unicode ({e.reason} at position {e.start})") from None
+    return texts
 
 
 def load_model(path: Path) -> tuple[EmotionClassifier, dict]:

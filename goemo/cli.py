@@ -22,7 +22,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from goemo.dashboard import ValidationExamples
 from goemo.data import GoEmotionsDataModule
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
+from goemo.files import check_output_file, check_writable
 from goemo.inputs import check_file
 from goemo.memory import ReleaseFreeMemory, lean_malloc
 from goemo.model import EmotionClassifier
@@ -66,6 +67,24 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
         writer = self.experiment._get_file_writer()
         for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
             writer.add_summary(summary, step)
+
+
+    def _get_next_version(self) -> int:
+        # Lightning takes the number after the highest version_N folder and creates that folder only later, so two
+        # runs started together in one folder took the same version (a sweep's parallel workers do that all day).
+        # The number is claimed here with an atomic mkdir instead. Lightning has no public hook for choosing the
+        # version; `TensorBoardLogger.version` calls this private method when none was given
+        # (tests/test_hardening.py::test_two_fits_started_together_get_two_run_folders fails if that changes).
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0 or "://" in str(self.root_dir):  # other ranks get rank 0's folder by broadcast
+            return version
+        Path(self.root_dir).mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (Path(self.root_dir) / f"version_{version}").mkdir()
+                return version
+            except FileExistsError:
+                version += 1
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -138,6 +157,7 @@ class GoemoCLI(LightningCLI):
             raise GoemoError("--output needs --data.predict_file FILE (the texts to predict)")
         if self.subcommand == "predict" and cfg.data.predict_file:
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
+        self._check_outputs(cfg)
         if cfg.get("weights_only") is False:
             raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
         if cfg.get("ckpt_path"):
@@ -165,6 +185,18 @@ class GoemoCLI(LightningCLI):
                 args.version = self.run_dir.name  # same paths as at fit, so ModelCheckpoint state reloads fully
             else:  # the run folder moved: save_dir/""/version_N is where it lives now
                 args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
+
+    def _check_outputs(self, cfg) -> None:
+        """Every place this command will write is writable, checked before any model is loaded or work is done."""
+        if cfg.get("output"):
+            check_output_file(Path(cfg.output), "--output")
+        elif self.run_dir is not None:
+            check_writable(self.run_dir, "run folder")
+        elif self.subcommand == "fit":
+            logger = cfg.trainer.logger
+            args = getattr(logger, "init_args", None)
+            if args is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", "")):
+                check_writable(Path(args.save_dir, args.name or ""), "run folders' parent")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from goemo.data import MultiLabelCollator
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.predict import label_thresholds
 
 TAG = "val/examples"

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 
 from goemo.api import Classifier, load
-from goemo.hub import GoemoError, hub_kwargs
+from goemo.errors import GoemoError
+from goemo.hub import hub_kwargs
 
 # Texts of varied length (empty, emoji, long enough to be truncated) for the numeric checks.
 PROBE_TEXTS = ["", "I love it!", "😂😂😂", "thanks, that is so kind of you " * 40, "ugh. why would anyone do that?"]
@@ -146,29 +148,30 @@ def export_onnx(clf: Classifier, path: Path) -> float:
     return diff
 
 
-def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
+def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) -> None:
     """Write the export folder.
 
-    Everything is written into a temporary folder beside `out_dir` and moved into place only once every
-    check has passed, so a failed export leaves nothing that looks like a finished one.
+    The target is checked before anything is loaded: it must be new or an empty folder (with `force`, an existing
+    folder is replaced whole). Everything is written into a temporary folder beside `out_dir` and moved into place
+    only once every check has passed, so a failed export leaves nothing that looks like a finished one, and an
+    export never mixes its files with another's.
 
     Args:
         ckpt: `best`, `last`, a run folder or a checkpoint file, as the CLI's --ckpt_path.
-        out_dir: Folder to write (created; files of an earlier export are replaced).
+        out_dir: Folder to write: new, or an empty folder.
         onnx: Also write model.onnx.
+        force: Replace `out_dir` if it is a non-empty folder (the old folder goes only once the new one is complete).
     """
-    clf = load(ckpt)
-    hf, why = None, f"pooling {clf.model.hparams.pooling!r}: no stock Hugging Face class pools that way"
-    if clf.model.hparams.pooling == "cls":
-        try:
-            hf = to_hf_model(clf)
-        except GoemoError as e:  # e.g. RoBERTa's stock head has another layer: use goemo's class
-            why = str(e)
-    out_dir = out_dir.resolve()
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
-    tmp.mkdir(parents=True)
+    out_dir = out_dir.expanduser().resolve()
+    tmp = _claim_target(out_dir, force)
     try:
+        clf = load(ckpt)
+        hf, why = None, f"pooling {clf.model.hparams.pooling!r}: no stock Hugging Face class pools that way"
+        if clf.model.hparams.pooling == "cls":
+            try:
+                hf = to_hf_model(clf)
+            except GoemoError as e:  # e.g. RoBERTa's stock head has another layer: use goemo's class
+                why = str(e)
         if hf is not None:
             hf.save_pretrained(tmp)  # config.json (labels, problem_type) + model.safetensors
             print(f"{type(hf).__name__} matches the checkpoint (probabilities within {HF_TOLERANCE:g})", file=sys.stderr)
@@ -187,20 +190,36 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False) -> None:
         if onnx:
             diff = export_onnx(clf, tmp / "model.onnx")
             print(f"model.onnx matches the checkpoint (max logit difference {diff:.1e})", file=sys.stderr)
+        _put_in_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_into(tmp, out_dir)
 
 
-def _move_into(src: Path, dst: Path) -> None:
-    """Move the finished export `src` to `dst`: a rename when `dst` is new, else file by file over the old ones."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    for f in src.iterdir():
-        os.replace(f, dst / f.name)
-    src.rmdir()
+def _claim_target(out_dir: Path, force: bool) -> Path:
+    """Check `out_dir` can be written (new, an empty folder, or any folder with `force`) and make the temporary
+    folder beside it that the export is written into; both before any model is loaded."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GoemoError(f"{out_dir}: exists and is not a folder; choose a new folder to export to")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise GoemoError(f"{out_dir}: the folder is not empty; choose a new folder, or pass --force to replace it whole")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise GoemoError(f"{out_dir}: cannot write beside it ({e.strerror}); choose a folder you can write to") from None
+    return tmp
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished export `tmp` to `out_dir`; an existing `out_dir` is set aside first, removed after."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -212,9 +231,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("ckpt", help="best, last, a run folder (lightning_logs/version_N) or a .ckpt file")
     parser.add_argument("out_dir", type=Path, help="folder to write")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch and sequence axes)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR whole if it is a folder that is not empty")
     args = parser.parse_args(argv)
+    # SIGTERM as an exception, so the temporary folder is removed as after any other failure (status 143).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        export(args.ckpt, args.out_dir, args.onnx)
+        export(args.ckpt, args.out_dir, args.onnx, args.force)
     except GoemoError as e:
         if os.environ.get("GOEMO_DEBUG"):
             raise

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -39,9 +39,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _txt(path: Path) -> Iterator[str]:
-    # Every line is one text, empty lines included; the final newline does not start another text.
+    # Every line is one text, empty lines included; lines end at LF, CRLF or a lone CR (as Python's universal
+    # newlines); the final line end does not start another text.
     for _, line in _lines(path):
-        yield line.removesuffix("\n").removesuffix("\r")
+        if line:  # empty only for a file that is just a byte-order mark: no text
+            yield from line.removesuffix("\n").removesuffix("\r").split("\r")
 
 
 def _jsonl(path: Path) -> Iterator[str]:
@@ -54,12 +56,19 @@ def _jsonl(path: Path) -> Iterator[str]:
             raise GoemoError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or "text" not in record:
             raise GoemoError(f"{path}:{number}: each line must be a JSON object with a \"text\" field")
-        if not isinstance(record["text"], str):
-            raise GoemoError(f"{path}:{number}: \"text\" must be a string, got {type(record['text']).__name__}")
-        yield record["text"]
+        text = record["text"]
+        if not isinstance(text, str):
+            raise GoemoError(f"{path}:{number}: \"text\" must be a string, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a \ud800-style escape of half a character: no tokenizer reads it
+                raise GoemoError(f"{path}:{number}: \"text\" is not valid Unicode ({e.reason}; a lone \\u surrogate escape)") from None
+        yield text
 
 
 def _csv(path: Path) -> Iterator[str]:
+    csv.field_size_limit(2**31 - 1)  # texts of any length (the csv module's default stops at 128 KiB)
     lines = _lines(path)
     reader = csv.reader(line for _, line in lines)
     try:

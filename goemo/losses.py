@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 
 Loss = Literal["bce", "bce_pos_weight", "focal"]
 

@@ -19,7 +19,8 @@ from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 from goemo.data import GOEMOTIONS_LABELS
 from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
-from goemo.hub import GoemoError, hub_kwargs, load_error, resolve_model_path
+from goemo.errors import GoemoError
+from goemo.hub import hub_kwargs, load_error, resolve_model_path
 from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
 from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
 

@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import IterableDataset, get_worker_info
 
 from goemo.data import MultiLabelCollator
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
+from goemo.files import AtomicFile
 from goemo.inputs import count_texts, read_texts
 
 
@@ -140,11 +141,9 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             raise GoemoError("predicting a file runs on one device; pass --trainer.devices 1")
         self.path = Path(self.output).expanduser() if self.output else Path(trainer.log_dir or ".") / "predictions.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name and renamed at the end: a run that fails half-way leaves no
         # predictions file that looks complete (nor replaces a good one from before).
-        self.partial = self.path.with_name(f".{self.path.name}.partial")
-        self.file = self.partial.open("w", encoding="utf-8")
+        self.out = AtomicFile(self.path)
         self.labels = list(pl_module.label_names)
         self.thresholds = label_thresholds(pl_module).numpy()
         self.pending: dict[int, dict] = {}  # input position -> record, until its turn
@@ -157,18 +156,16 @@ class PredictionWriter(BasePredictionWriter):
         for i, record in zip(batch["index"].tolist(), to_records(batch["text"], probs, self.labels, self.thresholds)):
             self.pending[i] = record
         while self.written in self.pending:
-            self.file.write(json.dumps(self.pending.pop(self.written), ensure_ascii=False) + "\n")
+            self.out.file.write(json.dumps(self.pending.pop(self.written), ensure_ascii=False) + "\n")
             self.written += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        self.file.close()
         if self.pending:  # cannot happen unless batches went missing
-            self.partial.unlink(missing_ok=True)
+            self.out.discard()
             raise GoemoError(f"{self.path}: {len(self.pending)} predictions were never written (rows missing before them)")
-        self.partial.replace(self.path)
+        self.out.commit()
         print(f"wrote {self.written} predictions to {self.path}", file=sys.stdout)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if getattr(self, "file", None) is not None:
-            self.file.close()
-            self.partial.unlink(missing_ok=True)
+        if getattr(self, "out", None) is not None:
+            self.out.discard()

@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
+from goemo.files import AtomicFile, no_space
 from goemo.runs import load_checkpoint
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 500  # BERT-base on a GPU: about a minute of training between saves
@@ -46,20 +47,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         _check_finite(checkpoint.get("state_dict", {}), path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Beside the target (same file system, so the rename is atomic); a fixed name, so a file left by a
-        # killed save is overwritten by the next one. Not *.ckpt: never taken for a checkpoint.
-        tmp = path.with_name(f".{path.name}.partial")
         try:
-            with open(tmp, "wb") as f:
+            with AtomicFile(path, "wb") as f:  # a kill during the save leaves the previous file whole
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)  # and the rename itself survives a power cut
+        except (OSError, RuntimeError) as e:
+            if not no_space(e):
+                raise
+            last = path.with_name("last.ckpt")
+            kept = f"the previous last.ckpt (step {_step_of(last)}) is kept" if last.is_file() else "no earlier checkpoint exists"
+            raise GoemoError(f"no space left on device while saving {path}; {kept}; free space and resume with --ckpt_path last") from None
 
     def load_checkpoint(
         self, path: Union[str, Path], map_location: Optional[Callable] = None, weights_only: Optional[bool] = None
@@ -84,19 +80,6 @@ def _check_finite(state: dict, path: Path) -> None:
             f"not saving {path}: the weights are not finite (first: {first}); training diverged, "
             f"the checkpoints saved before are kept (lower --model.learning_rate)"
         )
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -269,6 +252,11 @@ class Interrupts(Callback):
         if self._sigint:
             raise KeyboardInterrupt
 
+    def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Lightning's evaluation loop (validate, test) stops on SIGTERM at a batch end; its predict loop does not.
+        if trainer.received_sigterm:
+            raise SIGTERMException()
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
@@ -292,7 +280,8 @@ class Interrupts(Callback):
             return
         last = folder / "last.ckpt" if folder is not None else None
         if trainer.state.fn != TrainerFn.FITTING:
-            msg = f"interrupted by {what}"
+            kept = "predictions" if trainer.state.fn == TrainerFn.PREDICTING else "metrics or report"
+            msg = f"interrupted by {what} during {trainer.state.fn.value}: stopped before the end, so no {kept} were written"
         elif saved is not None:
             msg = f"interrupted by {what} {where}: saved {saved}; resume with: {resume_hint(folder.parent)}"
         elif last is not None and last.is_file():

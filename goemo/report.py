@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from goemo.files import write_text
+
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -155,16 +157,9 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / JSON_NAME, out_dir / MD_NAME
-    _write_atomic(js, json.dumps(report, indent=2) + "\n")
-    _write_atomic(md, to_markdown(report))
+    write_text(js, json.dumps(report, indent=2) + "\n")  # atomic: a crash never leaves a half-written report
+    write_text(md, to_markdown(report))
     return js, md
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a temp file beside `path`, then rename it: a crash never leaves a half-written report."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def print_report(report: dict, console=None) -> None:

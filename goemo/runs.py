@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 
 RUNS_DIR = Path("lightning_logs")
 ALIASES = ("best", "last")

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 
 Taxonomy = Literal["original", "ekman", "sentiment"]
 

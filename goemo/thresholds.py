@@ -14,7 +14,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multilabel_exact_match, multilabel_f1_score
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 
 # The candidates searched: 0.01, 0.02, ..., 0.99. A fixed grid (not the distinct probabilities) keeps the
 # search O(99 N L), the chosen values readable, and tiny probability differences from moving the threshold.

@@ -10,16 +10,21 @@ from lightning.pytorch.callbacks import Callback
 
 
 class SlowSteps(Callback):
-    def __init__(self, seconds: float = 0.3) -> None:
-        """Sleeps after each training batch, so a test can signal the process mid-epoch.
+    def __init__(self, seconds: float = 0.3, started: str = "") -> None:
+        """Sleeps after each training, validation, test and predict batch, so a test can signal the process mid-work.
 
         Args:
             seconds: Sleep per batch.
+            started: If set, a file created after the first batch (the test waits for it before signalling).
         """
-        self.seconds = seconds
+        self.seconds, self.started = seconds, started
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _batch_end(self, *args, **kwargs) -> None:
+        if self.started:
+            open(self.started, "a").close()
         time.sleep(self.seconds)
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _batch_end
 
 
 class RecordValidation(Callback):

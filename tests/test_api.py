@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from goemo import load
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from tests.conftest import LABELS4, PREDICT_TEXTS, best_thresholds
 from tests.test_predict import check_records
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from goemo.cli import main
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from tests.conftest import LABELS4, run_main, write_split
 
 def cli_error(capsys, monkeypatch, cwd: Path, *args: str) -> str:

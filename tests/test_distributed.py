@@ -10,7 +10,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
 from goemo.data import LengthGroupedBatchSampler, ResumableDataLoader
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.runs import load_checkpoint
 from tests.conftest import LEARNING_ARGS, ONE_THREAD, RECORD, records, run_main
 

@@ -13,7 +13,7 @@ import torch
 
 from goemo import load
 from goemo.export import export
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from tests.conftest import LABELS4, PREDICT_TEXTS, REPO, best_thresholds
 
 # Varied lengths, and one text longer than the tiny model's 128 positions: pipeline() must truncate it.

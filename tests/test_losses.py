@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from goemo.data import GoEmotionsDataModule
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.losses import FocalLoss, build_loss, pos_weight_from_frequencies
 from goemo.model import EmotionClassifier
 from goemo.runs import load_checkpoint

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.model import EmotionClassifier
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.inputs import count_texts, read_texts
 from goemo.predict import PredictionWriter, TextFileDataset, label_thresholds, to_records
 from tests.conftest import LABELS4, PREDICT_TEXTS, best_thresholds, run_main

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.reliability import SafeCheckpointIO
 from goemo.runs import load_checkpoint
 from tests.conftest import LEARNING_ARGS, ONE_THREAD, RECORD, REPO, records, run_main

@@ -13,7 +13,7 @@ import torch
 from goemo import load
 from goemo.cli import main
 from goemo.export import main as export_main
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from tests.conftest import REPO, run_main
 
 GOEMO = REPO / "goemo"

@@ -5,7 +5,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from goemo.data import GoEmotionsDataModule
-from goemo.hub import GoemoError
+from goemo.errors import GoemoError
 from goemo.model import EmotionClassifier
 from goemo.runs import load_checkpoint
 from goemo.thresholds import GRID, ProbsAndTargets, apply_thresholds, thresholded_metrics, tune_thresholds

@@ -1,0 +1,104 @@
+"""Files that are whole or absent: every file goemo writes goes to `.NAME.partial` beside it, is flushed to disk,
+and is renamed over NAME only when complete, so a crash, a kill or a full disk never leaves a file that looks
+finished but is not. And output folders are checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from goemo.errors import GoemoError
+
+
+def partial_path(path: Path) -> Path:
+    """Where `path` is written until it is complete: beside it (same file system, so the rename is atomic), hidden,
+    and not named *.ckpt or *.jsonl, so it is never taken for a finished file."""
+    return path.with_name(f".{path.name}.partial")
+
+
+class AtomicFile:
+    """`path` written through `.NAME.partial`: `commit()` flushes it to disk and renames it over `path`;
+    `discard()` (or leaving a `with` block by an exception) removes it and leaves any earlier `path` as it was."""
+
+    def __init__(self, path: Path, mode: str = "w", encoding: str | None = "utf-8") -> None:
+        self.path, self.partial = Path(path), partial_path(Path(path))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file: IO = open(self.partial, mode, encoding=None if "b" in mode else encoding)
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # the bytes are on disk before the name points at them
+            self.file.close()
+            os.replace(self.partial, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        fsync_dir(self.path.parent)  # and the rename itself survives a power cut
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # a full disk fails the close's flush too: the file goes anyway
+            pass
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> IO:
+        return self.file
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.discard() if kind is not None else self.commit()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (UTF-8)."""
+    with AtomicFile(path) as f:
+        f.write(text)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Raise a one-line GoemoError unless files can be created in `folder` (made if missing), by trying it."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise GoemoError(f"{what} {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise GoemoError(f"{what} {folder}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Raise a one-line GoemoError unless `path` can be written as a file (not a folder; its folder writable)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise GoemoError(f"{what} {path}: is a folder; give a file name (e.g. {path / 'predictions.jsonl'})")
+    check_writable(path.parent, f"{what} {path}: its folder")
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Whether a write failed because the disk is full. torch.save's zip writer raises a RuntimeError ("unexpected
+    pos ...") while handling the file's OSError, so the cause is looked for along the exception's context too."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
