@@ -1,131 +1,36 @@
-"""Python API: a trained run as a plain classifier, no Trainer.
+"""Python API: trained runs as plain classifiers, no Trainer.
 
     from goemo import load
     clf = load("lightning_logs/version_0")          # or "best", "last", or a .ckpt file
     clf.predict(["I love it", "ugh"])               # [{"text", "labels", "scores"}, ...] as in predictions.jsonl
     clf.predict_proba(["I love it", "ugh"])         # numpy (2, num_labels)
+    ens = load(["lightning_logs/version_0", "lightning_logs/version_1"])   # an ensemble, same methods
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
 
-import numpy as np
-import torch
-
-from goemo.errors import GoemoError
-from goemo.hub import hub_kwargs, load_error, resolve_model_path
-from goemo.model import EmotionClassifier
-from goemo.predict import encode_batches, label_thresholds, to_records
-from goemo.runs import RUNS_DIR, load_checkpoint, resolve_checkpoint
-
-CHUNK_BATCHES = 32  # batches tokenized and length-sorted together
-
-
-class Classifier:
-    def __init__(self, model: EmotionClassifier, tokenizer, max_length: int = 128, batch_size: int = 64) -> None:
-        """Predicts label probabilities for lists of texts with a trained EmotionClassifier.
-
-        Texts are tokenized as in training (truncated to `max_length` tokens), batched by similar
-        length for little padding, and returned in input order.
-
-        Args:
-            model: The classifier, on the device to run on; it is put in eval mode.
-            tokenizer: Its tokenizer.
-            max_length: Truncate texts to this many tokens (the data module's `max_length` at training).
-            batch_size: Texts per forward pass.
-        """
-        if batch_size < 1:
-            raise GoemoError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = model.eval()
-        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
-        self.label_names: list[str] = list(model.label_names)
-        self.thresholds: np.ndarray = label_thresholds(model).numpy()  # (L,)
-
-    def predict_proba(self, texts: Iterable[str]) -> np.ndarray:
-        """Sigmoid probabilities, float32 array (number of texts, num_labels), rows in input order.
-
-        `texts`: any iterable of strings (a list, a tuple, a generator, a numpy array of str, ...).
-        """
-        texts = as_texts(texts)
-        probs = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        chunk = CHUNK_BATCHES * self.batch_size
-        device = self.model.device
-        with torch.inference_mode():
-            for start in range(0, len(texts), chunk):
-                for batch in encode_batches(self.tokenizer, texts[start : start + chunk], self.max_length, self.batch_size, start):
-                    logits = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, L)
-                    probs[batch["index"].numpy()] = torch.sigmoid(logits.float()).cpu().numpy()
-        return probs
-
-    def predict(self, texts: Iterable[str]) -> list[dict]:
-        """One `{"text", "labels", "scores"}` record per text, as in the CLI's predictions.jsonl."""
-        texts = as_texts(texts)  # read once: a generator cannot be read again
-        return to_records(texts, self.predict_proba(texts), self.label_names, self.thresholds)
-
-
-def as_texts(texts: Iterable[str]) -> list[str]:
-    """`texts` as a list, read once; a GoemoError unless it is an iterable of strings (and not one string)."""
-    if isinstance(texts, (str, bytes)):
-        raise GoemoError("predict/predict_proba take an iterable of strings, not one string (wrap a single text in a list)")
-    try:
-        texts = list(texts)
-    except TypeError:
-        raise GoemoError(f"predict/predict_proba take an iterable of strings, got {type(texts).__name__}") from None
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise GoemoError(f"predict/predict_proba take strings only: item {i} is {type(t).__name__}")
-        if not t.isascii():
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can read it
-                raise GoemoError(f"predict/predict_proba: item {i} is not valid Unicode ({e.reason} at position {e.start})") from None
-    return texts
-
-
-def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
-    """The EmotionClassifier saved in a Lightning checkpoint file, and the checkpoint's data-module hparams.
-
-    The encoder is built from its config (no pretrained weights are read or fetched) and every
-    weight comes from the checkpoint, loaded with `weights_only=True`.
-    """
-    ckpt = load_checkpoint(path)
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "state_dict" not in ckpt:
-        raise GoemoError(f"{path}: not a goemo checkpoint (no hyper_parameters or state_dict)")
-    accepted = inspect.signature(EmotionClassifier.__init__).parameters
-    # Drop what Lightning adds (e.g. `_instantiator`) and settings a newer goemo no longer has.
-    args = {k: v for k, v in hparams.items() if k in accepted and k != "pretrained"}
-    model = EmotionClassifier(**args, pretrained=False)
-    model.load_state_dict(ckpt["state_dict"])
-    return model, ckpt.get("datamodule_hyper_parameters") or {}
+from goemo.classifier import Classifier, as_texts, load_model, load_run  # noqa: F401 (the API's names)
+from goemo.ensemble import ENSEMBLE_FILE, Ensemble, load_ensemble
+from goemo.runs import RUNS_DIR
 
 
 def load(
-    ckpt: Union[str, Path] = "best",
-    device: str = "cpu",
-    batch_size: int = 64,
-    runs_dir: Union[str, Path] = RUNS_DIR,
-) -> Classifier:
-    """A trained classifier from a run folder, a .ckpt file, or `best`/`last` (newest run under `runs_dir`).
+    ckpt: Union[str, Path, list] = "best", device: str = "cpu", batch_size: int = 64, runs_dir: Union[str, Path] = RUNS_DIR
+) -> Union[Classifier, Ensemble]:
+    """A trained classifier, or an ensemble of several, with `predict` and `predict_proba`.
 
     Args:
-        ckpt: As the CLI's `--ckpt_path`: `best` (the run's best checkpoint by validation F1),
-            `last`, a run folder (its best checkpoint), or a checkpoint file.
+        ckpt: As the CLI's `--ckpt_path`: `best` (the newest run's best checkpoint by validation F1), `last`,
+            a run folder (its best checkpoint) or a checkpoint file. A list of these: an ensemble averaging
+            their probabilities, its thresholds tuned on the averaged validation probabilities at the first
+            `predict`. A folder written by `python -m goemo.ensemble`: that ensemble, with its thresholds.
         device: Where to run, e.g. "cpu" or "cuda".
         batch_size: Texts per forward pass.
         runs_dir: Where `best`/`last` look for runs.
     """
-    from transformers import AutoTokenizer
-
-    path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))
-    model, data_hparams = load_model(path)
-    name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
-    except (OSError, ValueError) as e:  # missing files, a broken config, custom code
-        raise load_error("tokenizer", name, e) from None
-    return Classifier(model.to(device), tokenizer, data_hparams.get("max_length", 128), batch_size)
+    if isinstance(ckpt, (list, tuple)) or (Path(ckpt) / ENSEMBLE_FILE).is_file():
+        return load_ensemble(list(ckpt) if isinstance(ckpt, (list, tuple)) else ckpt, device, batch_size)
+    return load_run(ckpt, device, batch_size, runs_dir)

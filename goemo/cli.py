@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -21,15 +22,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from goemo.dashboard import ValidationExamples
+from goemo.report import TestReport
 from goemo.data import GoEmotionsDataModule
 from goemo.errors import GoemoError
 from goemo.files import check_output_file, check_writable
 from goemo.inputs import check_file
-from goemo.memory import ReleaseFreeMemory, lean_malloc
 from goemo.model import EmotionClassifier
 from goemo.predict import PredictionWriter
-from goemo.reliability import ExactResume, Interrupts, LastCheckpoint, SafeCheckpointIO, StopOnNonFiniteLoss
-from goemo.runs import load_checkpoint, rewrite_args
+from goemo.reliability import LastCheckpoint, SafeCheckpointIO
+from goemo.runs import load_lightning_checkpoint, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
 # with the loss, validation metrics and it/s, and a model summary table.
@@ -38,6 +39,8 @@ TERMINAL_CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
     {"class_path": "lightning.pytorch.callbacks.RichModelSummary"},
 ]
+# Exact resume, Ctrl-C/SIGTERM and divergence handling (goemo.reliability): in every run's config, removable there.
+RELIABILITY_CALLBACKS = [{"class_path": f"goemo.reliability.{name}"} for name in ("ExactResume", "Interrupts", "StopOnNonFiniteLoss")]
 
 # Metric names shown as columns in TensorBoard's hparams tab (fixed: dashboards and scripts read them).
 HPARAM_METRICS = [f"{s}/{m}" for s in ("val", "test") for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
@@ -56,20 +59,18 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
 
     @rank_zero_only  # as TensorBoardLogger's: other ranks have no event writer
     def log_hyperparams(self, params: Any, metrics: Optional[dict] = None, step: Optional[int] = None) -> None:
-        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
         from torch.utils.tensorboard.summary import hparams
 
-        params = {**_convert_params(params), **self.run_config}
-        if metrics is not None or self._default_hp_metric:
+        params = {**(params if isinstance(params, Mapping) else vars(params)), **self.run_config}
+        if metrics is not None:
             return super().log_hyperparams(params, metrics, step)
         super().log_hyperparams(params)  # hparams.yaml
-        flat = self._sanitize_params(_flatten_dict(params))
-        writer = self.experiment._get_file_writer()
-        for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
-            writer.add_summary(summary, step)
+        # Lightning declares no metric names in the hparams summary (Lightning #1111, #2971): write it ourselves.
+        for summary in hparams(_flat(params), dict.fromkeys(HPARAM_METRICS, 0.0)):
+            self.experiment.file_writer.add_summary(summary, step)
 
 
-    def _get_next_version(self) -> int:
+    def _get_next_version(self) -> int:  # Lightning #19953 asks to change how this number is chosen; no public hook
         # Lightning takes the number after the highest version_N folder and creates that folder only later, so two
         # runs started together in one folder took the same version (a sweep's parallel workers do that all day).
         # The number is claimed here with an atomic mkdir instead. Lightning has no public hook for choosing the
@@ -85,6 +86,17 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
                 return version
             except FileExistsError:
                 version += 1
+
+
+def _flat(params: Mapping, prefix: str = "") -> dict:
+    """Nested hyperparameters as one level, `a/b` keys, values TensorBoard's hparams take (others as text)."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping) or hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+            flat.update(_flat(value if isinstance(value, Mapping) else vars(value), f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+    return {k: ("None" if v is None else v) for k, v in flat.items()}
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -121,15 +133,17 @@ class GoemoCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ValidationExamples, "val_examples")
+        parser.add_lightning_class_args(TestReport, "test_report")  # test_report.json/.md after `test`
         # In the config (not trainer_defaults, which appends instances after parsing) so the
         # enable_progress_bar/enable_model_summary check below can drop them and config.yaml records them.
-        parser.set_defaults({"trainer.callbacks": TERMINAL_CALLBACKS})
+        parser.set_defaults({"trainer.callbacks": TERMINAL_CALLBACKS + RELIABILITY_CALLBACKS})
         # One source of truth: the model's name picks the tokenizer; the data's labels size the head.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        # `add_arguments_to_parser` cannot tell subcommands apart, so predict's own flag is added here.
+        # `add_arguments_to_parser` cannot tell subcommands apart, so predict's own flag is added here (LightningCLI
+        # has no public per-subcommand hook; jsonargparse #257-style subcommand arguments, Lightning #15427 area).
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument(
@@ -141,13 +155,12 @@ class GoemoCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters into the config (torch.load, weights_only=True) before
         # anything else; a file that is not a loadable, safe checkpoint raises there. Read it first through
-        # goemo.runs.load_checkpoint (memory-mapped: cheap), so that is one line, not a traceback.
+        # goemo.runs.load_checkpoint (memory-mapped: cheap), so that is one line, not a traceback. This private hook
+        # is where LightningCLI loads a checkpoint's hyperparameters (Lightning #20310, #20801).
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and Path(ckpt_path).is_file():
-            ckpt = load_checkpoint(Path(ckpt_path), mmap=True)
-            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-                raise GoemoError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
+            load_lightning_checkpoint(Path(ckpt_path), mmap=True)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -160,18 +173,16 @@ class GoemoCLI(LightningCLI):
         self._check_outputs(cfg)
         if cfg.get("weights_only") is False:
             raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
-        if cfg.get("ckpt_path"):
-            cfg.model.pretrained = False  # the checkpoint holds every weight: don't load (or fetch) them twice
-        # goemo's batch samplers deal batches to each rank themselves; Lightning's sampler injection cannot wrap
-        # them (it would fail under DDP). Configs saved before it defaulted to false still say true.
-        trainer.use_distributed_sampler = False
-        if cfg.get("last_checkpoint") and cfg.last_checkpoint.every_n_train_steps:
-            cfg.checkpoint.enable_version_counter = False  # as the default above, also for older run configs
-        # `--trainer.enable_progress_bar false` (or enable_model_summary) would clash with the default callbacks.
-        off = tuple(c for c, on in ((ProgressBar, trainer.enable_progress_bar), (ModelSummary, trainer.enable_model_summary)) if on is False)
-        if off and trainer.callbacks:
-            callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
-            trainer.callbacks = [cb for cb in callbacks if not issubclass(_class_of(cb), off)]
+        if cfg.get("ckpt_path") and cfg.model.pretrained:
+            note("model.pretrained false: the checkpoint holds every weight, so none are loaded (or fetched) twice")
+            cfg.model.pretrained = False
+        if trainer.use_distributed_sampler:  # a run config from before it defaulted to false
+            note("trainer.use_distributed_sampler false: goemo's batch samplers deal batches to each rank themselves")
+            trainer.use_distributed_sampler = False
+        if cfg.get("last_checkpoint") and cfg.last_checkpoint.every_n_train_steps and cfg.checkpoint.enable_version_counter:
+            note("checkpoint.enable_version_counter false: last.ckpt is shared with last_checkpoint, never last-v1.ckpt")
+            cfg.checkpoint.enable_version_counter = False
+        trainer.callbacks = self._callbacks(trainer)
         if trainer.strategy == "ddp" and cfg.model.pooling == "mean":
             # The encoder's pooler (over [CLS]) gets no gradient when pooling by the mean, and DDP stops at the
             # first step over parameters without one unless told to look for them.
@@ -185,6 +196,18 @@ class GoemoCLI(LightningCLI):
                 args.version = self.run_dir.name  # same paths as at fit, so ModelCheckpoint state reloads fully
             else:  # the run folder moved: save_dir/""/version_N is where it lives now
                 args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
+
+    @staticmethod
+    def _callbacks(trainer) -> list:
+        """The config's callbacks, less the terminal ones that `enable_progress_bar/enable_model_summary false`
+        turn off (they would clash), with a note."""
+        callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks] if trainer.callbacks else []
+        off = tuple(c for c, on in ((ProgressBar, trainer.enable_progress_bar), (ModelSummary, trainer.enable_model_summary)) if on is False)
+        kept = [cb for cb in callbacks if not (off and issubclass(_class_of(cb), off))]
+        if len(kept) < len(callbacks):
+            dropped = ", ".join(_class_of(cb).__name__ for cb in callbacks if cb not in kept)
+            note(f"dropped the callbacks {dropped} from trainer.callbacks: the progress bar or model summary is off")
+        return kept
 
     def _check_outputs(self, cfg) -> None:
         """Every place this command will write is writable, checked before any model is loaded or work is done."""
@@ -231,6 +254,11 @@ class GoemoCLI(LightningCLI):
         self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
 
 
+def note(text: str) -> None:
+    """A value changed between parsing and instantiation, said on stderr (and kept in the saved config)."""
+    print(f"note: {text}", file=sys.stderr)
+
+
 def default_precision(precision: Any, accelerator: Any) -> Any:
     """The trainer's precision: as given, except 16-mixed without a CUDA device (configs/base.yaml on a CPU) falls
     back to 32-true; when unset, `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and newer; the matmuls run
@@ -257,7 +285,6 @@ def _class_of(callback: Any) -> type:
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    lean_malloc()
     try:
         args, run_dir = rewrite_args(argv)
         if run_dir is not None:
@@ -278,9 +305,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "class_path": "goemo.cli.HParamsTensorBoardLogger",
                     "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
                 },
-                # Always there, not in the config: exact resume, interrupts, divergence (goemo.reliability) and
-                # giving free heap pages back between training, validation and test (goemo.memory).
-                "callbacks": [ExactResume(), Interrupts(), StopOnNonFiniteLoss(), ReleaseFreeMemory()],
             },
         )
     except SIGTERMException:

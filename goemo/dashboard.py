@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from goemo.data import MultiLabelCollator
+from goemo.batching import MultiLabelCollator
 from goemo.errors import GoemoError
 from goemo.predict import label_thresholds
+from goemo.thresholds import apply_thresholds
 
 TAG = "val/examples"
 
@@ -51,7 +52,7 @@ class ValidationExamples(Callback):
         with torch.inference_mode():  # the validation loop has put the model in eval mode
             logits = pl_module(batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device))
         probs = torch.sigmoid(logits.float()).cpu()  # (n, L)
-        predicted = probs > label_thresholds(pl_module)  # (n, L), strictly above as in the metrics
+        predicted = apply_thresholds(probs, label_thresholds(pl_module))  # (n, L), as in the metrics
         names = pl_module.label_names
         lines = ["| text | true labels | predicted (probability) |", "|---|---|---|"]
         for text, truth, p, hit in zip(texts, batch["labels"], probs, predicted):

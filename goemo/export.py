@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from goemo.api import Classifier, load
+from goemo.classifier import Classifier, load_run as load
 from goemo.errors import GoemoError
 from goemo.hub import hub_kwargs
 

@@ -3,7 +3,8 @@
 glibc serves a large block from its heap once a block that size was freed (its mmap threshold grows up to
 32 MiB), and freed heap memory mostly stays resident. Training frees and reallocates activations of a
 different size every batch, so the heap fragments: late in the CPU benchmark's epoch (MiniLM-L6, batch 32)
-411 of the heap's 743 MiB were free yet resident. `ReleaseFreeMemory` (always on) does two things:
+411 of the heap's 743 MiB were free yet resident. `ReleaseFreeMemory` (opt-in: it changes glibc's allocator
+process-wide, a trick measured on one machine; `--trainer.callbacks+=goemo.memory.ReleaseFreeMemory`) does two things:
 
 - Training takes blocks of 2 MiB and more (MiniLM-L6 at batch 32: the feed-forward activations of all but
   the shortest batches) as mappings of their own, returned to the system when freed, so they never
@@ -15,23 +16,17 @@ different size every batch, so the heap fragments: late in the CPU benchmark's e
 - It hands the free heap pages back to the system where one phase hands over to the next (before each
   training epoch, validation and test: `malloc_trim`), so the next phase's tensors of other sizes land on
   pages it touches itself rather than on top of the last phase's resident holes.
-
-`lean_malloc` (opt-in, GOEMO_MMAP_THRESHOLD=1048576) instead fixes the threshold at that many bytes for
-every phase: less memory still, slower (with 1 MiB: training 126 -> 98 samples/s, evaluation 475 -> 334,
-peak RSS 1,342 -> 1,203 MiB, measured before the phase thresholds and the other memory changes).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 from typing import Optional
 
 from lightning.pytorch.callbacks import Callback
 
-MMAP_THRESHOLD_ENV = "GOEMO_MMAP_THRESHOLD"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h
 TRAIN_MMAP_THRESHOLD = 2 << 20  # bytes: training's larger blocks become mappings of their own
 EVAL_MMAP_THRESHOLD = 32 << 20  # the most glibc's dynamic threshold grows to (64-bit): evaluation keeps its blocks
@@ -49,24 +44,11 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
 
 
-def lean_malloc() -> None:
-    """Fix glibc's mmap threshold at $GOEMO_MMAP_THRESHOLD bytes, if set and > 0 (else glibc's default)."""
-    threshold = _fixed_threshold()
-    libc = _glibc() if threshold > 0 else None
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, threshold)
-
-
-def _fixed_threshold() -> int:
-    return int(os.environ.get(MMAP_THRESHOLD_ENV) or 0)
-
-
 def set_mmap_threshold(nbytes: int) -> bool:
-    """Blocks of `nbytes` and more get a mapping of their own; False (nothing set) off glibc or when the user
-    fixed the threshold with $GOEMO_MMAP_THRESHOLD. The heap's top is kept up to twice that, as glibc's own
+    """Blocks of `nbytes` and more get a mapping of their own; False (nothing set) off glibc. The heap's top is kept up to twice that, as glibc's own
     dynamic threshold does, so a phase's churn of large blocks does not shrink and regrow the heap every batch."""
     libc = _glibc()
-    if libc is None or _fixed_threshold() > 0:
+    if libc is None:
         return False
     libc.mallopt(M_MMAP_THRESHOLD, nbytes)
     libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)

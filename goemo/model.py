@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
-from goemo.data import GOEMOTIONS_LABELS
+from goemo.taxonomy import GOEMOTIONS_LABELS
 from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
 from goemo.errors import GoemoError
@@ -87,6 +87,52 @@ def max_positions(config) -> Optional[int]:
     return n
 
 
+def _check_hparams(
+    learning_rate: float, head_learning_rate: Optional[float], threshold: float, warmup_ratio: float,
+    weight_decay: float, attention_dropout: Optional[float], pos_weight_max: float, checkpoint_tokens: Optional[int],
+) -> None:
+    """One-line errors for settings out of range, before anything is loaded."""
+    if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
+        raise GoemoError(f"model.learning_rate and model.head_learning_rate must be > 0, got {learning_rate}, {head_learning_rate}")
+    if not 0.0 <= threshold <= 1.0:
+        raise GoemoError(f"model.threshold must be within 0..1, got {threshold}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
+    if weight_decay < 0:
+        raise GoemoError(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if attention_dropout is not None and not 0.0 <= attention_dropout < 1.0:
+        raise GoemoError(f"model.attention_dropout must be within [0, 1) (or unset: the encoder's own), got {attention_dropout}")
+    if pos_weight_max < 1:
+        raise GoemoError(f"model.pos_weight_max must be >= 1, got {pos_weight_max}")
+    if checkpoint_tokens is not None and checkpoint_tokens < 1:
+        raise GoemoError(f"model.checkpoint_tokens must be >= 1 (or unset: never), got {checkpoint_tokens}")
+
+
+def build_encoder(name: str, pretrained: bool, attention_dropout: Optional[float], freeze_embeddings: bool, compile: bool):
+    """The Hugging Face encoder, in training mode, its token embeddings frozen and compiled if asked."""
+    path = resolve_model_path(name)
+    try:
+        # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
+        encoder = load_encoder(path, pretrained, attention_dropout).train()
+    except (OSError, ValueError) as e:  # missing files, a broken config.json, custom code
+        raise load_error("model", path, e) from None
+    if freeze_embeddings:
+        encoder.get_input_embeddings().weight.requires_grad_(False)
+    if compile:
+        encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
+    return encoder
+
+
+def build_head(cfg, pooling: str, num_labels: int) -> tuple[nn.Dropout, nn.Linear]:
+    """BertForSequenceClassification's head: dropout, then one linear layer initialised as HF does."""
+    width = cfg.hidden_size * (2 if pooling == "cls+mean" else 1)
+    dropout = nn.Dropout(getattr(cfg, "classifier_dropout", None) or getattr(cfg, "hidden_dropout_prob", 0.1))
+    head = nn.Linear(width, num_labels)
+    nn.init.normal_(head.weight, std=getattr(cfg, "initializer_range", 0.02))
+    nn.init.zeros_(head.bias)
+    return dropout, head
+
+
 class EmotionClassifier(L.LightningModule):
     def __init__(
         self,
@@ -106,7 +152,7 @@ class EmotionClassifier(L.LightningModule):
         freeze_embeddings: bool = False,
         checkpoint_tokens: Optional[int] = None,
         attention_dropout: Optional[float] = None,
-        fast_dropout: bool = True,
+        fast_dropout: bool = False,
         compile: bool = False,
     ) -> None:
         """Multi-label classifier: a pretrained encoder, a pooling step and one linear layer.
@@ -150,24 +196,16 @@ class EmotionClassifier(L.LightningModule):
             fast_dropout: When training on a CPU, draw the dropout masks of the encoder's and the head's dropout
                 modules four at a time from 64-bit random words and keep them as bool for backward
                 (`goemo.dropout`): same dropout (p rounded to a multiple of 1/65536), masks ~2.5x cheaper to
-                draw, a quarter of their memory. False: PyTorch's own. No effect on a GPU.
+                draw, a quarter of their memory. Opt-in, a trick for small CPUs: a random stream nothing else
+                reproduces, and worth a few percent of training speed on the 2-core dev machine
+                (benchmarks/README.md). False (default): PyTorch's own. No effect on a GPU.
             compile: Compile the encoder with `torch.compile` (in place, so checkpoints keep their keys).
                 Off by default: compiling costs time at the first batches and again for variable lengths,
-                and on a 2-core CPU (MiniLM-L6) it took 67 s and then ran slower than eager (README).
+                and on a 2-core CPU (MiniLM-L6) it took 67 s and then ran slower than eager (benchmarks/README.md).
         """
         super().__init__()
-        if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
-            raise GoemoError(f"model.learning_rate and model.head_learning_rate must be > 0, got {learning_rate}, {head_learning_rate}")
-        if not 0.0 <= threshold <= 1.0:
-            raise GoemoError(f"model.threshold must be within 0..1, got {threshold}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
-        if weight_decay < 0:
-            raise GoemoError(f"model.weight_decay must be >= 0, got {weight_decay}")
-        if attention_dropout is not None and not 0.0 <= attention_dropout < 1.0:
-            raise GoemoError(f"model.attention_dropout must be within [0, 1) (or unset: the encoder's own), got {attention_dropout}")
-        if pos_weight_max < 1:
-            raise GoemoError(f"model.pos_weight_max must be >= 1, got {pos_weight_max}")
+        _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
+                       pos_weight_max, checkpoint_tokens)  # fmt: skip
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -176,28 +214,11 @@ class EmotionClassifier(L.LightningModule):
         self.label_names = label_names
         num_labels = len(label_names)
 
-        path = resolve_model_path(model_name_or_path)
-        try:
-            # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
-            self.encoder = load_encoder(path, pretrained, attention_dropout).train()
-        except (OSError, ValueError) as e:  # missing files, a broken config.json, custom code
-            raise load_error("model", path, e) from None
-        if freeze_embeddings:
-            self.encoder.get_input_embeddings().weight.requires_grad_(False)
-        if checkpoint_tokens is not None and checkpoint_tokens < 1:
-            raise GoemoError(f"model.checkpoint_tokens must be >= 1 (or unset: never), got {checkpoint_tokens}")
+        self.encoder = build_encoder(model_name_or_path, pretrained, attention_dropout, freeze_embeddings, compile)
         self._checkpointed = self._checkpointable_layers() if checkpoint_tokens is not None else []
-        if compile:
-            self.encoder.compile()  # nn.Module.compile: compiled lazily at the first forward
-        cfg = self.encoder.config
-        width = cfg.hidden_size * (2 if pooling == "cls+mean" else 1)
-        # Same head as BertForSequenceClassification: dropout then one linear layer, initialised like HF.
-        self.dropout = nn.Dropout(getattr(cfg, "classifier_dropout", None) or getattr(cfg, "hidden_dropout_prob", 0.1))
-        self.head = nn.Linear(width, num_labels)
+        self.dropout, self.head = build_head(self.encoder.config, pooling, num_labels)
         if fast_dropout:
             use_cpu_dropout(self)  # encoder and head
-        nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
-        nn.init.zeros_(self.head.bias)
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
@@ -307,28 +328,15 @@ class EmotionClassifier(L.LightningModule):
         self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        """Log `test/*_tuned` (the thresholds tuned on validation, never on test) and write the report."""
+        """Log `test/*_tuned` (the thresholds tuned on validation, never on test); keep the epoch's (N, L)
+        probabilities and targets in `test_predictions`."""
         if not self.test_outputs.update_called:
             return
         probs, targets = self.test_outputs.compute()  # (N, L) from all ranks
         self.test_outputs.reset()
         tuned = thresholded_metrics(probs, targets, self.thresholds)
         self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)  # equal on every rank
-        if self.trainer.is_global_zero:
-            self._report(probs.cpu().numpy(), targets.cpu().numpy())
-
-    def _report(self, probs, targets) -> None:
-        """test_report.json/.md in the run folder, a terminal table, TensorBoard chart and PR curves (rank 0)."""
-        from goemo import report
-
-        tuned = self.thresholds.cpu().numpy()
-        rep = report.build_report(probs, targets, self.label_names, self.hparams.threshold, tuned)
-        js, md = report.write_report(rep, self.trainer.log_dir or ".")
-        report.print_report(rep)
-        print(f"test report: {js} and {md}", flush=True)
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_pr_curve"):  # a TensorBoard SummaryWriter
-            report.log_tensorboard(experiment, rep, probs, targets, self.global_step)
+        self.test_predictions = (probs, targets)  # for goemo.report.TestReport, which writes the report
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Label probabilities (B, L); `goemo.predict` turns them into labels with the tuned `thresholds`."""

@@ -21,10 +21,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import IterableDataset, get_worker_info
 
-from goemo.data import MultiLabelCollator
+from goemo.batching import MultiLabelCollator
 from goemo.errors import GoemoError
 from goemo.files import AtomicFile
 from goemo.inputs import count_texts, read_texts
+from goemo.thresholds import apply_thresholds
 
 
 def label_thresholds(model: torch.nn.Module) -> torch.Tensor:
@@ -38,12 +39,13 @@ def label_thresholds(model: torch.nn.Module) -> torch.Tensor:
 def to_records(texts: Sequence[str], probs: np.ndarray, label_names: Sequence[str], thresholds: np.ndarray) -> list[dict]:
     """One record per text from probabilities (n, L) and thresholds (L,)."""
     records = []
-    for text, p in zip(texts, probs):
+    chosen = apply_thresholds(np.asarray(probs), thresholds)  # (n, L) bool, as the metrics count
+    for text, p, yes in zip(texts, probs, chosen):
         order = np.argsort(-p, kind="stable")  # most probable first; ties keep label order
         records.append(
             {
                 "text": text,
-                "labels": [label_names[j] for j in order if p[j] > thresholds[j]],  # strictly above, as the metrics count
+                "labels": [label_names[j] for j in order if yes[j]],
                 "scores": {name: float(x) for name, x in zip(label_names, p)},
             }
         )

@@ -5,7 +5,7 @@
   with `weights_only=True` (a checkpoint never runs code), turning failures into one-line errors.
 - `LastCheckpoint` saves `last.ckpt` every N optimizer steps (the epoch checkpoints come only at epoch ends).
 - `ExactResume` keeps the random states in every checkpoint and restores them, with the train loader's position
-  (`goemo.data.ResumableDataLoader`), when training resumes; Lightning restores weights, optimizer, scheduler and
+  (`goemo.batching.ResumableDataLoader`), when training resumes; Lightning restores weights, optimizer, scheduler and
   loop progress. A resumed fit then ends as an uninterrupted one would.
 - `Interrupts` turns Ctrl-C and SIGTERM into a saved `last.ckpt` and a one-line "resume with" message.
 - `StopOnNonFiniteLoss` stops training at a nan/inf loss before its backward pass, naming the step.
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sys
@@ -30,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from goemo.errors import GoemoError
 from goemo.files import AtomicFile, no_space
-from goemo.runs import load_checkpoint
+from goemo.runs import load_checkpoint, load_lightning_checkpoint
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 500  # BERT-base on a GPU: about a minute of training between saves
 
@@ -62,10 +61,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if weights_only is False:
             raise GoemoError("weights_only=False: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
-        ckpt = load_checkpoint(Path(path), map_location=map_location or "cpu")
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-            raise GoemoError(f"{path}: not a Lightning checkpoint (no state_dict)")
-        return ckpt
+        return load_lightning_checkpoint(Path(path), map_location=map_location or "cpu")
 
 
 def _check_finite(state: dict, path: Path) -> None:
@@ -145,7 +141,7 @@ class ExactResume(Callback):
       check (which isolates the random state anyway) and just before the first batch. Between there and the
       save point nothing else draws random numbers (the loaders have their own generators), so the next
       dropout masks are those of the uninterrupted run.
-    - The train loader's position: Lightning saves it (`goemo.data.ResumableDataLoader`) but restores it only
+    - The train loader's position: Lightning saves it (`goemo.batching.ResumableDataLoader`) but restores it only
       when the loader is built after the loop state is loaded, and `configure_optimizers` asking for
       `trainer.estimated_stepping_batches` builds it before (Lightning issue #20550). Applied here instead; the
       loader reads it when the epoch's first batch is taken, which comes after this hook.

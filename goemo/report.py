@@ -14,24 +14,16 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from lightning.pytorch.callbacks import Callback
 
+from goemo.errors import GoemoError
 from goemo.files import write_text
+from goemo.thresholds import apply_thresholds, prf
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 JSON_NAME, MD_NAME = "test_report.json", "test_report.md"
-
-
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a / b elementwise, 0 where b == 0."""
-    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
-
-
-def prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall, F1 from counts of any shape (..., L); 0 where undefined."""
-    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
-    return _div(tp, tp + fp), _div(tp, tp + fn), _div(2 * tp, 2 * tp + fp + fn)
 
 
 def label_scores(preds: np.ndarray, targets: np.ndarray, label_names: list[str]) -> dict:
@@ -105,7 +97,7 @@ def build_report(
         "bootstrap": {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE, "unit": "example"},
     }
     for key, thr in (("fixed", np.full(len(label_names), fixed_threshold, dtype=np.float32)), ("tuned", tuned)):
-        preds = probs > thr
+        preds = apply_thresholds(probs, thr)
         scores = label_scores(preds, targets, label_names)
         for i, name in enumerate(label_names):
             scores["per_label"][name]["threshold"] = round(float(thr[i]), 6)
@@ -211,3 +203,32 @@ def log_tensorboard(experiment, report: dict, probs: np.ndarray, targets: np.nda
         print("note: matplotlib is not installed, so the per-label F1 chart is not logged", flush=True)
     for i, name in enumerate(report["labels"]):
         experiment.add_pr_curve(f"test_pr/{name}", np.asarray(targets)[:, i], np.asarray(probs)[:, i], global_step=step)
+
+
+class TestReport(Callback):
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, resamples: int = BOOTSTRAP_RESAMPLES) -> None:
+        """After `test`: test_report.json/.md in the run folder, a terminal table, and in TensorBoard a per-label
+        F1 chart and PR curves (rank 0), from the test predictions the model gathered from all ranks.
+
+        Args:
+            resamples: Bootstrap resamples of the test examples for the micro/macro-F1 intervals.
+        """
+        if resamples < 1:
+            raise GoemoError(f"test_report.resamples must be at least 1, got {resamples}")
+        self.resamples = resamples
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        outputs = getattr(pl_module, "test_predictions", None)
+        if outputs is None or not trainer.is_global_zero:
+            return
+        probs, targets = (x.cpu().numpy() for x in outputs)
+        tuned = pl_module.thresholds.cpu().numpy()
+        rep = build_report(probs, targets, pl_module.label_names, pl_module.hparams.threshold, tuned, self.resamples)
+        js, md = write_report(rep, trainer.log_dir or ".")
+        print_report(rep)
+        print(f"test report: {js} and {md}", flush=True)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_pr_curve"):  # a TensorBoard SummaryWriter
+            log_tensorboard(experiment, rep, probs, targets, trainer.global_step)

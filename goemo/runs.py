@@ -68,6 +68,14 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -
         raise GoemoError(f"{path}: not a loadable checkpoint ({_reason(e)})") from None
 
 
+def load_lightning_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """`load_checkpoint`, refused in one line unless it is a Lightning checkpoint (a dict with a state_dict)."""
+    ckpt = load_checkpoint(path, map_location, mmap)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise GoemoError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
 def _reason(e: Exception) -> str:
     """What torch.load's exception says, in a few words."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""

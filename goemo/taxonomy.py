@@ -1,7 +1,7 @@
-"""Coarser label sets over GoEmotions' 28 labels: Ekman's six emotions or three sentiments, plus neutral.
+"""GoEmotions' 28 label names, and coarser label sets over them: Ekman's six emotions or three sentiments, plus neutral.
 
 The groups are the official mappings of the release (`ekman_mapping.json`, `sentiment_mapping.json`),
-copied here so nothing outside the package is read at run time. A row's labels in a coarse taxonomy
+copied here (tests check them against the shipped files). A row's labels in a coarse taxonomy
 are the union of the groups of its fine labels; `neutral` maps to `neutral`.
 """
 
@@ -14,6 +14,14 @@ import numpy as np
 from goemo.errors import GoemoError
 
 Taxonomy = Literal["original", "ekman", "sentiment"]
+
+# The 28 labels of the "simplified" release, in id order (= labels.txt = the Hub's ClassLabel names).
+GOEMOTIONS_LABELS = [
+    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion",
+    "curiosity", "desire", "disappointment", "disapproval", "disgust", "embarrassment",
+    "excitement", "fear", "gratitude", "grief", "joy", "love", "nervousness", "optimism",
+    "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
+]  # fmt: skip
 
 # Official ekman_mapping.json, in its order; `neutral` is added last (as it is last among the 28 labels).
 EKMAN_MAPPING: dict[str, list[str]] = {
@@ -54,8 +62,6 @@ def taxonomy_matrix(taxonomy: str, source: list[str]) -> np.ndarray:
     A multi-hot row (S,) maps to `(row @ M) > 0` (K,), the union of its labels' groups.
     Raises GoemoError when `source` is not GoEmotions' 28 labels, which the mappings are written for.
     """
-    from goemo.data import GOEMOTIONS_LABELS
-
     groups = taxonomy_labels(taxonomy, source)
     if taxonomy == "original":
         return np.eye(len(source), dtype=np.float32)

@@ -23,6 +23,17 @@ GRID = (torch.arange(1, 100, dtype=torch.float64) / 100).float()
 Array = Union[np.ndarray, torch.Tensor]
 
 
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b elementwise, 0 where b == 0."""
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+def prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 from counts of any shape (..., L); 0 where undefined."""
+    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
+    return _div(tp, tp + fp), _div(tp, tp + fn), _div(2 * tp, 2 * tp + fp + fn)
+
+
 def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5) -> torch.Tensor:
     """For each label, the grid threshold with the highest F1 on (probs, targets); ties -> the lowest.
 
@@ -44,21 +55,27 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5) -> torc
     probs, targets = probs.float(), targets.bool()
     grid = GRID.to(probs.device)
     pos = targets.sum(0)  # (L,) tp + fn, the same at every threshold
-    f1 = torch.empty(len(grid), probs.shape[1], dtype=torch.float64, device=probs.device)  # (G, L)
+    tp = torch.empty(len(grid), probs.shape[1], dtype=torch.int64, device=probs.device)  # (G, L)
+    predicted = torch.empty_like(tp)  # (G, L) tp + fp
     for g, t in enumerate(grid):  # a loop over 99 thresholds keeps memory at one (N, L) mask
-        pred = probs > t  # (N, L)
-        tp = (pred & targets).sum(0)
-        denom = pred.sum(0) + pos  # 2tp + fp + fn
-        f1[g] = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 0.0)
+        pred = apply_thresholds(probs, t.expand(probs.shape[1]))  # (N, L)
+        tp[g], predicted[g] = (pred & targets).sum(0), pred.sum(0)
+    tp, predicted, pos = (x.cpu().numpy() for x in (tp, predicted, pos))
+    f1 = torch.from_numpy(prf(tp, predicted - tp, pos - tp)[2]).to(probs.device)  # (G, L), as in the report
     best = f1.argmax(0)  # (L,) the first maximum, i.e. the lowest threshold among ties
     chosen = grid[best]
     chosen = torch.where(f1.max(0).values > 0, chosen, torch.full_like(chosen, fallback))
     return chosen.float()
 
 
-def apply_thresholds(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """(N, L) probabilities, (L,) thresholds -> (N, L) bool predictions (`p > t`)."""
-    return probs.float() > thresholds.float().to(probs.device)
+def apply_thresholds(probs: Array, thresholds: Array) -> Array:
+    """(N, L) probabilities, (L,) thresholds -> (N, L) bool predictions: `p > t`, compared in float32.
+
+    goemo's one decision rule (metrics, tuning, reports, predictions and the dashboard all use it); numpy in,
+    numpy out; torch in, torch out."""
+    if isinstance(probs, np.ndarray):
+        return probs.astype(np.float32, copy=False) > np.asarray(thresholds, dtype=np.float32)
+    return probs.float() > torch.as_tensor(thresholds).float().to(probs.device)
 
 
 def thresholded_metrics(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> dict[str, torch.Tensor]:

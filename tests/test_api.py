@@ -62,9 +62,9 @@ def test_weights_come_from_the_checkpoint_only(tiny_run, monkeypatch):
 
 
 def test_user_errors(clf, tmp_path):
-    with pytest.raises(GoemoError, match="list of strings"):
+    with pytest.raises(GoemoError, match="iterable of strings, not one string"):
         clf.predict("a single string")
-    with pytest.raises(GoemoError, match="list of strings"):
+    with pytest.raises(GoemoError, match="strings only: item 1 is NoneType"):
         clf.predict_proba(["ok", None])
     with pytest.raises(GoemoError, match="no such file or run folder"):
         load(tmp_path / "nope")

@@ -1,14 +1,11 @@
 """Every shipped config parses; run resolution and offline errors behave."""
 
-import gc
-import runpy
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-import goemo.cli
 from goemo.cli import default_precision, main
 from goemo.runs import rewrite_args
 from tests.conftest import REPO, run_main
@@ -82,19 +79,6 @@ def test_unset_precision_is_bf16_mixed_on_gpus_that_have_it(monkeypatch, precisi
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert default_precision(precision, accelerator) == expected
-
-
-def test_main_script_freezes_objects_after_the_command(monkeypatch):
-    """`python main.py` runs the CLI, then takes every object out of the garbage collections at exit."""
-    frozen_during = []
-    monkeypatch.setattr(goemo.cli, "main", lambda: frozen_during.append(gc.get_freeze_count()))
-    before = gc.get_freeze_count()
-    try:
-        runpy.run_path(str(REPO / "main.py"), run_name="__main__")
-        assert frozen_during == [before]  # the command itself runs with the collector as usual
-        assert gc.get_freeze_count() > before
-    finally:
-        gc.unfreeze()  # this test process goes on
 
 
 def test_rewrite_args_puts_run_config_first(tmp_path):

@@ -4,10 +4,9 @@ import io
 import pytest
 import torch
 
-from goemo.data import (
-    GOEMOTIONS_LABELS, GoEmotionsDataModule, MultiLabelCollator, evaluation_batches, read_labels, read_release_text,
-    read_split, release_file,
-)  # fmt: skip
+from goemo.batching import MultiLabelCollator, evaluation_batches
+from goemo.data import GoEmotionsDataModule, read_labels, read_release_text, read_split, release_file
+from goemo.taxonomy import GOEMOTIONS_LABELS
 from goemo.errors import GoemoError
 from tests.conftest import LABELS4
 

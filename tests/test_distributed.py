@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
-from goemo.data import LengthGroupedBatchSampler, ResumableDataLoader
+from goemo.batching import LengthGroupedBatchSampler, ResumableDataLoader
 from goemo.errors import GoemoError
 from goemo.runs import load_checkpoint
 from tests.conftest import LEARNING_ARGS, ONE_THREAD, RECORD, records, run_main

@@ -64,10 +64,10 @@ def test_dropout_is_the_identity_in_eval_and_at_p_0():
 
 
 def test_use_cpu_dropout_swaps_every_dropout_module_of_the_classifier(tiny_model):
-    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])  # fast_dropout by default
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], fast_dropout=True)
     drops = [mod for mod in m.modules() if isinstance(mod, nn.Dropout)]
     assert drops and all(type(d) is Dropout for d in drops)
     assert isinstance(m.dropout, Dropout) and {d.p for d in drops} == {0.1}  # the head's too; p unchanged
-    stock = EmotionClassifier(str(tiny_model), label_names=["a", "b"], fast_dropout=False)
+    stock = EmotionClassifier(str(tiny_model), label_names=["a", "b"])  # PyTorch's dropout by default
     assert all(type(d) is nn.Dropout for d in stock.modules() if isinstance(d, nn.Dropout))
     assert use_cpu_dropout(stock) == len(drops) and use_cpu_dropout(stock) == 0  # nothing left to swap

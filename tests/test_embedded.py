@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from goemo.data import EMBEDDED, GOEMOTIONS_LABELS, SPLITS, GoEmotionsDataModule, read_split, release_file, resolve_data_dir
+from goemo.data import EMBEDDED, SPLITS, GoEmotionsDataModule, read_split, release_file, resolve_data_dir
+from goemo.taxonomy import GOEMOTIONS_LABELS
 from goemo.errors import GoemoError
 from tests.conftest import run_main
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 
 from goemo import load
 from goemo.export import export
-from goemo.errors import GoemoError
 from tests.conftest import LABELS4, PREDICT_TEXTS, REPO, best_thresholds
 
 # Varied lengths, and one text longer than the tiny model's 128 positions: pipeline() must truncate it.

@@ -3,7 +3,6 @@ output paths checked first, blank TSV lines, a full disk while saving, two fits 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from goemo.data import read_split
 from goemo.errors import GoemoError

@@ -1,11 +1,12 @@
-"""goemo.memory: training maps its large blocks, evaluation keeps them in the heap, GOEMO_MMAP_THRESHOLD fixes one
-threshold for all; free heap pages go back between phases (glibc only)."""
+"""goemo.memory (opt-in): training maps its large blocks, evaluation keeps them in the heap, free heap pages go back
+between phases (glibc only); the default path leaves glibc's allocator alone."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 MALLINFO = """
 import ctypes, os, sys
@@ -21,10 +22,7 @@ libc.free.argtypes = [ctypes.c_void_p]
 """
 
 PROBE = MALLINFO + """
-from goemo.memory import lean_malloc
-if sys.argv[1] == "lean":
-    os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
-lean_malloc()  # unset: glibc's default
+import goemo.cli  # the default path changes nothing in glibc's malloc
 libc.free(libc.malloc(8 << 20))  # freeing an 8 MiB mapping raises glibc's dynamic threshold to 8 MiB
 before = libc.mallinfo2().hblks
 block = libc.malloc(4 << 20)  # 4 MiB: a mapping of its own only if the threshold stayed below it
@@ -33,13 +31,12 @@ print(libc.mallinfo2().hblks - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-@pytest.mark.parametrize("mode,mapped", [("default", 0), ("lean", 1)])
-def test_large_blocks_stay_mappings(mode, mapped):
+def test_default_path_leaves_glibcs_threshold_alone():
     from tests.conftest import REPO
 
-    r = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO)), mode], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO))], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert int(r.stdout.split()[-1]) == mapped
+    assert int(r.stdout.split()[-1]) == 0  # glibc's dynamic threshold rose to 8 MiB: the 4 MiB block is in the heap
 
 
 RELEASE = """
@@ -74,18 +71,20 @@ def test_release_free_memory_returns_free_heap_pages():
     assert released == "True" and int(dropped_mib) > 100  # of the 128 MiB freed
 
 
-def test_every_fit_releases_free_memory(tiny_run):
-    """ReleaseFreeMemory is one of the callbacks the CLI always adds (tiny_run records the fit's callbacks)."""
+def test_release_free_memory_is_opt_in(tiny_run):
+    """A default fit runs the reliability callbacks, listed in its config, and not ReleaseFreeMemory (opt-in)."""
     names = json.loads((tiny_run / "callbacks.json").read_text())
-    assert "ReleaseFreeMemory" in names and "ExactResume" in names
+    assert {"ExactResume", "Interrupts", "StopOnNonFiniteLoss"} <= set(names) and "ReleaseFreeMemory" not in names
+    config = yaml.safe_load((tiny_run / "lightning_logs/version_0/config.yaml").read_text())
+    paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert [p for p in paths if p.startswith("goemo.")] == [
+        "goemo.reliability.ExactResume", "goemo.reliability.Interrupts", "goemo.reliability.StopOnNonFiniteLoss",
+    ]  # fmt: skip
 
 
 PHASES = MALLINFO + """
 import types
-if sys.argv[1] == "fixed":
-    os.environ["GOEMO_MMAP_THRESHOLD"] = str(1 << 20)
-from goemo.memory import ReleaseFreeMemory, lean_malloc
-lean_malloc()
+from goemo.memory import ReleaseFreeMemory
 
 def mapped():  # does a 4 MiB block get a mapping of its own now?
     before = libc.mallinfo2().hblks
@@ -110,17 +109,10 @@ print(*out)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-@pytest.mark.parametrize(
-    "mode,expected",
-    [
-        # fit from its start (sanity check included): mapped; its validations: heap; training again: mapped; test: heap
-        ("phases", "1 1 1 0 1 0"),
-        ("fixed", "1 1 1 1 1 1"),  # GOEMO_MMAP_THRESHOLD=1 MiB: the user's threshold in every phase
-    ],
-)
-def test_training_maps_large_blocks_and_evaluation_keeps_them_in_the_heap(mode, expected):
+def test_training_maps_large_blocks_and_evaluation_keeps_them_in_the_heap():
     from tests.conftest import REPO
 
-    r = subprocess.run([sys.executable, "-c", PHASES.format(repo=str(REPO)), mode], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", PHASES.format(repo=str(REPO))], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[-2] == expected
+    # fit from its start (sanity check included): mapped; its validations: heap; training again: mapped; test: heap
+    assert r.stdout.split("\n")[-2] == "1 1 1 0 1 0"

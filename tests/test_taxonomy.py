@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from goemo.data import GOEMOTIONS_LABELS, GoEmotionsDataModule, read_split
+from goemo.data import GoEmotionsDataModule, read_split
+from goemo.taxonomy import GOEMOTIONS_LABELS
 from goemo.errors import GoemoError
 from goemo.taxonomy import EKMAN_MAPPING, SENTIMENT_MAPPING, taxonomy_labels, taxonomy_matrix
 

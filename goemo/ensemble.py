@@ -1,0 +1,135 @@
+"""`python -m goemo.ensemble RUN RUN ... --out DIR`: several trained runs as one classifier.
+
+The members' probabilities are averaged (members may differ in model and tokenizer; each reads the texts its own
+way), per-label thresholds are tuned on the averaged validation probabilities (never on test), and DIR gets
+`test_report.json`/`.md` with bootstrap intervals, as a single run's `test` writes, plus `ensemble.json` (members
+and thresholds) and the averaged probabilities (`validation_probs.npy`, `test_probs.npy`). `goemo.load(DIR)` or
+`goemo.load([RUN, RUN])` then predicts with the ensemble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from goemo.errors import GoemoError
+from goemo.classifier import as_texts, load_run
+from goemo.predict import to_records
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class Ensemble:
+    def __init__(self, members: list, thresholds: Optional[np.ndarray] = None) -> None:
+        """Averages the probabilities of `members` (goemo.classifier.Classifier), same labels in the same order.
+
+        Args:
+            members: Loaded classifiers.
+            thresholds: Per-label thresholds (L,) for `predict`; unset: tuned on the averaged validation
+                probabilities of the members' data (see `tune`), which runs every member over the validation split.
+        """
+        names = [list(m.label_names) for m in members]
+        if any(n != names[0] for n in names):
+            other = next(n for n in names if n != names[0])
+            raise GoemoError(
+                f"ensemble members have different labels ({len(names[0])}: {', '.join(names[0][:3])}, ... vs "
+                f"{len(other)}: {', '.join(other[:3])}, ...); combine runs trained on one label set"
+            )
+        self.members, self.label_names = members, names[0]
+        self.thresholds = np.asarray(thresholds, dtype=np.float32) if thresholds is not None else None
+
+    def predict_proba(self, texts) -> np.ndarray:
+        """The members' mean probability, float32 (number of texts, num_labels), rows in input order."""
+        texts = as_texts(texts)
+        return np.mean([m.predict_proba(texts) for m in self.members], axis=0).astype(np.float32)
+
+    def predict(self, texts) -> list[dict]:
+        """One `{"text", "labels", "scores"}` record per text, as a single run's `predict`."""
+        texts = as_texts(texts)
+        if self.thresholds is None:
+            self.tune()
+        return to_records(texts, self.predict_proba(texts), self.label_names, self.thresholds)
+
+    def tune(self) -> dict:
+        """Tune the thresholds on the averaged validation probabilities; returns the split data it used."""
+        from goemo.thresholds import tune_thresholds
+
+        data = splits_of(self.members[0])
+        probs = self.predict_proba(data["validation"]["text"])
+        fallback = float(self.members[0].model.hparams.threshold)
+        self.thresholds = tune_thresholds(probs, data["validation"]["targets"], fallback=fallback).numpy()
+        return {**data, "validation_probs": probs}
+
+
+def splits_of(member) -> dict:
+    """{"validation"/"test": {"text": [...], "targets": (N, L) 0/1}} of the data the member was trained on."""
+    from goemo.data import GoEmotionsDataModule
+
+    hp = member.data_hparams
+    keys = ("data_dir", "hub_dataset", "hub_config", "taxonomy")
+    dm = GoEmotionsDataModule(tokenizer_name="unused", **{k: hp[k] for k in keys if k in hp})
+    raw = dm._raw_splits()
+    out = {}
+    for split in ("validation", "test"):
+        ids = raw[split]["labels"]
+        multi_hot = np.zeros((len(ids), len(dm.source_labels)), dtype=np.float32)  # (N, S)
+        for i, row in enumerate(ids):
+            multi_hot[i, row] = 1.0
+        out[split] = {"text": list(raw[split]["text"]), "targets": (multi_hot @ dm.label_map > 0).astype(np.uint8)}
+    return out
+
+
+def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size: int = 64) -> Ensemble:
+    """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds)."""
+    if isinstance(runs, (str, Path)):
+        spec = json.loads((Path(runs) / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+        members = [load_run(m, device, batch_size) for m in spec["members"]]
+        return Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
+    if len(runs) < 2:
+        raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
+    return Ensemble([load_run(r, device, batch_size) for r in runs])
+
+
+def build(runs: list[str], out: Path, resamples: int = 1000) -> dict:
+    """Average, tune on validation, write the report into `out`; returns the report."""
+    from goemo import report
+    from goemo.files import check_writable, write_text
+
+    out = Path(out)
+    check_writable(out, "--out")  # before any model is loaded
+    ens = load_ensemble(runs)
+    data = ens.tune()
+    test_probs = ens.predict_proba(data["test"]["text"])
+    fixed = float(ens.members[0].model.hparams.threshold)
+    rep = report.build_report(test_probs, data["test"]["targets"], ens.label_names, fixed, ens.thresholds, resamples)
+    rep["members"] = [str(r) for r in runs]
+    report.write_report(rep, out)
+    np.save(out / "validation_probs.npy", data["validation_probs"])
+    np.save(out / "test_probs.npy", test_probs)
+    spec = {"members": [str(Path(r).resolve()) for r in runs], "thresholds": [float(t) for t in ens.thresholds], "labels": ens.label_names}
+    write_text(out / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
+    report.print_report(rep)
+    return rep
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m goemo.ensemble", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints) or .ckpt files; 2 or more")
+    parser.add_argument("--out", type=Path, required=True, help="folder for test_report.json/.md and ensemble.json")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    args = parser.parse_args(argv)
+    try:
+        build(args.runs, args.out, args.resamples)
+    except GoemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"ensemble of {len(args.runs)} runs: {args.out / 'test_report.json'}, {args.out / 'test_report.md'}")
+
+
+if __name__ == "__main__":
+    main()
