@@ -14,11 +14,13 @@ from typing import Union
 
 from goemo.classifier import Classifier, as_texts, load_model, load_run  # noqa: F401 (the API's names)
 from goemo.ensemble import ENSEMBLE_FILE, Ensemble, load_ensemble
+from goemo.onnx_backend import Backend, load_backend
 from goemo.runs import RUNS_DIR
 
 
 def load(
-    ckpt: Union[str, Path, list] = "best", device: str = "cpu", batch_size: int = 64, runs_dir: Union[str, Path] = RUNS_DIR
+    ckpt: Union[str, Path, list] = "best", device: str = "cpu", batch_size: int = 64, runs_dir: Union[str, Path] = RUNS_DIR,
+    backend: Backend = "torch",
 ) -> Union[Classifier, Ensemble]:
     """A trained classifier, or an ensemble of several, with `predict` and `predict_proba`.
 
@@ -30,7 +32,10 @@ def load(
         device: Where to run, e.g. "cpu" or "cuda".
         batch_size: Texts per forward pass.
         runs_dir: Where `best`/`last` look for runs.
+        backend: What runs the model: `torch` (the checkpoint's module), `onnx` (onnxruntime, the export's
+            model) or `int8` (onnxruntime after dynamic int8 quantization; faster, slightly less accurate: see
+            benchmarks/README.md). The ONNX files are made once and cached in the run folder's onnx/.
     """
     if isinstance(ckpt, (list, tuple)) or (Path(ckpt) / ENSEMBLE_FILE).is_file():
-        return load_ensemble(list(ckpt) if isinstance(ckpt, (list, tuple)) else ckpt, device, batch_size)
-    return load_run(ckpt, device, batch_size, runs_dir)
+        return load_ensemble(list(ckpt) if isinstance(ckpt, (list, tuple)) else ckpt, device, batch_size, backend)
+    return load_backend(ckpt, device, batch_size, runs_dir, backend)

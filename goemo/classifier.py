@@ -38,6 +38,9 @@ class Classifier:
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.label_names: list[str] = list(model.label_names)
         self.thresholds: np.ndarray = label_thresholds(model).numpy()  # (L,)
+        # (input_ids, attention_mask) (B, T) -> logits (B, L); goemo.onnx_backend swaps in onnxruntime's.
+        self.forward = model
+        self.backend = "torch"
 
     def predict_proba(self, texts: Iterable[str]) -> np.ndarray:
         """Sigmoid probabilities, float32 array (number of texts, num_labels), rows in input order.
@@ -51,7 +54,7 @@ class Classifier:
         with torch.inference_mode():
             for start in range(0, len(texts), chunk):
                 for batch in encode_batches(self.tokenizer, texts[start : start + chunk], self.max_length, self.batch_size, start):
-                    logits = self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, L)
+                    logits = self.forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, L)
                     probs[batch["index"].numpy()] = torch.sigmoid(logits.float()).cpu().numpy()
         return probs
 

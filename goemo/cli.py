@@ -28,6 +28,7 @@ from goemo.errors import GoemoError
 from goemo.files import check_output_file, check_writable
 from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
+from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter
 from goemo.reliability import LastCheckpoint, SafeCheckpointIO
 from goemo.runs import load_lightning_checkpoint, rewrite_args
@@ -70,7 +71,7 @@ class HParamsTensorBoardLogger(TensorBoardLogger):
             self.experiment.file_writer.add_summary(summary, step)
 
 
-    def _get_next_version(self) -> int:  # Lightning #19953 asks to change how this number is chosen; no public hook
+    def _get_next_version(self) -> int:  # no public hook; no upstream issue on the race found (#19953: the naming)
         # Lightning takes the number after the highest version_N folder and creates that folder only later, so two
         # runs started together in one folder took the same version (a sweep's parallel workers do that all day).
         # The number is claimed here with an atomic mkdir instead. Lightning has no public hook for choosing the
@@ -142,13 +143,17 @@ class GoemoCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        # `add_arguments_to_parser` cannot tell subcommands apart, so predict's own flag is added here (LightningCLI
-        # has no public per-subcommand hook; jsonargparse #257-style subcommand arguments, Lightning #15427 area).
+        # `add_arguments_to_parser` cannot tell subcommands apart, and parameters of `LightningCLI.predict` are not
+        # exposed as flags (Lightning #12438), so predict's own flags are added here.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument(
                 "--output", type=Optional[str], default=None,
                 help="With --data.predict_file: where to write the JSON-lines predictions (default: predictions.jsonl in the run folder).",
+            )  # fmt: skip
+            parser.add_argument(
+                "--backend", type=Backend, default="torch",
+                help="With --data.predict_file: what runs the model: torch, onnx or int8 (onnxruntime; see goemo.load).",
             )  # fmt: skip
         return parser
 
@@ -166,8 +171,8 @@ class GoemoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
-        if cfg.get("output") and not cfg.data.predict_file:
-            raise GoemoError("--output needs --data.predict_file FILE (the texts to predict)")
+        if (cfg.get("output") or cfg.get("backend", "torch") != "torch") and not cfg.data.predict_file:
+            raise GoemoError("--output and --backend need --data.predict_file FILE (the texts to predict)")
         if self.subcommand == "predict" and cfg.data.predict_file:
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
         self._check_outputs(cfg)
@@ -247,7 +252,18 @@ class GoemoCLI(LightningCLI):
         ckpt_path: Optional[str] = None,
         weights_only: Optional[bool] = None,
     ) -> None:
-        """`trainer.predict`; with `--data.predict_file` it streams into a JSON-lines file instead of memory."""
+        """`trainer.predict`; with `--data.predict_file` it streams into a JSON-lines file instead of memory
+        (with `--backend onnx|int8`, through onnxruntime instead of the trainer)."""
+        cfg = self.config[self.subcommand]
+        if cfg.get("backend", "torch") != "torch":
+            if not datamodule.hparams.predict_file or not ckpt_path:
+                raise GoemoError("--backend onnx|int8 needs --data.predict_file FILE and --ckpt_path (a trained run)")
+            from goemo.onnx_backend import load_backend
+            from goemo.predict import predict_file
+
+            clf = load_backend(ckpt_path, batch_size=datamodule.hparams.eval_batch_size, backend=cfg.backend)
+            output = Path(cfg.get("output") or Path(self.trainer.log_dir or ".") / "predictions.jsonl")
+            return predict_file(clf, Path(datamodule.hparams.predict_file), output)
         if datamodule.hparams.predict_file:
             self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].get("output")))
             return_predictions = False  # written batch by batch; keeping them too would grow with the file

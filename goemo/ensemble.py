@@ -18,7 +18,8 @@ from typing import Optional, Union
 import numpy as np
 
 from goemo.errors import GoemoError
-from goemo.classifier import as_texts, load_run
+from goemo.classifier import as_texts
+from goemo.onnx_backend import load_backend
 from goemo.predict import to_records
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -84,15 +85,15 @@ def splits_of(member) -> dict:
     return out
 
 
-def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size: int = 64) -> Ensemble:
+def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size: int = 64, backend: str = "torch") -> Ensemble:
     """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds)."""
     if isinstance(runs, (str, Path)):
         spec = json.loads((Path(runs) / ENSEMBLE_FILE).read_text(encoding="utf-8"))
-        members = [load_run(m, device, batch_size) for m in spec["members"]]
+        members = [load_backend(m, device, batch_size, backend=backend) for m in spec["members"]]
         return Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
     if len(runs) < 2:
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
-    return Ensemble([load_run(r, device, batch_size) for r in runs])
+    return Ensemble([load_backend(r, device, batch_size, backend=backend) for r in runs])
 
 
 def build(runs: list[str], out: Path, resamples: int = 1000) -> dict:

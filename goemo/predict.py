@@ -171,3 +171,41 @@ class PredictionWriter(BasePredictionWriter):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if getattr(self, "out", None) is not None:
             self.out.discard()
+
+
+def predict_file(clf, path: Path, output: Path, chunk: int = 2048) -> int:
+    """Stream a predict file through a `goemo.classifier.Classifier` (any backend) into JSON lines, in input order.
+
+    Written atomically: on SIGTERM or Ctrl-C the partial file is removed and the process exits 143 or 1 with a
+    one-line message, as the trainer's path does. Returns the number of predictions.
+    """
+    import signal
+
+    out, count, texts = AtomicFile(output), 0, []
+
+    def flush() -> None:
+        nonlocal count
+        for record in clf.predict(texts):
+            out.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        count += len(texts)
+        texts.clear()
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        for text in read_texts(path):
+            texts.append(text)
+            if len(texts) == chunk:
+                flush()
+        flush()
+        out.commit()
+    except BaseException as e:
+        out.discard()
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            what = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            print(f"error: interrupted by {what} during predict: stopped before the end, so no predictions were written", file=sys.stderr)
+            sys.exit(1 if what == "Ctrl-C" else 143)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"wrote {count} predictions to {output} ({clf.backend})", file=sys.stdout)
+    return count

@@ -1,6 +1,7 @@
 """The benchmark: subset folders, the Throughput callback's counts, and `benchmarks/cpu.py` end to end (tiny)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,17 @@ def test_cpu_benchmark_end_to_end(goemotions, tiny_model, tmp_path):
             assert res.get(key) is not None, (name, key)
         assert res["train_samples"] == 64 and res["val_samples"] == 16, name
         assert res["peak_rss_mib"] > 100 and res["wall_s"] > res["train_time_s"], name
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny_mode_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py --tiny: both sides train one epoch of a tiny BERT and the table's figures are consistent."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    goemo, seed = result["sides"]
+    assert result["train_rows"] == 64 and goemo["side"] == "goemo" and seed["side"].startswith("seed")
+    assert goemo["samples_per_s"] == pytest.approx(64 / goemo["epoch_s"], rel=0.01)
+    assert result["speedup"] == pytest.approx(seed["epoch_s"] / goemo["epoch_s"], rel=0.01)
+    assert "| goemo | 64 |" in r.stdout and (tmp_path / "out" / "goemo.log").is_file()

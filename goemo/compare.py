@@ -1,0 +1,193 @@
+"""`python -m goemo.compare RUN [RUN ...]`: one table row per run, read from the run folders alone.
+
+A row holds the config keys that differ between the runs (only those), the seed, the epochs trained, validation
+micro/macro-F1 and exact match at the best checkpoint (from its TensorBoard events), and the test figures of its
+`test_report.json` at the fixed and the tuned thresholds, with their bootstrap intervals. Runs whose configs differ
+only in `seed_everything` are one seed group: one row of mean ± standard deviation over its n runs. Printed as
+Markdown; `--md FILE` and `--csv FILE` write it too. The results tables of goemo's documents come from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from goemo.errors import GoemoError
+
+# Keys that name where things are, not what the run did.
+IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
+VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
+COLUMNS = [  # (column, where it comes from)
+    ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),
+    ("test micro-F1", "fixed/micro"), ("test macro-F1", "fixed/macro"),
+    ("test micro-F1 tuned", "tuned/micro"), ("test macro-F1 tuned", "tuned/macro"), ("test exact tuned", "tuned/exact"),
+]  # fmt: skip
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as `a.b.c: value` pairs; lists stay whole (as JSON text)."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: json.dumps(d, sort_keys=True) if isinstance(d, list) else d}
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise GoemoError(f"{run}: not a run folder (no config.yaml)")
+    flat = flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
+
+
+def best_step(run: Path) -> Optional[int]:
+    """The global step of the run's best checkpoint (as `test --ckpt_path RUN` picks it), or None."""
+    from goemo.runs import best_checkpoint, load_checkpoint
+
+    try:
+        return int(load_checkpoint(best_checkpoint(run), mmap=True)["global_step"])
+    except (GoemoError, KeyError, TypeError, ValueError):
+        return None
+
+
+def scalars(run: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {t: {} for t in tags}
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in set(tags) & set(acc.Tags().get("scalars", [])):
+            out[tag].update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def run_row(run: Path) -> dict[str, Any]:
+    """Seed, epochs and the figures of one run (missing ones are None)."""
+    config = run_config(run)
+    row: dict[str, Any] = {"run": str(run), "config": config, "seed": config.get("seed_everything")}
+    step = best_step(run)
+    ckpt_epochs = None
+    values = scalars(run, VAL + ("epoch",))
+    if step is not None:
+        at = {tag: v.get(step) for tag, v in values.items()}
+        row.update({tag: at[tag] for tag in VAL})
+        ckpt_epochs = int(at["epoch"]) + 1 if at.get("epoch") is not None else None
+    row["epochs"] = ckpt_epochs
+    report = run / "test_report.json"
+    if report.is_file():
+        rep = json.loads(report.read_text(encoding="utf-8"))
+        for kind in ("fixed", "tuned"):
+            for avg in ("micro", "macro"):
+                row[f"{kind}/{avg}"] = rep[kind][avg]["f1"]
+                row[f"{kind}/{avg}/ci"] = rep[kind][avg].get("ci")
+            row[f"{kind}/exact"] = rep[kind]["exact_match"]
+    return row
+
+
+def differing_keys(rows: list[dict]) -> list[str]:
+    keys = sorted(set().union(*(r["config"] for r in rows)))
+    return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in rows}) > 1]
+
+
+def group_rows(rows: list[dict]) -> list[list[dict]]:
+    """Runs whose configs are equal but for the seed, together, in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = json.dumps({k: v for k, v in r["config"].items() if k != "seed_everything"}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def fmt(values: list[Optional[float]], ci: Optional[list] = None) -> str:
+    """One run: `0.540 [0.521, 0.566]`; a group: `0.539 ± 0.008`; nothing measured: `-`."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if len(values) == 1:
+        return f"{present[0]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    if len(present) < len(values):
+        return f"{statistics.mean(present):.3f} (of {len(present)})"
+    return f"{statistics.mean(present):.3f} ± {statistics.stdev(present):.3f}"
+
+
+def table(runs: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's header and rows (strings)."""
+    if not runs:
+        raise GoemoError("no runs to compare: pass run folders (lightning_logs/version_N) or a folder holding them")
+    rows = [run_row(r) for r in runs]
+    keys = [k for k in differing_keys(rows) if k != "seed_everything"]
+    header = ["run", *keys, "seed", "n", "epochs", *(c for c, _ in COLUMNS)]
+    body = []
+    for group in group_rows(rows):
+        first = group[0]
+        cells = [first["run"] if len(group) == 1 else f"{first['run']} (+{len(group) - 1})"]
+        cells += [str(first["config"].get(k, "-")) for k in keys]
+        cells += [", ".join(str(r["seed"]) for r in group), str(len(group))]
+        cells.append(", ".join(sorted({str(r["epochs"]) for r in group})))
+        for _, src in COLUMNS:
+            ci = first.get(f"{src}/ci") if len(group) == 1 else None
+            cells.append(fmt([r.get(src) for r in group], ci))
+        body.append(cells)
+    return header, body
+
+
+def to_markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: list[str], body: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *body])
+    return buf.getvalue()
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Run folders as given; a folder that is not a run stands for the runs (version_*) inside it."""
+    runs = []
+    for p in paths:
+        if (p / "config.yaml").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted((q.parent for q in p.rglob("config.yaml")), key=str)
+        else:
+            raise GoemoError(f"{p}: no such run folder")
+    return runs
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from goemo.files import write_text
+
+    parser = argparse.ArgumentParser(prog="python -m goemo.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding them (e.g. lightning_logs)")
+    parser.add_argument("--md", type=Path, default=None, help="also write the table as Markdown here")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV here")
+    args = parser.parse_args(argv)
+    try:
+        header, body = table(expand(args.runs))
+    except GoemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    md = to_markdown(header, body)
+    print(md, end="")
+    if args.md:
+        write_text(args.md, md)
+    if args.csv:
+        write_text(args.csv, to_csv(header, body))
+
+
+if __name__ == "__main__":
+    main()

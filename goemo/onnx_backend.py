@@ -1,0 +1,93 @@
+"""ONNX Runtime backends for `goemo.load(..., backend="onnx" | "int8")`: the same classifier, run by onnxruntime.
+
+`onnx` runs the export's model (`goemo.export.export_onnx`: goemo's own module, checked against the checkpoint);
+`int8` runs it after onnxruntime's dynamic int8 quantization (weights stored as int8, activations quantized per
+batch). Both are made once per checkpoint and cached beside the run (`RUN/onnx/CKPT.onnx`, `CKPT.int8.onnx`,
+written atomically). Tokenization, length-sorted batching, thresholds and the output structure are the
+classifier's own, so only the forward pass differs. The session uses as many threads as torch does, so backends
+compare on equal terms.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Literal, Union
+
+import numpy as np
+import torch
+
+from goemo.classifier import Classifier, load_run
+from goemo.errors import GoemoError
+from goemo.runs import RUNS_DIR, resolve_checkpoint
+
+Backend = Literal["torch", "onnx", "int8"]
+BACKENDS = ("torch", "onnx", "int8")
+
+
+def cache_dir(ckpt: Path) -> Path:
+    """Where a checkpoint's ONNX files go: RUN/onnx for a run's checkpoints/FILE, else beside the file."""
+    return ckpt.parent.parent / "onnx" if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _atomic(target: Path, make: Callable[[Path], None]) -> Path:
+    """`make(tmp)` writes a file, renamed to `target` when complete; skipped when `target` exists."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        make(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def onnx_files(clf: Classifier, ckpt: Path, int8: bool) -> Path:
+    """The checkpoint's ONNX model (fp32, or int8-quantized), made on first use."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise GoemoError("backend onnx/int8 needs onnx, onnxscript and onnxruntime: pip install -e '.[onnx]'") from None
+    from goemo.export import export_onnx
+
+    folder = cache_dir(ckpt)
+    fp32 = _atomic(folder / f"{ckpt.stem}.onnx", lambda tmp: export_onnx(clf, tmp))
+    if not int8:
+        return fp32
+    return _atomic(folder / f"{ckpt.stem}.int8.onnx", lambda tmp: quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8))
+
+
+def onnx_forward(path: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(input_ids, attention_mask) (B, T) -> logits (B, L), by an onnxruntime session on the CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as torch: same cores for every backend
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        feed = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
+        return torch.from_numpy(session.run(["logits"], feed)[0])
+
+    return forward
+
+
+def load_backend(
+    ckpt: Union[str, Path] = "best", device: str = "cpu", batch_size: int = 64, runs_dir: Union[str, Path] = RUNS_DIR,
+    backend: Backend = "torch",
+) -> Classifier:
+    """`goemo.classifier.load_run`, run by `backend`: torch (the checkpoint's module), onnx or int8 (onnxruntime)."""
+    if backend not in BACKENDS:
+        raise GoemoError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    clf = load_run(ckpt, device, batch_size, runs_dir)
+    if backend != "torch":
+        if device != "cpu":
+            raise GoemoError(f"backend {backend} runs on the CPU (onnxruntime's CPU provider); use device='cpu'")
+        path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))
+        clf.forward = onnx_forward(onnx_files(clf, path, backend == "int8"))
+        clf.backend = backend
+    return clf

@@ -1,0 +1,155 @@
+"""`python -m goemo.serve RUN [--port 8000]`: a trained run behind HTTP, on LitServe, with dynamic batching.
+
+    curl -s localhost:8000/predict -H 'Content-Type: application/json' -d '{"text": "I love it"}'
+    curl -s localhost:8000/predict -H 'Content-Type: application/json' -d '{"texts": ["I love it", "ugh"]}'
+
+`POST /predict` takes `{"text": "..."}` (answered with one record) or `{"texts": [...]}` (a list of records), the
+records `goemo.load(RUN).predict` returns; `GET /health` says "ok" once the model is loaded. Requests are checked
+in the HTTP server before they join a batch, so a bad one gets its own 4xx JSON error, `{"error": "one line"}`,
+and never fails the requests batched with it: 400 for a body that is not JSON, a missing or non-string text, an
+empty list, unknown fields or invalid Unicode; 413 for more than `--max-texts` texts, a text longer than
+`--max-chars` characters, or a body over `--max-body` bytes. Requests that arrive within `--batch-timeout` seconds
+of each other are predicted in one forward pass, up to `--max-batch` requests (LitServe's batching queue).
+"""
+
+
+# No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
+import argparse
+import os
+from typing import Any, Optional
+
+import litserve as ls
+from pydantic import BaseModel, ConfigDict, model_validator
+
+# The request limits, as environment variables: `main` sets them, and the HTTP server processes it starts inherit them.
+MAX_TEXTS, MAX_CHARS = "GOEMO_SERVE_MAX_TEXTS", "GOEMO_SERVE_MAX_CHARS"
+
+
+def limits() -> tuple[int, int]:
+    return int(os.environ.get(MAX_TEXTS, 1000)), int(os.environ.get(MAX_CHARS, 10_000))
+
+
+class PredictRequest(BaseModel):
+    """The body of `POST /predict`: exactly one of `text` and `texts`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: Optional[str] = None
+    texts: Optional[list[str]] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "PredictRequest":
+        if (self.text is None) == (self.texts is None):
+            raise ValueError('give exactly one of "text" (a string) or "texts" (a list of strings)')
+        texts = [self.text] if self.text is not None else self.texts
+        max_texts, max_chars = limits()
+        if not texts:
+            raise ValueError('"texts" is empty: give at least one text')
+        if len(texts) > max_texts:
+            raise ValueError(f"too many texts: {len(texts)} (at most {max_texts} a request)")
+        for i, t in enumerate(texts):
+            if len(t) > max_chars:
+                raise ValueError(f"too long: text {i} has {len(t)} characters (at most {max_chars})")
+            if not t.isascii():
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"text {i} is not valid Unicode (a lone surrogate escape)") from None
+        return self
+
+
+class GoemoAPI(ls.LitAPI):
+    def __init__(self, run: str, backend: str = "torch", max_batch: int = 32, batch_timeout: float = 0.01,
+                 stats: Optional[str] = None) -> None:
+        """Requests (lists of texts) batched together and predicted in one call of the classifier.
+
+        Args:
+            run: What `goemo.load` loads.
+            backend: torch, onnx or int8.
+            max_batch: Requests predicted together at most (1: batching off).
+            batch_timeout: Seconds a batch waits for more requests.
+            stats: If set, a file that gets a line `requests texts` per forward call.
+        """
+        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout)
+        self.run, self.backend, self.stats = run, backend, stats
+
+    def setup(self, device: str) -> None:
+        from goemo import load
+
+        self.clf = load(self.run, backend=self.backend)
+        self.clf.predict(["warm-up"])  # the first forward pass pays for lazy initialisation, not a client
+
+    def decode_request(self, request: PredictRequest) -> tuple[list[str], bool]:
+        return ([request.text], True) if request.text is not None else (list(request.texts), False)
+
+    def batch(self, inputs: list) -> list:
+        return inputs
+
+    def predict(self, inputs: list) -> list:
+        texts = [t for batch, _ in inputs for t in batch]
+        records = self.clf.predict(texts)  # one call: length-sorted batches over all the requests' texts
+        if self.stats:
+            with open(self.stats, "a", encoding="utf-8") as f:
+                f.write(f"{len(inputs)} {len(texts)}\n")
+        out, start = [], 0
+        for batch, single in inputs:
+            part = records[start : start + len(batch)]
+            out.append(part[0] if single else part)
+            start += len(batch)
+        return out
+
+    def unbatch(self, output: list) -> list:
+        return output
+
+    def encode_response(self, output: Any) -> Any:
+        return output
+
+
+def one_line_errors(app) -> None:
+    """FastAPI's validation errors (a list of dicts, 422) as `{"error": "one line"}` with 400 or 413."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    async def handler(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
+        cause = (first.get("ctx") or {}).get("error")
+        message = str(cause) if cause else f"{'.'.join(str(x) for x in first.get('loc', ())[1:]) or 'body'}: {first.get('msg', 'invalid')}"
+        code = 413 if message.startswith(("too many", "too long")) else 400
+        return JSONResponse({"error": " ".join(message.split())}, status_code=code)
+
+    app.add_exception_handler(RequestValidationError, handler)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m goemo.serve", description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a run folder, .ckpt file, best or last (as goemo.load takes)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--backend", choices=("torch", "onnx", "int8"), default="torch", help="what runs the model (see goemo.load)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests predicted together at most (1: batching off)")
+    p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits for more requests")
+    p.add_argument("--max-texts", type=int, default=1000, help="texts a request may hold")
+    p.add_argument("--max-chars", type=int, default=10_000, help="characters a text may have")
+    p.add_argument("--max-body", type=int, default=2_000_000, help="largest request body in bytes (413 above it)")
+    p.add_argument("--stats", default=None, help="append 'requests texts' per forward call to this file")
+    a = p.parse_args(argv)
+    from goemo.errors import GoemoError
+
+    os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
+    try:
+        from goemo.runs import resolve_checkpoint
+
+        resolve_checkpoint(a.run)  # a missing run is one line, before any worker starts
+    except GoemoError as e:
+        raise SystemExit(f"error: {e}") from None
+    api = GoemoAPI(a.run, a.backend, a.max_batch, a.batch_timeout, a.stats)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=60)
+    one_line_errors(server.app)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    server.run(host=a.host, port=a.port, generate_client_file=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

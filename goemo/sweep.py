@@ -1,0 +1,381 @@
+"""`python -m goemo.sweep --config C --space S --trials N`: a hyperparameter search on Optuna; every trial an
+ordinary run.
+
+Each trial is `python main.py fit --config C --KEY VALUE ...` in a child process: its own
+`lightning_logs/version_N/` with its full config and checkpoints, so `test --ckpt_path lightning_logs/version_N`,
+the reports and `goemo.compare` work on any trial. The objective is a logged validation metric (default
+`val/f1_macro`), its best value over the run's validations. The trial's validations are reported to Optuna as they
+come (`goemo.sweep.OptunaReport`, a callback in the trial's config), so Optuna's pruner stops unpromising trials.
+
+The study lives in a database: a SQLite file in lightning_logs/ by default, or any SQLAlchemy URL
+(`--storage postgresql://...`), which is how several workers on several machines share one study (Optuna's
+own distributed mode). Workers send heartbeats; a worker killed mid-trial loses only that trial, which the next
+worker to look marks failed and runs again (Optuna's RetryFailedTrialCallback). `--trials N` counts finished
+trials (complete or pruned) over all workers. At the end the summary (best trial, its run folder and config,
+each parameter's importance) is printed and saved beside the study as summary.json / summary.md.
+
+The space file maps config keys to distributions:
+
+    model.learning_rate: {float: [1.0e-5, 3.0e-4], log: true}
+    model.head_learning_rate: {float: [1.0e-4, 1.0e-2], log: true}
+    data.train_batch_size: {categorical: [16, 32, 64]}
+    model.warmup_ratio: {float: [0.0, 0.1], step: 0.02}
+    trainer.max_epochs: {int: [1, 4]}
+    seed_everything: {grid: [42, 1, 7]}
+
+`grid` keys are searched exhaustively (Optuna's GridSampler; then every key must be a grid); `--seeds 42,1,7` runs
+the config once per seed, a seed group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import difflib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from goemo.errors import GoemoError
+
+KINDS = ("float", "int", "categorical", "grid")
+MAIN = Path(__file__).resolve().parent.parent / "main.py"
+
+
+# -- the space file --------------------------------------------------------------------------------------------
+def read_space(path: Path) -> dict[str, dict]:
+    """{key: {"kind": float|int|categorical|grid, ...}} from a space file, each entry checked; GoemoError else."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise GoemoError(f"{path}: cannot read the space file ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise GoemoError(f"{path}: a space file maps config keys to distributions, e.g. model.learning_rate: {{float: [1e-5, 1e-4], log: true}}")
+    return {str(key): parse_entry(str(key), spec, path) for key, spec in raw.items()}
+
+
+def parse_entry(key: str, spec: Any, path: Path) -> dict:
+    where = f"{path}: {key}"
+    kinds = [k for k in KINDS if isinstance(spec, dict) and k in spec]
+    if len(kinds) != 1:
+        raise GoemoError(f"{where}: give exactly one of {', '.join(KINDS)} (e.g. {{float: [1e-5, 1e-4]}})")
+    kind, value = kinds[0], spec[kinds[0]]
+    extra = set(spec) - {kind, "log", "step"}
+    if extra:
+        raise GoemoError(f"{where}: unknown setting {sorted(extra)[0]!r} (a distribution takes log and step)")
+    if kind in ("categorical", "grid"):
+        if not isinstance(value, list) or not value:
+            raise GoemoError(f"{where}: {kind} needs a non-empty list of values")
+        if any(isinstance(v, (dict, list)) for v in value):
+            raise GoemoError(f"{where}: {kind} values must be plain numbers, strings, booleans or null")
+        return {"kind": kind, "values": value}
+    if not (isinstance(value, list) and len(value) == 2):
+        raise GoemoError(f"{where}: {kind} needs [low, high]")
+    num = int if kind == "int" else (int, float)
+    low, high = value
+    if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, num) or not isinstance(high, num):
+        raise GoemoError(f"{where}: {kind} bounds must be {'integers' if kind == 'int' else 'numbers'}, got {low!r} and {high!r}")
+    if not low < high:
+        raise GoemoError(f"{where}: empty or inverted range [{low}, {high}]: low must be below high")
+    log, step = bool(spec.get("log", False)), spec.get("step")
+    if log and low <= 0:
+        raise GoemoError(f"{where}: a log range must be above 0, got low {low}")
+    if step is not None and (log or not isinstance(step, num) or step <= 0):
+        raise GoemoError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'} and cannot go with log")
+    return {"kind": kind, "low": low, "high": high, "log": log, "step": step}
+
+
+def config_keys(config: Optional[Path], extra: list[str]) -> dict[str, Any]:
+    """Every key of the full fit config (`main.py fit --config C --print_config`), flattened."""
+    from goemo.compare import flatten
+
+    args = [sys.executable, str(MAIN), "fit", *(["--config", str(config)] if config else []), *extra, "--print_config"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise GoemoError((r.stderr.strip().splitlines() or ["main.py fit --print_config failed"])[-1].removeprefix("error: "))
+    return flatten(yaml.safe_load(r.stdout))
+
+
+def check_space(space: dict[str, dict], config: Optional[Path], extra: list[str]) -> None:
+    """Every key exists in the config, and the parser takes each bound or choice (types and ranges checked by the
+    same code as a run's), before the first trial."""
+    keys = config_keys(config, extra)
+    for key in space:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3)
+            raise GoemoError(f"space key {key!r} is not a config key{' (did you mean ' + ', '.join(close) + '?)' if close else ''}")
+    probes = max(len(s.get("values", ())) or 2 for s in space.values())
+    for i in range(probes):  # low values, then high values (and the i-th choice of each categorical)
+        args = []
+        for key, s in space.items():
+            values = s.get("values") or [s["low"], s["high"]]
+            args += [f"--{key}", yaml.safe_dump(values[min(i, len(values) - 1)], default_flow_style=True).strip().removesuffix("...").strip()]
+        try:
+            config_keys(config, extra + args)
+        except GoemoError as e:
+            bad = next((k for k in space if k in str(e)), None)
+            raise GoemoError(f"space key {bad or '?'!r}: {e}") from None
+
+
+def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
+    params = {}
+    for key, s in space.items():
+        if s["kind"] in ("categorical", "grid"):
+            params[key] = trial.suggest_categorical(key, s["values"])
+        elif s["kind"] == "int":
+            params[key] = trial.suggest_int(key, s["low"], s["high"], step=s["step"] or 1, log=s["log"])
+        else:
+            params[key] = trial.suggest_float(key, s["low"], s["high"], step=s["step"], log=s["log"])
+    return params
+
+
+# -- the trial's side --------------------------------------------------------------------------------------------
+class OptunaReport(Callback):
+    def __init__(self, storage: str, study: str, trial: int, metric: str = "val/f1_macro") -> None:
+        """Reports each validation's `metric` to an Optuna trial and stops the fit when Optuna's pruner says so.
+
+        Put in a trial's config by `goemo.sweep`; the equivalent of optuna-integration's Lightning callback for runs
+        in their own process (it finds the trial in the study's database).
+
+        Args:
+            storage: The study's database URL.
+            study: The study's name.
+            trial: The trial's number in the study.
+            metric: The logged validation metric that is the objective.
+        """
+        self.storage, self.study, self.trial, self.metric = storage, study, trial, metric
+        self._trial = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            import optuna
+
+            study = optuna.load_study(study_name=self.study, storage=self.storage)
+            trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == self.trial)
+            self._trial = optuna.Trial(study, trial_id)
+            self._trial.set_user_attr("run", str(Path(trainer.log_dir).resolve()))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._trial is None or trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        self._trial.report(value, trainer.global_step)
+        if self._trial.should_prune():
+            self._trial.set_user_attr("pruned_at_step", trainer.global_step)
+            trainer.should_stop = True
+
+
+# -- the worker's side -------------------------------------------------------------------------------------------
+def failed_trial(trial, reason: str) -> float:
+    """A trial whose fit failed: its one-line reason is kept with it, and nan makes Optuna record it as failed
+    (without a traceback); the study goes on."""
+    trial.set_user_attr("error", reason)
+    print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+    return float("nan")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the worker dies (Linux), so a killed worker leaves no orphaned fit."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> float:
+    import optuna
+
+    params = suggest(trial, space)
+    args = [sys.executable, str(MAIN), "fit", *(["--config", str(a.config)] if a.config else []), *a.fit_args]
+    for key, value in params.items():
+        args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
+    args += ["--trainer.callbacks+=goemo.sweep.OptunaReport", "--trainer.callbacks.storage", storage_url,
+             "--trainer.callbacks.study", a.study, "--trainer.callbacks.trial", str(trial.number),
+             "--trainer.callbacks.metric", a.metric]  # fmt: skip
+    log = a.sweep_dir / f"trial_{trial.number}.log"
+    with log.open("w") as f:
+        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    if r.returncode != 0:
+        reason = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else f"exit {r.returncode}")
+        return failed_trial(trial, reason.removeprefix("error: "))
+    fresh = optuna.load_study(study_name=a.study, storage=storage_url).trials[trial.number]
+    run = fresh.user_attrs.get("run")
+    if run:
+        trial.set_user_attr("run", run)
+    values = list(fresh.intermediate_values.values())
+    if not values:
+        return failed_trial(trial, f"no {a.metric} was logged (is it a validation metric of this config?)")
+    if "pruned_at_step" in fresh.user_attrs:
+        raise optuna.TrialPruned(f"pruned at step {fresh.user_attrs['pruned_at_step']}")
+    return max(values) if a.direction == "maximize" else min(values)
+
+
+def storage_for(a: argparse.Namespace):
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    url = a.storage or f"sqlite:///{(a.sweep_dir.parent.parent / 'sweeps.db').resolve()}"  # lightning_logs/sweeps.db
+    kwargs = {}
+    if a.heartbeat > 0:
+        kwargs = {"heartbeat_interval": a.heartbeat, "grace_period": 2 * a.heartbeat,
+                  "failed_trial_callback": RetryFailedTrialCallback(max_retry=a.retries)}  # fmt: skip
+    try:
+        return url, optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as e:  # a bad URL, a server that is down, a driver that is not installed
+        raise GoemoError(f"--storage {url}: cannot open the study database ({str(e).splitlines()[0][:200]})") from None
+
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def run_sweep(a: argparse.Namespace) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    space = read_space(a.space) if a.space else {}
+    if a.seeds:
+        space = {**space, "seed_everything": {"kind": "grid", "values": a.seeds}}
+    if not space:
+        raise GoemoError("nothing to search: give --space FILE or --seeds 42,1,7")
+    grid = [k for k, s in space.items() if s["kind"] == "grid"]
+    if grid and len(grid) < len(space):
+        raise GoemoError(f"grid keys ({', '.join(grid)}) search every combination: make every key a grid, or none")
+    if a.config and not Path(a.config).is_file():
+        raise GoemoError(f"--config {a.config}: no such file")
+    check_space(space, a.config, a.fit_args)
+    total = math.prod(len(s["values"]) for s in space.values()) if grid else None
+    trials = a.trials or total
+    if not trials:
+        raise GoemoError("--trials N is needed unless every key is a grid")
+    a.sweep_dir.mkdir(parents=True, exist_ok=True)
+    url, storage = storage_for(a)
+    sampler = optuna.samplers.GridSampler({k: s["values"] for k, s in space.items()}, seed=0) if grid else optuna.samplers.TPESampler(seed=a.sampler_seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if a.prune else optuna.pruners.NopPruner()
+    study = optuna.create_study(study_name=a.study, storage=storage, sampler=sampler, pruner=pruner,
+                                direction=a.direction, load_if_exists=True)  # fmt: skip
+    study.set_user_attr("metric", a.metric)
+
+    def objective(trial) -> float:
+        return run_trial(trial, a, space, url)
+
+    def enough(study, trial) -> None:
+        if finished(study) >= trials:
+            study.stop()
+
+    def failed() -> list:
+        return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("error")]
+
+    # A grid is done when each point finished or failed with a reason (a retried point counts once).
+    while finished(study) + (len({json.dumps(t.params, sort_keys=True) for t in failed()}) if grid else 0) < trials:
+        running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        if finished(study) + running >= trials:  # the rest are in flight on other workers: wait for them
+            import time
+
+            time.sleep(min(5.0, max(a.heartbeat, 1)))
+            if a.heartbeat > 0:  # a worker that died mid-trial: its trial is failed and queued again
+                optuna.storages.fail_stale_trials(study)
+            continue
+        study.optimize(objective, n_trials=1, callbacks=[enough])
+        if len(failed()) > a.max_failures:
+            raise GoemoError(f"{len(failed())} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
+    return summarize(study, a)
+
+
+def summarize(study, a: argparse.Namespace) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    from goemo.files import write_text
+
+    trials = study.get_trials(deepcopy=False)
+    count = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    summary: dict = {"study": study.study_name, "metric": a.metric, "direction": a.direction, "trials": count}
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if done:
+        best = study.best_trial
+        run = best.user_attrs.get("run")
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params, "run": run,
+                           "config": str(Path(run) / "config.yaml") if run else None}  # fmt: skip
+        try:
+            summary["importance"] = {k: round(v, 4) for k, v in optuna.importance.get_param_importances(study).items()}
+        except (RuntimeError, ValueError) as e:  # one trial, or parameters that never varied
+            summary["importance"] = f"not computed ({str(e).splitlines()[0]})"
+    summary["failed"] = [{"number": t.number, "error": t.user_attrs.get("error")} for t in trials if t.state == TrialState.FAIL]
+    keys = list(space_keys(trials))
+    lines = [f"# Sweep {study.study_name}", "", f"objective: {a.direction} {a.metric}; trials: {count}", ""]
+    lines += ["| trial | state | " + " | ".join(keys) + " | value | run or reason |", "|" + " --- |" * (len(keys) + 4)]
+    for t in trials:
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        where = t.user_attrs.get("run") or t.user_attrs.get("error") or "-"
+        lines.append("| " + " | ".join([str(t.number), t.state.name.lower(), *(str(t.params.get(k, "-")) for k in keys), value, where]) + " |")
+    if "best" in summary:
+        lines += ["", f"best: trial {summary['best']['number']}, {a.metric} {summary['best']['value']:.4f}, run {summary['best']['run']}",
+                  f"importance: {summary.get('importance')}"]  # fmt: skip
+    md = "\n".join(lines) + "\n"
+    write_text(a.sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(a.sweep_dir / "summary.md", md)
+    print(md, end="")
+    return summary
+
+
+def space_keys(trials) -> dict:
+    """The parameter names of the trials, in first-seen order."""
+    return dict.fromkeys(k for t in trials for k in t.params)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m goemo.sweep", description=__doc__.splitlines()[0],
+                                epilog="Flags after -- go to every trial's fit, e.g. -- --trainer.max_epochs 1")  # fmt: skip
+    p.add_argument("--config", type=Path, default=None, help="the recipe every trial starts from")
+    p.add_argument("--space", type=Path, default=None, help="the space file (see the module's help)")
+    p.add_argument("--trials", type=int, default=None, help="finished trials (complete or pruned) wanted over all workers")
+    p.add_argument("--seeds", default=None, help="run the config once per seed, e.g. 42,1,7 (a seed group)")
+    p.add_argument("--study", default=None, help="study name (default: the space file's name, or seeds)")
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL of the study database (default: sqlite in lightning_logs/)")
+    p.add_argument("--metric", default="val/f1_macro", help="logged validation metric to optimise (default val/f1_macro)")
+    p.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
+    p.add_argument("--no-prune", dest="prune", action="store_false", help="run every trial to the end")
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's heartbeats (0: none, no retry)")
+    p.add_argument("--retries", type=int, default=2, help="times a trial whose worker died is run again")
+    p.add_argument("--max-failures", type=int, default=10, help="stop the study after this many failed trials")
+    p.add_argument("--sampler-seed", type=int, default=0, help="the TPE sampler's seed")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fit_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    a.fit_args = fit_args
+    if a.seeds:
+        try:
+            a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise GoemoError(f"--seeds {a.seeds!r}: give integers separated by commas, e.g. 42,1,7") from None
+    if a.trials is not None and a.trials < 1:
+        raise GoemoError(f"--trials must be at least 1, got {a.trials}")
+    a.study = a.study or (a.space.stem if a.space else "seeds")
+    a.sweep_dir = Path("lightning_logs") / "sweeps" / a.study
+    return a
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        run_sweep(parse_args(argv))
+    except GoemoError as e:
+        if os.environ.get("GOEMO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

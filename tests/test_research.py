@@ -1,0 +1,208 @@
+"""The research loop: space files, sweeps whose trials are ordinary runs, the comparison table, ensembles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from goemo import compare, ensemble, sweep
+from goemo.errors import GoemoError
+from goemo.thresholds import tune_thresholds
+from tests.conftest import REPO, run_main, write_tiny_data
+
+
+# -- space files ---------------------------------------------------------------------------------------------------
+def space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_space_file_parses_every_kind(tmp_path):
+    space = sweep.read_space(space_file(tmp_path, """
+model.learning_rate: {float: [1.0e-5, 3.0e-4], log: true}
+model.warmup_ratio: {float: [0.0, 0.1], step: 0.02}
+trainer.max_epochs: {int: [1, 4]}
+data.train_batch_size: {categorical: [16, 32, 64]}
+"""))
+    assert space["model.learning_rate"] == {"kind": "float", "low": 1e-5, "high": 3e-4, "log": True, "step": None}
+    assert space["model.warmup_ratio"]["step"] == 0.02 and space["trainer.max_epochs"]["kind"] == "int"
+    assert space["data.train_batch_size"] == {"kind": "categorical", "values": [16, 32, 64]}
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("model.learning_rate: {float: [1.0e-3, 1.0e-4]}", "model.learning_rate: empty or inverted range"),
+        ("model.learning_rate: {float: [1.0e-3, 1.0e-3]}", "model.learning_rate: empty or inverted range"),
+        ("model.learning_rate: {float: [0, 1.0e-3], log: true}", "model.learning_rate: a log range must be above 0"),
+        ("trainer.max_epochs: {int: [1, 2.5]}", "trainer.max_epochs: int bounds must be integers"),
+        ("data.train_batch_size: {categorical: []}", "data.train_batch_size: categorical needs a non-empty list"),
+        ("model.loss: {choice: [bce]}", "model.loss: give exactly one of float, int, categorical, grid"),
+        ("model.learning_rate: {float: [1, 2], scale: log}", "model.learning_rate: unknown setting 'scale'"),
+        ("- not a mapping", "a space file maps config keys to distributions"),
+    ],
+)
+def test_bad_space_files_are_one_line_errors_naming_the_key(tmp_path, text, message):
+    with pytest.raises(GoemoError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        sweep.read_space(space_file(tmp_path, text))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("model.learnin_rate: {float: [1.0e-5, 1.0e-4]}", "space key 'model.learnin_rate' is not a config key (did you mean model.learning_rate"),
+        ("model.loss: {categorical: [bce, hinge]}", "space key 'model.loss': "),
+        ("data.train_batch_size: {categorical: [16, big]}", "space key 'data.train_batch_size': "),
+    ],
+)
+def test_space_keys_and_values_are_checked_by_the_config_parser_before_any_trial(tmp_path, text, message):
+    args = sweep.parse_args(["--space", str(space_file(tmp_path, text)), "--trials", "2", "--config", str(REPO / "configs/minilm.yaml")])
+    with pytest.raises(GoemoError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        sweep.run_sweep(args)
+    assert not list(tmp_path.glob("lightning_logs/version_*"))
+
+
+# -- a tiny real sweep -------------------------------------------------------------------------------------------
+def tiny_fit_args(tiny_model: Path, data: Path, cache: Path) -> list[str]:
+    return ["--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(data), "--data.cache_dir", str(cache),
+            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--data.train_batch_size", "8", "--model.pooling", "mean", "--val_examples.num_examples", "0"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = write_tiny_data(tmp_path / "data")
+    space = space_file(tmp_path, "model.learning_rate: {grid: [1.0e-2, 1.0e+30]}\n")  # the second diverges: nan loss
+    summary = sweep.run_sweep(sweep.parse_args(
+        ["--space", str(space), "--study", "tiny", "--heartbeat", "0", "--", *tiny_fit_args(tiny_model, data, tmp_path / "cache")]
+    ))  # fmt: skip
+    assert summary["trials"] == {"complete": 1, "pruned": 0, "fail": 1}
+    assert "non-finite training loss" in summary["failed"][0]["error"]
+    best = Path(summary["best"]["run"])
+    assert best.parent == (tmp_path / "lightning_logs").resolve() and best.name.startswith("version_")
+    config = yaml.safe_load((best / "config.yaml").read_text())
+    assert config["model"]["learning_rate"] == 0.01  # the trial's value, in its run's own config
+    assert (tmp_path / "lightning_logs/sweeps/tiny/summary.json").is_file() and (tmp_path / "lightning_logs/sweeps.db").is_file()
+    r = run_main("test", "--ckpt_path", str(best), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (best / "test_report.json").is_file()
+
+
+# -- the comparison table ----------------------------------------------------------------------------------------
+def fake_run(folder: Path, lr: float, seed: int, val: dict, test: dict) -> Path:
+    """A run folder as goemo writes one: config.yaml, TensorBoard events, checkpoints, test_report.json."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    (folder / "checkpoints").mkdir(parents=True)
+    config = {"seed_everything": seed, "model": {"learning_rate": lr, "pooling": "mean"}, "data": {"cache_dir": str(folder)},
+              "trainer": {"max_epochs": 2, "logger": {"init_args": {"save_dir": str(folder)}}}}  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    writer = SummaryWriter(str(folder))
+    for step, epoch in ((10, 0), (20, 1)):
+        writer.add_scalar("epoch", epoch, step)
+        for k, v in val.items():
+            writer.add_scalar(k, v - (0.1 if step == 10 else 0.0), step)
+    writer.close()
+    best = folder / "checkpoints" / "epoch01-step20.ckpt"
+    torch.save({"global_step": 20, "state_dict": {}}, best)
+    torch.save({"global_step": 20, "state_dict": {}, "callbacks": {"ModelCheckpoint{}": {"best_model_path": str(best)}}},
+               folder / "checkpoints" / "last.ckpt")  # fmt: skip
+    rep = {k: {"micro": {"f1": test[f"{k}_micro"], "ci": [test[f"{k}_micro"] - 0.01, test[f"{k}_micro"] + 0.01]},
+               "macro": {"f1": test[f"{k}_macro"], "ci": [0.4, 0.6]}, "exact_match": 0.3} for k in ("fixed", "tuned")}  # fmt: skip
+    (folder / "test_report.json").write_text(json.dumps(rep))
+    return folder
+
+
+def test_compare_shows_differing_keys_only_and_collapses_seed_groups(tmp_path):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = lambda x: {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": x}  # noqa: E731
+    a = fake_run(tmp_path / "a", 1e-4, 42, val, t(0.54))
+    b = fake_run(tmp_path / "b", 1e-4, 1, {**val, "val/f1_macro": 0.52}, t(0.52))
+    c = fake_run(tmp_path / "c", 2e-4, 42, val, t(0.50))
+    header, body = compare.table([a, b, c])
+    assert header[:5] == ["run", "model.learning_rate", "seed", "n", "epochs"]  # cache_dir, logger: not what a run did
+    group, single = body
+    assert group[1:5] == ["0.0001", "42, 1", "2", "2"]
+    tuned_macro = header.index("test macro-F1 tuned")
+    assert group[tuned_macro] == f"0.530 ± {np.std([0.54, 0.52], ddof=1):.3f}"
+    assert group[header.index("val macro-F1")] == f"0.510 ± {np.std([0.5, 0.52], ddof=1):.3f}"  # at the best step
+    assert single[1:5] == ["0.0002", "42", "1", "2"] and single[tuned_macro] == "0.500 [0.400, 0.600]"
+    md = compare.to_markdown(header, body)
+    assert md.count("\n") == 4 and "| 0.0002 |" in md
+    assert compare.to_csv(header, body).splitlines()[0].startswith("run,model.learning_rate,seed")
+
+
+def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    fake_run(tmp_path / "runs" / "version_0", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
+    compare.main([str(tmp_path / "runs"), "--md", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")])
+    assert capsys.readouterr().out == (tmp_path / "t.md").read_text() and (tmp_path / "t.csv").is_file()
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "nope")])
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+# -- ensembles ------------------------------------------------------------------------------------------------------
+class FakeMember:
+    """A member whose probabilities for the i-th text are row i of a fixed array."""
+
+    def __init__(self, probs: np.ndarray, names=("a", "b")) -> None:
+        self.probs, self.label_names = probs, list(names)
+        self.model = type("M", (), {"hparams": type("H", (), {"threshold": 0.5})()})()
+
+    def predict_proba(self, texts) -> np.ndarray:
+        return self.probs[[int(t) for t in texts]]
+
+
+def test_ensemble_averages_and_tunes_on_the_averaged_validation(monkeypatch):
+    # binary fractions, so the float32 means are exact
+    p1 = np.array([[1.0, 0.125], [0.25, 0.75], [0.5, 0.5], [0.125, 0.25]], dtype=np.float32)
+    p2 = np.array([[0.5, 0.125], [0.25, 0.5], [0.25, 0.5], [0.125, 0.0]], dtype=np.float32)
+    targets = np.array([[1, 0], [0, 1], [0, 1], [0, 0]], dtype=np.uint8)
+    ens = ensemble.Ensemble([FakeMember(p1), FakeMember(p2)])
+    texts = ["0", "1", "2", "3"]
+    avg = ens.predict_proba(texts)
+    np.testing.assert_array_equal(avg, [[0.75, 0.125], [0.25, 0.625], [0.375, 0.5], [0.125, 0.125]])
+    monkeypatch.setattr(ensemble, "splits_of", lambda m: {"validation": {"text": texts, "targets": targets}, "test": {"text": texts, "targets": targets}})
+    ens.tune()
+    # by hand (p > t): label a is positive only in row 0 (0.75), its highest negative is 0.375 -> the lowest grid value
+    # at or above it, 0.38; label b: positives 0.625 and 0.5, negatives 0.125 -> 0.13
+    np.testing.assert_allclose(ens.thresholds, [0.38, 0.13], atol=1e-6)
+    np.testing.assert_allclose(ens.thresholds, tune_thresholds(avg, targets).numpy())
+    assert [r["labels"] for r in ens.predict(texts)] == [["a"], ["b"], ["b"], []]
+
+
+def test_ensemble_refuses_members_with_other_labels():
+    with pytest.raises(GoemoError, match="ensemble members have different labels"):
+        ensemble.Ensemble([FakeMember(np.zeros((1, 2))), FakeMember(np.zeros((1, 2)), names=("a", "c"))])
+
+
+@pytest.mark.slow
+def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
+    from goemo import load
+
+    runs = [str(tiny_run / "lightning_logs/version_0"), str(learned_run / "lightning_logs/version_0")]
+    rep = ensemble.build(runs, tmp_path / "ens", resamples=50)
+    assert (tmp_path / "ens/test_report.json").is_file() and rep["num_examples"] == 32
+    test_texts = ensemble.splits_of(load(runs[0]))["test"]["text"]
+    saved = np.load(tmp_path / "ens/test_probs.npy")
+    np.testing.assert_allclose(load(tmp_path / "ens").predict_proba(test_texts), saved, atol=1e-6)  # the folder
+    members = [load(r).predict_proba(test_texts) for r in runs]
+    np.testing.assert_allclose(saved, np.mean(members, axis=0), atol=1e-6)  # the mean of the members
+    fresh = load(runs)  # a list: thresholds tuned at the first predict, equal to the folder's
+    fresh.predict(test_texts[:2])
+    np.testing.assert_allclose(fresh.thresholds, json.loads((tmp_path / "ens/ensemble.json").read_text())["thresholds"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_file_fits_the_minilm_config(space):
+    sweep.check_space(sweep.read_space(space), REPO / "configs" / "minilm.yaml", [])

@@ -1,0 +1,111 @@
+"""`python -m goemo.serve`: answers as goemo.load predicts, batches concurrent requests, refuses bad ones with a 4xx."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, object]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """The tiny run served on a free port, batching up to 64 requests that come within 0.5 s."""
+    stats = tmp_path_factory.mktemp("serve") / "stats.txt"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "goemo.serve", str(tiny_run / "lightning_logs/version_0"), "--port", str(port),
+                             "--max-batch", "64", "--batch-timeout", "0.5", "--max-texts", "100", "--max-chars", "5000",
+                             "--stats", str(stats)], cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.read().decode().strip('"') == "ok":
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert time.monotonic() < end, "the server did not come up"
+        time.sleep(0.3)
+    yield url, stats
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_server_answers_as_load_predicts(server, tiny_run):
+    from goemo import load
+
+    url, _ = server
+    want = load(tiny_run / "lightning_logs/version_0").predict(["I am so happy and glad", "angry mad"])
+    status, one = post(url + "/predict", json.dumps({"text": "I am so happy and glad"}).encode())
+    assert status == 200 and one["text"] == want[0]["text"] and one["labels"] == want[0]["labels"]
+    assert one["scores"] == pytest.approx(want[0]["scores"], abs=1e-5)
+    status, many = post(url + "/predict", json.dumps({"texts": ["I am so happy and glad", "angry mad"]}).encode())
+    assert status == 200 and [r["labels"] for r in many] == [w["labels"] for w in want]
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_forward_passes(server):
+    url, stats = server
+    stats.write_text("")
+    texts = [f"happy glad {i}" for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda t: post(url + "/predict", json.dumps({"text": t}).encode()), texts))
+    assert all(status == 200 for status, _ in answers) and [a["text"] for _, a in answers] == texts
+    calls = [tuple(map(int, line.split())) for line in stats.read_text().splitlines()]
+    assert sum(r for r, _ in calls) == 24 and len(calls) < 24  # fewer forward calls than requests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"not json", 400, "the body is not valid JSON"),
+        (b"{}", 400, 'give exactly one of "text"'),
+        (b'{"text": 5}', 400, "text"),
+        (b'{"texts": ["ok", 5]}', 400, "texts"),
+        (b'{"texts": []}', 400, '"texts" is empty'),
+        (b'{"text": "a", "texts": ["b"]}', 400, "give exactly one of"),
+        (b'{"text": "a", "extra": 1}', 400, "extra"),
+        (b'{"text": "\\ud800"}', 400, "not valid Unicode"),
+        (json.dumps({"texts": ["x"] * 100_000}).encode(), 413, "too many texts: 100000 (at most 100 a request)"),
+        (json.dumps({"text": "x" * 6000}).encode(), 413, "too long: text 0 has 6000 characters (at most 5000)"),
+        (json.dumps({"text": "x" * 1_000_000}).encode(), 413, "too long: text 0 has 1000000 characters"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_one_line(server, body, status, message):
+    url, _ = server
+    got, answer = post(url + "/predict", body)
+    assert got == status, answer
+    if message:
+        assert isinstance(answer, dict) and message in answer["error"] and "\n" not in answer["error"]
+    ok, _ = post(url + "/predict", b'{"text": "still fine"}')
+    assert ok == 200  # the server goes on
