@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "goemo.serve", a.run, "--port", str(port), "--backend", a.backend, *flags],
-                                  env=env, stdout=open(work / f"server-{name.split()[1]}.log", "w"), stderr=subprocess.STDOUT)  # fmt: skip
+                                  env=env, stdout=open(work / f"server-{name.split()[1]}.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
         try:
             wait_healthy(url, server)
             locust(url, 4, 5, work / "warmup", env)  # warm-up: the first requests pay for lazy initialisation
@@ -113,8 +115,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 row = locust(url, users, a.seconds, work / f"{name.split()[1]}-{users}", env)
                 results.append({"setting": name, "users": users, **row, "rss_start_mib": start_mib, "rss_end_mib": tree_rss_mib(server.pid)})
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(server.pid, signal.SIGKILL)  # LitServe's worker processes too
+            except ProcessLookupError:
+                pass
     lines = ["| setting | clients | requests/s | p50 (ms) | p99 (ms) | failed | server RSS after warm-up -> end (MiB) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     for r in results:

@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse import ArgumentError
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -30,7 +29,7 @@ from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter
-from goemo.reliability import LastCheckpoint, SafeCheckpointIO
+from goemo.reliability import LastCheckpoint
 from goemo.runs import load_lightning_checkpoint, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
@@ -138,6 +137,8 @@ class GoemoCLI(LightningCLI):
         # In the config (not trainer_defaults, which appends instances after parsing) so the
         # enable_progress_bar/enable_model_summary check below can drop them and config.yaml records them.
         parser.set_defaults({"trainer.callbacks": TERMINAL_CALLBACKS + RELIABILITY_CALLBACKS})
+        # Atomic checkpoint files, weights_only loads, one-line errors (goemo.reliability): a plugin in the config too.
+        parser.set_defaults({"trainer.plugins": [{"class_path": "goemo.reliability.SafeCheckpointIO"}]})
         # One source of truth: the model's name picks the tokenizer; the data's labels size the head.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
@@ -233,9 +234,6 @@ class GoemoCLI(LightningCLI):
             raise GoemoError(f"trainer settings: {one_line(e)}") from None
 
     def _before_run(self) -> None:
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a plugin the user chose
-            strategy.checkpoint_io = SafeCheckpointIO()  # atomic saves, weights_only loads, one-line errors
         logger = self.trainer.logger
         if isinstance(logger, HParamsTensorBoardLogger):
             cfg = self.config[self.subcommand]

@@ -80,6 +80,7 @@ def test_release_free_memory_is_opt_in(tiny_run):
     assert [p for p in paths if p.startswith("goemo.")] == [
         "goemo.reliability.ExactResume", "goemo.reliability.Interrupts", "goemo.reliability.StopOnNonFiniteLoss",
     ]  # fmt: skip
+    assert [p["class_path"] for p in config["trainer"]["plugins"]] == ["goemo.reliability.SafeCheckpointIO"]
 
 
 PHASES = MALLINFO + """

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,8 @@ def server(tiny_run, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "goemo.serve", str(tiny_run / "lightning_logs/version_0"), "--port", str(port),
                              "--max-batch", "64", "--batch-timeout", "0.5", "--max-texts", "100", "--max-chars", "5000",
-                             "--stats", str(stats)], cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+                             "--stats", str(stats)], cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
     while True:
@@ -55,8 +57,13 @@ def server(tiny_run, tmp_path_factory):
         assert time.monotonic() < end, "the server did not come up"
         time.sleep(0.3)
     yield url, stats
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C; then the whole group (LitServe's worker processes) if it lingers
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
