@@ -2,7 +2,7 @@
 # Prepare the one GPU run (benchmarks/gpu.py) on a machine with pip and network, before the GPU machine is lent:
 # wheels the GPU image lacks (Python 3.12) into .whl/, the bert-base-uncased WordPiece tokenizer into .gpu/tokenizer.
 # Both folders are git-ignored; carry them (device tool: carry [".whl", ".gpu"]). Then, on the GPU machine:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+#   python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl && export PYTHONPATH="$HOME/site:."
 #   PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --tokenizer .gpu/tokenizer --out $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -32,8 +32,8 @@ def newest_run(root: Path = RUNS_DIR) -> Path:
     runs = sorted((p for p in root.glob("version_*") if any(p.glob("checkpoints/*.ckpt"))), key=_version)
     if not runs:
         raise GoemoError(
-            f"no run with checkpoints under {root}/: train one first (python main.py fit --config configs/minilm.yaml "
-            f"--data.data_dir DIR) or pass --ckpt_path PATH/TO/FILE.ckpt"
+            f"no run with checkpoints under {root}/: train one first (python main.py fit --config configs/minilm.yaml) "
+            f"or pass --ckpt_path PATH/TO/FILE.ckpt"
         )
     return runs[-1]
 

@@ -14,7 +14,7 @@ from goemo.taxonomy import GOEMOTIONS_LABELS
 from goemo.errors import GoemoError
 from tests.conftest import run_main
 
-# sha256 of the official release's files (../shared/goemotions, the reference copy), taken when they were packaged:
+# sha256 of the official release's files (the reference copy kept beside the development checkout), taken when packaged:
 # the embedded files must decompress to exactly these bytes.
 OFFICIAL_SHA256 = {
     "train.tsv": "1c254a142be5c00e80d819b9ae1bbd36d94b2eeb8f4b1271846508d57e57d9c5",
