@@ -85,6 +85,9 @@ class GoemoAPI(ls.LitAPI):
         return inputs
 
     def predict(self, inputs: list) -> list:
+        single_request = self.max_batch_size == 1  # LitServe then calls predict per request, without batch()
+        if single_request:
+            inputs = [inputs]
         texts = [t for batch, _ in inputs for t in batch]
         records = self.clf.predict(texts)  # one call: length-sorted batches over all the requests' texts
         if self.stats:
@@ -95,7 +98,7 @@ class GoemoAPI(ls.LitAPI):
             part = records[start : start + len(batch)]
             out.append(part[0] if single else part)
             start += len(batch)
-        return out
+        return out[0] if single_request else out
 
     def unbatch(self, output: list) -> list:
         return output
