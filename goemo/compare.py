@@ -81,7 +81,9 @@ def run_row(run: Path) -> dict[str, Any]:
     ckpt_epochs = None
     values = scalars(run, VAL + ("epoch",))
     if step is not None:
-        at = {tag: v.get(step) for tag, v in values.items()}
+        # Lightning logs a validation at the step before the global step its checkpoint records: take the last
+        # value logged at or before the checkpoint's step.
+        at = {tag: v[max(s for s in v if s <= step)] if any(s <= step for s in v) else None for tag, v in values.items()}
         row.update({tag: at[tag] for tag in VAL})
         ckpt_epochs = int(at["epoch"]) + 1 if at.get("epoch") is not None else None
     row["epochs"] = ckpt_epochs

@@ -111,9 +111,9 @@ def fake_run(folder: Path, lr: float, seed: int, val: dict, test: dict) -> Path:
         for k, v in val.items():
             writer.add_scalar(k, v - (0.1 if step == 10 else 0.0), step)
     writer.close()
-    best = folder / "checkpoints" / "epoch01-step20.ckpt"
-    torch.save({"global_step": 20, "state_dict": {}}, best)
-    torch.save({"global_step": 20, "state_dict": {}, "callbacks": {"ModelCheckpoint{}": {"best_model_path": str(best)}}},
+    best = folder / "checkpoints" / "epoch01-step21.ckpt"  # as Lightning: the checkpoint's step is one past the log's
+    torch.save({"global_step": 21, "state_dict": {}}, best)
+    torch.save({"global_step": 21, "state_dict": {}, "callbacks": {"ModelCheckpoint{}": {"best_model_path": str(best)}}},
                folder / "checkpoints" / "last.ckpt")  # fmt: skip
     rep = {k: {"micro": {"f1": test[f"{k}_micro"], "ci": [test[f"{k}_micro"] - 0.01, test[f"{k}_micro"] + 0.01]},
                "macro": {"f1": test[f"{k}_macro"], "ci": [0.4, 0.6]}, "exact_match": 0.3} for k in ("fixed", "tuned")}  # fmt: skip
