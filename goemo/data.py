@@ -273,19 +273,23 @@ class GoEmotionsDataModule(L.LightningDataModule):
         h.update(f"{self.hparams.max_length}|{CACHE_VERSION}|{self.hparams.taxonomy}".encode())
         return h.hexdigest()[:20]
 
+    def targets(self, label_ids: list[list[int]]) -> np.ndarray:
+        """Rows of source label ids -> (N, L) float32 multi-hot targets in this data module's taxonomy."""
+        multi_hot = np.zeros((len(label_ids), len(self.source_labels)), dtype=np.float32)  # (N, S)
+        for i, ids in enumerate(label_ids):
+            multi_hot[i, ids] = 1.0
+        if self.hparams.taxonomy != "original":  # union of the groups: (N, S) @ (S, L) counts, > 0
+            multi_hot = (multi_hot @ self.label_map > 0).astype(np.float32)
+        return multi_hot
+
     def _encode(self, batch: dict) -> dict:
         enc = self.tokenizer(
             batch["text"], truncation=True, max_length=self.hparams.max_length, return_token_type_ids=False
         )  # token_type_ids are all zero for single texts: models default to that, so don't carry them
-        multi_hot = np.zeros((len(batch["labels"]), len(self.source_labels)), dtype=np.float32)  # (B, S)
-        for i, ids in enumerate(batch["labels"]):
-            multi_hot[i, ids] = 1.0
-        if self.hparams.taxonomy != "original":  # union of the groups: (B, S) @ (S, L) counts, > 0
-            multi_hot = (multi_hot @ self.label_map > 0).astype(np.float32)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
-            "labels": multi_hot,
+            "labels": self.targets(batch["labels"]),
             "length": [len(x) for x in enc["input_ids"]],
         }
 

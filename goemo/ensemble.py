@@ -77,11 +77,7 @@ def splits_of(member) -> dict:
     raw = dm._raw_splits()
     out = {}
     for split in ("validation", "test"):
-        ids = raw[split]["labels"]
-        multi_hot = np.zeros((len(ids), len(dm.source_labels)), dtype=np.float32)  # (N, S)
-        for i, row in enumerate(ids):
-            multi_hot[i, row] = 1.0
-        out[split] = {"text": list(raw[split]["text"]), "targets": (multi_hot @ dm.label_map > 0).astype(np.uint8)}
+        out[split] = {"text": list(raw[split]["text"]), "targets": dm.targets(raw[split]["labels"]).astype(np.uint8)}
     return out
 
 
