@@ -138,8 +138,16 @@ def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
 
 
 # -- the trial's side --------------------------------------------------------------------------------------------
+def make_pruner(prune: bool):
+    """The study's pruner, made the same way by the worker and by the trial's process: Optuna does not store
+    the pruner with the study, and `load_study` would otherwise give the trial a default one."""
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
+
+
 class OptunaReport(Callback):
-    def __init__(self, storage: str, study: str, trial: int, metric: str = "val/f1_macro") -> None:
+    def __init__(self, storage: str, study: str, trial: int, metric: str = "val/f1_macro", prune: bool = True) -> None:
         """Reports each validation's `metric` to an Optuna trial and stops the fit when Optuna's pruner says so.
 
         Put in a trial's config by `goemo.sweep`; the equivalent of optuna-integration's Lightning callback for runs
@@ -150,15 +158,17 @@ class OptunaReport(Callback):
             study: The study's name.
             trial: The trial's number in the study.
             metric: The logged validation metric that is the objective.
+            prune: Stop the fit when the study's median pruner says so (`goemo.sweep --no-prune`: never).
         """
-        self.storage, self.study, self.trial, self.metric = storage, study, trial, metric
+        self.storage, self.study, self.trial, self.metric, self.prune = storage, study, trial, metric, prune
         self._trial = None
+        self._validations = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
             import optuna
 
-            study = optuna.load_study(study_name=self.study, storage=self.storage)
+            study = optuna.load_study(study_name=self.study, storage=self.storage, pruner=make_pruner(self.prune))
             trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == self.trial)
             self._trial = optuna.Trial(study, trial_id)
             self._trial.set_user_attr("run", str(Path(trainer.log_dir).resolve()))
@@ -166,8 +176,13 @@ class OptunaReport(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._trial is None or trainer.sanity_checking or self.metric not in trainer.callback_metrics:
             return
+        # Reported at the validation's number in the run (0, 1, ...), not the optimizer step: trials of other
+        # batch sizes take other step counts, and the median pruner compares trials at equal steps. With
+        # validation every epoch or every fraction of one (--trainer.val_check_interval 0.25), the n-th
+        # validation is the same share of training in every trial.
         value = float(trainer.callback_metrics[self.metric])
-        self._trial.report(value, trainer.global_step)
+        self._trial.report(value, self._validations)
+        self._validations += 1
         if self._trial.should_prune():
             self._trial.set_user_attr("pruned_at_step", trainer.global_step)
             trainer.should_stop = True
@@ -199,7 +214,7 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
         args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
     args += ["--trainer.callbacks+=goemo.sweep.OptunaReport", "--trainer.callbacks.storage", storage_url,
              "--trainer.callbacks.study", a.study, "--trainer.callbacks.trial", str(trial.number),
-             "--trainer.callbacks.metric", a.metric]  # fmt: skip
+             "--trainer.callbacks.metric", a.metric, "--trainer.callbacks.prune", str(a.prune).lower()]  # fmt: skip
     log = a.sweep_dir / f"trial_{trial.number}.log"
     with log.open("w") as f:
         r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
@@ -262,7 +277,7 @@ def run_sweep(a: argparse.Namespace) -> dict:
     a.sweep_dir.mkdir(parents=True, exist_ok=True)
     url, storage = storage_for(a)
     sampler = optuna.samplers.GridSampler({k: s["values"] for k, s in space.items()}, seed=0) if grid else optuna.samplers.TPESampler(seed=a.sampler_seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if a.prune else optuna.pruners.NopPruner()
+    pruner = make_pruner(a.prune)
     study = optuna.create_study(study_name=a.study, storage=storage, sampler=sampler, pruner=pruner,
                                 direction=a.direction, load_if_exists=True)  # fmt: skip
     study.set_user_attr("metric", a.metric)

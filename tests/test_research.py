@@ -96,6 +96,52 @@ def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_
     assert (best / "test_report.json").is_file()
 
 
+def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(tmp_path):
+    """Trials of other batch sizes take other step counts: each reports its n-th validation as step n, so
+    the median pruner compares equal shares of training; a trial below the median is stopped and marked."""
+    import optuna
+    from types import SimpleNamespace
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize",
+                                pruner=sweep.make_pruner(True))  # fmt: skip
+    for values in ((0.30, 0.40), (0.20, 0.50)):  # the pruner waits for two finished trials
+        done = study.ask()
+        for n, v in enumerate(values):
+            done.report(v, n)
+        study.tell(done, max(values))
+
+    def validate(cb, trainer, value, step):
+        trainer.callback_metrics, trainer.global_step = {"val/f1_macro": torch.tensor(value)}, step
+        cb.on_validation_end(trainer, None)
+
+    def trainer_for() -> SimpleNamespace:
+        return SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path), sanity_checking=False, should_stop=False)
+
+    good, bad = study.ask(), study.ask()
+    cb = sweep.OptunaReport(url, "s", good.number)
+    trainer = trainer_for()
+    cb.setup(trainer, None, "fit")
+    validate(cb, trainer, 0.35, 128)  # batch 16: twice the steps of the batch-32 trial above
+    validate(cb, trainer, 0.48, 256)
+    assert not trainer.should_stop
+    cb = sweep.OptunaReport(url, "s", bad.number)
+    trainer = trainer_for()
+    cb.setup(trainer, None, "fit")
+    validate(cb, trainer, 0.05, 32)  # batch 64: half the steps; below the median at the first validation
+    assert trainer.should_stop
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert trials[good.number].intermediate_values == pytest.approx({0: 0.35, 1: 0.48})
+    assert trials[bad.number].intermediate_values == pytest.approx({0: 0.05})
+    assert trials[bad.number].user_attrs == {"run": str(tmp_path.resolve()), "pruned_at_step": 32}
+    off = study.ask()  # goemo.sweep --no-prune: the trial's process must not prune with a default pruner either
+    cb = sweep.OptunaReport(url, "s", off.number, prune=False)
+    trainer = trainer_for()
+    cb.setup(trainer, None, "fit")
+    validate(cb, trainer, 0.01, 32)
+    assert not trainer.should_stop
+
+
 # -- the comparison table ----------------------------------------------------------------------------------------
 def fake_run(folder: Path, lr: float, seed: int, val: dict, test: dict) -> Path:
     """A run folder as goemo writes one: config.yaml, TensorBoard events, checkpoints, test_report.json."""
