@@ -86,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--seconds", type=int, default=60, help="seconds per client count (default 60)")
     p.add_argument("--backend", default="torch", help="the server's backend (torch, onnx, int8)")
     p.add_argument("--only", default=None, help="one setting: 'on' or 'off'")
+    p.add_argument("--server-args", default="", help="more flags for both servers, e.g. '--fast-queue'")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out")
     a = p.parse_args(argv)
     a.out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             continue
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "goemo.serve", a.run, "--port", str(port), "--backend", a.backend, *flags],
+        server = subprocess.Popen([sys.executable, "-m", "goemo.serve", a.run, "--port", str(port), "--backend", a.backend, *flags,
+                                   *a.server_args.split()],
                                   env=env, stdout=open(work / f"server-{name.split()[1]}.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)  # fmt: skip
         try:

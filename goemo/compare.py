@@ -1,5 +1,8 @@
 """`python -m goemo.compare RUN [RUN ...]`: one table row per run, read from the run folders alone.
 
+RUN is a run folder, a folder holding runs (lightning_logs), or a sweep's folder (lightning_logs/sweeps/NAME: the
+runs of its trials).
+
 A row holds the config keys that differ between the runs (only those), the seed, the epochs trained, validation
 micro/macro-F1 and exact match at the best checkpoint (from its TensorBoard events), and the test figures of its
 `test_report.json` at the fixed and the tuned thresholds, with their bootstrap intervals. Runs whose configs differ
@@ -158,11 +161,15 @@ def to_csv(header: list[str], body: list[list[str]]) -> str:
 
 
 def expand(paths: list[Path]) -> list[Path]:
-    """Run folders as given; a folder that is not a run stands for the runs (version_*) inside it."""
+    """Run folders as given; a sweep's folder (summary.json) stands for its trials' runs; another folder that is
+    not a run stands for the runs (version_*) inside it."""
     runs = []
     for p in paths:
         if (p / "config.yaml").is_file():
             runs.append(p)
+        elif (p / "summary.json").is_file():  # lightning_logs/sweeps/NAME, written by goemo.sweep
+            trials = json.loads((p / "summary.json").read_text(encoding="utf-8")).get("runs", [])
+            runs += [Path(t["run"]) for t in trials if t["state"] != "fail" and (Path(t["run"]) / "config.yaml").is_file()]
         elif p.is_dir():
             runs += sorted((q.parent for q in p.rglob("config.yaml")), key=str)
         else:
@@ -174,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from goemo.files import write_text
 
     parser = argparse.ArgumentParser(prog="python -m goemo.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding them (e.g. lightning_logs)")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, folders holding them (lightning_logs), or a sweep's folder (lightning_logs/sweeps/NAME)")
     parser.add_argument("--md", type=Path, default=None, help="also write the table as Markdown here")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV here")
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
 from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
 
 Pooling = Literal["cls", "mean", "cls+mean"]
+HeadBias = Literal["zero", "prior"]
 
 
 def multilabel_metrics(num_labels: int, threshold: float, prefix: str) -> MetricCollection:
@@ -139,6 +140,7 @@ class EmotionClassifier(L.LightningModule):
         model_name_or_path: str = "bert-base-uncased",
         label_names: Optional[list[str]] = None,
         pooling: Pooling = "cls",
+        head_bias: HeadBias = "zero",
         learning_rate: float = 2e-5,
         head_learning_rate: Optional[float] = None,
         weight_decay: float = 0.01,
@@ -163,6 +165,10 @@ class EmotionClassifier(L.LightningModule):
             label_names: Output labels, in id order; linked from the data module by the CLI.
             pooling: `cls`: the encoder's pooler over [CLS] (what AutoModelForSequenceClassification does
                 for BERT); `mean`: mean of the real (unpadded) token states; `cls+mean`: both, concatenated.
+            head_bias: The head's initial bias. `zero` (as Hugging Face heads); `prior`: each label's log-odds in the
+                training data, so training starts from the base rates (loss ~0.15 on GoEmotions instead of log 2
+                = 0.69) and the first steps' large gradients do not flow into the encoder to push every logit
+                down. That shock made all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
             learning_rate: Peak AdamW learning rate of the encoder.
             head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
@@ -250,19 +256,24 @@ class EmotionClassifier(L.LightningModule):
                 f"data.max_length {max_length} is more than model {self.hparams.model_name_or_path!r} "
                 f"takes ({limit} positions); use --data.max_length {limit} or less"
             )
-        if stage != "fit" or self.hparams.loss != "bce_pos_weight":
+        wanted = [k for k, v in (("model.loss bce_pos_weight", self.hparams.loss == "bce_pos_weight"),
+                                 ("model.head_bias prior", self.hparams.head_bias == "prior")) if v]  # fmt: skip
+        if stage != "fit" or not wanted:
             return
         if dm is None or not hasattr(dm, "label_frequencies"):
-            raise GoemoError(
-                "model.loss bce_pos_weight needs the training label frequencies: fit with goemo's GoEmotionsDataModule"
-            )
+            raise GoemoError(f"{wanted[0]} needs the training label frequencies: fit with goemo's GoEmotionsDataModule")
         freq = dm.label_frequencies()  # (L,)
-        if freq.shape != self.loss_fn.pos_weight.shape:
+        if freq.shape != self.head.bias.shape:
             raise GoemoError(
-                f"the data has {len(freq)} labels but the model {len(self.loss_fn.pos_weight)}; "
-                "link data.label_names to model.label_names"
+                f"the data has {len(freq)} labels but the model {len(self.head.bias)}; link data.label_names to model.label_names"
             )
-        self.loss_fn.pos_weight.copy_(pos_weight_from_frequencies(freq, self.hparams.pos_weight_max))
+        if self.hparams.loss == "bce_pos_weight":
+            self.loss_fn.pos_weight.copy_(pos_weight_from_frequencies(freq, self.hparams.pos_weight_max))
+        # A resumed fit then loads its checkpoint's bias over this one (Lightning restores after the setup hook).
+        if self.hparams.head_bias == "prior":
+            f = freq.clamp(1e-4, 1 - 1e-4)  # a label no training row has: log-odds of 1e-4, not -inf
+            with torch.no_grad():
+                self.head.bias.copy_(torch.log(f / (1 - f)))
 
     # -- steps -------------------------------------------------------------------------------
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,6 +137,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--max-chars", type=int, default=10_000, help="characters a text may have")
     p.add_argument("--max-body", type=int, default=2_000_000, help="largest request body in bytes (413 above it)")
     p.add_argument("--stats", default=None, help="append 'requests texts' per forward call to this file")
+    p.add_argument("--fast-queue", action="store_true", help="answers go back over ZeroMQ (LitServe's fast_queue; not on Windows)")
     a = p.parse_args(argv)
     from goemo.errors import GoemoError
 
@@ -148,7 +149,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except GoemoError as e:
         raise SystemExit(f"error: {e}") from None
     api = GoemoAPI(a.run, a.backend, a.max_batch, a.batch_timeout, a.stats)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=60)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=60,
+                          fast_queue=a.fast_queue)
     one_line_errors(server.app)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     server.run(host=a.host, port=a.port, generate_client_file=False, log_level="warning")

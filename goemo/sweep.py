@@ -328,6 +328,8 @@ def summarize(study, a: argparse.Namespace) -> dict:
         except (RuntimeError, ValueError) as e:  # one trial, or parameters that never varied
             summary["importance"] = f"not computed ({str(e).splitlines()[0]})"
     summary["failed"] = [{"number": t.number, "error": t.user_attrs.get("error")} for t in trials if t.state == TrialState.FAIL]
+    summary["runs"] = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "run": t.user_attrs["run"]}
+                       for t in trials if t.user_attrs.get("run")]  # what `python -m goemo.compare SWEEP_FOLDER` reads  # fmt: skip
     keys = list(space_keys(trials))
     lines = [f"# Sweep {study.study_name}", "", f"objective: {a.direction} {a.metric}; trials: {count}", ""]
     lines += ["| trial | state | " + " | ".join(keys) + " | value | run or reason |", "|" + " --- |" * (len(keys) + 4)]

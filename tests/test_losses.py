@@ -88,3 +88,30 @@ def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, t
 def test_model_builds_each_loss(tiny_model):
     for name, cls in (("bce", torch.nn.BCEWithLogitsLoss), ("bce_pos_weight", torch.nn.BCEWithLogitsLoss), ("focal", FocalLoss)):
         assert isinstance(EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=name).loss_fn, cls)
+
+
+def test_head_bias_prior_starts_from_the_training_log_odds_and_a_resumed_fit_keeps_its_own(tiny_data, tiny_model, tmp_path):
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(pl_module.head.bias.detach().clone())
+
+    def fit(epochs: int, ckpt_path=None) -> tuple[EmotionClassifier, L.Trainer]:
+        model = EmotionClassifier(str(tiny_model), label_names=dm.label_names, head_bias="prior", head_learning_rate=0.5)
+        trainer = L.Trainer(
+            max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
+            logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
+        )  # fmt: skip
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model, trainer
+
+    assert EmotionClassifier(str(tiny_model), label_names=dm.label_names).head.bias.abs().max() == 0  # default: zero
+    model, trainer = fit(1)
+    f = dm.label_frequencies().float()
+    torch.testing.assert_close(seen[0], torch.log(f / (1 - f)))  # the tiny data's four labels are all in use
+    trained = model.head.bias.detach().clone()
+    assert (trained - seen[0]).abs().max() > 0.1  # training moved it
+    fit(2, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    torch.testing.assert_close(seen[1], trained)  # resumed: the checkpoint's bias, not the prior again

@@ -91,6 +91,8 @@ def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_
     config = yaml.safe_load((best / "config.yaml").read_text())
     assert config["model"]["learning_rate"] == 0.01  # the trial's value, in its run's own config
     assert (tmp_path / "lightning_logs/sweeps/tiny/summary.json").is_file() and (tmp_path / "lightning_logs/sweeps.db").is_file()
+    assert sorted(r["state"] for r in summary["runs"]) == ["complete", "fail"]  # both trials made a run folder
+    assert compare.expand([tmp_path / "lightning_logs/sweeps/tiny"]) == [best]  # a study compares its finished trials
     r = run_main("test", "--ckpt_path", str(best), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (best / "test_report.json").is_file()
