@@ -34,15 +34,16 @@ def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, object]:
         return e.code, json.loads(e.read() or b"null")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    """The tiny run served on a free port, batching up to 64 requests that come within 0.5 s."""
+@pytest.fixture(scope="module", params=[[], ["--fast-queue"]], ids=["mp-queue", "fast-queue"])
+def server(tiny_run, tmp_path_factory, request):
+    """The tiny run served on a free port, batching up to 64 requests that come within 0.5 s; answers go back over
+    LitServe's multiprocessing queues, then (`--fast-queue`) over ZeroMQ."""
     stats = tmp_path_factory.mktemp("serve") / "stats.txt"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "goemo.serve", str(tiny_run / "lightning_logs/version_0"), "--port", str(port),
                              "--max-batch", "64", "--batch-timeout", "0.5", "--max-texts", "100", "--max-chars", "5000",
-                             "--stats", str(stats)], cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--stats", str(stats), *request.param], cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
