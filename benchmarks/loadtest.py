@@ -86,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--seconds", type=int, default=60, help="seconds per client count (default 60)")
     p.add_argument("--backend", default="torch", help="the server's backend (torch, onnx, int8)")
     p.add_argument("--only", default=None, help="one setting: 'on' or 'off'")
-    p.add_argument("--server-args", default="", help="more flags for both servers, e.g. '--fast-queue'")
+    p.add_argument("--server-args", default="", help="more flags for both servers, e.g. --server-args=--fast-queue")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out")
     a = p.parse_args(argv)
     a.out_dir.mkdir(parents=True, exist_ok=True)

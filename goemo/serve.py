@@ -138,9 +138,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--max-body", type=int, default=2_000_000, help="largest request body in bytes (413 above it)")
     p.add_argument("--stats", default=None, help="append 'requests texts' per forward call to this file")
     p.add_argument("--fast-queue", action="store_true", help="answers go back over ZeroMQ (LitServe's fast_queue; not on Windows)")
+    p.add_argument("--api-servers", type=int, default=1, help="HTTP server processes in front of the model worker (LitServe's num_api_servers)")
     a = p.parse_args(argv)
     from goemo.errors import GoemoError
 
+    if a.api_servers < 1 or a.max_batch < 1:
+        raise SystemExit(f"error: --api-servers and --max-batch must be at least 1, got {a.api_servers} and {a.max_batch}")
     os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
     try:
         from goemo.runs import resolve_checkpoint
@@ -153,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                           fast_queue=a.fast_queue)
     one_line_errors(server.app)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    server.run(host=a.host, port=a.port, generate_client_file=False, log_level="warning")
+    server.run(host=a.host, port=a.port, num_api_servers=a.api_servers, generate_client_file=False, log_level="warning")
 
 
 if __name__ == "__main__":

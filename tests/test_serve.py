@@ -34,10 +34,10 @@ def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, object]:
         return e.code, json.loads(e.read() or b"null")
 
 
-@pytest.fixture(scope="module", params=[[], ["--fast-queue"]], ids=["mp-queue", "fast-queue"])
+@pytest.fixture(scope="module", params=[[], ["--fast-queue", "--api-servers", "2"]], ids=["default", "fast-queue-2-api-servers"])
 def server(tiny_run, tmp_path_factory, request):
     """The tiny run served on a free port, batching up to 64 requests that come within 0.5 s; answers go back over
-    LitServe's multiprocessing queues, then (`--fast-queue`) over ZeroMQ."""
+    LitServe's multiprocessing queues, then (`--fast-queue`) over ZeroMQ from two HTTP server processes."""
     stats = tmp_path_factory.mktemp("serve") / "stats.txt"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
