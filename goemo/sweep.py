@@ -10,7 +10,7 @@ come (`goemo.sweep.OptunaReport`, a callback in the trial's config), so Optuna's
 The study lives in a database: a SQLite file in lightning_logs/ by default, or any SQLAlchemy URL
 (`--storage postgresql://...`), which is how several workers on several machines share one study (Optuna's
 own distributed mode). Workers send heartbeats; a worker killed mid-trial loses only that trial, which the next
-worker to look marks failed and runs again (Optuna's RetryFailedTrialCallback). `--trials N` counts finished
+worker to look marks failed and runs again (Optuna's RetryHeartbeatStaleTrialCallback). `--trials N` counts finished
 trials (complete or pruned) over all workers. At the end the summary (best trial, its run folder and config,
 each parameter's importance) is printed and saved beside the study as summary.json / summary.md.
 
@@ -234,15 +234,27 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
     return max(values) if a.direction == "maximize" else min(values)
 
 
+def retry_callback():
+    """Optuna's callback that queues a dead worker's trial again, and the RDBStorage argument it goes in: renamed in
+    Optuna 4.9 (RetryFailedTrialCallback, `failed_trial_callback`, now deprecated)."""
+    try:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        return RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback"
+    except ImportError:  # Optuna < 4.9
+        from optuna.storages import RetryFailedTrialCallback
+
+        return RetryFailedTrialCallback, "failed_trial_callback"
+
+
 def storage_for(a: argparse.Namespace):
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
 
     url = a.storage or f"sqlite:///{(a.sweep_dir.parent.parent / 'sweeps.db').resolve()}"  # lightning_logs/sweeps.db
     kwargs = {}
     if a.heartbeat > 0:
-        kwargs = {"heartbeat_interval": a.heartbeat, "grace_period": 2 * a.heartbeat,
-                  "failed_trial_callback": RetryFailedTrialCallback(max_retry=a.retries)}  # fmt: skip
+        retry, key = retry_callback()
+        kwargs = {"heartbeat_interval": a.heartbeat, "grace_period": 2 * a.heartbeat, key: retry(max_retry=a.retries)}
     try:
         return url, optuna.storages.RDBStorage(url, **kwargs)
     except Exception as e:  # a bad URL, a server that is down, a driver that is not installed

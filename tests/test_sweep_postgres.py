@@ -56,7 +56,7 @@ def worker(args: list[str], cwd: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgres_url, tmp_path, tiny_model):
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    from goemo.sweep import retry_callback
     from optuna.trial import TrialState
 
     data = write_tiny_data(tmp_path / "data")
@@ -89,7 +89,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
     assert states.count(TrialState.COMPLETE) == 3  # exactly the trials asked for
     killed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(killed) == 1
-    retried = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) == killed[0].number]
+    retried = [t for t in trials if retry_callback()[0].retried_trial_number(t) == killed[0].number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE and retried[0].params == killed[0].params
     runs = [t.user_attrs["run"] for t in trials if t.state == TrialState.COMPLETE]
     assert len(set(runs)) == 3 and all((Path(r) / "config.yaml").is_file() for r in runs)
