@@ -256,21 +256,23 @@ class EmotionClassifier(L.LightningModule):
                 f"data.max_length {max_length} is more than model {self.hparams.model_name_or_path!r} "
                 f"takes ({limit} positions); use --data.max_length {limit} or less"
             )
-        wanted = [k for k, v in (("model.loss bce_pos_weight", self.hparams.loss == "bce_pos_weight"),
-                                 ("model.head_bias prior", self.hparams.head_bias == "prior")) if v]  # fmt: skip
-        if stage != "fit" or not wanted:
+        pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
+        if stage != "fit" or not (pos_weight or prior):
             return
         if dm is None or not hasattr(dm, "label_frequencies"):
-            raise GoemoError(f"{wanted[0]} needs the training label frequencies: fit with goemo's GoEmotionsDataModule")
+            raise GoemoError(
+                "model.loss bce_pos_weight and model.head_bias prior need the training label frequencies: "
+                "fit with goemo's GoEmotionsDataModule"
+            )
         freq = dm.label_frequencies()  # (L,)
         if freq.shape != self.head.bias.shape:
             raise GoemoError(
                 f"the data has {len(freq)} labels but the model {len(self.head.bias)}; link data.label_names to model.label_names"
             )
-        if self.hparams.loss == "bce_pos_weight":
+        if pos_weight:
             self.loss_fn.pos_weight.copy_(pos_weight_from_frequencies(freq, self.hparams.pos_weight_max))
         # A resumed fit then loads its checkpoint's bias over this one (Lightning restores after the setup hook).
-        if self.hparams.head_bias == "prior":
+        if prior:
             f = freq.clamp(1e-4, 1 - 1e-4)  # a label no training row has: log-odds of 1e-4, not -inf
             with torch.no_grad():
                 self.head.bias.copy_(torch.log(f / (1 - f)))
