@@ -7,6 +7,10 @@ server starts on a free local port and is warmed up; then headless Locust runs N
 test-split text at a time, no pause) for `--seconds`, for N in `--users`. Reports requests/s, p50 and p99 latency,
 failed requests, and the server's memory (RSS of its processes) after warm-up and at the end. Prints a table; JSON
 and the table go to benchmarks/out/.
+
+Before the servers start, the same model is timed in this process without HTTP (`model_gain`): texts predicted one
+per call against random groups of as many texts as there are clients. Batching cannot make the server faster than
+it makes the model, so that ratio bounds the server's on/off ratio.
 """
 
 from __future__ import annotations
@@ -67,6 +71,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
     raise SystemExit("error: the server did not come up")
 
 
+def model_gain(run: str, backend: str, texts: list[str], group: int, calls: int = 200, seed: int = 0) -> dict:
+    """Milliseconds per text of `goemo.load(run, backend=...)`: one text a call, then `group` random texts a call.
+
+    Each timing predicts the same number of texts (`calls` single calls against `calls // group` group calls).
+    """
+    import random
+
+    from goemo import load
+
+    clf = load(run, backend=backend)
+    clf.predict(texts[:group])  # warm-up: lazy initialisation
+    rng = random.Random(seed)
+    out = {"backend": backend, "group": group}
+    for name, size, n in (("single", 1, calls), ("grouped", group, max(1, calls // group))):
+        picks = [rng.sample(texts, size) for _ in range(n)]
+        start = time.perf_counter()
+        for p in picks:
+            clf.predict(p)
+        out[f"{name}_ms_per_text"] = round((time.perf_counter() - start) * 1000 / (n * size), 2)
+    out["gain"] = round(out["single_ms_per_text"] / out["grouped_ms_per_text"], 2)
+    return out
+
+
 def locust(url: str, users: int, seconds: int, prefix: Path, env: dict) -> dict:
     cmd = ["locust", "-f", str(REPO / "benchmarks" / "locustfile.py"), "--headless", "-u", str(users), "-r", str(users),
            "-t", f"{seconds}s", "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"]  # fmt: skip
@@ -96,7 +123,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from goemo.classifier import load_run
     from goemo.ensemble import splits_of
 
-    (work / "texts.txt").write_text("\n".join(t.replace("\n", " ") for t in splits_of(load_run(a.run))["test"]["text"]) + "\n", encoding="utf-8")
+    texts = [t.replace("\n", " ") for t in splits_of(load_run(a.run))["test"]["text"]]
+    (work / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    users = [int(u) for u in a.users.split(",")]
+    gains = [model_gain(a.run, a.backend, texts, n) for n in users]
+    for g in gains:
+        print(f"the model alone ({a.backend}): {g['single_ms_per_text']} ms a text one at a time, {g['grouped_ms_per_text']} ms "
+              f"in groups of {g['group']}: {g['gain']}x", flush=True)  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "GOEMO_LOAD_TEXTS": str(work / "texts.txt")}
     results = []
     for name, flags in SETTINGS.items():
@@ -112,10 +145,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             wait_healthy(url, server)
             locust(url, 4, 5, work / "warmup", env)  # warm-up: the first requests pay for lazy initialisation
             start_mib = tree_rss_mib(server.pid)
-            for users in [int(u) for u in a.users.split(",")]:
-                print(f"{name}, {users} clients, {a.seconds} s ...", flush=True)
-                row = locust(url, users, a.seconds, work / f"{name.split()[1]}-{users}", env)
-                results.append({"setting": name, "users": users, **row, "rss_start_mib": start_mib, "rss_end_mib": tree_rss_mib(server.pid)})
+            for n in users:
+                print(f"{name}, {n} clients, {a.seconds} s ...", flush=True)
+                row = locust(url, n, a.seconds, work / f"{name.split()[1]}-{n}", env)
+                results.append({"setting": name, "users": n, **row, "rss_start_mib": start_mib, "rss_end_mib": tree_rss_mib(server.pid)})
         finally:
             server.send_signal(signal.SIGINT)
             try:
@@ -131,9 +164,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for r in results:
         lines.append(f"| {r['setting']} | {r['users']} | {r['requests_per_s']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
                      f"{r['failures']} of {r['requests']} | {r['rss_start_mib']:,} -> {r['rss_end_mib']:,} |")  # fmt: skip
+    lines += ["", "| the model alone | texts a call | ms a text, one a call | ms a text, grouped | gain |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {g['backend']} | {g['group']} | {g['single_ms_per_text']} | {g['grouped_ms_per_text']} | {g['gain']}x |" for g in gains]
     table = "\n".join(lines)
     print(table)
-    (a.out_dir / f"load-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (a.out_dir / f"load-{stamp}.json").write_text(json.dumps({"server": results, "model": gains}, indent=2) + "\n")
     (a.out_dir / f"load-{stamp}.md").write_text(table + "\n")
     return results
 

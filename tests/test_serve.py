@@ -117,3 +117,13 @@ def test_bad_requests_get_a_4xx_with_one_line(server, body, status, message):
         assert isinstance(answer, dict) and message in answer["error"] and "\n" not in answer["error"]
     ok, _ = post(url + "/predict", b'{"text": "still fine"}')
     assert ok == 200  # the server goes on
+
+
+def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run):
+    from benchmarks.loadtest import model_gain
+
+    texts = [f"text number {i} " * (1 + i % 5) for i in range(40)]
+    g = model_gain(str(tiny_run / "lightning_logs/version_0"), "torch", texts, group=4, calls=8)
+    assert g["backend"] == "torch" and g["group"] == 4
+    assert g["single_ms_per_text"] > 0 and g["grouped_ms_per_text"] > 0
+    assert g["gain"] == pytest.approx(g["single_ms_per_text"] / g["grouped_ms_per_text"], abs=0.01)
