@@ -47,6 +47,13 @@ def test_minilm_names_the_packaged_model_without_a_path(capsys):
     assert (Path(resolve_model_path(cfg["model"]["model_name_or_path"])) / "config.json").is_file()
 
 
+def test_mpnet_names_the_hub_id_and_starts_the_head_at_the_base_rates(capsys):
+    cfg = print_config(capsys, "--config", str(REPO / "configs" / "mpnet.yaml"))
+    m = cfg["model"]
+    assert m["model_name_or_path"] == "sentence-transformers/all-mpnet-base-v2"  # resolved offline from the HF cache
+    assert (m["pooling"], m["head_bias"], m["checkpoint_tokens"]) == ("mean", "prior", None)
+
+
 def test_command_line_overrides_config(capsys):
     cfg = print_config(capsys, "--config", str(REPO / "configs" / "minilm.yaml"), "--model.learning_rate", "3e-5")
     assert cfg["model"]["learning_rate"] == 3e-5

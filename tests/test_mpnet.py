@@ -39,15 +39,17 @@ def tiny_mpnet(tmp_path_factory) -> Path:
 def test_mpnet_fits_tests_predicts_and_exports(tiny_mpnet, tmp_path):
     data = write_tiny_data(tmp_path / "data")
     common = ("--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false")
-    r = run_main("fit", "--model.model_name_or_path", str(tiny_mpnet), "--data.data_dir", str(data), "--model.pooling", "mean",
-                 "--model.head_bias", "prior", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1", *common, cwd=tmp_path)  # fmt: skip
+    # The shipped recipe with the tiny model in place of all-mpnet-base-v2.
+    r = run_main("fit", "--config", str(REPO / "configs" / "mpnet.yaml"), "--model.model_name_or_path", str(tiny_mpnet),
+                 "--data.data_dir", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1", *common, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_main("test", "--ckpt_path", "best", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "lightning_logs/version_0/test_report.json").is_file()
     import yaml
 
-    assert yaml.safe_load((tmp_path / "lightning_logs/version_0/config.yaml").read_text())["model"]["head_bias"] == "prior"
+    saved = yaml.safe_load((tmp_path / "lightning_logs/version_0/config.yaml").read_text())["model"]
+    assert (saved["head_bias"], saved["pooling"], saved["model_name_or_path"]) == ("prior", "mean", str(tiny_mpnet))
     (tmp_path / "texts.txt").write_text("happy glad\nangry mad\n", encoding="utf-8")
     r = run_main("predict", "--ckpt_path", "best", "--data.predict_file", "texts.txt", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
