@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -76,8 +77,6 @@ def model_gain(run: str, backend: str, texts: list[str], group: int, calls: int 
 
     Each timing predicts the same number of texts (`calls` single calls against `calls // group` group calls).
     """
-    import random
-
     from goemo import load
 
     clf = load(run, backend=backend)
