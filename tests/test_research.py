@@ -250,6 +250,40 @@ def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
     np.testing.assert_allclose(fresh.thresholds, json.loads((tmp_path / "ens/ensemble.json").read_text())["thresholds"])
 
 
+def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
+    from benchmarks.ensemble_cv import cross_validate, heldout_macro
+
+    probs = np.array([[0.2, 0.9], [0.8, 0.1], [0.3, 0.6], [0.7, 0.4]], dtype=np.float32)
+    targets = np.array([[0, 1], [1, 0], [0, 0], [1, 1]], dtype=np.uint8)
+    first, second = np.array([0, 1]), np.array([2, 3])
+    # by hand (p > t, ties -> the lowest grid value): tuned on rows 0-1, a at 0.20 and b at 0.10 -> rows 2-3 get one
+    # false positive each, F1 2/3 and 2/3; tuned on rows 2-3, a at 0.30 (F1 1 on rows 0-1), b's only positive is below
+    # its negative, so 0.01 (both predicted, F1 2/3)
+    assert heldout_macro(probs, targets, first, second) == pytest.approx(2 / 3)
+    assert heldout_macro(probs, targets, second, first) == pytest.approx((1 + 2 / 3) / 2)
+    rng = np.random.default_rng(0)
+    p = rng.random((200, 3)).astype(np.float32)
+    y = (rng.random((200, 3)) < 0.3).astype(np.uint8)
+    same = cross_validate([p, p], y, repeats=3)  # identical members: the ensemble is each of them
+    assert same["halves"] == 6 and same["gain"] == 0 and same["members"][0] == same["ensemble"] == same["members"][1]
+    good = (0.6 * y + 0.4 * p).astype(np.float32)  # every positive above every negative
+    other = cross_validate([good, 1 - good], y, repeats=3)  # averaged: about 0.5 everywhere, nothing ranked
+    assert other["members"][0] == 1.0 and other["ensemble"] < 0.5 and other["gain"] < 0
+
+
+@pytest.mark.slow
+def test_ensemble_cv_command_on_two_runs(tiny_run, learned_run, tmp_path, capsys):
+    from benchmarks import ensemble_cv
+
+    runs = [str(tiny_run / "lightning_logs/version_0"), str(learned_run / "lightning_logs/version_0")]
+    r = ensemble_cv.main([*runs, "--repeats", "2", "--out", str(tmp_path)])
+    assert r["halves"] == 4 and len(r["members"]) == 2
+    assert r["gain"] == pytest.approx(r["ensemble"] - np.mean(r["members"]))
+    saved = json.loads(next(tmp_path.glob("ensemble-cv-*.json")).read_text())
+    assert saved["runs"] == runs and saved["ensemble"] == r["ensemble"]
+    assert "| ensemble of 2 |" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("space", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_space_file_fits_the_minilm_config(space):
