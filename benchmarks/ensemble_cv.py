@@ -1,10 +1,11 @@
 """What an ensemble buys over its members, measured on the validation split alone (test is never read).
 
-    python benchmarks/ensemble_cv.py RUN RUN RUN [--repeats 10]
+    python benchmarks/ensemble_cv.py RUN RUN RUN [--repeats 10] [--threshold-resamples N]
 
 A test macro-F1 at tuned thresholds moves by about 0.01 between seeds of one recipe (docs/results.md), so one test
 figure cannot say whether averaging members helps. This splits the validation rows in two at random, tunes goemo's
-per-label thresholds on one half and scores macro-F1 on the other (and the other way round), `--repeats` times, for
+per-label thresholds on one half (as the runs' `model.threshold_resamples` says, or `--threshold-resamples`) and
+scores macro-F1 on the other (and the other way round), `--repeats` times, for
 each member and for the average of the members' probabilities. Prints mean ± std over the 2 x repeats held-out
 halves and the ensemble's gain over the members' mean on the same halves; JSON to benchmarks/out/.
 """
@@ -25,15 +26,19 @@ sys.path.insert(0, str(REPO))
 from goemo.thresholds import apply_thresholds, prf, tune_thresholds  # noqa: E402
 
 
-def heldout_macro(probs: np.ndarray, targets: np.ndarray, tune_rows: np.ndarray, score_rows: np.ndarray) -> float:
-    """Macro-F1 on `score_rows` at the thresholds tuned on `tune_rows`; probs/targets (N, L)."""
-    t = tune_thresholds(probs[tune_rows], targets[tune_rows]).numpy()
+def heldout_macro(
+    probs: np.ndarray, targets: np.ndarray, tune_rows: np.ndarray, score_rows: np.ndarray, resamples: int = 0
+) -> float:
+    """Macro-F1 on `score_rows` at the thresholds tuned on `tune_rows` (`resamples`: see tune_thresholds); (N, L)."""
+    t = tune_thresholds(probs[tune_rows], targets[tune_rows], resamples=resamples).numpy()
     y = targets[score_rows].astype(bool)
     pred = apply_thresholds(probs[score_rows], t)
     return float(prf((pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0))[2].mean())
 
 
-def cross_validate(members: list[np.ndarray], targets: np.ndarray, repeats: int = 10, seed: int = 0) -> dict:
+def cross_validate(
+    members: list[np.ndarray], targets: np.ndarray, repeats: int = 10, seed: int = 0, resamples: int = 0
+) -> dict:
     """Held-out macro-F1 of each member and of their mean probability over 2 x `repeats` random halves."""
     rng = np.random.default_rng(seed)
     candidates = [*members, np.mean(members, axis=0)]
@@ -42,18 +47,20 @@ def cross_validate(members: list[np.ndarray], targets: np.ndarray, repeats: int 
         order = rng.permutation(len(targets))
         a, b = order[: len(order) // 2], order[len(order) // 2 :]
         for tune_rows, score_rows in ((a, b), (b, a)):
-            scores.append([heldout_macro(p, targets, tune_rows, score_rows) for p in candidates])
+            scores.append([heldout_macro(p, targets, tune_rows, score_rows, resamples) for p in candidates])
     s = np.asarray(scores)
     gain = s[:, -1] - s[:, :-1].mean(1)  # ensemble minus the members' mean, half by half
     return {"members": s[:, :-1].mean(0).tolist(), "members_std": s[:, :-1].std(0).tolist(),
             "ensemble": float(s[:, -1].mean()), "ensemble_std": float(s[:, -1].std()),
-            "gain": float(gain.mean()), "gain_std": float(gain.std()), "halves": len(s)}  # fmt: skip
+            "gain": float(gain.mean()), "gain_std": float(gain.std()), "halves": len(s), "threshold_resamples": resamples}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints), 2 or more")
     parser.add_argument("--repeats", type=int, default=10, help="random 2-way splits of the validation rows")
+    parser.add_argument("--threshold-resamples", type=int, default=None, metavar="N",
+                        help="bootstrap resamples per threshold tuning (default: the first run's model.threshold_resamples)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
@@ -64,12 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     ens = goemo.load(args.runs)  # checks that the members share one label set
     val = splits_of(ens.members[0])["validation"]
     members = [m.predict_proba(val["text"]) for m in ens.members]
-    r = cross_validate(members, val["targets"], args.repeats)
+    resamples = args.threshold_resamples
+    if resamples is None:
+        resamples = int(ens.members[0].model.hparams.threshold_resamples)
+    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples)
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]
     lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
               f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
-    print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves\n" + "\n".join(lines))
+    print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples\n" + "\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     (args.out / f"ensemble-cv-{stamp}.json").write_text(json.dumps({"runs": args.runs, **r}, indent=2) + "\n")

@@ -56,14 +56,20 @@ class Ensemble:
             self.tune()
         return to_records(texts, self.predict_proba(texts), self.label_names, self.thresholds)
 
-    def tune(self) -> dict:
-        """Tune the thresholds on the averaged validation probabilities; returns the split data it used."""
+    def tune(self, resamples: Optional[int] = None) -> dict:
+        """Tune the thresholds on the averaged validation probabilities; returns the split data it used.
+
+        Args:
+            resamples: Bootstrap resamples the thresholds are averaged over (goemo.thresholds.tune_thresholds);
+                unset: the first member's `model.threshold_resamples`.
+        """
         from goemo.thresholds import tune_thresholds
 
         data = splits_of(self.members[0])
         probs = self.predict_proba(data["validation"]["text"])
-        fallback = float(self.members[0].model.hparams.threshold)
-        self.thresholds = tune_thresholds(probs, data["validation"]["targets"], fallback=fallback).numpy()
+        hp = self.members[0].model.hparams
+        self.resamples = int(hp.threshold_resamples if resamples is None else resamples)
+        self.thresholds = tune_thresholds(probs, data["validation"]["targets"], float(hp.threshold), self.resamples).numpy()
         return {**data, "validation_probs": probs}
 
 
@@ -92,15 +98,15 @@ def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size:
     return Ensemble([load_backend(r, device, batch_size, backend=backend) for r in runs])
 
 
-def build(runs: list[str], out: Path, resamples: int = 1000) -> dict:
-    """Average, tune on validation, write the report into `out`; returns the report."""
+def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples: Optional[int] = None) -> dict:
+    """Average, tune on validation (`threshold_resamples`: see Ensemble.tune), write the report into `out`."""
     from goemo import report
     from goemo.files import check_writable, write_text
 
     out = Path(out)
     check_writable(out, "--out")  # before any model is loaded
     ens = load_ensemble(runs)
-    data = ens.tune()
+    data = ens.tune(threshold_resamples)
     test_probs = ens.predict_proba(data["test"]["text"])
     fixed = float(ens.members[0].model.hparams.threshold)
     rep = report.build_report(test_probs, data["test"]["targets"], ens.label_names, fixed, ens.thresholds, resamples)
@@ -108,7 +114,8 @@ def build(runs: list[str], out: Path, resamples: int = 1000) -> dict:
     report.write_report(rep, out)
     np.save(out / "validation_probs.npy", data["validation_probs"])
     np.save(out / "test_probs.npy", test_probs)
-    spec = {"members": [str(Path(r).resolve()) for r in runs], "thresholds": [float(t) for t in ens.thresholds], "labels": ens.label_names}
+    spec = {"members": [str(Path(r).resolve()) for r in runs], "thresholds": [float(t) for t in ens.thresholds],
+            "threshold_resamples": ens.resamples, "labels": ens.label_names}
     write_text(out / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
     report.print_report(rep)
     return rep
@@ -119,9 +126,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints) or .ckpt files; 2 or more")
     parser.add_argument("--out", type=Path, required=True, help="folder for test_report.json/.md and ensemble.json")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--threshold-resamples", type=int, default=None, metavar="N",
+                        help="bootstrap resamples the tuned thresholds are averaged over; 0: none "
+                        "(default: the first run's model.threshold_resamples)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        build(args.runs, args.out, args.resamples)
+        build(args.runs, args.out, args.resamples, args.threshold_resamples)
     except GoemoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

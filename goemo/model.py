@@ -91,12 +91,15 @@ def max_positions(config) -> Optional[int]:
 def _check_hparams(
     learning_rate: float, head_learning_rate: Optional[float], threshold: float, warmup_ratio: float,
     weight_decay: float, attention_dropout: Optional[float], pos_weight_max: float, checkpoint_tokens: Optional[int],
+    threshold_resamples: int,
 ) -> None:
     """One-line errors for settings out of range, before anything is loaded."""
     if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
         raise GoemoError(f"model.learning_rate and model.head_learning_rate must be > 0, got {learning_rate}, {head_learning_rate}")
     if not 0.0 <= threshold <= 1.0:
         raise GoemoError(f"model.threshold must be within 0..1, got {threshold}")
+    if threshold_resamples < 0:
+        raise GoemoError(f"model.threshold_resamples must be >= 0 (0: tune once on the validation rows), got {threshold_resamples}")
     if not 0.0 <= warmup_ratio < 1.0:
         raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
     if weight_decay < 0:
@@ -146,6 +149,7 @@ class EmotionClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.0,
         threshold: float = 0.5,
+        threshold_resamples: int = 100,
         pretrained: bool = True,
         loss: Loss = "bce",
         focal_gamma: float = 2.0,
@@ -180,6 +184,10 @@ class EmotionClassifier(L.LightningModule):
                 threshold (`val/f1_micro`, `test/f1_macro`, ...). Per-label thresholds are also tuned on
                 every validation epoch (best F1 per label over 0.01..0.99), saved with the checkpoint and
                 used by `test` (`test/*_tuned`, test_report.json) and `predict`.
+            threshold_resamples: Each label's tuned threshold is the mean of the best ones on this many bootstrap
+                resamples of the validation rows (a fixed seed of its own); 0: the best one on the rows themselves.
+                Averaging steadies the rare labels' thresholds: held-out macro-F1 +0.006 for single runs, +0.004 for
+                ensembles, measured on halves of the validation split (docs/results.md).
             loss: `bce`: binary cross-entropy; `bce_pos_weight`: BCE whose positives of each label weigh
                 negatives/positives of that label in the training data (capped at `pos_weight_max`);
                 `focal`: sigmoid focal loss (`focal_gamma`, `focal_alpha`).
@@ -211,7 +219,7 @@ class EmotionClassifier(L.LightningModule):
         """
         super().__init__()
         _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
-                       pos_weight_max, checkpoint_tokens)  # fmt: skip
+                       pos_weight_max, checkpoint_tokens, threshold_resamples)  # fmt: skip
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -334,7 +342,8 @@ class EmotionClassifier(L.LightningModule):
         self.val_outputs.reset()
         if self.trainer.sanity_checking:  # a couple of batches: don't let them set the thresholds
             return
-        self.thresholds.copy_(tune_thresholds(probs, targets, fallback=self.hparams.threshold))
+        resamples = self.hparams.threshold_resamples
+        self.thresholds.copy_(tune_thresholds(probs, targets, fallback=self.hparams.threshold, resamples=resamples))
         tuned = thresholded_metrics(probs, targets, self.thresholds)
         # Every rank computed the same values from the gathered outputs; sync_dist only averages equal numbers
         # (once an epoch), and keeps Lightning from warning about unsynced epoch-level logs under DDP.

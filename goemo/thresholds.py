@@ -17,7 +17,7 @@ from torchmetrics.functional.classification import multilabel_exact_match, multi
 from goemo.errors import GoemoError
 
 # The candidates searched: 0.01, 0.02, ..., 0.99. A fixed grid (not the distinct probabilities) keeps the
-# search O(99 N L), the chosen values readable, and tiny probability differences from moving the threshold.
+# search O(99 N L) and keeps tiny probability differences from moving the threshold.
 GRID = (torch.arange(1, 100, dtype=torch.float64) / 100).float()
 
 Array = Union[np.ndarray, torch.Tensor]
@@ -34,14 +34,20 @@ def prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.
     return _div(tp, tp + fp), _div(tp, tp + fn), _div(2 * tp, 2 * tp + fp + fn)
 
 
-def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5) -> torch.Tensor:
+def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resamples: int = 0, seed: int = 0) -> torch.Tensor:
     """For each label, the grid threshold with the highest F1 on (probs, targets); ties -> the lowest.
+
+    With `resamples`, that choice is made on each of that many bootstrap resamples of the rows and the chosen
+    thresholds are averaged (bagging). A rare label's best threshold on a few dozen positives is a noisy pick from
+    a flat, jagged F1 curve; the average over resamples moves less between validation and test (docs/results.md).
 
     Args:
         probs: (N, L) probabilities.
         targets: (N, L) 0/1 labels.
         fallback: Threshold for labels whose best F1 is 0 (no positives, or none ever ranked above a
             negative): with nothing to learn from, the lowest grid value would predict nearly every row.
+        resamples: Bootstrap resamples to average over; 0: tune once on the rows as given.
+        seed: Seed of the resampling's own generator (the global random state is neither used nor advanced).
 
     Returns:
         (L,) float32 thresholds, on the device of `probs`.
@@ -52,20 +58,26 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5) -> torc
             f"tune_thresholds needs probs and targets of one shape (N, L), N > 0; "
             f"got {tuple(probs.shape)} and {tuple(targets.shape)}"
         )
-    probs, targets = probs.float(), targets.bool()
-    grid = GRID.to(probs.device)
-    pos = targets.sum(0)  # (L,) tp + fn, the same at every threshold
-    tp = torch.empty(len(grid), probs.shape[1], dtype=torch.int64, device=probs.device)  # (G, L)
-    predicted = torch.empty_like(tp)  # (G, L) tp + fp
-    for g, t in enumerate(grid):  # a loop over 99 thresholds keeps memory at one (N, L) mask
-        pred = apply_thresholds(probs, t.expand(probs.shape[1]))  # (N, L)
-        tp[g], predicted[g] = (pred & targets).sum(0), pred.sum(0)
-    tp, predicted, pos = (x.cpu().numpy() for x in (tp, predicted, pos))
-    f1 = torch.from_numpy(prf(tp, predicted - tp, pos - tp)[2]).to(probs.device)  # (G, L), as in the report
-    best = f1.argmax(0)  # (L,) the first maximum, i.e. the lowest threshold among ties
-    chosen = grid[best]
+    if resamples < 0:
+        raise GoemoError(f"threshold resamples must be >= 0 (0: no resampling), got {resamples}")
+    # On the CPU in float64 (exact weighted counts; MPS has no float64): the (N, L) outputs of an epoch are small.
+    device, probs, y = probs.device, probs.detach().cpu().float(), targets.cpu().bool().double()
+    n, num_labels = probs.shape
+    # (B, N): how often each row is drawn into each resample; one resample of weight 1 per row without resampling.
+    weights = torch.ones(1, n, dtype=torch.float64)
+    if resamples:
+        rows = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))  # (B, N)
+        weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, rows, torch.ones_like(rows, dtype=torch.float64))
+    pos = weights @ y  # (B, L) tp + fn, the same at every threshold; weighted counts are whole numbers
+    tp = torch.empty(len(GRID), len(weights), num_labels, dtype=torch.float64)  # (G, B, L)
+    predicted = torch.empty_like(tp)  # (G, B, L) tp + fp
+    for g, t in enumerate(GRID):  # a loop over 99 thresholds keeps memory at one (N, L) mask
+        pred = apply_thresholds(probs, t.expand(num_labels)).double()  # (N, L)
+        tp[g], predicted[g] = weights @ (pred * y), weights @ pred
+    f1 = torch.from_numpy(prf(tp.numpy(), (predicted - tp).numpy(), (pos - tp).numpy())[2])  # (G, B, L), as in the report
+    chosen = GRID[f1.argmax(0)]  # (B, L) the first maximum, i.e. the lowest threshold among ties
     chosen = torch.where(f1.max(0).values > 0, chosen, torch.full_like(chosen, fallback))
-    return chosen.float()
+    return chosen.double().mean(0).float().to(device)
 
 
 def apply_thresholds(probs: Array, thresholds: Array) -> Array:

@@ -204,7 +204,7 @@ class FakeMember:
 
     def __init__(self, probs: np.ndarray, names=("a", "b")) -> None:
         self.probs, self.label_names = probs, list(names)
-        self.model = type("M", (), {"hparams": type("H", (), {"threshold": 0.5})()})()
+        self.model = type("M", (), {"hparams": type("H", (), {"threshold": 0.5, "threshold_resamples": 0})()})()
 
     def predict_proba(self, texts) -> np.ndarray:
         return self.probs[[int(t) for t in texts]]
@@ -226,6 +226,9 @@ def test_ensemble_averages_and_tunes_on_the_averaged_validation(monkeypatch):
     np.testing.assert_allclose(ens.thresholds, [0.38, 0.13], atol=1e-6)
     np.testing.assert_allclose(ens.thresholds, tune_thresholds(avg, targets).numpy())
     assert [r["labels"] for r in ens.predict(texts)] == [["a"], ["b"], ["b"], []]
+    ens.tune(resamples=5)  # averaged over bootstrap resamples of the averaged validation rows
+    np.testing.assert_array_equal(ens.thresholds, tune_thresholds(avg, targets, resamples=5).numpy())
+    assert ens.resamples == 5 and not np.allclose(ens.thresholds, [0.38, 0.13])
 
 
 def test_ensemble_refuses_members_with_other_labels():
@@ -247,7 +250,9 @@ def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
     np.testing.assert_allclose(saved, np.mean(members, axis=0), atol=1e-6)  # the mean of the members
     fresh = load(runs)  # a list: thresholds tuned at the first predict, equal to the folder's
     fresh.predict(test_texts[:2])
-    np.testing.assert_allclose(fresh.thresholds, json.loads((tmp_path / "ens/ensemble.json").read_text())["thresholds"])
+    spec = json.loads((tmp_path / "ens/ensemble.json").read_text())
+    np.testing.assert_allclose(fresh.thresholds, spec["thresholds"])
+    assert spec["threshold_resamples"] == load(runs[0]).model.hparams.threshold_resamples
 
 
 def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
@@ -278,6 +283,7 @@ def test_ensemble_cv_command_on_two_runs(tiny_run, learned_run, tmp_path, capsys
     runs = [str(tiny_run / "lightning_logs/version_0"), str(learned_run / "lightning_logs/version_0")]
     r = ensemble_cv.main([*runs, "--repeats", "2", "--out", str(tmp_path)])
     assert r["halves"] == 4 and len(r["members"]) == 2
+    assert r["threshold_resamples"] == 100  # the runs' model.threshold_resamples, the default
     assert r["gain"] == pytest.approx(r["ensemble"] - np.mean(r["members"]))
     saved = json.loads(next(tmp_path.glob("ensemble-cv-*.json")).read_text())
     assert saved["runs"] == runs and saved["ensemble"] == r["ensemble"]

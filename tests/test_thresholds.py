@@ -54,6 +54,22 @@ def test_ties_pick_the_lowest_threshold():
     assert tune_thresholds(probs, targets).item() == pytest.approx(0.10)  # 0.1 > 0.10 is false in float32
 
 
+def test_resampled_thresholds_are_the_mean_over_explicit_resamples(arrays):
+    # The weighted counts must give what tuning on each resample's rows (duplicates included) gives.
+    probs, targets = arrays
+    rows = torch.randint(len(probs), (7, len(probs)), generator=torch.Generator().manual_seed(3))  # the draws it makes
+    by_hand = np.mean([brute_force(probs[r], targets[r], 0.5) for r in rows.numpy()], axis=0)
+    state = torch.get_rng_state()
+    got = tune_thresholds(probs, targets, fallback=0.5, resamples=7, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator: training's random stream is untouched
+    np.testing.assert_allclose(got.numpy(), by_hand, rtol=0, atol=1e-6)
+    assert got[5] == 0.5  # no positives in any resample
+    assert not np.array_equal(got.numpy(), tune_thresholds(probs, targets).numpy())  # resampling changed something
+    np.testing.assert_array_equal(got.numpy(), tune_thresholds(probs, targets, resamples=7, seed=3).numpy())
+    with pytest.raises(GoemoError, match="resamples must be >= 0"):
+        tune_thresholds(probs, targets, resamples=-1)
+
+
 def test_tuned_metrics_equal_fixed_when_thresholds_are_fixed(arrays):
     from torchmetrics.functional.classification import multilabel_f1_score
 
