@@ -37,8 +37,8 @@ def prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.
 def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resamples: int = 0, seed: int = 0) -> torch.Tensor:
     """For each label, the grid threshold with the highest F1 on (probs, targets); ties -> the lowest.
 
-    With `resamples`, that choice is made on each of that many bootstrap resamples of the rows and the chosen
-    thresholds are averaged (bagging). A rare label's best threshold on a few dozen positives is a noisy pick from
+    With `resamples`, that choice is made on each of that many bootstrap resamples of the rows (of each label's
+    column, in an order that does not depend on the rows') and the chosen thresholds are averaged (bagging). A rare label's best threshold on a few dozen positives is a noisy pick from
     a flat, jagged F1 curve; the average over resamples moves less between validation and test (docs/results.md).
 
     Args:
@@ -66,6 +66,13 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
     # (B, N): how often each row is drawn into each resample; one resample of weight 1 per row without resampling.
     weights = torch.ones(1, n, dtype=torch.float64)
     if resamples:
+        # Each label's (probability, target) pairs in one canonical order (by probability, ties by target), so the
+        # draws do not depend on the rows' order: DDP gathers them rank by rank. A label's threshold reads its own
+        # column only, so resampling each column on its own is the same bootstrap for it as resampling whole rows.
+        order = torch.argsort(y, dim=0, stable=True)  # (N, L)
+        probs, y = probs.gather(0, order), y.gather(0, order)
+        order = torch.argsort(probs, dim=0, stable=True)
+        probs, y = probs.gather(0, order), y.gather(0, order)
         rows = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))  # (B, N)
         weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, rows, torch.ones_like(rows, dtype=torch.float64))
     pos = weights @ y  # (B, L) tp + fn, the same at every threshold; weighted counts are whole numbers

@@ -55,10 +55,15 @@ def test_ties_pick_the_lowest_threshold():
 
 
 def test_resampled_thresholds_are_the_mean_over_explicit_resamples(arrays):
-    # The weighted counts must give what tuning on each resample's rows (duplicates included) gives.
+    # The weighted counts must give what tuning on each resample's rows (duplicates included) gives, each label's
+    # column taken in its canonical order (by probability, ties by target).
     probs, targets = arrays
-    rows = torch.randint(len(probs), (7, len(probs)), generator=torch.Generator().manual_seed(3))  # the draws it makes
-    by_hand = np.mean([brute_force(probs[r], targets[r], 0.5) for r in rows.numpy()], axis=0)
+    rows = torch.randint(len(probs), (7, len(probs)), generator=torch.Generator().manual_seed(3)).numpy()  # its draws
+    by_hand = []
+    for j in range(probs.shape[1]):
+        order = np.lexsort((targets[:, j], probs[:, j]))  # by probability, then target
+        p, y = probs[order, j : j + 1], targets[order, j : j + 1]
+        by_hand.append(np.mean([brute_force(p[r], y[r], 0.5)[0] for r in rows]))
     state = torch.get_rng_state()
     got = tune_thresholds(probs, targets, fallback=0.5, resamples=7, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # its own generator: training's random stream is untouched
@@ -68,6 +73,15 @@ def test_resampled_thresholds_are_the_mean_over_explicit_resamples(arrays):
     np.testing.assert_array_equal(got.numpy(), tune_thresholds(probs, targets, resamples=7, seed=3).numpy())
     with pytest.raises(GoemoError, match="resamples must be >= 0"):
         tune_thresholds(probs, targets, resamples=-1)
+
+
+def test_resampled_thresholds_do_not_depend_on_the_rows_order(arrays):
+    # Two DDP ranks' outputs arrive rank by rank, not in the dataset's order: the thresholds must be the same.
+    probs, targets = arrays
+    probs = np.round(probs, 1)  # many ties, with both targets among them
+    shuffled = np.random.default_rng(1).permutation(len(probs))
+    a = tune_thresholds(probs, targets, resamples=20)
+    np.testing.assert_array_equal(a.numpy(), tune_thresholds(probs[shuffled], targets[shuffled], resamples=20).numpy())
 
 
 def test_tuned_metrics_equal_fixed_when_thresholds_are_fixed(arrays):
