@@ -105,5 +105,5 @@ def test_gpu_script_tiny_mode_runs_on_the_cpu(tmp_path):
     goemo, seed = result["sides"]
     assert result["train_rows"] == 64 and goemo["side"] == "goemo" and seed["side"].startswith("seed")
     assert goemo["samples_per_s"] == pytest.approx(64 / goemo["epoch_s"], rel=0.01)
-    assert result["speedup"] == pytest.approx(seed["epoch_s"] / goemo["epoch_s"], rel=0.01)
+    assert result["speedup"] == pytest.approx(seed["epoch_s"] / goemo["epoch_s"], abs=0.005)  # rounded to 2 places
     assert "| goemo | 64 |" in r.stdout and (tmp_path / "out" / "goemo.log").is_file()

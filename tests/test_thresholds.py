@@ -162,3 +162,25 @@ def test_predict_uses_tuned_thresholds(tiny_model):
     (rec,) = to_records(["x"], probs.numpy(), model.label_names, label_thresholds(model).numpy())
     assert "a" in rec["labels"] and "b" not in rec["labels"]  # any p >= 0, no p >= 1
     assert ("c" in rec["labels"]) == bool(probs[0, 2] >= 0.5)
+
+
+@pytest.mark.slow
+def test_validation_tunes_with_the_models_threshold_resamples(learned_run, tiny_model):
+    """The thresholds a validation epoch stores are tune_thresholds of its outputs with `model.threshold_resamples`."""
+    (best,) = (learned_run / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    dm = GoEmotionsDataModule(data_dir=str(learned_run / "data"), tokenizer_name=str(tiny_model),
+                              cache_dir=str(learned_run / "cache"))  # fmt: skip
+    got = {}
+    for k in (0, 5):
+        model = EmotionClassifier.load_from_checkpoint(best, threshold_resamples=k)
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, dm, verbose=False)
+        got[k] = model.thresholds.clone()
+    model.eval()  # validate() leaves it in training mode, as it found it
+    with torch.no_grad():  # the same model's validation outputs, batch by batch
+        outputs = [(torch.sigmoid(model.model_step(b)[1]), b["labels"]) for b in dm.val_dataloader()]
+    probs, targets = (torch.cat(x) for x in zip(*outputs))
+    for k in (0, 5):
+        torch.testing.assert_close(got[k], tune_thresholds(probs, targets, fallback=0.5, resamples=k), rtol=0, atol=0)
+    assert not torch.equal(got[0], got[5])
+    with pytest.raises(GoemoError, match="threshold_resamples must be >= 0"):
+        EmotionClassifier(str(tiny_model), label_names=["a", "b"], threshold_resamples=-1)
