@@ -38,8 +38,9 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
     """For each label, the grid threshold with the highest F1 on (probs, targets); ties -> the lowest.
 
     With `resamples`, that choice is made on each of that many bootstrap resamples of the rows (of each label's
-    column, in an order that does not depend on the rows') and the chosen thresholds are averaged (bagging). A rare label's best threshold on a few dozen positives is a noisy pick from
-    a flat, jagged F1 curve; the average over resamples moves less between validation and test (docs/results.md).
+    column, in an order that does not depend on the rows') and the chosen thresholds are averaged (bagging). A rare
+    label's best threshold on a few dozen positives is a noisy pick from a flat, jagged F1 curve; the average over
+    resamples moves less between validation and test (docs/results.md).
 
     Args:
         probs: (N, L) probabilities.
