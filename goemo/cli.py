@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from goemo.averaging import EpochAveraging
 from goemo.dashboard import ValidationExamples
 from goemo.report import TestReport
 from goemo.data import GoEmotionsDataModule
@@ -130,6 +131,7 @@ class GoemoCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt every N steps
+        parser.add_lightning_class_args(EpochAveraging, "weight_averaging")  # off unless start_epoch is set
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ValidationExamples, "val_examples")

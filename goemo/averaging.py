@@ -1,0 +1,122 @@
+"""Averaging the weights of the last training epochs (stochastic weight averaging over epoch ends).
+
+From epoch `start_epoch` on, the trained weights at the end of each training epoch join a running mean. That mean
+is what validation scores (and the per-label thresholds are tuned on), what the checkpoints hold as `state_dict`,
+and so what `test`, `predict`, `goemo.load` and the export use. Training itself goes on from its own weights, which
+each checkpoint keeps under `current_model_state` for resuming (the key Lightning's WeightAveraging uses).
+
+Why not Lightning's `WeightAveraging` (2.6) with epoch-end updates: it updates after the epoch's validation, so the
+validation and checkpoint of an epoch see the average of the epochs before; before its first update it validates the
+initial weights (Lightning #21724); and it swaps and saves the buffers of its own copy of the module, where goemo's
+tuned `thresholds` live. The mean here is over the trainable parameters only: buffers stay the live ones.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from goemo.errors import GoemoError
+
+
+class EpochAveraging(Callback):
+    def __init__(self, start_epoch: Optional[int] = None) -> None:
+        """Validate, save and test the mean of the weights at the ends of the training epochs from `start_epoch` on.
+
+        Args:
+            start_epoch: First epoch whose final weights join the mean, counted from 0 as in the checkpoint names
+                (`epoch01-...` is the second epoch). With `trainer.max_epochs 4`, `1` averages the weights at the
+                ends of epochs 2, 3 and 4. Until then validation sees the weights as trained. Unset: no averaging.
+        """
+        if start_epoch is not None and start_epoch < 0:
+            raise GoemoError(f"weight_averaging.start_epoch must be >= 0 (or unset: no averaging), got {start_epoch}")
+        self.start_epoch = start_epoch
+        self._mean: dict[str, torch.Tensor] = {}  # parameter name -> running mean, float32, on the parameter's device
+        self._count = 0  # epochs averaged so far
+        self._last_epoch = -1  # the last epoch averaged
+        self._raw: Optional[dict[str, torch.Tensor]] = None  # the trained weights while the mean is swapped in
+
+    def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    # -- the running mean --------------------------------------------------------------------
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # The epoch's last batch, after its optimizer step and before the epoch-end validation, which then scores
+        # the mean including this epoch.
+        epoch = trainer.current_epoch
+        last = trainer.is_last_batch or batch_idx + 1 == trainer.num_training_batches
+        if self.start_epoch is None or not last or epoch < self.start_epoch or epoch <= self._last_epoch:
+            return
+        self._count += 1
+        for name, p in self._params(pl_module).items():
+            if name not in self._mean:
+                self._mean[name] = p.detach().float().clone()
+            else:  # mean += (p - mean) / count
+                self._mean[name].lerp_(p.detach().float(), 1.0 / self._count)
+        self._last_epoch = epoch
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed mean was read from the checkpoint on the CPU, before the model moved to its device.
+        params = self._params(pl_module)
+        self._mean = {name: mean.to(params[name].device) for name, mean in self._mean.items() if name in params}
+
+    # -- the mean in place of the trained weights --------------------------------------------
+    @torch.no_grad()
+    def _swap_in(self, pl_module) -> None:
+        if not self._count or self._raw is not None:
+            return
+        params = self._params(pl_module)
+        self._raw = {name: params[name].detach().clone() for name in self._mean}
+        for name, mean in self._mean.items():
+            params[name].copy_(mean)
+
+    @torch.no_grad()
+    def _swap_out(self, pl_module) -> None:
+        if self._raw is None:
+            return
+        params = self._params(pl_module)
+        for name, raw in self._raw.items():
+            params[name].copy_(raw)
+        self._raw = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._swap_in(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        # Callbacks' epoch-end hooks run before the module's, which then tunes the thresholds on the outputs of
+        # the mean gathered during this validation.
+        self._swap_out(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._swap_in(pl_module)  # a `trainer.test(model)` after `fit` tests the mean, as the checkpoints would
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"count": self._count, "last_epoch": self._last_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.start_epoch is not None:  # averaging turned off for the rest of a resumed fit: start no mean
+            self._count, self._last_epoch = state_dict["count"], state_dict["last_epoch"]
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if not self._count:  # nothing averaged yet: the checkpoint holds the trained weights, as without averaging
+            return
+        state = checkpoint["state_dict"]
+        swapped = self._raw or {}
+        checkpoint["current_model_state"] = {k: swapped.get(k, v) for k, v in state.items()}
+        checkpoint["state_dict"] = {k: self._mean[k].to(v.dtype) if k in self._mean else v for k, v in state.items()}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # `test` and `predict` use the checkpoint's `state_dict` (the mean); a resumed fit trains on from the
+        # trained weights, and carries on the mean unless averaging was turned off.
+        raw = checkpoint.get("current_model_state")
+        if raw is None or trainer.state.fn != "fit":
+            return
+        if self.start_epoch is not None:
+            state, params = checkpoint["state_dict"], self._params(pl_module)
+            self._mean = {name: state[name].float().clone() for name in params if name in state}
+        pl_module.load_state_dict(raw)

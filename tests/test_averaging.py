@@ -1,0 +1,181 @@
+"""Weight averaging over epoch ends (goemo.averaging.EpochAveraging, `--weight_averaging.start_epoch`).
+
+Unit tests drive the callback by hand on a small module; the slow ones fit the tiny BERT of `learned_run` with
+averaging and compare with it: training is unchanged, the checkpoints hold the mean, a killed fit resumes exactly.
+"""
+
+import json
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import goemo
+from goemo.averaging import EpochAveraging
+from goemo.data import read_split
+from goemo.report import label_scores
+from goemo.thresholds import apply_thresholds
+from goemo.errors import GoemoError
+from goemo.runs import load_checkpoint
+from tests.conftest import LABELS4, ONE_THREAD, records, run_main
+from tests.test_resume import LAST, SLOW, fit_args, resume, saved_step, start, wait_for_save
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+        self.register_buffer("thresholds", torch.full((2,), 0.5))
+
+
+def trainer(epoch: int, last: bool = True, fn: str = "fit") -> SimpleNamespace:
+    return SimpleNamespace(current_epoch=epoch, is_last_batch=last, num_training_batches=4, state=SimpleNamespace(fn=fn))
+
+
+def saved(module: nn.Module) -> dict:
+    """The module's state dict as a file would hold it (copies, not views of the live tensors)."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def end_epoch(cb: EpochAveraging, module: Small, epoch: int, weight: float) -> torch.Tensor:
+    """Set the trained weights to `weight`, then run the epoch's last batch end; returns those weights."""
+    with torch.no_grad():
+        module.layer.weight.fill_(weight)
+    cb.on_train_batch_end(trainer(epoch), module, None, None, 3)
+    return module.layer.weight.detach().clone()
+
+
+def test_the_mean_starts_at_start_epoch_and_is_swapped_in_for_validation_only():
+    cb, m = EpochAveraging(start_epoch=1), Small()
+    end_epoch(cb, m, 0, 10.0)  # before start_epoch: not averaged, validation sees the trained weights
+    cb.on_validation_epoch_start(trainer(0), m)
+    assert m.layer.weight.eq(10.0).all()
+    cb.on_validation_epoch_end(trainer(0), m)
+    for epoch, w in ((1, 1.0), (2, 2.0), (3, 6.0)):
+        end_epoch(cb, m, epoch, w)
+    cb.on_train_batch_end(trainer(3), m, None, None, 3)  # the same epoch again: counted once
+    cb.on_train_batch_end(trainer(4, last=False), m, None, None, 1)  # not an epoch's last batch
+    with torch.no_grad():
+        m.thresholds.fill_(0.3)
+    cb.on_validation_epoch_start(trainer(3), m)
+    assert m.layer.weight.eq(3.0).all()  # (1 + 2 + 6) / 3
+    assert m.thresholds.eq(0.3).all()  # buffers stay the live ones
+    cb.on_validation_epoch_end(trainer(3), m)
+    assert m.layer.weight.eq(6.0).all()  # the trained weights back, exactly
+    cb.on_validation_epoch_start(trainer(0, fn="validate"), m)  # `validate` of a checkpoint: it holds the mean already
+    assert m.layer.weight.eq(6.0).all()
+
+
+def test_checkpoints_hold_the_mean_and_keep_the_trained_weights_for_resuming():
+    cb, m = EpochAveraging(start_epoch=0), Small()
+    ckpt = {"state_dict": saved(m)}
+    cb.on_save_checkpoint(trainer(0), m, ckpt)
+    assert "current_model_state" not in ckpt  # nothing averaged yet: saved as without averaging
+    end_epoch(cb, m, 0, 1.0)
+    end_epoch(cb, m, 1, 4.0)
+    with torch.no_grad():
+        m.thresholds.fill_(0.2)
+    ckpt = {"state_dict": saved(m)}
+    cb.on_save_checkpoint(trainer(1), m, ckpt)
+    assert ckpt["state_dict"]["layer.weight"].eq(2.5).all() and ckpt["current_model_state"]["layer.weight"].eq(4.0).all()
+    assert ckpt["state_dict"]["thresholds"].eq(0.2).all()
+    cb.on_train_end(trainer(1), m)  # the mean in the module after fit; a save then still keeps the trained weights
+    assert m.layer.weight.eq(2.5).all()
+    after = {"state_dict": saved(m)}
+    cb.on_save_checkpoint(trainer(1), m, after)
+    assert after["current_model_state"]["layer.weight"].eq(4.0).all() and after["state_dict"]["layer.weight"].eq(2.5).all()
+
+    # A resumed fit trains on from the trained weights and carries on the mean; test and predict keep the mean.
+    tested = Small()
+    tested.load_state_dict(ckpt["state_dict"])
+    fresh = EpochAveraging(start_epoch=0)
+    fresh.on_load_checkpoint(trainer(1, fn="test"), tested, ckpt)
+    assert tested.layer.weight.eq(2.5).all()
+    resumed = Small()
+    resumed.load_state_dict(ckpt["state_dict"])  # what Lightning loads before the callbacks' hooks
+    fresh.on_load_checkpoint(trainer(1), resumed, ckpt)
+    fresh.load_state_dict(cb.state_dict())
+    assert resumed.layer.weight.eq(4.0).all()
+    end_epoch(fresh, resumed, 2, 7.0)
+    fresh.on_validation_epoch_start(trainer(2), resumed)
+    assert resumed.layer.weight.eq(4.0).all()  # (1 + 4 + 7) / 3
+    assert set(fresh._mean) == {"layer.weight", "layer.bias"}  # frozen parameters are not averaged
+
+
+def test_unset_start_epoch_averages_nothing_and_a_negative_one_is_refused():
+    cb, m = EpochAveraging(), Small()
+    end_epoch(cb, m, 0, 1.0)
+    ckpt = {"state_dict": saved(m)}
+    cb.on_save_checkpoint(trainer(0), m, ckpt)
+    assert "current_model_state" not in ckpt
+    with pytest.raises(GoemoError, match="weight_averaging.start_epoch must be >= 0"):
+        EpochAveraging(start_epoch=-1)
+
+
+# -- the CLI, on the tiny BERT of learned_run ----------------------------------------------------
+AVERAGE = ("--weight_averaging.start_epoch", "0", "--checkpoint.save_top_k", "-1")
+CKPTS = Path("lightning_logs/version_0/checkpoints")
+
+
+@pytest.fixture(scope="module")
+def averaged_run(learned_run, tiny_model, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("averaged")
+    r = run_main(*fit_args(learned_run, tiny_model), *AVERAGE, cwd=work, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
+
+
+def assert_state_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_an_averaged_fit_trains_as_without_and_saves_the_mean_of_the_epoch_ends(averaged_run, learned_run):
+    first, last = load_checkpoint(averaged_run / CKPTS / "epoch00-step12.ckpt"), load_checkpoint(averaged_run / LAST)
+    plain = load_checkpoint(learned_run / LAST)
+    weights = lambda state: {k: v for k, v in state.items() if k != "thresholds"}  # those are tuned on the mean
+    assert_state_close(weights(last["current_model_state"]), weights(plain["state_dict"]))  # training unchanged
+    assert_state_close(first["state_dict"], first["current_model_state"])  # after one epoch the mean is the weights
+    mean = {k: (v + last["current_model_state"][k]) / 2 if v.is_floating_point() else v
+            for k, v in first["current_model_state"].items()}  # fmt: skip
+    mean["thresholds"] = last["current_model_state"]["thresholds"]  # a buffer: the live one
+    assert_state_close(last["state_dict"], mean)
+    got, want = records(averaged_run), records(learned_run)
+    assert got[0] == want[0]  # epoch 0 validated the trained weights (= the mean of one)
+    assert got[1]["metrics"] != want[1]["metrics"]  # epoch 1 validated the mean of two epochs
+    assert torch.equal(last["state_dict"]["thresholds"], torch.tensor(got[1]["thresholds"]))  # tuned on the mean
+
+    # `test` scores the mean (the checkpoint's state_dict), as goemo.load does: the same report from both
+    r = run_main("test", "--ckpt_path", str(averaged_run / LAST), cwd=averaged_run, env=ONE_THREAD)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    report = json.loads((averaged_run / "lightning_logs/version_0/test_report.json").read_text())
+    split = read_split(learned_run / "data" / "test.tsv", num_labels=4)
+    targets = np.zeros((len(split["labels"]), 4), dtype=bool)
+    for i, ids in enumerate(split["labels"]):
+        targets[i, ids] = True
+    probs = goemo.load(str(averaged_run / LAST)).predict_proba(split["text"])
+    want = label_scores(apply_thresholds(probs, np.full(4, 0.5, np.float32)), targets, LABELS4)
+    prf = lambda scores: [scores["per_label"][n][k] for n in LABELS4 for k in ("precision", "recall", "f1")]
+    assert prf(report["fixed"]) == pytest.approx(prf(want)) and report["fixed"]["exact_match"] == pytest.approx(want["exact_match"])
+
+
+@pytest.mark.slow
+def test_an_averaged_fit_killed_mid_epoch_resumes_to_the_same_mean(averaged_run, learned_run, tiny_model, tmp_path):
+    proc = start([*fit_args(learned_run, tiny_model), *AVERAGE, *SLOW], tmp_path)
+    step = wait_for_save(proc, tmp_path / LAST, min_step=13)  # a step save in epoch 1, after epoch 0 was averaged
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert 12 < saved_step(tmp_path / LAST) == step < 24
+    assert "current_model_state" in load_checkpoint(tmp_path / LAST)
+    resume(tmp_path)
+    got, want = load_checkpoint(tmp_path / LAST), load_checkpoint(averaged_run / LAST)
+    assert_state_close(got["state_dict"], want["state_dict"])
+    assert_state_close(got["current_model_state"], want["current_model_state"])
+    assert records(tmp_path) == records(averaged_run)
