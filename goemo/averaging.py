@@ -1,6 +1,7 @@
 """Averaging the weights of the last training epochs (stochastic weight averaging over epoch ends).
 
-From epoch `start_epoch` on, the trained weights at the end of each training epoch join a running mean. That mean
+From epoch `start_epoch` on, the trained weights at the end of each training epoch (or, with `updates_per_epoch` k,
+after each k-th of it) join a running mean. That mean
 is what validation scores (and the per-label thresholds are tuned on), what the checkpoints hold as `state_dict`,
 and so what `test`, `predict`, `goemo.load` and the export use. Training itself goes on from its own weights, which
 each checkpoint keeps under `current_model_state` for resuming (the key Lightning's WeightAveraging uses).
@@ -13,6 +14,7 @@ tuned `thresholds` live. The mean here is over the trainable parameters only: bu
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,20 +24,24 @@ from goemo.errors import GoemoError
 
 
 class EpochAveraging(Callback):
-    def __init__(self, start_epoch: Optional[int] = None) -> None:
+    def __init__(self, start_epoch: Optional[int] = None, updates_per_epoch: int = 1) -> None:
         """Validate, save and test the mean of the weights at the ends of the training epochs from `start_epoch` on.
 
         Args:
             start_epoch: First epoch whose final weights join the mean, counted from 0 as in the checkpoint names
                 (`epoch01-...` is the second epoch). With `trainer.max_epochs 4`, `1` averages the weights at the
                 ends of epochs 2, 3 and 4. Until then validation sees the weights as trained. Unset: no averaging.
+            updates_per_epoch: How many times per epoch the weights join the mean, after evenly spaced batches, the
+                last of them the epoch's last: 4 adds the weights after each quarter of every averaged epoch.
         """
         if start_epoch is not None and start_epoch < 0:
             raise GoemoError(f"weight_averaging.start_epoch must be >= 0 (or unset: no averaging), got {start_epoch}")
-        self.start_epoch = start_epoch
+        if updates_per_epoch < 1:
+            raise GoemoError(f"weight_averaging.updates_per_epoch must be >= 1, got {updates_per_epoch}")
+        self.start_epoch, self.updates_per_epoch = start_epoch, updates_per_epoch
         self._mean: dict[str, torch.Tensor] = {}  # parameter name -> running mean, float32, on the parameter's device
-        self._count = 0  # epochs averaged so far
-        self._last_epoch = -1  # the last epoch averaged
+        self._count = 0  # weights averaged so far
+        self._last = (-1, -1)  # (epoch, batch index) of the last weights averaged: a resumed fit adds none twice
         self._raw: Optional[dict[str, torch.Tensor]] = None  # the trained weights while the mean is swapped in
 
     def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
@@ -44,11 +50,12 @@ class EpochAveraging(Callback):
     # -- the running mean --------------------------------------------------------------------
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # The epoch's last batch, after its optimizer step and before the epoch-end validation, which then scores
-        # the mean including this epoch.
+        # After the batch's optimizer step. The epoch's last update runs before the epoch-end validation, which then
+        # scores the mean including this epoch.
         epoch = trainer.current_epoch
-        last = trainer.is_last_batch or batch_idx + 1 == trainer.num_training_batches
-        if self.start_epoch is None or not last or epoch < self.start_epoch or epoch <= self._last_epoch:
+        if self.start_epoch is None or epoch < self.start_epoch or (epoch, batch_idx) <= self._last:
+            return
+        if not (trainer.is_last_batch or batch_idx + 1 in self._update_points(trainer.num_training_batches)):
             return
         self._count += 1
         for name, p in self._params(pl_module).items():
@@ -56,7 +63,14 @@ class EpochAveraging(Callback):
                 self._mean[name] = p.detach().float().clone()
             else:  # mean += (p - mean) / count
                 self._mean[name].lerp_(p.detach().float(), 1.0 / self._count)
-        self._last_epoch = epoch
+        self._last = (epoch, batch_idx)
+
+    def _update_points(self, num_batches: float) -> set[int]:
+        """The batch numbers (from 1) after which the weights join the mean: k evenly spaced, the last batch last."""
+        if math.isinf(num_batches):  # an iterable dataset of unknown length: its last batch only
+            return set()
+        n = int(num_batches)
+        return {math.ceil(i * n / self.updates_per_epoch) for i in range(1, self.updates_per_epoch + 1)}
 
     def on_train_start(self, trainer, pl_module) -> None:
         # A resumed mean was read from the checkpoint on the CPU, before the model moved to its device.
@@ -96,11 +110,13 @@ class EpochAveraging(Callback):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"count": self._count, "last_epoch": self._last_epoch}
+        return {"count": self._count, "last_epoch": self._last[0], "last_batch": self._last[1]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.start_epoch is not None:  # averaging turned off for the rest of a resumed fit: start no mean
-            self._count, self._last_epoch = state_dict["count"], state_dict["last_epoch"]
+            # Checkpoints written before updates_per_epoch have no last_batch: they averaged epoch ends only.
+            self._count = state_dict["count"]
+            self._last = (state_dict["last_epoch"], state_dict.get("last_batch", math.inf))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if not self._count:  # nothing averaged yet: the checkpoint holds the trained weights, as without averaging

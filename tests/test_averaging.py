@@ -106,6 +106,38 @@ def test_checkpoints_hold_the_mean_and_keep_the_trained_weights_for_resuming():
     assert set(fresh._mean) == {"layer.weight", "layer.bias"}  # frozen parameters are not averaged
 
 
+def test_updates_per_epoch_averages_the_weights_after_evenly_spaced_batches():
+    cb, m = EpochAveraging(start_epoch=1, updates_per_epoch=2), Small()  # 4 batches: after batches 2 and 4
+
+    def after_batch(epoch: int, batch_idx: int, weight: float) -> None:
+        with torch.no_grad():
+            m.layer.weight.fill_(weight)
+        cb.on_train_batch_end(trainer(epoch, last=batch_idx == 3), m, None, None, batch_idx)
+
+    for batch_idx, w in enumerate((50.0, 60.0, 70.0, 80.0)):
+        after_batch(0, batch_idx, w)  # before start_epoch
+    for batch_idx, w in enumerate((90.0, 1.0, 100.0, 3.0)):
+        after_batch(1, batch_idx, w)
+    after_batch(1, 3, 200.0)  # the same batch again (a resumed fit): counted once
+    cb.on_validation_epoch_start(trainer(1), m)
+    assert m.layer.weight.eq(2.0).all() and cb.state_dict() == {"count": 2, "last_epoch": 1, "last_batch": 3}
+    cb.on_validation_epoch_end(trainer(1), m)
+    # A state saved before updates_per_epoch existed (epoch ends only) resumes after that epoch's end.
+    old = EpochAveraging(start_epoch=1, updates_per_epoch=2)
+    old.load_state_dict({"count": 1, "last_epoch": 1})
+    old._mean = {"layer.weight": torch.full((2, 3), 4.0), "layer.bias": torch.zeros(2)}
+    old.on_train_batch_end(trainer(1), m, None, None, 3)  # epoch 1 is in the mean already
+    with torch.no_grad():
+        m.layer.weight.fill_(6.0)
+    old.on_train_batch_end(trainer(2, last=False), m, None, None, 1)
+    old.on_validation_epoch_start(trainer(2), m)
+    assert m.layer.weight.eq(5.0).all()  # (4 + 6) / 2
+    # Every batch when k exceeds the batches; only the last one when their number is unknown.
+    assert EpochAveraging(0, updates_per_epoch=9)._update_points(4) == {1, 2, 3, 4}
+    assert EpochAveraging(0, updates_per_epoch=3)._update_points(10) == {4, 7, 10}
+    assert EpochAveraging(0, updates_per_epoch=3)._update_points(float("inf")) == set()
+
+
 def test_unset_start_epoch_averages_nothing_and_a_negative_one_is_refused():
     cb, m = EpochAveraging(), Small()
     end_epoch(cb, m, 0, 1.0)
@@ -114,6 +146,8 @@ def test_unset_start_epoch_averages_nothing_and_a_negative_one_is_refused():
     assert "current_model_state" not in ckpt
     with pytest.raises(GoemoError, match="weight_averaging.start_epoch must be >= 0"):
         EpochAveraging(start_epoch=-1)
+    with pytest.raises(GoemoError, match="weight_averaging.updates_per_epoch must be >= 1"):
+        EpochAveraging(start_epoch=0, updates_per_epoch=0)
 
 
 # -- the CLI, on the tiny BERT of learned_run ----------------------------------------------------
