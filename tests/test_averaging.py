@@ -212,3 +212,35 @@ def test_an_averaged_fit_killed_mid_epoch_resumes_to_the_same_mean(averaged_run,
     assert_state_close(got["state_dict"], want["state_dict"])
     assert_state_close(got["current_model_state"], want["current_model_state"])
     assert records(tmp_path) == records(averaged_run)
+
+
+QUARTERS = ("--weight_averaging.start_epoch", "0", "--weight_averaging.updates_per_epoch", "3", "--checkpoint.save_top_k", "-1")
+
+
+def averaging_state(ckpt: dict) -> dict:
+    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("EpochAveraging"))
+
+
+@pytest.mark.slow
+def test_updates_per_epoch_averages_inside_epochs_and_resumes_after_a_kill(averaged_run, learned_run, tiny_model, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    r = run_main(*fit_args(learned_run, tiny_model), *QUARTERS, cwd=whole, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last, by_epoch = load_checkpoint(whole / LAST), load_checkpoint(averaged_run / LAST)
+    assert averaging_state(last) == {"count": 6, "last_epoch": 1, "last_batch": 11}  # 12 batches: after 4, 8 and 12
+    weights = lambda state: {k: v for k, v in state.items() if k != "thresholds"}
+    assert_state_close(weights(last["current_model_state"]), weights(by_epoch["current_model_state"]))  # same training
+    assert not torch.allclose(last["state_dict"]["head.weight"], by_epoch["state_dict"]["head.weight"])  # another mean
+
+    proc = start([*fit_args(learned_run, tiny_model), *QUARTERS, *SLOW], killed)
+    step = wait_for_save(proc, killed / LAST, min_step=17)  # after epoch 1's first update (step 16), before its second
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert 16 < saved_step(killed / LAST) == step < 24
+    resume(killed)
+    got = load_checkpoint(killed / LAST)
+    assert averaging_state(got) == averaging_state(last)
+    assert_state_close(got["state_dict"], last["state_dict"])
+    assert_state_close(got["current_model_state"], last["current_model_state"])
+    assert records(killed) == records(whole)
