@@ -1,10 +1,10 @@
 """Averaging the weights of the last training epochs (stochastic weight averaging over epoch ends).
 
 From epoch `start_epoch` on, the trained weights at the end of each training epoch (or, with `updates_per_epoch` k,
-after each k-th of it) join a running mean. That mean
-is what validation scores (and the per-label thresholds are tuned on), what the checkpoints hold as `state_dict`,
-and so what `test`, `predict`, `goemo.load` and the export use. Training itself goes on from its own weights, which
-each checkpoint keeps under `current_model_state` for resuming (the key Lightning's WeightAveraging uses).
+after each k-th of it) join a running mean. That mean is what validation scores (and the per-label thresholds are
+tuned on), what the checkpoints hold as `state_dict`, and so what `test`, `predict`, `goemo.load` and the export use.
+Training itself goes on from its own weights, which each checkpoint keeps under `current_model_state` for resuming
+(the key Lightning's WeightAveraging uses).
 
 Why not Lightning's `WeightAveraging` (2.6) with epoch-end updates: it updates after the epoch's validation, so the
 validation and checkpoint of an epoch see the average of the epochs before; before its first update it validates the
@@ -69,8 +69,8 @@ class EpochAveraging(Callback):
         """The batch numbers (from 1) after which the weights join the mean: k evenly spaced, the last batch last."""
         if math.isinf(num_batches):  # an iterable dataset of unknown length: its last batch only
             return set()
-        n = int(num_batches)
-        return {math.ceil(i * n / self.updates_per_epoch) for i in range(1, self.updates_per_epoch + 1)}
+        n, k = int(num_batches), self.updates_per_epoch
+        return {-(-i * n // k) for i in range(1, k + 1)}  # ceil(i n / k) in integers
 
     def on_train_start(self, trainer, pl_module) -> None:
         # A resumed mean was read from the checkpoint on the CPU, before the model moved to its device.
