@@ -85,6 +85,30 @@ def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, t
     torch.testing.assert_close(loaded.loss_fn.pos_weight, expected)
 
 
+def test_head_bias_prior_under_pos_weight_starts_at_the_weighted_loss_optimum(tiny_data, tiny_model, tmp_path):
+    """With positives weighted by w, the best constant logit is log(w f / (1 - f)): 0 where w is the full neg/pos."""
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(pl_module.head.bias.detach().clone())
+
+    cap = 2.0  # the tiny data's neg/pos ratios are 1.5-3
+    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names, head_bias="prior", loss="bce_pos_weight", pos_weight_max=cap)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    f = dm.label_frequencies().float()
+    ratio = (1 - f) / f
+    assert (ratio > cap).any() and (ratio < cap).any()  # both cases below are exercised
+    w = ratio.clamp(max=cap)
+    torch.testing.assert_close(seen[0], torch.log(w * f / (1 - f)))
+    torch.testing.assert_close(seen[0][ratio < cap], torch.zeros(int((ratio < cap).sum())))  # uncapped: balanced, 0
+
+
 def test_model_builds_each_loss(tiny_model):
     for name, cls in (("bce", torch.nn.BCEWithLogitsLoss), ("bce_pos_weight", torch.nn.BCEWithLogitsLoss), ("focal", FocalLoss)):
         assert isinstance(EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=name).loss_fn, cls)
