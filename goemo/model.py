@@ -172,7 +172,8 @@ class EmotionClassifier(L.LightningModule):
             head_bias: The head's initial bias. `zero` (as Hugging Face heads); `prior`: each label's log-odds in the
                 training data (plus the log of its positives' weight under `bce_pos_weight`), so training starts
                 from the base rates (loss ~0.15 on GoEmotions instead of log 2 = 0.69) and the first steps' large
-                gradients do not flow into the encoder to push every logit down. That shock made all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
+                gradients do not flow into the encoder to push every logit down. That shock made
+                all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
             learning_rate: Peak AdamW learning rate of the encoder.
             head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.

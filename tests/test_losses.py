@@ -95,7 +95,9 @@ def test_head_bias_prior_under_pos_weight_starts_at_the_weighted_loss_optimum(ti
             seen.append(pl_module.head.bias.detach().clone())
 
     cap = 2.0  # the tiny data's neg/pos ratios are 1.5-3
-    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names, head_bias="prior", loss="bce_pos_weight", pos_weight_max=cap)
+    model = EmotionClassifier(
+        str(tiny_model), label_names=dm.label_names, head_bias="prior", loss="bce_pos_weight", pos_weight_max=cap
+    )
     trainer = L.Trainer(
         max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
