@@ -170,10 +170,9 @@ class EmotionClassifier(L.LightningModule):
             pooling: `cls`: the encoder's pooler over [CLS] (what AutoModelForSequenceClassification does
                 for BERT); `mean`: mean of the real (unpadded) token states; `cls+mean`: both, concatenated.
             head_bias: The head's initial bias. `zero` (as Hugging Face heads); `prior`: each label's log-odds in the
-                training data (plus the log of its positives' weight under `bce_pos_weight`), so training starts
-                from the base rates (loss ~0.15 on GoEmotions instead of log 2 = 0.69) and the first steps' large
-                gradients do not flow into the encoder to push every logit down. That shock made
-                all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
+                training data, so training starts from the base rates (loss ~0.15 on GoEmotions instead of log 2
+                = 0.69) and the first steps' large gradients do not flow into the encoder to push every logit
+                down. That shock made all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
             learning_rate: Peak AdamW learning rate of the encoder.
             head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
@@ -190,7 +189,8 @@ class EmotionClassifier(L.LightningModule):
                 Averaging steadies the rare labels' thresholds: held-out macro-F1 +0.006 for single runs, +0.004 for
                 ensembles, measured on halves of the validation split (docs/results.md).
             loss: `bce`: binary cross-entropy; `bce_pos_weight`: BCE whose positives of each label weigh
-                negatives/positives of that label in the training data (capped at `pos_weight_max`);
+                negatives/positives of that label in the training data (capped at `pos_weight_max`), on the
+                logits shifted by the log of that weight, so the outputs stay the label's probabilities;
                 `focal`: sigmoid focal loss (`focal_gamma`, `focal_alpha`).
             focal_gamma: Focal loss focusing exponent; 0 (and no alpha) is plain BCE.
             focal_alpha: Focal loss weight of positives (negatives get 1 - alpha), within 0..1; unset: no weighting.
@@ -283,11 +283,8 @@ class EmotionClassifier(L.LightningModule):
         # A resumed fit then loads its checkpoint's bias over this one (Lightning restores after the setup hook).
         if prior:
             f = freq.clamp(1e-4, 1 - 1e-4)  # a label no training row has: log-odds of 1e-4, not -inf
-            # The constant logit that minimises the loss: log(w f / (1 - f)) with positives weighted by w
-            # (bce_pos_weight; w = 1 for the other losses), 0 for a label whose w is its full neg/pos ratio.
-            w = self.loss_fn.pos_weight if pos_weight else torch.ones_like(f)
-            with torch.no_grad():
-                self.head.bias.copy_(torch.log(w * f / (1 - f)))
+            with torch.no_grad():  # the best constant logit of BCE, and of bce_pos_weight (losses.WeightedBCE)
+                self.head.bias.copy_(torch.log(f / (1 - f)))
 
     # -- steps -------------------------------------------------------------------------------
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

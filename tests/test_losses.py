@@ -6,7 +6,7 @@ import torch
 
 from goemo.data import GoEmotionsDataModule
 from goemo.errors import GoemoError
-from goemo.losses import FocalLoss, build_loss, pos_weight_from_frequencies
+from goemo.losses import FocalLoss, WeightedBCE, build_loss, pos_weight_from_frequencies
 from goemo.model import EmotionClassifier
 from goemo.runs import load_checkpoint
 
@@ -27,10 +27,22 @@ def test_bce_pos_weight_by_hand():
     loss_fn = build_loss("bce_pos_weight", 2, 2.0, None)
     assert loss_fn.pos_weight.tolist() == [1.0, 1.0]  # until fit fills it in
     loss_fn.pos_weight.copy_(torch.tensor([3.0, 5.0]))
-    # pos_weight scales the positive term only: label 0's, not label 1's (a negative)
-    assert loss_fn(LOGITS, TARGETS).item() == pytest.approx((3.0 * BCE0 + BCE1) / 2, rel=1e-6)
+    # the logits are shifted by log w: (2 + log 3, -1 + log 5); w scales the positive term only
+    q0, q1 = sig(2.0 + math.log(3.0)), sig(-1.0 + math.log(5.0))
+    assert loss_fn(LOGITS, TARGETS).item() == pytest.approx((-3.0 * math.log(q0) - math.log(1 - q1)) / 2, rel=1e-6)
     both = torch.tensor([[1.0, 1.0]])
-    assert loss_fn(LOGITS, both).item() == pytest.approx((3.0 * BCE0 - 5.0 * math.log(P1)) / 2, rel=1e-6)
+    assert loss_fn(LOGITS, both).item() == pytest.approx((-3.0 * math.log(q0) - 5.0 * math.log(q1)) / 2, rel=1e-6)
+
+
+def test_bce_pos_weight_is_lowest_at_the_labels_own_log_odds():
+    """Weighted, the best constant logit is still log(f / (1 - f)): the outputs stay the labels' probabilities."""
+    targets = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # f = 0.2, 0.4
+    loss_fn = build_loss("bce_pos_weight", 2, 2.0, None)
+    loss_fn.pos_weight.copy_(torch.tensor([4.0, 10.0]))  # the first label's neg/pos, and another weight
+    f = targets.mean(0)
+    logit = torch.log(f / (1 - f)).repeat(5, 1).requires_grad_()  # (5, 2): one constant per label
+    loss_fn(logit, targets).backward()
+    torch.testing.assert_close(logit.grad.sum(0), torch.zeros(2), atol=1e-7, rtol=0)
 
 
 def test_focal_by_hand():
@@ -85,34 +97,8 @@ def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, t
     torch.testing.assert_close(loaded.loss_fn.pos_weight, expected)
 
 
-def test_head_bias_prior_under_pos_weight_starts_at_the_weighted_loss_optimum(tiny_data, tiny_model, tmp_path):
-    """With positives weighted by w, the best constant logit is log(w f / (1 - f)): 0 where w is the full neg/pos."""
-    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
-    seen = []
-
-    class Look(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            seen.append(pl_module.head.bias.detach().clone())
-
-    cap = 2.0  # the tiny data's neg/pos ratios are 1.5-3
-    model = EmotionClassifier(
-        str(tiny_model), label_names=dm.label_names, head_bias="prior", loss="bce_pos_weight", pos_weight_max=cap
-    )
-    trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", default_root_dir=tmp_path,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
-    )  # fmt: skip
-    trainer.fit(model, dm)
-    f = dm.label_frequencies().float()
-    ratio = (1 - f) / f
-    assert (ratio > cap).any() and (ratio < cap).any()  # both cases below are exercised
-    w = ratio.clamp(max=cap)
-    torch.testing.assert_close(seen[0], torch.log(w * f / (1 - f)))
-    torch.testing.assert_close(seen[0][ratio < cap], torch.zeros(int((ratio < cap).sum())))  # uncapped: balanced, 0
-
-
 def test_model_builds_each_loss(tiny_model):
-    for name, cls in (("bce", torch.nn.BCEWithLogitsLoss), ("bce_pos_weight", torch.nn.BCEWithLogitsLoss), ("focal", FocalLoss)):
+    for name, cls in (("bce", torch.nn.BCEWithLogitsLoss), ("bce_pos_weight", WeightedBCE), ("focal", FocalLoss)):
         assert isinstance(EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=name).loss_fn, cls)
 
 
