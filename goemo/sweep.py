@@ -35,6 +35,7 @@ import difflib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,6 +198,18 @@ def failed_trial(trial, reason: str) -> float:
     return float("nan")
 
 
+def failure_reason(lines: list[str], returncode: int) -> str:
+    """The one line that says why a fit failed: goemo's own `error: ...` line, else the traceback's exception
+    line (`SomeError: ...`; SQLAlchemy's closing "(Background on this error at: ...)" line says nothing)."""
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    for line in reversed(lines):
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line):
+            return line
+    return lines[-1] if lines else f"exit {returncode}"
+
+
 def _die_with_parent() -> None:
     """In the child: SIGKILL when the worker dies (Linux), so a killed worker leaves no orphaned fit."""
     try:
@@ -220,9 +233,11 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
         r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     if r.returncode != 0:
-        reason = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else f"exit {r.returncode}")
-        return failed_trial(trial, reason.removeprefix("error: "))
-    fresh = optuna.load_study(study_name=a.study, storage=storage_url).trials[trial.number]
+        return failed_trial(trial, failure_reason(lines, r.returncode))
+    # The worker's own study (not a new load_study: each would open its own connection pool, which stays open
+    # until garbage collection; over many trials they fill PostgreSQL's max_connections). Optuna's cached storage
+    # reads unfinished trials afresh, so this sees what the fit's OptunaReport wrote.
+    fresh = trial.study.trials[trial.number]
     run = fresh.user_attrs.get("run")
     if run:
         trial.set_user_attr("run", run)

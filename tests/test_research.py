@@ -76,6 +76,22 @@ def tiny_fit_args(tiny_model: Path, data: Path, cache: Path) -> list[str]:
             "--data.train_batch_size", "8", "--model.pooling", "mean", "--val_examples.num_examples", "0"]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "tail, reason",
+    [
+        (["Epoch 0: 10%", "error: non-finite training loss at step 3"], "non-finite training loss at step 3"),
+        (["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+          "sqlalchemy.exc.OperationalError: (psycopg.OperationalError) FATAL:  sorry, too many clients already",
+          "(Background on this error at: https://sqlalche.me/e/21/e3q8)"],
+         "sqlalchemy.exc.OperationalError: (psycopg.OperationalError) FATAL:  sorry, too many clients already"),
+        (["Killed"], "Killed"),
+        ([], "exit -9"),
+    ],
+)  # fmt: skip
+def test_a_failed_trials_reason_is_the_line_that_says_why(tail, reason):
+    assert sweep.failure_reason(tail, -9) == reason
+
+
 @pytest.mark.slow
 def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -65,6 +65,9 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
            "--trainer.callbacks.seconds", "0.3"]  # fmt: skip
     args = ["--space", str(space), "--study", "pg", "--trials", "3", "--storage", postgres_url, "--heartbeat", "2",
             "--no-prune", "--", *fit]  # fmt: skip
+    # One storage for all of the test's reads: each load_study(url) opens a connection pool that stays open until
+    # garbage collection, and polling with new ones fills the server's max_connections.
+    storage = optuna.storages.RDBStorage(postgres_url)
     a = worker(args, tmp_path)
     # wait until worker a runs a trial, then start b and kill a (and so its fit) with kill -9
     end = time.monotonic() + 180
@@ -72,7 +75,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
         assert a.poll() is None, a.communicate()[1][-3000:]
         assert time.monotonic() < end, "worker a started no trial"
         try:
-            study = optuna.load_study(study_name="pg", storage=postgres_url)
+            study = optuna.load_study(study_name="pg", storage=storage)
             if any(t.state == TrialState.RUNNING for t in study.get_trials()):
                 break
         except KeyError:  # the study is not created yet
@@ -84,7 +87,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
     a.wait()
     _, err = b.communicate(timeout=600)
     assert b.returncode == 0, err[-3000:]
-    trials = optuna.load_study(study_name="pg", storage=postgres_url).get_trials()
+    trials = optuna.load_study(study_name="pg", storage=storage).get_trials()
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == 3  # exactly the trials asked for
     killed = [t for t in trials if t.state == TrialState.FAIL]
