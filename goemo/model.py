@@ -7,6 +7,7 @@ Shapes: input_ids/attention_mask (B, T) -> hidden states (B, T, H) -> pooled (B,
 from __future__ import annotations
 
 import copy
+import re
 from typing import Literal, Optional
 
 import lightning as L
@@ -91,7 +92,7 @@ def max_positions(config) -> Optional[int]:
 def _check_hparams(
     learning_rate: float, head_learning_rate: Optional[float], threshold: float, warmup_ratio: float,
     weight_decay: float, attention_dropout: Optional[float], pos_weight_max: float, checkpoint_tokens: Optional[int],
-    threshold_resamples: int,
+    threshold_resamples: int, layer_decay: float,
 ) -> None:
     """One-line errors for settings out of range, before anything is loaded."""
     if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
@@ -104,12 +105,24 @@ def _check_hparams(
         raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
     if weight_decay < 0:
         raise GoemoError(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 < layer_decay <= 1.0:
+        raise GoemoError(f"model.layer_decay must be within (0, 1] (1: one learning rate for the whole encoder), got {layer_decay}")
     if attention_dropout is not None and not 0.0 <= attention_dropout < 1.0:
         raise GoemoError(f"model.attention_dropout must be within [0, 1) (or unset: the encoder's own), got {attention_dropout}")
     if pos_weight_max < 1:
         raise GoemoError(f"model.pos_weight_max must be >= 1, got {pos_weight_max}")
     if checkpoint_tokens is not None and checkpoint_tokens < 1:
         raise GoemoError(f"model.checkpoint_tokens must be >= 1 (or unset: never), got {checkpoint_tokens}")
+
+
+def _encoder_depths(names: list[str]) -> dict[str, int]:
+    """Each encoder layer's and embedding's parameter name -> its depth below the top layer (0 = top, n = embeddings)."""
+    layer = {n: int(m.group(1)) for n in names if n.startswith("encoder.") and (m := re.search(r"\.layer\.(\d+)\.", n))}
+    if not layer:
+        raise GoemoError("model.layer_decay needs an encoder whose layers are named *.layer.<i>.* (BERT, RoBERTa, MPNet); set it to 1")
+    top = max(layer.values())
+    embeddings = {n: top + 1 for n in names if n.startswith("encoder.") and ".embeddings." in n and n not in layer}
+    return {n: top - i for n, i in layer.items()} | embeddings
 
 
 def build_encoder(name: str, pretrained: bool, attention_dropout: Optional[float], freeze_embeddings: bool, compile: bool):
@@ -147,6 +160,7 @@ class EmotionClassifier(L.LightningModule):
         learning_rate: float = 2e-5,
         head_learning_rate: Optional[float] = None,
         weight_decay: float = 0.01,
+        layer_decay: float = 1.0,
         warmup_ratio: float = 0.0,
         threshold: float = 0.5,
         threshold_resamples: int = 100,
@@ -176,6 +190,10 @@ class EmotionClassifier(L.LightningModule):
             learning_rate: Peak AdamW learning rate of the encoder.
             head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
+            layer_decay: Layer-wise learning-rate decay: of an encoder with n layers (named `*.layer.<i>.*`, as in
+                BERT, RoBERTa, MPNet), layer i (0 = the lowest) trains at `learning_rate * layer_decay^(n-1-i)` and
+                the embeddings at `learning_rate * layer_decay^n`; the rest of the encoder (pooler) and the head
+                keep theirs. 1 (default): one learning rate for the whole encoder.
             warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then linear decay to 0.
             pretrained: Load the encoder's pretrained weights. False: build it from its config alone
                 (random weights), for when a checkpoint supplies every weight (the CLI sets this when
@@ -220,7 +238,7 @@ class EmotionClassifier(L.LightningModule):
         """
         super().__init__()
         _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
-                       pos_weight_max, checkpoint_tokens, threshold_resamples)  # fmt: skip
+                       pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay)  # fmt: skip
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -371,14 +389,17 @@ class EmotionClassifier(L.LightningModule):
 
         hp = self.hparams
         head_lr = hp.head_learning_rate or hp.learning_rate
+        depths = _encoder_depths([n for n, _ in self.named_parameters()]) if hp.layer_decay != 1.0 else {}
         groups: dict[str, dict] = {}  # named, so LearningRateMonitor logs lr-AdamW/encoder, lr-AdamW/head, ...
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             no_decay = p.ndim < 2 or "layernorm" in name.lower()  # biases and LayerNorm weights
             part = "head" if name.startswith("head.") else "encoder"
-            key = part + ("_no_decay" if no_decay else "")
             lr = head_lr if part == "head" else hp.learning_rate
+            if name in depths:  # layer_decay: depth 0 is the top layer, 1 the one below, ... n the embeddings
+                part, lr = f"encoder{depths[name]}", lr * hp.layer_decay ** depths[name]
+            key = part + ("_no_decay" if no_decay else "")
             group = groups.setdefault(key, {"name": key, "params": [], "lr": lr, "weight_decay": 0.0 if no_decay else hp.weight_decay})
             group["params"].append(p)
         params = list(groups.values())
