@@ -73,6 +73,24 @@ def test_optimizer_groups(tiny_model):
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.02
 
 
+def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
+    """layer_decay d: the top layer at learning_rate, each one below times d, the embeddings d^n; head and pooler keep theirs."""
+    from types import SimpleNamespace
+
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], learning_rate=1e-4, head_learning_rate=1e-2, layer_decay=0.5)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = m.configure_optimizers()["optimizer"]
+    lr = {n: g["lr"] for g in opt.param_groups for n, p in m.named_parameters() for q in g["params"] if p is q}
+    assert len(lr) == len(list(m.parameters()))  # every parameter in exactly one group, none lost
+    n_layers = m.encoder.config.num_hidden_layers  # 2 in the tiny BERT
+    assert lr["encoder.encoder.layer.1.attention.self.query.weight"] == pytest.approx(1e-4)  # the top layer
+    assert lr["encoder.encoder.layer.0.output.LayerNorm.bias"] == pytest.approx(0.5e-4)
+    assert lr["encoder.embeddings.position_embeddings.weight"] == pytest.approx(1e-4 * 0.5**n_layers)
+    assert lr["encoder.pooler.dense.weight"] == pytest.approx(1e-4) and lr["head.weight"] == pytest.approx(1e-2)
+    with pytest.raises(GoemoError, match="layer_decay must be within"):
+        EmotionClassifier(str(tiny_model), layer_decay=0.0)
+
+
 def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
     """Frozen: the token embedding matrix gets no gradient, no AdamW state and does not move; the rest trains."""
     from types import SimpleNamespace
