@@ -248,6 +248,8 @@ class EmotionClassifier(L.LightningModule):
         num_labels = len(label_names)
 
         self.encoder = build_encoder(model_name_or_path, pretrained, attention_dropout, freeze_embeddings, compile)
+        if layer_decay != 1.0:  # an encoder without numbered layers fails here, not when fit starts
+            _encoder_depths(["encoder." + n for n, _ in self.encoder.named_parameters()])
         self._checkpointed = self._checkpointable_layers() if checkpoint_tokens is not None else []
         self.dropout, self.head = build_head(self.encoder.config, pooling, num_labels)
         if fast_dropout:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from goemo.errors import GoemoError
-from goemo.model import EmotionClassifier
+from goemo.model import EmotionClassifier, _encoder_depths
 
 
 @pytest.mark.parametrize("pooling,width", [("cls", 32), ("mean", 32), ("cls+mean", 64)])
@@ -89,6 +89,8 @@ def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
     assert lr["encoder.pooler.dense.weight"] == pytest.approx(1e-4) and lr["head.weight"] == pytest.approx(1e-2)
     with pytest.raises(GoemoError, match="layer_decay must be within"):
         EmotionClassifier(str(tiny_model), layer_decay=0.0)
+    with pytest.raises(GoemoError, match=r"named \*\.layer\.<i>\.\*"):
+        _encoder_depths(["encoder.embeddings.word.weight", "encoder.blocks.0.attn.weight", "head.weight"])
 
 
 def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
