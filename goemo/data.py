@@ -328,15 +328,19 @@ class GoEmotionsDataModule(L.LightningDataModule):
         if not self.datasets and not self._predicting_file():
             self.datasets = {split: self._tokenized(split, raw) for split, raw in self._raw_splits().items()}
 
-    def label_frequencies(self) -> torch.Tensor:
+    def label_frequencies(self, groups: Optional[np.ndarray] = None) -> torch.Tensor:
         """Fraction of training rows carrying each label, (L,) float64 (after the taxonomy's mapping).
 
-        The model's `bce_pos_weight` loss reads it at fit to weight each label's positives by neg/pos.
+        The model's `bce_pos_weight` loss reads it at fit to weight each label's positives by neg/pos, and
+        `head_bias prior` to start each logit at its label's log-odds. With `groups`, an (L, K) 0/1 matrix
+        (`goemo.taxonomy.taxonomy_matrix`), the fraction of rows carrying any label of each group, (K,).
         """
         if "train" not in self.datasets:
             self.setup("fit")
-        labels = self.datasets["train"].with_format("numpy", columns=["labels"])[:]["labels"]  # (N, L)
-        return torch.from_numpy(np.asarray(labels, dtype=np.float64).mean(0))
+        labels = np.asarray(self.datasets["train"].with_format("numpy", columns=["labels"])[:]["labels"], dtype=np.float64)  # (N, L)
+        if groups is not None:
+            labels = (labels @ groups > 0).astype(np.float64)  # (N, K)
+        return torch.from_numpy(labels.mean(0))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         tok, ds, hp = self.tokenizer, self.datasets[split], self.hparams

@@ -12,12 +12,13 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
-from goemo.taxonomy import GOEMOTIONS_LABELS
+from goemo.taxonomy import GOEMOTIONS_LABELS, taxonomy_matrix
 from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
 from goemo.errors import GoemoError
@@ -27,6 +28,7 @@ from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_threshol
 
 Pooling = Literal["cls", "mean", "cls+mean"]
 HeadBias = Literal["zero", "prior"]
+AuxTaxonomy = Literal["ekman", "sentiment"]
 
 
 def multilabel_metrics(num_labels: int, threshold: float, prefix: str) -> MetricCollection:
@@ -92,7 +94,7 @@ def max_positions(config) -> Optional[int]:
 def _check_hparams(
     learning_rate: float, head_learning_rate: Optional[float], threshold: float, warmup_ratio: float,
     weight_decay: float, attention_dropout: Optional[float], pos_weight_max: float, checkpoint_tokens: Optional[int],
-    threshold_resamples: int, layer_decay: float,
+    threshold_resamples: int, layer_decay: float, aux_weight: float,
 ) -> None:
     """One-line errors for settings out of range, before anything is loaded."""
     if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
@@ -111,6 +113,8 @@ def _check_hparams(
         raise GoemoError(f"model.attention_dropout must be within [0, 1) (or unset: the encoder's own), got {attention_dropout}")
     if pos_weight_max < 1:
         raise GoemoError(f"model.pos_weight_max must be >= 1, got {pos_weight_max}")
+    if aux_weight < 0:
+        raise GoemoError(f"model.aux_weight must be >= 0, got {aux_weight}")
     if checkpoint_tokens is not None and checkpoint_tokens < 1:
         raise GoemoError(f"model.checkpoint_tokens must be >= 1 (or unset: never), got {checkpoint_tokens}")
 
@@ -123,6 +127,12 @@ def _encoder_depths(names: list[str]) -> dict[str, int]:
     top = max(layer.values())
     embeddings = {n: top + 1 for n in names if n.startswith("encoder.") and ".embeddings." in n and n not in layer}
     return {n: top - i for n, i in layer.items()} | embeddings
+
+
+def _log_odds(freq: torch.Tensor) -> torch.Tensor:
+    """log(f / (1 - f)) of each label's training frequency (L,); a label no training row has: that of 1e-4, not -inf."""
+    f = freq.clamp(1e-4, 1 - 1e-4)
+    return torch.log(f / (1 - f))
 
 
 def build_encoder(name: str, pretrained: bool, attention_dropout: Optional[float], freeze_embeddings: bool, compile: bool):
@@ -157,6 +167,8 @@ class EmotionClassifier(L.LightningModule):
         label_names: Optional[list[str]] = None,
         pooling: Pooling = "cls",
         head_bias: HeadBias = "zero",
+        aux_taxonomy: Optional[AuxTaxonomy] = None,
+        aux_weight: float = 0.5,
         learning_rate: float = 2e-5,
         head_learning_rate: Optional[float] = None,
         weight_decay: float = 0.01,
@@ -187,6 +199,12 @@ class EmotionClassifier(L.LightningModule):
                 training data, so training starts from the base rates (loss ~0.15 on GoEmotions instead of log 2
                 = 0.69) and the first steps' large gradients do not flow into the encoder to push every logit
                 down. That shock made all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
+            aux_taxonomy: An auxiliary task for training: a second linear head on the same pooled states learns the
+                row's coarse groups (`ekman`: Ekman's six emotions + neutral; `sentiment`: positive, negative,
+                ambiguous, neutral; a group is on when any of its labels is), so labels of one group share a
+                training signal. Training only: predictions, metrics, `val/loss` and exports use the main head.
+                Needs GoEmotions' 28 labels (`data.taxonomy original`). Unset (default): no auxiliary head.
+            aux_weight: Weight of the auxiliary head's BCE (a mean over its groups) added to the training loss.
             learning_rate: Peak AdamW learning rate of the encoder.
             head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
@@ -238,7 +256,7 @@ class EmotionClassifier(L.LightningModule):
         """
         super().__init__()
         _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
-                       pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay)  # fmt: skip
+                       pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay, aux_weight)  # fmt: skip
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -252,6 +270,15 @@ class EmotionClassifier(L.LightningModule):
             _encoder_depths(["encoder." + n for n, _ in self.encoder.named_parameters()])
         self._checkpointed = self._checkpointable_layers() if checkpoint_tokens is not None else []
         self.dropout, self.head = build_head(self.encoder.config, pooling, num_labels)
+        self.aux_head = None
+        if aux_taxonomy is not None:
+            if label_names != GOEMOTIONS_LABELS:
+                raise GoemoError(f"model.aux_taxonomy {aux_taxonomy!r} maps GoEmotions' 28 labels, not these {num_labels}; use data.taxonomy original or unset it")
+            # (L, K) 0/1: label i belongs to group k; a row's groups are (labels @ M).clamp(max=1). Derived from the
+            # label names, so not saved with the checkpoint.
+            groups = torch.from_numpy(taxonomy_matrix(aux_taxonomy, label_names))
+            self.register_buffer("aux_groups", groups, persistent=False)
+            _, self.aux_head = build_head(self.encoder.config, pooling, groups.shape[1])
         if fast_dropout:
             use_cpu_dropout(self)  # encoder and head
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
@@ -269,10 +296,14 @@ class EmotionClassifier(L.LightningModule):
         """(B, T, H) token states -> (B, H) or (B, 2H) per the `pooling` setting."""
         return pool(out, attention_mask, self.hparams.pooling)  # shared with the exported HF class
 
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The heads' input: pooled token states after dropout, (B, H) or (B, 2H)."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return self.dropout(self.pool(out, attention_mask))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, L)."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return self.head(self.dropout(self.pool(out, attention_mask)))
+        return self.head(self.features(input_ids, attention_mask))
 
     def setup(self, stage: str) -> None:
         """Checks the data's max_length against the encoder; at fit, `bce_pos_weight` reads the label frequencies."""
@@ -302,14 +333,17 @@ class EmotionClassifier(L.LightningModule):
             self.loss_fn.pos_weight.copy_(pos_weight_from_frequencies(freq, self.hparams.pos_weight_max))
         # A resumed fit then loads its checkpoint's bias over this one (Lightning restores after the setup hook).
         if prior:
-            f = freq.clamp(1e-4, 1 - 1e-4)  # a label no training row has: log-odds of 1e-4, not -inf
             with torch.no_grad():  # the best constant logit of BCE, and of bce_pos_weight (losses.WeightedBCE)
-                self.head.bias.copy_(torch.log(f / (1 - f)))
+                self.head.bias.copy_(_log_odds(freq))
+                if self.aux_head is not None:
+                    self.aux_head.bias.copy_(_log_odds(dm.label_frequencies(self.aux_groups.numpy())))
 
     # -- steps -------------------------------------------------------------------------------
-    def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        return self.loss_fn(logits, batch["labels"]), logits
+    def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The main loss, the logits (B, L) and the heads' input features (B, H)."""
+        features = self.features(batch["input_ids"], batch["attention_mask"])
+        logits = self.head(features)
+        return self.loss_fn(logits, batch["labels"]), logits, features
 
     def _checkpointable_layers(self) -> list[nn.Module]:
         """The encoder's layers with activation checkpointing set up (off until a long batch turns it on)."""
@@ -330,12 +364,17 @@ class EmotionClassifier(L.LightningModule):
             long = batch["input_ids"].numel() > self.hparams.checkpoint_tokens
             for layer in self._checkpointed:
                 layer.gradient_checkpointing = long
-        loss, _ = self.model_step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
+        loss, _, features = self.model_step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))  # the main head's, comparable across runs
+        if self.aux_head is None:
+            return loss
+        groups = (batch["labels"] @ self.aux_groups).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
+        aux = F.binary_cross_entropy_with_logits(self.aux_head(features), groups)
+        self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
+        return loss + self.hparams.aux_weight * aux
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        loss, logits = self.model_step(batch)
+        loss, logits, _ = self.model_step(batch)
         metrics = getattr(self, f"{stage}_metrics")
         probs = torch.sigmoid(logits)
         metrics.update(probs, batch["labels"].int())

@@ -127,3 +127,35 @@ def test_head_bias_prior_starts_from_the_training_log_odds_and_a_resumed_fit_kee
     assert (trained - seen[0]).abs().max() > 0.1  # training moved it
     fit(2, ckpt_path=trainer.checkpoint_callback.best_model_path)
     torch.testing.assert_close(seen[1], trained)  # resumed: the checkpoint's bias, not the prior again
+
+
+def test_aux_head_bias_prior_is_each_groups_log_odds(tmp_path, tiny_model):
+    """head_bias prior with aux_taxonomy ekman: the auxiliary head starts at the log-odds of each Ekman group among the
+    training rows (a row counts once per group, however many of its labels are in it); an empty group at that of 1e-4."""
+    from conftest import synthetic_rows, write_split
+    from goemo.taxonomy import GOEMOTIONS_LABELS as names
+
+    d = tmp_path / "data"  # the synthetic rows' four labels (joy, anger, fear, neutral) as ids among the 28
+    d.mkdir()
+    (d / "labels.txt").write_text("\n".join(names) + "\n")
+    ids = [names.index(n) for n in ("joy", "anger", "fear", "neutral")]
+    for name, n, seed in (("train.tsv", 96, 0), ("dev.tsv", 32, 1), ("test.tsv", 32, 2)):
+        rows = [(t, ",".join(str(ids[int(i)]) for i in y.split(","))) for t, y in synthetic_rows(n, seed)]
+        write_split(d / name, rows)
+    dm = GoEmotionsDataModule(data_dir=str(d), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(pl_module.aux_head.bias.detach().clone())
+
+    model = EmotionClassifier(str(tiny_model), label_names=names, head_bias="prior", aux_taxonomy="ekman")
+    L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
+    ).fit(model, dm)  # fmt: skip
+    rows = synthetic_rows(96, 0)
+    has = lambda k: sum(str(k) in y.split(",") for _, y in rows) / 96  # noqa: E731  (fraction of rows with label k)
+    # Ekman groups: anger, disgust, fear, joy, sadness, surprise, neutral; the tiny rows' labels are one group each.
+    f = torch.tensor([has(1), 1e-4, has(2), has(0), 1e-4, 1e-4, has(3)], dtype=torch.float32)
+    torch.testing.assert_close(seen[0], torch.log(f / (1 - f)))

@@ -93,6 +93,32 @@ def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
         _encoder_depths(["encoder.embeddings.word.weight", "encoder.blocks.0.attn.weight", "head.weight"])
 
 
+def test_aux_taxonomy_adds_a_training_only_group_loss(tiny_model):
+    """aux_taxonomy ekman: the training loss adds aux_weight x BCE of a second head against each row's Ekman groups
+    (checked by hand for one row); predictions, eval loss and the main head are as without it."""
+    import torch.nn.functional as F
+
+    from goemo.taxonomy import GOEMOTIONS_LABELS as names
+
+    torch.manual_seed(0)
+    m = EmotionClassifier(str(tiny_model), label_names=names, aux_taxonomy="ekman", aux_weight=0.25).eval()
+    assert m.aux_head.out_features == 7 and "aux_groups" not in m.state_dict()  # derived, not saved
+    labels = torch.zeros(2, 28)
+    labels[0, [names.index("annoyance"), names.index("joy")]] = 1.0  # -> anger, joy
+    labels[1, names.index("neutral")] = 1.0
+    ids = torch.randint(5, 1000, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    groups = torch.tensor([[1, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1.0]])  # anger disgust fear joy sadness surprise neutral
+    main, logits, features = m.model_step(batch)
+    assert logits.shape == (2, 28) and torch.equal(logits, m(ids, torch.ones_like(ids)))
+    aux = F.binary_cross_entropy_with_logits(m.aux_head(features), groups)
+    assert aux > 0 and m.training_step(batch, 0).item() == pytest.approx((main + 0.25 * aux).item(), rel=1e-6)
+    with pytest.raises(GoemoError, match="aux_taxonomy 'ekman' maps GoEmotions' 28 labels"):
+        EmotionClassifier(str(tiny_model), label_names=["a", "b"], aux_taxonomy="ekman")
+    with pytest.raises(GoemoError, match="aux_weight must be >= 0"):
+        EmotionClassifier(str(tiny_model), aux_weight=-1.0)
+
+
 def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
     """Frozen: the token embedding matrix gets no gradient, no AdamW state and does not move; the rest trains."""
     from types import SimpleNamespace
