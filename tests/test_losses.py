@@ -150,10 +150,16 @@ def test_aux_head_bias_prior_is_each_groups_log_odds(tmp_path, tiny_model):
             seen.append(pl_module.aux_head.bias.detach().clone())
 
     model = EmotionClassifier(str(tiny_model), label_names=names, head_bias="prior", aux_taxonomy="ekman")
-    L.Trainer(
+    trainer = L.Trainer(
         max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
-    ).fit(model, dm)  # fmt: skip
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    # goemo.load's path: the model rebuilt from the checkpoint's hyperparameters, every weight loaded strictly
+    from goemo.classifier import load_model
+
+    loaded, _ = load_model(trainer.checkpoint_callback.best_model_path)
+    torch.testing.assert_close(loaded.aux_head.weight, model.aux_head.weight)
     rows = synthetic_rows(96, 0)
     has = lambda k: sum(str(k) in y.split(",") for _, y in rows) / 96  # noqa: E731  (fraction of rows with label k)
     # Ekman groups: anger, disgust, fear, joy, sadness, surprise, neutral; the tiny rows' labels are one group each.
