@@ -28,6 +28,7 @@ from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_threshol
 
 Pooling = Literal["cls", "mean", "cls+mean"]
 HeadBias = Literal["zero", "prior"]
+HeadInit = Literal["random", "label_names"]
 AuxTaxonomy = Literal["ekman", "sentiment"]
 
 
@@ -167,6 +168,7 @@ class EmotionClassifier(L.LightningModule):
         label_names: Optional[list[str]] = None,
         pooling: Pooling = "cls",
         head_bias: HeadBias = "zero",
+        head_init: HeadInit = "random",
         aux_taxonomy: Optional[AuxTaxonomy] = None,
         aux_weight: float = 0.5,
         learning_rate: float = 2e-5,
@@ -199,6 +201,10 @@ class EmotionClassifier(L.LightningModule):
                 training data, so training starts from the base rates (loss ~0.15 on GoEmotions instead of log 2
                 = 0.69) and the first steps' large gradients do not flow into the encoder to push every logit
                 down. That shock made all-mpnet-base-v2 map every text to nearly the same vector (docs/results.md).
+            head_init: The head's initial weights. `random` (as Hugging Face heads: normal, std `initializer_range`);
+                `label_names`: at fit, row j points at the pooled encoding of label j's name ("grief"), less the mean
+                of all labels' encodings, at the norm a random row has; so a label's score starts as the text's
+                similarity to its name, which a sentence encoder (MiniLM, MPNet) was trained to make meaningful.
             aux_taxonomy: An auxiliary task for training: a second linear head on the same pooled states learns the
                 row's coarse groups (`ekman`: Ekman's six emotions + neutral; `sentiment`: positive, negative,
                 ambiguous, neutral; a group is on when any of its labels is), so labels of one group share a
@@ -316,6 +322,8 @@ class EmotionClassifier(L.LightningModule):
                 f"data.max_length {max_length} is more than model {self.hparams.model_name_or_path!r} "
                 f"takes ({limit} positions); use --data.max_length {limit} or less"
             )
+        if stage == "fit" and self.hparams.head_init == "label_names":
+            self._init_head_from_label_names(getattr(dm, "tokenizer", None))
         pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
         if stage != "fit" or not (pos_weight or prior):
             return
@@ -337,6 +345,21 @@ class EmotionClassifier(L.LightningModule):
                 self.head.bias.copy_(_log_odds(freq))
                 if self.aux_head is not None:
                     self.aux_head.bias.copy_(_log_odds(dm.label_frequencies(self.aux_groups.numpy())))
+
+    @torch.no_grad()
+    def _init_head_from_label_names(self, tokenizer) -> None:
+        """head_init label_names: head row j (H,) <- the pooled encoding of label j's name, centered over the labels."""
+        if tokenizer is None:
+            raise GoemoError("model.head_init label_names needs the data module's tokenizer: fit with goemo's GoEmotionsDataModule")
+        enc = tokenizer([n.replace("_", " ") for n in self.label_names], padding=True, return_tensors="pt")
+        device, mode = self.head.weight.device, self.encoder.training
+        self.encoder.eval()  # no dropout: the same rows every time
+        out = self.encoder(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+        names = self.pool(out, enc["attention_mask"].to(device)).float()  # (L, H)
+        self.encoder.train(mode)
+        names = names - names.mean(0)  # the direction every text shares would raise or lower all labels at once
+        norm = getattr(self.encoder.config, "initializer_range", 0.02) * names.shape[1] ** 0.5  # a random row's norm
+        self.head.weight.copy_(names / names.norm(dim=1, keepdim=True).clamp(min=1e-12) * norm)
 
     # -- steps -------------------------------------------------------------------------------
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -119,6 +119,32 @@ def test_aux_taxonomy_adds_a_training_only_group_loss(tiny_model):
         EmotionClassifier(str(tiny_model), aux_weight=-1.0)
 
 
+def test_head_init_label_names_points_each_row_at_its_names_encoding(tiny_model):
+    """head_init label_names: at fit setup, row j = centered pooled encoding of label j's name, at a random row's norm."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    names = ["joy", "anger", "fear_of_heights"]
+    m = EmotionClassifier(str(tiny_model), label_names=names, pooling="mean", head_init="label_names")
+    random_row = m.head.weight[0].clone()
+    m._trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tok))
+    m.setup("fit")
+    assert m.encoder.training  # left in training mode
+    m.eval()
+    with torch.no_grad():
+        e = torch.stack([m.pool(m.encoder(**tok([n], return_tensors="pt")), tok([n], return_tensors="pt")["attention_mask"])[0] for n in ("joy", "anger", "fear of heights")])
+    e = e - e.mean(0)
+    expected = e / e.norm(dim=1, keepdim=True) * 0.02 * 32**0.5  # the tiny BERT: initializer_range 0.02, hidden 32
+    torch.testing.assert_close(m.head.weight, expected)
+    assert not torch.equal(m.head.weight[0], random_row)
+    m2 = EmotionClassifier(str(tiny_model), label_names=names, head_init="label_names")
+    m2._trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(GoemoError, match="head_init label_names needs the data module's tokenizer"):
+        m2.setup("fit")
+
+
 def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
     """Frozen: the token embedding matrix gets no gradient, no AdamW state and does not move; the rest trains."""
     from types import SimpleNamespace
