@@ -312,7 +312,8 @@ class EmotionClassifier(L.LightningModule):
         return self.head(self.features(input_ids, attention_mask))
 
     def setup(self, stage: str) -> None:
-        """Checks the data's max_length against the encoder; at fit, `bce_pos_weight` reads the label frequencies."""
+        """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names
+        and `bce_pos_weight` and `head_bias prior` read the label frequencies."""
         dm = self.trainer.datamodule
         max_length = getattr(getattr(dm, "hparams", None), "max_length", None)
         limit = max_positions(self.encoder.config)
