@@ -93,6 +93,7 @@ def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
         _encoder_depths(["encoder.embeddings.word.weight", "encoder.blocks.0.attn.weight", "head.weight"])
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
 def test_aux_taxonomy_adds_a_training_only_group_loss(tiny_model):
     """aux_taxonomy ekman: the training loss adds aux_weight x BCE of a second head against each row's Ekman groups
     (checked by hand for one row); predictions, eval loss and the main head are as without it."""
