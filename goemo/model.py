@@ -345,7 +345,7 @@ class EmotionClassifier(L.LightningModule):
             with torch.no_grad():  # the best constant logit of BCE, and of bce_pos_weight (losses.WeightedBCE)
                 self.head.bias.copy_(_log_odds(freq))
                 if self.aux_head is not None:
-                    self.aux_head.bias.copy_(_log_odds(dm.label_frequencies(self.aux_groups.numpy())))
+                    self.aux_head.bias.copy_(_log_odds(dm.label_frequencies(self.aux_groups.cpu().numpy())))
 
     @torch.no_grad()
     def _init_head_from_label_names(self, tokenizer) -> None:
@@ -392,7 +392,7 @@ class EmotionClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))  # the main head's, comparable across runs
         if self.aux_head is None:
             return loss
-        groups = (batch["labels"] @ self.aux_groups).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
+        groups = (batch["labels"] @ self.aux_groups.type_as(batch["labels"])).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
         aux = F.binary_cross_entropy_with_logits(self.aux_head(features), groups)
         self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
         return loss + self.hparams.aux_weight * aux
