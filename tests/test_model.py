@@ -96,7 +96,7 @@ def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
 def test_aux_taxonomy_adds_a_training_only_group_loss(tiny_model):
     """aux_taxonomy ekman: the training loss adds aux_weight x BCE of a second head against each row's Ekman groups
-    (checked by hand for one row); predictions, eval loss and the main head are as without it."""
+    (checked by hand for two rows); predictions, eval loss and the main head are as without it."""
     import torch.nn.functional as F
 
     from goemo.taxonomy import GOEMOTIONS_LABELS as names
