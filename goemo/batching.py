@@ -183,4 +183,6 @@ class MultiLabelCollator:
         }
         if "labels" in rows[0]:
             batch["labels"] = torch.stack([r["labels"] for r in rows]).float()  # (B, L)
+        if "row" in rows[0]:
+            batch["row"] = torch.stack([r["row"] for r in rows])  # (B,) indices within the split
         return batch

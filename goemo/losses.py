@@ -80,3 +80,49 @@ def build_loss(name: Loss, num_labels: int, focal_gamma: float, focal_alpha: Opt
     if name == "focal":
         return FocalLoss(focal_gamma, focal_alpha)
     raise GoemoError(f"model.loss {name!r}: unknown; use bce, bce_pos_weight or focal")
+
+
+class SelfDistillTargets:
+    """Soft training targets from the model's own predictions of the epoch before (progressive self-knowledge
+    distillation, PS-KD: Kim et al. 2021, "Self-Knowledge Distillation with Progressive Refinement of Targets").
+
+    In epoch e a row's target is `(1 - a) * labels + a * p`, with p the probabilities (L,) the model gave that row
+    during epoch e - 1 (with dropout, before that batch's update) and `a` growing with e (the model's `self_distill`).
+    Rows without a prediction (epoch 0, or a gap) keep their labels. Two (N, L) tables of training rows: `prev` is read,
+    `next` is filled; they swap when epoch e + 1 starts, so a fit resumed mid-epoch reads and fills the same ones.
+    """
+
+    def __init__(self, num_rows: int, num_labels: int, device: torch.device | str = "cpu") -> None:
+        self.prev = torch.full((num_rows, num_labels), float("nan"), device=device)  # NaN: no prediction
+        self.next = torch.full_like(self.prev, float("nan"))
+        self.epoch = 0  # the epoch whose predictions `next` holds
+
+    def start_epoch(self, epoch: int, merge=None) -> None:
+        """Before epoch `epoch`: the last epoch's predictions become the targets' (`merge`: combine ranks' tables)."""
+        if epoch == self.epoch:  # the first epoch, or resumed within this one
+            return
+        filled = merge(self.next) if merge is not None else self.next
+        self.prev = filled if epoch == self.epoch + 1 else torch.full_like(self.next, float("nan"))
+        self.next = torch.full_like(self.next, float("nan"))
+        self.epoch = epoch
+
+    def targets(self, rows: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+        """(B,) row indices, (B, L) float labels -> (B, L) soft targets."""
+        prev = self.prev[rows.to(self.prev.device)].to(labels)
+        seen = ~prev.isnan().any(1, keepdim=True)  # (B, 1)
+        return torch.where(seen, (1 - alpha) * labels + alpha * prev.nan_to_num(), labels)
+
+    def record(self, rows: torch.Tensor, probs: torch.Tensor) -> None:
+        self.next[rows.to(self.next.device)] = probs.detach().to(self.next)
+
+    def state_dict(self) -> dict:
+        return {"prev": self.prev.cpu(), "next": self.next.cpu(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["prev"].shape) != tuple(self.prev.shape):
+            raise GoemoError(
+                f"the checkpoint's self-distillation targets are for {tuple(state['prev'].shape)} (rows, labels), "
+                f"the training data has {tuple(self.prev.shape)}; resume with the data the fit started with"
+            )
+        self.prev, self.next = state["prev"].to(self.prev), state["next"].to(self.next)
+        self.epoch = int(state["epoch"])

@@ -23,7 +23,7 @@ from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
 from goemo.errors import GoemoError
 from goemo.hub import hub_kwargs, load_error, resolve_model_path
-from goemo.losses import Loss, build_loss, pos_weight_from_frequencies
+from goemo.losses import Loss, SelfDistillTargets, build_loss, pos_weight_from_frequencies
 from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
 
 Pooling = Literal["cls", "mean", "cls+mean"]
@@ -183,6 +183,7 @@ class EmotionClassifier(L.LightningModule):
         focal_gamma: float = 2.0,
         focal_alpha: Optional[float] = None,
         pos_weight_max: float = 100.0,
+        self_distill: float = 0.0,
         freeze_embeddings: bool = False,
         checkpoint_tokens: Optional[int] = None,
         attention_dropout: Optional[float] = None,
@@ -237,6 +238,11 @@ class EmotionClassifier(L.LightningModule):
             focal_gamma: Focal loss focusing exponent; 0 (and no alpha) is plain BCE.
             focal_alpha: Focal loss weight of positives (negatives get 1 - alpha), within 0..1; unset: no weighting.
             pos_weight_max: Cap on the `bce_pos_weight` weights (GoEmotions' rarest label has neg/pos ~560).
+            self_distill: Progressive self-distillation (PS-KD, Kim et al. 2021), for `loss bce`: in epoch e (from 0)
+                of E, a training row's target is `(1 - a) * labels + a * p`, with p the probabilities the model gave
+                that row in epoch e - 1 and `a = self_distill * e / (E - 1)`; so labels the model keeps finding
+                unlikely (a noisy annotation) weigh less as training goes on. `train/loss` stays the BCE against the
+                labels; `train/distill_loss` is the one trained on. 0 (default): the labels alone.
             freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
@@ -263,6 +269,10 @@ class EmotionClassifier(L.LightningModule):
         super().__init__()
         _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
                        pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay, aux_weight)  # fmt: skip
+        if not 0.0 <= self_distill < 1.0:
+            raise GoemoError(f"model.self_distill must be within [0, 1) (0: off), got {self_distill}")
+        if self_distill and loss != "bce":
+            raise GoemoError(f"model.self_distill needs model.loss bce, got {loss!r}; set one of them back")
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -288,6 +298,7 @@ class EmotionClassifier(L.LightningModule):
         if fast_dropout:
             use_cpu_dropout(self)  # encoder and head
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
+        self.distill_targets: Optional[SelfDistillTargets] = None  # self_distill: built at fit, when the rows are known
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
@@ -312,8 +323,9 @@ class EmotionClassifier(L.LightningModule):
         return self.head(self.features(input_ids, attention_mask))
 
     def setup(self, stage: str) -> None:
-        """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names
-        and `bce_pos_weight` and `head_bias prior` read the label frequencies."""
+        """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names,
+        `self_distill` sizes its tables by the training rows and `bce_pos_weight` and `head_bias prior` read the label
+        frequencies."""
         dm = self.trainer.datamodule
         max_length = getattr(getattr(dm, "hparams", None), "max_length", None)
         limit = max_positions(self.encoder.config)
@@ -325,6 +337,14 @@ class EmotionClassifier(L.LightningModule):
             )
         if stage == "fit" and self.hparams.head_init == "label_names":
             self._init_head_from_label_names(getattr(dm, "tokenizer", None))
+        if stage == "fit" and self.hparams.self_distill:
+            train = getattr(dm, "datasets", {}).get("train")
+            if train is None:
+                raise GoemoError("model.self_distill needs the training rows: fit with goemo's GoEmotionsDataModule")
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 2:
+                raise GoemoError(f"model.self_distill needs trainer.max_epochs >= 2 (its targets come from the epoch before), got {epochs}")
+            self.distill_targets = SelfDistillTargets(len(train), len(self.label_names))  # (N, L) on the CPU
         pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
         if stage != "fit" or not (pos_weight or prior):
             return
@@ -388,14 +408,36 @@ class EmotionClassifier(L.LightningModule):
             long = batch["input_ids"].numel() > self.hparams.checkpoint_tokens
             for layer in self._checkpointed:
                 layer.gradient_checkpointing = long
-        loss, _, features = self.model_step(batch)
+        loss, logits, features = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))  # the main head's, comparable across runs
+        if self.distill_targets is not None:
+            loss = self._self_distill_loss(batch, logits)
         if self.aux_head is None:
             return loss
         groups = (batch["labels"] @ self.aux_groups.type_as(batch["labels"])).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
         aux = F.binary_cross_entropy_with_logits(self.aux_head(features), groups)
         self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
         return loss + self.hparams.aux_weight * aux
+
+    def _self_distill_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        """BCE of the logits (B, L) against the labels blended with the last epoch's probabilities of these rows."""
+        if "row" not in batch:
+            raise GoemoError("model.self_distill needs each training row's index in its batch (`row`): fit with goemo's GoEmotionsDataModule")
+        alpha = self.hparams.self_distill * self.current_epoch / (self.trainer.max_epochs - 1)
+        targets = self.distill_targets.targets(batch["row"], batch["labels"], alpha)
+        self.distill_targets.record(batch["row"], torch.sigmoid(logits))
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        self.log("train/distill_loss", loss, batch_size=len(batch["labels"]))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        if self.distill_targets is None:
+            return
+
+        def merge(table: torch.Tensor) -> torch.Tensor:  # each rank saw its own rows, NaN elsewhere: take theirs
+            return self.all_gather(table.to(self.device)).nanmean(0).cpu()  # (W, N, L) -> (N, L)
+
+        self.distill_targets.start_epoch(self.current_epoch, merge if self.trainer.world_size > 1 else None)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         loss, logits, _ = self.model_step(batch)
@@ -486,7 +528,13 @@ class EmotionClassifier(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer.zero_grad(set_to_none=True)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.distill_targets is not None:  # a resumed fit goes on with the same soft targets
+            checkpoint["self_distill"] = self.distill_targets.state_dict()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.distill_targets is not None and "self_distill" in checkpoint:
+            self.distill_targets.load_state_dict(checkpoint["self_distill"])
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
             rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")

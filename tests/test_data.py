@@ -89,7 +89,7 @@ def test_datamodule_batches_are_padded_float_multi_hot(tiny_data, tiny_model, tm
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # no token_type_ids
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "row"}  # no token_type_ids
     assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (17, 4)  # the longest rows (<= 32)
     for b in (batch, next(iter(dm.train_dataloader()))):
         assert b["input_ids"].shape == b["attention_mask"].shape
@@ -97,6 +97,9 @@ def test_datamodule_batches_are_padded_float_multi_hot(tiny_data, tiny_model, tm
     assert any(not b["attention_mask"].all() for b in dm.train_dataloader())  # some batches needed padding
     first = read_split(tiny_data / "dev.tsv", 4)["labels"][0]
     assert batch["labels"][0].tolist() == [1.0 if i in first else 0.0 for i in range(4)]
+    dev = read_split(tiny_data / "dev.tsv", 4)["labels"]  # `row`: each row's index in its split
+    assert batch["row"].dtype == torch.int64 and len(set(batch["row"].tolist())) == 17
+    assert batch["labels"].tolist() == [[1.0 if i in dev[r] else 0.0 for i in range(4)] for r in batch["row"].tolist()]
 
 
 def test_tokenized_splits_are_cached(tiny_data, tiny_model, tmp_path, monkeypatch):

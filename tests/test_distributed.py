@@ -144,3 +144,16 @@ def test_two_process_fit_trains_and_rank_zero_saves(learned_run, tiny_model, tmp
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6  # 12 batches over 2 ranks
     assert (run / "config.yaml").is_file() and not (tmp_path / "lightning_logs" / "version_1").exists()
     assert torch.isfinite(load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["head.weight"]).all()
+
+
+@pytest.mark.slow
+def test_two_process_self_distill_reads_both_ranks_predictions(learned_run, tiny_model, tmp_path):
+    """model.self_distill under DDP: each rank predicts its own rows; the next epoch's targets hold every row's."""
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
+                 "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "2",
+                 "--model.self_distill", "0.5", *ddp(), cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")["self_distill"]
+    assert state["epoch"] == 1 and state["prev"].shape[0] == 96
+    assert not state["prev"].isnan().any()  # epoch 0's predictions from both ranks
+    assert state["next"].isnan().any(1).sum() == 48  # epoch 1's, this rank's rows only (merged when epoch 2 starts)

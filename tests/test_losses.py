@@ -165,3 +165,79 @@ def test_aux_head_bias_prior_is_each_groups_log_odds(tmp_path, tiny_model):
     # Ekman groups: anger, disgust, fear, joy, sadness, surprise, neutral; the tiny rows' labels are one group each.
     f = torch.tensor([has(1), 1e-4, has(2), has(0), 1e-4, 1e-4, has(3)], dtype=torch.float32)
     torch.testing.assert_close(seen[0], torch.log(f / (1 - f)))
+
+
+def test_self_distill_targets_blend_the_last_epochs_predictions():
+    """SelfDistillTargets: rows with a prediction from the epoch before get (1 - a) y + a p, others y; the tables swap
+    when the next epoch starts, not again within it (a resumed fit), and a skipped epoch leaves no predictions."""
+    from goemo.losses import SelfDistillTargets
+
+    t = SelfDistillTargets(num_rows=3, num_labels=2)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    rows = torch.tensor([2, 0])
+    t.start_epoch(0)
+    torch.testing.assert_close(t.targets(rows, y, 0.5), y)  # nothing predicted yet
+    t.record(rows, torch.tensor([[0.2, 0.4], [0.9, 0.6]]))
+    t.start_epoch(1)
+    t.start_epoch(1)  # resumed within epoch 1: no second swap
+    torch.testing.assert_close(t.targets(torch.tensor([0, 1, 2]), torch.tensor([[0.0, 1.0]] * 3), 0.25),
+                               torch.tensor([[0.225, 0.9], [0.0, 1.0], [0.05, 0.85]]))  # row 1 was not seen: its labels
+    state = t.state_dict()
+    t2 = SelfDistillTargets(3, 2)
+    t2.load_state_dict(state)
+    assert t2.epoch == 1 and torch.equal(t2.prev.nan_to_num(-1), t.prev.nan_to_num(-1))
+    t2.start_epoch(3)  # epoch 2 was never recorded: no targets from it
+    assert t2.prev.isnan().all()
+    with pytest.raises(GoemoError, match=r"self-distillation targets are for \(3, 2\).*has \(4, 2\)"):
+        SelfDistillTargets(4, 2).load_state_dict(state)
+
+
+def test_self_distill_trains_on_soft_targets_from_the_epoch_before(tmp_path, tiny_model, tiny_data):
+    """model.self_distill in a tiny 3-epoch fit: every training row's probabilities are recorded in an epoch and read
+    back in the next; the loss trained on is BCE against (1 - a) y + a p with a = 0.6 * epoch / 2 (checked by hand on
+    a batch), `train/loss` stays the labels' BCE; the tables ride in the checkpoint, which loads as any other."""
+    import torch.nn.functional as F
+
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[f"next{trainer.current_epoch}"] = pl_module.distill_targets.next.clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:  # the batch's loss again, without dropout, against the one by hand
+                prev = pl_module.distill_targets.prev.clone()
+                pl_module.eval()
+                with torch.no_grad():
+                    logits = pl_module(batch["input_ids"], batch["attention_mask"])
+                    loss = pl_module._self_distill_loss(batch, logits)
+                pl_module.train()
+                seen[f"batch{trainer.current_epoch}"] = (batch, prev, logits, loss)
+
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    model = EmotionClassifier(str(tiny_model), label_names=["joy", "anger", "fear", "neutral"], self_distill=0.6)
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    n = len(dm.datasets["train"])
+    for e in (0, 1):  # every row predicted once per epoch, and those predictions are the next epoch's targets
+        assert seen[f"next{e}"].shape == (n, 4) and not seen[f"next{e}"].isnan().any()
+        assert torch.equal(seen[f"batch{e + 1}"][1], seen[f"next{e}"])
+    assert seen["batch0"][1].isnan().all()
+    for e, a in ((0, 0.0), (1, 0.3), (2, 0.6)):  # a = 0.6 * epoch / (3 - 1)
+        batch, prev, logits, loss = seen[f"batch{e}"]
+        target = (1 - a) * batch["labels"] + a * prev[batch["row"]] if e else batch["labels"]
+        torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, target))
+    assert "train/distill_loss" in trainer.callback_metrics and "train/loss" in trainer.callback_metrics
+    ckpt = load_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert ckpt["self_distill"]["prev"].shape == (n, 4)
+    from goemo.classifier import load_model
+
+    loaded, _ = load_model(trainer.checkpoint_callback.best_model_path)  # strict: no table among the weights
+    assert loaded.distill_targets is None
+    with pytest.raises(GoemoError, match="model.self_distill needs model.loss bce"):
+        EmotionClassifier(str(tiny_model), self_distill=0.5, loss="focal")
+    with pytest.raises(GoemoError, match=r"model.self_distill must be within \[0, 1\)"):
+        EmotionClassifier(str(tiny_model), self_distill=1.0)

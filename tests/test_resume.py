@@ -228,3 +228,26 @@ def test_last_ckpt_is_written_once_and_at_the_final_step(tiny_run, learned_run, 
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "saves.txt").read_text().split() == ["6", "6"]  # best and last, not last again at the end
     assert load_checkpoint(tmp_path / LAST)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_a_self_distilled_fit_killed_mid_epoch_resumes_to_the_same_weights(learned_run, tiny_model, tmp_path):
+    """model.self_distill: epoch 0's predictions (epoch 1's targets) ride in last.ckpt, so a fit killed in epoch 1
+    and resumed ends with the weights and validation records of one never stopped."""
+    args = [*fit_args(learned_run, tiny_model), "--model.self_distill", "0.5"]
+    whole, work = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), work.mkdir()
+    r = run_main(*args, cwd=whole, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = start([*args, *SLOW], work)
+    step = wait_for_save(proc, work / LAST, min_step=13)  # a step save in epoch 1, which reads epoch 0's predictions
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert 12 < step < 24
+    resume(work)
+    got, want = load_checkpoint(work / LAST), load_checkpoint(whole / LAST)
+    for k, v in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    assert records(work) == records(whole)
+    plain = load_checkpoint(learned_run / LAST)["state_dict"]["head.weight"]  # the same fit without self_distill
+    assert not torch.allclose(want["state_dict"]["head.weight"], plain, atol=1e-4)
