@@ -92,8 +92,8 @@ class SelfDistillTargets:
     `next` is filled; they swap when epoch e + 1 starts, so a fit resumed mid-epoch reads and fills the same ones.
     """
 
-    def __init__(self, num_rows: int, num_labels: int, device: torch.device | str = "cpu") -> None:
-        self.prev = torch.full((num_rows, num_labels), float("nan"), device=device)  # NaN: no prediction
+    def __init__(self, num_rows: int, num_labels: int) -> None:
+        self.prev = torch.full((num_rows, num_labels), float("nan"))  # on the CPU; NaN: no prediction
         self.next = torch.full_like(self.prev, float("nan"))
         self.epoch = 0  # the epoch whose predictions `next` holds
 
