@@ -73,8 +73,8 @@ class Ensemble:
         return {**data, "validation_probs": probs}
 
 
-def splits_of(member) -> dict:
-    """{"validation"/"test": {"text": [...], "targets": (N, L) 0/1}} of the data the member was trained on."""
+def splits_of(member, splits: tuple[str, ...] = ("validation", "test")) -> dict:
+    """{split: {"text": [...], "targets": (N, L) 0/1}} of the data the member was trained on, for each of `splits`."""
     from goemo.data import GoEmotionsDataModule
 
     hp = member.data_hparams
@@ -82,7 +82,7 @@ def splits_of(member) -> dict:
     dm = GoEmotionsDataModule(tokenizer_name="unused", **{k: hp[k] for k in keys if k in hp})
     raw = dm._raw_splits()
     out = {}
-    for split in ("validation", "test"):
+    for split in splits:
         out[split] = {"text": list(raw[split]["text"]), "targets": dm.targets(raw[split]["labels"]).astype(np.uint8)}
     return out
 

@@ -23,6 +23,7 @@ from goemo.dropout import use_cpu_dropout
 from goemo.hf_model import pool
 from goemo.errors import GoemoError
 from goemo.hub import hub_kwargs, load_error, resolve_model_path
+from goemo.teacher import read_teacher
 from goemo.losses import Loss, SelfDistillTargets, build_loss, pos_weight_from_frequencies
 from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
 
@@ -184,6 +185,8 @@ class EmotionClassifier(L.LightningModule):
         focal_alpha: Optional[float] = None,
         pos_weight_max: float = 100.0,
         self_distill: float = 0.0,
+        teacher: Optional[str] = None,
+        teacher_weight: float = 0.5,
         freeze_embeddings: bool = False,
         checkpoint_tokens: Optional[int] = None,
         attention_dropout: Optional[float] = None,
@@ -243,6 +246,12 @@ class EmotionClassifier(L.LightningModule):
                 that row in epoch e - 1 and `a = self_distill * e / (E - 1)`; so labels the model keeps finding
                 unlikely (a noisy annotation) weigh less as training goes on. `train/loss` stays the BCE against the
                 labels; `train/distill_loss` is the one trained on. 0 (default): the labels alone.
+            teacher: Knowledge distillation, for `loss bce`: a file of a teacher's probabilities on the training
+                split (`python -m goemo.distill TEACHER_RUN --out FILE`; a path or `pkg:MODULE/FILE`). Each training
+                row's target becomes `(1 - teacher_weight) * labels + teacher_weight * p_teacher`. Read at fit
+                only (predict, test and exports do not need it); `train/loss` stays the BCE against the labels,
+                `train/distill_loss` is the one trained on. Unset (default): the labels alone.
+            teacher_weight: The teacher's share of the targets, within 0..1.
             freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
@@ -273,6 +282,12 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.self_distill must be within [0, 1) (0: off), got {self_distill}")
         if self_distill and loss != "bce":
             raise GoemoError(f"model.self_distill needs model.loss bce, got {loss!r}; set one of them back")
+        if not 0.0 <= teacher_weight <= 1.0:
+            raise GoemoError(f"model.teacher_weight must be within 0..1, got {teacher_weight}")
+        if teacher is not None and loss != "bce":
+            raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back")
+        if teacher is not None and self_distill:
+            raise GoemoError("model.teacher and model.self_distill both set the soft targets; use one of them")
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")
@@ -299,6 +314,7 @@ class EmotionClassifier(L.LightningModule):
             use_cpu_dropout(self)  # encoder and head
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
         self.distill_targets: Optional[SelfDistillTargets] = None  # self_distill: built at fit, when the rows are known
+        self.teacher_probs: Optional[torch.Tensor] = None  # teacher: (N, L) on the CPU, read at fit; not saved
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
@@ -324,7 +340,7 @@ class EmotionClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names,
-        `self_distill` sizes its tables by the training rows and `bce_pos_weight` and `head_bias prior` read the label
+        `self_distill` sizes its tables by the training rows, `teacher` reads its table and `bce_pos_weight` and `head_bias prior` read the label
         frequencies."""
         dm = self.trainer.datamodule
         max_length = getattr(getattr(dm, "hparams", None), "max_length", None)
@@ -345,6 +361,12 @@ class EmotionClassifier(L.LightningModule):
             if epochs is None or epochs < 2:
                 raise GoemoError(f"model.self_distill needs trainer.max_epochs >= 2 (its targets come from the epoch before), got {epochs}")
             self.distill_targets = SelfDistillTargets(len(train), len(self.label_names))  # (N, L) on the CPU
+        if stage == "fit" and self.hparams.teacher is not None:
+            train = getattr(dm, "datasets", {}).get("train")
+            if train is None or "text" not in train.column_names:
+                raise GoemoError("model.teacher needs the training rows: fit with goemo's GoEmotionsDataModule")
+            texts = train.with_format(None)["text"]
+            self.teacher_probs = torch.from_numpy(read_teacher(self.hparams.teacher, self.label_names, texts))
         pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
         if stage != "fit" or not (pos_weight or prior):
             return
@@ -410,8 +432,8 @@ class EmotionClassifier(L.LightningModule):
                 layer.gradient_checkpointing = long
         loss, logits, features = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))  # the main head's, comparable across runs
-        if self.distill_targets is not None:
-            loss = self._self_distill_loss(batch, logits)
+        if self.distill_targets is not None or self.teacher_probs is not None:
+            loss = self._soft_target_loss(batch, logits)
         if self.aux_head is None:
             return loss
         groups = (batch["labels"] @ self.aux_groups.type_as(batch["labels"])).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
@@ -419,13 +441,18 @@ class EmotionClassifier(L.LightningModule):
         self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
         return loss + self.hparams.aux_weight * aux
 
-    def _self_distill_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-        """BCE of the logits (B, L) against the labels blended with the last epoch's probabilities of these rows."""
+    def _soft_target_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        """BCE of the logits (B, L) against the labels blended with the teacher's or the last epoch's probabilities."""
+        option = "model.teacher" if self.teacher_probs is not None else "model.self_distill"
         if "row" not in batch:
-            raise GoemoError("model.self_distill needs each training row's index in its batch (`row`): fit with goemo's GoEmotionsDataModule")
-        alpha = self.hparams.self_distill * self.current_epoch / (self.trainer.max_epochs - 1)
-        targets = self.distill_targets.targets(batch["row"], batch["labels"], alpha)
-        self.distill_targets.record(batch["row"], torch.sigmoid(logits))
+            raise GoemoError(f"{option} needs each training row's index in its batch (`row`): fit with goemo's GoEmotionsDataModule")
+        if self.teacher_probs is not None:
+            w = self.hparams.teacher_weight
+            targets = (1 - w) * batch["labels"] + w * self.teacher_probs[batch["row"].cpu()].to(batch["labels"])
+        else:
+            alpha = self.hparams.self_distill * self.current_epoch / (self.trainer.max_epochs - 1)
+            targets = self.distill_targets.targets(batch["row"], batch["labels"], alpha)
+            self.distill_targets.record(batch["row"], torch.sigmoid(logits))
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         self.log("train/distill_loss", loss, batch_size=len(batch["labels"]))
         return loss

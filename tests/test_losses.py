@@ -210,7 +210,7 @@ def test_self_distill_trains_on_soft_targets_from_the_epoch_before(tmp_path, tin
                 pl_module.eval()
                 with torch.no_grad():
                     logits = pl_module(batch["input_ids"], batch["attention_mask"])
-                    loss = pl_module._self_distill_loss(batch, logits)
+                    loss = pl_module._soft_target_loss(batch, logits)
                 pl_module.train()
                 seen[f"batch{trainer.current_epoch}"] = (batch, prev, logits, loss)
 

@@ -1,0 +1,58 @@
+"""`python -m goemo.distill RUN [RUN ...] --out teacher.npz`: a teacher's probabilities on the training split.
+
+Knowledge distillation (Hinton et al. 2015): a student trains on targets blended from the labels and a teacher's
+probabilities, `(1 - w) * labels + w * p_teacher` (`--model.teacher teacher.npz --model.teacher_weight w`). The
+teacher is one trained run or several (their mean probability, as `goemo.ensemble`), e.g. all-mpnet-base-v2 for a
+MiniLM-L6 student. Its probabilities are computed once, here, into a teacher file (`goemo.teacher`), so each student
+fit only reads an (N, L) table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from goemo.errors import GoemoError
+from goemo.teacher import write_teacher
+
+
+def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
+    """The teachers' mean probabilities on the training split of the first run's data.
+
+    Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [model names]}.
+    """
+    from goemo.ensemble import Ensemble, splits_of
+    from goemo.onnx_backend import load_backend
+
+    members = [load_backend(r, "cpu", batch_size) for r in runs]
+    ens = Ensemble(members)  # checks that the label sets agree
+    texts = splits_of(members[0], ("train",))["train"]["text"]
+    probs = ens.predict_proba(texts)  # (N, L)
+    names = [str(m.model.hparams.model_name_or_path) for m in members]
+    return {"probs": probs, "labels": ens.label_names, "texts": texts, "teachers": names}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m goemo.distill", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="teacher run folders (their best checkpoints) or .ckpt files")
+    parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    args = parser.parse_args(argv)
+    try:
+        from goemo.files import check_output_file
+
+        check_output_file(args.out, "--out")  # before any model is loaded
+        t = teacher_probs(args.runs, args.batch_size)
+        write_teacher(args.out, t["probs"], t["labels"], t["texts"], t["teachers"])
+    except GoemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    p = t["probs"]
+    print(f"{args.out}: {p.shape[0]} training rows x {p.shape[1]} labels from {len(args.runs)} teacher run(s); "
+          f"mean probability {p.mean():.4f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Knowledge distillation: `python -m goemo.distill` writes a teacher's training-split probabilities; a student fit
+with `model.teacher` trains on `(1 - w) * labels + w * p_teacher`."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from goemo import distill, ensemble, teacher as teacher_file
+from goemo.data import GoEmotionsDataModule
+from goemo.errors import GoemoError
+from goemo.model import EmotionClassifier
+
+LABELS = ["joy", "anger", "fear", "neutral"]  # write_tiny_data's labels
+
+
+def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
+    texts, labels = ["a", "b", "c"], ["x", "y"]
+    probs = np.array([[0.1, 0.9], [0.25, 0.5], [0.0, 1.0]], dtype=np.float32)
+    path = tmp_path / "t.npz"
+    teacher_file.write_teacher(path, probs, labels, texts, ["m"])
+    np.testing.assert_allclose(teacher_file.read_teacher(str(path), labels, texts), probs, atol=1e-3)  # float16
+    with pytest.raises(GoemoError, match="has 2 labels \\(x, y, \\.\\.\\.\\), the data 2 \\(y, x"):
+        teacher_file.read_teacher(str(path), ["y", "x"], texts)
+    with pytest.raises(GoemoError, match="written for another training split \\(3 rows, this one 3\\)"):
+        teacher_file.read_teacher(str(path), labels, ["a", "c", "b"])  # same rows, another order
+    with pytest.raises(GoemoError, match="another training split \\(3 rows, this one 2\\)"):
+        teacher_file.read_teacher(str(path), labels, texts[:2])
+    with pytest.raises(GoemoError, match="no such file; write one with `python -m goemo.distill"):
+        teacher_file.read_teacher(str(tmp_path / "none.npz"), labels, texts)
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(GoemoError, match="not a goemo teacher file"):
+        teacher_file.read_teacher(str(tmp_path / "bad.npz"), labels, texts)
+    with pytest.raises(GoemoError, match="do not fit 2 texts x 2 labels"):
+        teacher_file.write_teacher(tmp_path / "u.npz", probs, labels, texts[:2], ["m"])
+    teacher_file.write_teacher(tmp_path / "nan.npz", np.full((3, 2), np.nan, np.float32), labels, texts, ["m"])
+    with pytest.raises(GoemoError, match="probabilities outside 0..1"):
+        teacher_file.read_teacher(str(tmp_path / "nan.npz"), labels, texts)
+    assert teacher_file.texts_digest(["ab", "c"]) != teacher_file.texts_digest(["a", "bc"])  # rows are delimited
+
+
+def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_run, learned_run, tmp_path, capsys):
+    from goemo import load
+
+    runs = [str(tiny_run / "lightning_logs/version_0"), str(learned_run / "lightning_logs/version_0")]
+    out = tmp_path / "teacher.npz"
+    distill.main([*runs, "--out", str(out)])
+    assert "training rows x 4 labels from 2 teacher run(s)" in capsys.readouterr().out
+    texts = ensemble.splits_of(load(runs[0]), ("train",))["train"]["text"]
+    mean = np.mean([load(r).predict_proba(texts) for r in runs], axis=0)  # (N, 4)
+    table = teacher_file.read_teacher(str(out), LABELS, texts)
+    np.testing.assert_allclose(table, mean, atol=1e-3)
+    assert table.std(0).max() > 0.01  # the teachers' outputs, not a constant
+    with np.load(out) as z:
+        assert [str(t) for t in z["teachers"]] == [str(load(r).model.hparams.model_name_or_path) for r in runs]
+    with pytest.raises(SystemExit) as e:  # a folder for --out: one line, before any model is loaded
+        distill.main([runs[0], "--out", str(tmp_path)])
+    assert e.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_model, tiny_data):
+    """model.teacher in a tiny fit: the loss trained on is BCE against (1 - w) y + w p_teacher[row] (a batch checked by
+    hand), `train/loss` stays the labels' BCE, and the checkpoint loads and tests without the teacher file."""
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                pl_module.eval()
+                with torch.no_grad():
+                    logits = pl_module(batch["input_ids"], batch["attention_mask"])
+                    seen["check"] = (batch, logits, pl_module._soft_target_loss(batch, logits))
+                pl_module.train()
+
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    texts = dm.datasets["train"].with_format(None)["text"]
+    teacher = np.random.default_rng(0).uniform(size=(len(texts), 4)).astype(np.float32)
+    teacher_file.write_teacher(tmp_path / "t.npz", teacher, LABELS, texts, ["m"])
+    model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"), teacher_weight=0.7)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    batch, logits, loss = seen["check"]
+    p = torch.from_numpy(teacher.astype(np.float16).astype(np.float32))[batch["row"]]  # as stored
+    target = 0.3 * batch["labels"] + 0.7 * p
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, target))
+    assert not torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, batch["labels"]))
+    assert "train/distill_loss" in trainer.callback_metrics and "train/loss" in trainer.callback_metrics
+    from goemo.classifier import load_model
+
+    (tmp_path / "t.npz").unlink()  # a trained student needs no teacher to load, test or predict
+    loaded, _ = load_model(trainer.checkpoint_callback.best_model_path)
+    assert loaded.teacher_probs is None
+    trainer.test(loaded, dm, verbose=False)
+
+
+def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_path, tiny_model, tiny_data):
+    teacher_file.write_teacher(tmp_path / "t.npz", np.zeros((2, 4), np.float32), LABELS, ["a", "b"], ["m"])
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(GoemoError, match="was written for another training split \\(2 rows"):
+        trainer.fit(model, dm)
+    with pytest.raises(GoemoError, match="model.teacher needs model.loss bce"):
+        EmotionClassifier(str(tiny_model), teacher="t.npz", loss="focal")
+    with pytest.raises(GoemoError, match="model.teacher and model.self_distill both"):
+        EmotionClassifier(str(tiny_model), teacher="t.npz", self_distill=0.5)
+    with pytest.raises(GoemoError, match="model.teacher_weight must be within 0..1"):
+        EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_weight=1.5)
