@@ -56,10 +56,10 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
         raise GoemoError(f"model.teacher {name!r}: format {fmt}, this goemo reads {FORMAT}; write it again with `python -m goemo.distill`")
     if saved != list(labels):
         raise GoemoError(f"model.teacher {name!r} has {len(saved)} labels ({', '.join(saved[:3])}, ...), the data "
-                         f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher trained on the same labels")  # fmt: skip
+                         f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher of the same labels, or --model.teacher null")  # fmt: skip
     if probs.shape[0] != len(texts) or digest != texts_digest(texts):
         raise GoemoError(f"model.teacher {name!r} was written for another training split ({probs.shape[0]} rows, this "
-                         f"one {len(texts)}); write it again from the student's data")  # fmt: skip
+                         f"one {len(texts)}); write one from the student's data, or --model.teacher null")  # fmt: skip
     if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
         raise GoemoError(f"model.teacher {name!r}: probabilities outside 0..1; write it again")
     return probs.astype(np.float32)
