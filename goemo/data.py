@@ -311,7 +311,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
             new_fingerprint=key,
             desc=f"tokenizing {split}",
         )
-        # Each row's index within its split travels with it (`row`): model.self_distill keeps a table over the rows.
+        # Each row's index within its split travels with it (`row`): model.self_distill and model.teacher keep tables
+        # over the rows.
         out = out.add_column("row", np.arange(len(out)))
         return out.with_format("torch", columns=["input_ids", "attention_mask", "labels", "row"])
 

@@ -340,8 +340,8 @@ class EmotionClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names,
-        `self_distill` sizes its tables by the training rows, `teacher` reads its table and `bce_pos_weight` and `head_bias prior` read the label
-        frequencies."""
+        `self_distill` sizes its tables by the training rows, `teacher` reads its table, and `bce_pos_weight` and
+        `head_bias prior` read the label frequencies."""
         dm = self.trainer.datamodule
         max_length = getattr(getattr(dm, "hparams", None), "max_length", None)
         limit = max_positions(self.encoder.config)
