@@ -354,18 +354,13 @@ class EmotionClassifier(L.LightningModule):
         if stage == "fit" and self.hparams.head_init == "label_names":
             self._init_head_from_label_names(getattr(dm, "tokenizer", None))
         if stage == "fit" and self.hparams.self_distill:
-            train = getattr(dm, "datasets", {}).get("train")
-            if train is None:
-                raise GoemoError("model.self_distill needs the training rows: fit with goemo's GoEmotionsDataModule")
+            train = self._training_rows(dm, "model.self_distill")
             epochs = self.trainer.max_epochs
             if epochs is None or epochs < 2:
                 raise GoemoError(f"model.self_distill needs trainer.max_epochs >= 2 (its targets come from the epoch before), got {epochs}")
             self.distill_targets = SelfDistillTargets(len(train), len(self.label_names))  # (N, L) on the CPU
         if stage == "fit" and self.hparams.teacher is not None:
-            train = getattr(dm, "datasets", {}).get("train")
-            if train is None or "text" not in train.column_names:
-                raise GoemoError("model.teacher needs the training rows: fit with goemo's GoEmotionsDataModule")
-            texts = train.with_format(None)["text"]
+            texts = self._training_rows(dm, "model.teacher").with_format(None)["text"]
             self.teacher_probs = torch.from_numpy(read_teacher(self.hparams.teacher, self.label_names, texts))
         pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
         if stage != "fit" or not (pos_weight or prior):
@@ -388,6 +383,14 @@ class EmotionClassifier(L.LightningModule):
                 self.head.bias.copy_(_log_odds(freq))
                 if self.aux_head is not None:
                     self.aux_head.bias.copy_(_log_odds(dm.label_frequencies(self.aux_groups.cpu().numpy())))
+
+    @staticmethod
+    def _training_rows(dm, option: str):
+        """The data module's tokenized training split (a datasets.Dataset with `text` and `row`), for `option`."""
+        train = getattr(dm, "datasets", {}).get("train")
+        if train is None or "text" not in train.column_names:
+            raise GoemoError(f"{option} needs the training rows: fit with goemo's GoEmotionsDataModule")
+        return train
 
     @torch.no_grad()
     def _init_head_from_label_names(self, tokenizer) -> None:
