@@ -36,6 +36,7 @@ def test_base_is_the_seed_recipe(capsys):
     assert m["pooling"] == "cls" and m["head_learning_rate"] is None
     assert (d["train_batch_size"], d["eval_batch_size"], t["max_epochs"]) == (16, 32, 10)
     assert t["check_val_every_n_epoch"] == 1 and t["precision"] == "16-mixed"
+    assert t["gradient_clip_val"] == 1.0 and t["gradient_clip_algorithm"] in (None, "norm")  # the Trainer's max_grad_norm
     assert cfg["checkpoint"]["mode"] == "max" and cfg["seed_everything"] == 42
 
 
@@ -55,6 +56,7 @@ def test_mpnet_names_the_hub_id_and_starts_the_head_at_the_base_rates(capsys):
     m = cfg["model"]
     assert m["model_name_or_path"] == "sentence-transformers/all-mpnet-base-v2"  # resolved offline from the HF cache
     assert (m["pooling"], m["head_bias"], m["checkpoint_tokens"]) == ("mean", "prior", None)
+    assert cfg["trainer"]["gradient_clip_val"] == 1.0  # an unclipped fit collapsed (docs/results.md)
 
 
 def test_command_line_overrides_config(capsys):
