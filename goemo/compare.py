@@ -162,7 +162,8 @@ def to_csv(header: list[str], body: list[list[str]]) -> str:
 
 def expand(paths: list[Path]) -> list[Path]:
     """Run folders as given; a sweep's folder (summary.json) stands for its trials' runs; another folder that is
-    not a run stands for the runs (version_*) inside it."""
+    not a run stands for the runs (version_*) inside it. A run named twice (`lightning_logs lightning_logs/version_0`)
+    counts once: two rows of one run would make a seed group of it."""
     runs = []
     for p in paths:
         if (p / "config.yaml").is_file():
@@ -174,7 +175,8 @@ def expand(paths: list[Path]) -> list[Path]:
             runs += sorted((q.parent for q in p.rglob("config.yaml")), key=str)
         else:
             raise GoemoError(f"{p}: no such run folder")
-    return runs
+    seen: set[Path] = set()
+    return [r for r in runs if not (r.resolve() in seen or seen.add(r.resolve()))]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -186,6 +188,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV here")
     args = parser.parse_args(argv)
     try:
+        from goemo.files import check_output_file
+
+        for flag, path, example in (("--md", args.md, "results.md"), ("--csv", args.csv, "results.csv")):
+            if path is not None:
+                check_output_file(path, flag, example)  # before the runs are read
         header, body = table(expand(args.runs))
     except GoemoError as e:
         print(f"error: {e}", file=sys.stderr)

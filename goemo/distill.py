@@ -23,9 +23,10 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
 
     Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [model names]}.
     """
-    from goemo.ensemble import Ensemble, splits_of
+    from goemo.ensemble import Ensemble, check_distinct, splits_of
     from goemo.onnx_backend import load_backend
 
+    check_distinct(runs)
     members = [load_backend(r, "cpu", batch_size) for r in runs]
     ens = Ensemble(members)  # checks that the label sets agree
     texts = splits_of(members[0], ("train",))["train"]["text"]
@@ -43,7 +44,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         from goemo.files import check_output_file
 
-        check_output_file(args.out, "--out")  # before any model is loaded
+        check_output_file(args.out, "--out", "teacher.npz")  # before any model is loaded
         t = teacher_probs(args.runs, args.batch_size)
         write_teacher(args.out, t["probs"], t["labels"], t["texts"], t["teachers"])
     except GoemoError as e:

@@ -95,7 +95,20 @@ def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size:
         return Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
     if len(runs) < 2:
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
+    check_distinct(runs)
     return Ensemble([load_backend(r, device, batch_size, backend=backend) for r in runs])
+
+
+def check_distinct(runs: list) -> None:
+    """Raise a one-line GoemoError if two of `runs` name the same checkpoint: it would count twice in the mean."""
+    from goemo.runs import resolve_checkpoint
+
+    seen: dict[Path, str] = {}
+    for r in runs:
+        path = resolve_checkpoint(str(r))[0].resolve()
+        if path in seen:
+            raise GoemoError(f"{r} and {seen[path]} are the same checkpoint ({path}); give each member once")
+        seen[path] = str(r)
 
 
 def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples: Optional[int] = None) -> dict:
@@ -104,6 +117,8 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     from goemo.files import check_writable, write_text
 
     out = Path(out)
+    if resamples < 1:
+        raise GoemoError(f"--resamples must be at least 1 (bootstrap resamples for the intervals), got {resamples}")
     check_writable(out, "--out")  # before any model is loaded
     ens = load_ensemble(runs)
     data = ens.tune(threshold_resamples)

@@ -86,11 +86,12 @@ def check_writable(folder: Path, what: str) -> None:
         raise GoemoError(f"{what} {folder}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
 
 
-def check_output_file(path: Path, what: str) -> None:
-    """Raise a one-line GoemoError unless `path` can be written as a file (not a folder; its folder writable)."""
+def check_output_file(path: Path, what: str, example: str = "predictions.jsonl") -> None:
+    """Raise a one-line GoemoError unless `path` can be written as a file (not a folder; its folder writable);
+    `example` is the file name the error suggests inside a folder given instead."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise GoemoError(f"{what} {path}: is a folder; give a file name (e.g. {path / 'predictions.jsonl'})")
+        raise GoemoError(f"{what} {path}: is a folder; give a file name (e.g. {path / example})")
     check_writable(path.parent, f"{what} {path}: its folder")
 
 

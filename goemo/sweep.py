@@ -52,10 +52,20 @@ MAIN = Path(__file__).resolve().parent.parent / "main.py"
 
 
 # -- the space file --------------------------------------------------------------------------------------------
+class SpaceLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; a space file's numbers are read as YAML 1.2 and
+    the CLI's config parser read them, so `{float: [1e-5, 1e-4]}` is a range of floats."""
+
+
+SpaceLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: yaml.safe_load is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+)
+
+
 def read_space(path: Path) -> dict[str, dict]:
     """{key: {"kind": float|int|categorical|grid, ...}} from a space file, each entry checked; GoemoError else."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=SpaceLoader)
     except (OSError, yaml.YAMLError) as e:
         raise GoemoError(f"{path}: cannot read the space file ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not raw:

@@ -35,10 +35,23 @@ data.train_batch_size: {categorical: [16, 32, 64]}
     assert space["data.train_batch_size"] == {"kind": "categorical", "values": [16, 32, 64]}
 
 
+def test_space_numbers_read_as_yaml_1_2_reads_them(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-5 as a string; the space file, like the CLI's configs, takes it as a float
+    space = sweep.read_space(space_file(tmp_path, """
+model.learning_rate: {float: [1e-5, 3E-4], log: true}
+model.head_learning_rate: {categorical: [1e-3, 2.0e-3, +5e-3]}
+model.loss: {grid: [bce, 1e5x]}
+"""))
+    assert space["model.learning_rate"] == {"kind": "float", "low": 1e-5, "high": 3e-4, "log": True, "step": None}
+    assert space["model.head_learning_rate"]["values"] == [1e-3, 2e-3, 5e-3]
+    assert space["model.loss"]["values"] == ["bce", "1e5x"]  # not a number: stays a string
+    assert yaml.safe_load("x: 1e-5") == {"x": "1e-5"}  # PyYAML's own loader is left as it was
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("model.learning_rate: {float: [1.0e-3, 1.0e-4]}", "model.learning_rate: empty or inverted range"),
+        ("model.learning_rate: {float: [1e-3, 1e-4]}", "model.learning_rate: empty or inverted range"),
         ("model.learning_rate: {float: [1.0e-3, 1.0e-3]}", "model.learning_rate: empty or inverted range"),
         ("model.learning_rate: {float: [0, 1.0e-3], log: true}", "model.learning_rate: a log range must be above 0"),
         ("trainer.max_epochs: {int: [1, 2.5]}", "trainer.max_epochs: int bounds must be integers"),
@@ -212,6 +225,20 @@ def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path / "nope")])
     assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit):  # a folder where a file goes: one line, before any run is read
+        compare.main([str(tmp_path / "nope"), "--csv", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err == f"error: --csv {tmp_path}: is a folder; give a file name (e.g. {tmp_path / 'results.csv'})\n"
+
+
+def test_compare_counts_a_run_named_twice_once(tmp_path):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+    a = fake_run(tmp_path / "runs" / "version_0", 1e-4, 42, val, t)
+    b = fake_run(tmp_path / "runs" / "version_1", 1e-4, 1, val, t)
+    assert compare.expand([a, tmp_path / "runs", a]) == [a, b]
+    header, body = compare.table(compare.expand([a, tmp_path / "runs" / "version_0" / "."]))
+    assert len(body) == 1 and body[0][header.index("n")] == "1"  # not a seed group of one run
 
 
 # -- ensembles ------------------------------------------------------------------------------------------------------
@@ -245,6 +272,22 @@ def test_ensemble_averages_and_tunes_on_the_averaged_validation(monkeypatch):
     ens.tune(resamples=5)  # averaged over bootstrap resamples of the averaged validation rows
     np.testing.assert_array_equal(ens.thresholds, tune_thresholds(avg, targets, resamples=5).numpy())
     assert ens.resamples == 5 and not np.allclose(ens.thresholds, [0.38, 0.13])
+
+
+def test_ensemble_refuses_a_member_named_twice_and_bad_resamples(tmp_path):
+    from goemo import distill, load
+
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    test = {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")}
+    run = fake_run(tmp_path / "version_0", 1e-4, 42, val, test)
+    twice = [str(run), f"{run}/"]
+    with pytest.raises(GoemoError, match=r"are the same checkpoint \(.*\.ckpt\); give each member once"):
+        load(twice)
+    with pytest.raises(GoemoError, match="same checkpoint"):
+        distill.teacher_probs(twice)
+    with pytest.raises(GoemoError, match="--resamples must be at least 1"):
+        ensemble.build([str(run), str(run)], tmp_path / "ens", resamples=0)
+    assert not (tmp_path / "ens").exists()  # refused before any folder is made
 
 
 def test_ensemble_refuses_members_with_other_labels():
