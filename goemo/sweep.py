@@ -317,7 +317,7 @@ def run_sweep(a: argparse.Namespace) -> dict:
     pruner = make_pruner(a.prune)
     study = optuna.create_study(study_name=a.study, storage=storage, sampler=sampler, pruner=pruner,
                                 direction=a.direction, load_if_exists=True)  # fmt: skip
-    study.set_user_attr("metric", a.metric)
+    check_recipe(study, a, space)
 
     def objective(trial) -> float:
         return run_trial(trial, a, space, url)
@@ -343,6 +343,29 @@ def run_sweep(a: argparse.Namespace) -> dict:
         if len(failed()) > a.max_failures:
             raise GoemoError(f"{len(failed())} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
     return summarize(study, a)
+
+
+def check_recipe(study, a: argparse.Namespace, space: dict) -> None:
+    """Record what the study searches (objective, space, config, fit flags) when it is new; refuse to add trials of
+    another recipe to it: the same --study (or space file name, or `seeds`) would mix two searches in one summary."""
+    import hashlib
+
+    config = hashlib.sha256(Path(a.config).read_bytes()).hexdigest() if a.config else None
+    recipe = {"metric": a.metric, "direction": a.direction, "space": space, "config": config, "fit_args": a.fit_args}
+    recipe = json.loads(json.dumps(recipe))  # as the database gives it back
+    saved = study.user_attrs.get("recipe")
+    if saved is None:
+        study.set_user_attr("recipe", recipe)
+        study.set_user_attr("metric", a.metric)
+        return
+    names = {"metric": "--metric", "direction": "--direction", "space": "--space/--seeds",
+             "config": "--config's contents", "fit_args": "the flags after --"}  # fmt: skip
+    diff = [names[k] for k in recipe if saved.get(k) != recipe[k]]
+    if diff:
+        verb = "differ" if len(diff) > 1 else "differs"
+        raise GoemoError(f"study {a.study!r} in {a.storage or 'lightning_logs/sweeps.db'} searches another recipe "
+                         f"(its {', '.join(diff)} {verb}); give this search its own --study NAME, or repeat the "
+                         "study's own command")  # fmt: skip
 
 
 def summarize(study, a: argparse.Namespace) -> dict:
@@ -409,11 +432,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     fit_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     a.fit_args = fit_args
-    if a.seeds:
+    if a.seeds is not None:
         try:
-            a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         except ValueError:
-            raise GoemoError(f"--seeds {a.seeds!r}: give integers separated by commas, e.g. 42,1,7") from None
+            seeds = []
+        if not seeds or len(set(seeds)) < len(seeds):
+            raise GoemoError(f"--seeds {a.seeds!r}: give different integers separated by commas, e.g. 42,1,7")
+        a.seeds = seeds
     if a.trials is not None and a.trials < 1:
         raise GoemoError(f"--trials must be at least 1, got {a.trials}")
     a.study = a.study or (a.space.stem if a.space else "seeds")

@@ -66,6 +66,37 @@ def test_bad_space_files_are_one_line_errors_naming_the_key(tmp_path, text, mess
         sweep.read_space(space_file(tmp_path, text))
 
 
+def test_a_study_refuses_trials_of_another_recipe(tmp_path):
+    import argparse
+
+    import optuna
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  learning_rate: 1.0e-4\n")
+    space = sweep.read_space(space_file(tmp_path, "model.learning_rate: {float: [1e-5, 1e-4]}"))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    a = argparse.Namespace(metric="val/f1_macro", direction="maximize", config=config, fit_args=["--x", "1"],
+                           study="s", storage=None)  # fmt: skip
+    sweep.check_recipe(study, a, space)  # a new study records its recipe
+    sweep.check_recipe(optuna.load_study(study_name="s", storage=url), a, space)  # the same recipe goes on
+    other = {"metric": "val/f1_micro", "fit_args": ["--x", "2"], "config": tmp_path / "c2.yaml"}
+    (tmp_path / "c2.yaml").write_text("model:\n  learning_rate: 2.0e-4\n")
+    refused = r"study 's' in lightning_logs/sweeps.db searches another recipe \(its .* differs\)"
+    for key, value in other.items():
+        with pytest.raises(GoemoError, match=refused):
+            sweep.check_recipe(study, argparse.Namespace(**{**vars(a), key: value}), space)
+    with pytest.raises(GoemoError, match=r"\(its --space/--seeds differs\)"):
+        sweep.check_recipe(study, a, {**space, "seed_everything": {"kind": "grid", "values": [1, 2]}})
+
+
+@pytest.mark.parametrize("seeds", ["", "1,x", "1,1", ","])
+def test_seeds_must_be_different_integers(seeds):
+    with pytest.raises(GoemoError, match="give different integers separated by commas"):
+        sweep.parse_args(["--seeds", seeds])
+    assert sweep.parse_args(["--seeds", "42, 1,7"]).seeds == [42, 1, 7]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "text,message",
