@@ -27,6 +27,7 @@ from goemo.errors import GoemoError
 
 # Keys that name where things are, not what the run did.
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
+SWEEP_REPORT = "goemo.sweep.OptunaReport"
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),
@@ -49,7 +50,12 @@ def run_config(run: Path) -> dict[str, Any]:
     path = run / "config.yaml"
     if not path.is_file():
         raise GoemoError(f"{run}: not a run folder (no config.yaml)")
-    flat = flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    callbacks = (config.get("trainer") or {}).get("callbacks")
+    if isinstance(callbacks, list):  # a sweep trial's report to its study (trial number, database) is not a setting
+        keep = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") == SWEEP_REPORT)]
+        config["trainer"]["callbacks"] = keep
+    flat = flatten(config)
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
 
 

@@ -262,6 +262,25 @@ def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
     assert err == f"error: --csv {tmp_path}: is a folder; give a file name (e.g. {tmp_path / 'results.csv'})\n"
 
 
+def test_compare_groups_a_seed_sweeps_trials(tmp_path):
+    # goemo.sweep --seeds: each trial's config names its own trial in the study's report callback
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+    runs = [fake_run(tmp_path / f"version_{i}", 1e-4, seed, val, t) for i, seed in enumerate((42, 1))]
+    for i, run in enumerate(runs):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        report = {"class_path": "goemo.sweep.OptunaReport", "init_args": {"trial": i}}
+        config["trainer"]["callbacks"] = [{"class_path": "goemo.reliability.Interrupts"}, report]
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    header, body = compare.table(runs)
+    assert header[1] == "seed" and len(body) == 1 and body[0][1:3] == ["42, 1", "2"]
+    config = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    config["trainer"]["callbacks"][0] = {"class_path": "goemo.reliability.StopOnNonFiniteLoss"}  # a real difference
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump(config))
+    header, body = compare.table(runs)
+    assert header[1] == "trainer.callbacks" and len(body) == 2 and "OptunaReport" not in body[0][1]
+
+
 def test_compare_counts_a_run_named_twice_once(tmp_path):
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
