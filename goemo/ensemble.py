@@ -21,8 +21,7 @@ from goemo.errors import GoemoError
 from goemo.classifier import as_texts
 from goemo.onnx_backend import load_backend
 from goemo.predict import to_records
-
-ENSEMBLE_FILE = "ensemble.json"
+from goemo.runs import ENSEMBLE_FILE
 
 
 class Ensemble:
@@ -91,7 +90,11 @@ def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size:
     """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds)."""
     if isinstance(runs, (str, Path)):
         spec = json.loads((Path(runs) / ENSEMBLE_FILE).read_text(encoding="utf-8"))
-        members = [load_backend(m, device, batch_size, backend=backend) for m in spec["members"]]
+        members = []
+        for m in spec["members"]:
+            if not Path(m).exists():
+                raise GoemoError(f"ensemble {runs}: its member {m} is gone; restore it, or build the ensemble again")
+            members.append(load_backend(m, device, batch_size, backend=backend))
         return Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
     if len(runs) < 2:
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")

@@ -20,6 +20,7 @@ from goemo.errors import GoemoError
 
 RUNS_DIR = Path("lightning_logs")
 ALIASES = ("best", "last")
+ENSEMBLE_FILE = "ensemble.json"  # what marks a folder `python -m goemo.ensemble` wrote
 
 
 def _version(run: Path) -> int:
@@ -92,6 +93,9 @@ def last_checkpoint(run: Path) -> Path:
     if (ckpts / "last.ckpt").is_file():
         return ckpts / "last.ckpt"
     files = sorted(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not files and (run / ENSEMBLE_FILE).is_file():
+        raise GoemoError(f"{run}: an ensemble's folder, not a run: its test report is {run / 'test_report.md'}, "
+                         f"and goemo.load({str(run)!r}) predicts with it")  # fmt: skip
     if not files:
         raise GoemoError(f"{ckpts}: no checkpoint files")
     return files[-1]

@@ -340,6 +340,19 @@ def test_ensemble_refuses_a_member_named_twice_and_bad_resamples(tmp_path):
     assert not (tmp_path / "ens").exists()  # refused before any folder is made
 
 
+def test_an_ensembles_folder_is_named_for_what_it_is(tmp_path):
+    from goemo import load
+    from goemo.runs import resolve_checkpoint
+
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(json.dumps({"members": [str(tmp_path / "gone")], "thresholds": [0.5]}))
+    with pytest.raises(GoemoError, match=f"ensemble {ens}: its member {tmp_path / 'gone'} is gone; restore it"):
+        load(ens)
+    with pytest.raises(GoemoError, match=f"{ens}: an ensemble's folder, not a run: its test report is .*report.md"):
+        resolve_checkpoint(str(ens))  # what test/predict --ckpt_path ens runs into
+
+
 def test_ensemble_refuses_members_with_other_labels():
     with pytest.raises(GoemoError, match="ensemble members have different labels"):
         ensemble.Ensemble([FakeMember(np.zeros((1, 2))), FakeMember(np.zeros((1, 2)), names=("a", "c"))])
