@@ -326,6 +326,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except SIGTERMException:
         # Lightning re-raises it (a SystemExit without a status) after `Interrupts` saved and said how to resume.
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (parsing, loading, tokenizing), which handle theirs
+        print("error: interrupted by Ctrl-C", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (GoemoError, ArgumentError, MisconfigurationException) as e:
         if os.environ.get("GOEMO_DEBUG"):
             raise

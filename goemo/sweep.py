@@ -39,6 +39,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,7 +110,7 @@ def config_keys(config: Optional[Path], extra: list[str]) -> dict[str, Any]:
     from goemo.compare import flatten
 
     args = [sys.executable, str(MAIN), "fit", *(["--config", str(config)] if config else []), *extra, "--print_config"]
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
     if r.returncode != 0:
         raise GoemoError((r.stderr.strip().splitlines() or ["main.py fit --print_config failed"])[-1].removeprefix("error: "))
     return flatten(yaml.safe_load(r.stdout))
@@ -240,10 +241,23 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
              "--trainer.callbacks.metric", a.metric, "--trainer.callbacks.prune", str(a.prune).lower()]  # fmt: skip
     log = a.sweep_dir / f"trial_{trial.number}.log"
     with log.open("w") as f:
-        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
+        try:
+            returncode = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one)
+            # SIGTERM: a fit the signal did not reach stops at its batch's end and saves, as after Ctrl-C
+            proc.terminate()
+            proc.wait()
+            run = trial.study.trials[trial.number].user_attrs.get("run")
+            if run:
+                trial.set_user_attr("run", run)
+            # failed without an "error": the trial's point is not done (a grid runs it again next time)
+            trial.set_user_attr("interrupted", True)
+            a.interrupted = trial.number
+            return float("nan")
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    if r.returncode != 0:
-        return failed_trial(trial, failure_reason(lines, r.returncode))
+    if returncode != 0:
+        return failed_trial(trial, failure_reason(lines, returncode))
     # The worker's own study (not a new load_study: each would open its own connection pool, which stays open
     # until garbage collection; over many trials they fill PostgreSQL's max_connections). Optuna's cached storage
     # reads unfinished trials afresh, so this sees what the fit's OptunaReport wrote.
@@ -340,6 +354,9 @@ def run_sweep(a: argparse.Namespace) -> dict:
                 optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(objective, n_trials=1, callbacks=[enough])
+        if a.interrupted is not None:
+            raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {a.sweep_dir}/trial_{a.interrupted}.log); "
+                              "the same command goes on with the study")  # fmt: skip
         if len(failed()) > a.max_failures:
             raise GoemoError(f"{len(failed())} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
     return summarize(study, a)
@@ -432,6 +449,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     fit_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     a.fit_args = fit_args
+    a.interrupted = None  # the number of a trial stopped by Ctrl-C or SIGTERM
     if a.seeds is not None:
         try:
             seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -447,9 +465,27 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return a
 
 
+class Interrupted(GoemoError):
+    """Ctrl-C or SIGTERM: the sweep stops after its trial's fit has."""
+
+
+_SIGTERM_SEEN = []
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    _SIGTERM_SEEN.append(signum)
+    raise KeyboardInterrupt  # SIGTERM (scancel, a job's time limit) stops a worker as Ctrl-C does
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         run_sweep(parse_args(argv))
+    except (KeyboardInterrupt, Interrupted) as e:  # KeyboardInterrupt: outside a trial, only the worker to stop
+        what = "SIGTERM" if _SIGTERM_SEEN else "Ctrl-C"
+        print(f"{what}: {e or 'the sweep stopped'}", file=sys.stderr)
+        sys.exit(143 if _SIGTERM_SEEN else 130)
     except GoemoError as e:
         if os.environ.get("GOEMO_DEBUG"):
             raise

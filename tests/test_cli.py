@@ -139,3 +139,15 @@ def test_bad_data_stops_before_training(tmp_path, tiny_model, tiny_data):
         f"error: {tiny_data / 'dev.tsv'}:2: expected 3 tab-separated columns (text, label ids, id), found 1"
     )
     assert not list(tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))
+
+
+def test_ctrl_c_before_training_is_one_line_and_status_130(monkeypatch, capsys):
+    import goemo.cli
+
+    def interrupted(argv):  # Ctrl-C while the CLI parses or loads, before any Lightning loop runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(goemo.cli, "rewrite_args", interrupted)
+    with pytest.raises(SystemExit) as e:
+        goemo.cli.main(["fit"])
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted by Ctrl-C\n"

@@ -158,6 +158,46 @@ def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_
     assert (best / "test_report.json").is_file()
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    data = write_tiny_data(tmp_path / "data")
+    space = space_file(tmp_path, "model.learning_rate: {float: [1e-3, 1e-2]}\n")
+    fit = [*tiny_fit_args(tiny_model, data, tmp_path / "cache"), "--trainer.max_epochs", "1000"]  # long enough
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen([sys.executable, "-m", "goemo.sweep", "--space", str(space), "--study", "t", "--trials", "2",
+                               "--", *fit], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url, deadline, started = f"sqlite:///{tmp_path / 'lightning_logs/sweeps.db'}", time.time() + 600, False
+        while not started and time.time() < deadline:  # until the trial's fit has saved an epoch's checkpoint
+            time.sleep(1)
+            if not (tmp_path / "lightning_logs/sweeps.db").is_file():  # the worker makes it (and its tables)
+                continue
+            try:
+                trials = optuna.load_study(study_name="t", storage=url).trials
+            except KeyError:  # no study yet
+                continue
+            started = bool(trials) and "run" in trials[0].user_attrs and any((tmp_path / "lightning_logs").rglob("epoch*.ckpt"))
+        assert started, "the trial's fit did not save a checkpoint within 10 minutes"
+        worker.send_signal(signal.SIGTERM)  # to the worker alone: it passes the signal on to the fit
+        assert worker.wait(timeout=120) == 143
+        assert worker.stderr.read().splitlines()[-1].startswith("SIGTERM: trial 0 stopped (marked failed, its log ")
+        trial = optuna.load_study(study_name="t", storage=url).trials[0]
+        assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] and "error" not in trial.user_attrs
+        log = (tmp_path / "lightning_logs/sweeps/t/trial_0.log").read_text()
+        assert "error: interrupted by SIGTERM" in log  # the fit stopped as after SIGTERM: saved, with the resume line
+        assert (Path(trial.user_attrs["run"]) / "checkpoints" / "last.ckpt").is_file()
+    finally:  # a failed assertion leaves no worker behind (its fit dies with it)
+        worker.kill()
+
+
 def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(tmp_path):
     """Trials of other batch sizes take other step counts: each reports its n-th validation as step n, so
     the median pruner compares equal shares of training; a trial below the median is stopped and marked."""
