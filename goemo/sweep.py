@@ -110,7 +110,7 @@ def config_keys(config: Optional[Path], extra: list[str]) -> dict[str, Any]:
     from goemo.compare import flatten
 
     args = [sys.executable, str(MAIN), "fit", *(["--config", str(config)] if config else []), *extra, "--print_config"]
-    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
+    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=CHILD_SETUP)
     if r.returncode != 0:
         raise GoemoError((r.stderr.strip().splitlines() or ["main.py fit --print_config failed"])[-1].removeprefix("error: "))
     return flatten(yaml.safe_load(r.stdout))
@@ -229,6 +229,9 @@ def _die_with_parent() -> None:
         pass
 
 
+CHILD_SETUP = _die_with_parent if os.name == "posix" else None
+
+
 def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> float:
     import optuna
 
@@ -241,7 +244,7 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
              "--trainer.callbacks.metric", a.metric, "--trainer.callbacks.prune", str(a.prune).lower()]  # fmt: skip
     log = a.sweep_dir / f"trial_{trial.number}.log"
     with log.open("w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if os.name == "posix" else None)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=CHILD_SETUP)
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one)
@@ -355,8 +358,9 @@ def run_sweep(a: argparse.Namespace) -> dict:
             continue
         study.optimize(objective, n_trials=1, callbacks=[enough])
         if a.interrupted is not None:
-            raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {a.sweep_dir}/trial_{a.interrupted}.log); "
-                              "the same command goes on with the study")  # fmt: skip
+            log = a.sweep_dir / f"trial_{a.interrupted}.log"
+            raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command goes on "
+                              "with the study")  # fmt: skip
         if len(failed()) > a.max_failures:
             raise GoemoError(f"{len(failed())} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
     return summarize(study, a)

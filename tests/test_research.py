@@ -172,8 +172,8 @@ def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model
     space = space_file(tmp_path, "model.learning_rate: {float: [1e-3, 1e-2]}\n")
     fit = [*tiny_fit_args(tiny_model, data, tmp_path / "cache"), "--trainer.max_epochs", "1000"]  # long enough
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    worker = subprocess.Popen([sys.executable, "-m", "goemo.sweep", "--space", str(space), "--study", "t", "--trials", "2",
-                               "--", *fit], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [sys.executable, "-m", "goemo.sweep", "--space", str(space), "--study", "t", "--trials", "2", "--", *fit]
+    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
         url, deadline, started = f"sqlite:///{tmp_path / 'lightning_logs/sweeps.db'}", time.time() + 600, False
         while not started and time.time() < deadline:  # until the trial's fit has saved an epoch's checkpoint
@@ -184,7 +184,8 @@ def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model
                 trials = optuna.load_study(study_name="t", storage=url).trials
             except KeyError:  # no study yet
                 continue
-            started = bool(trials) and "run" in trials[0].user_attrs and any((tmp_path / "lightning_logs").rglob("epoch*.ckpt"))
+            saved = any((tmp_path / "lightning_logs").rglob("epoch*.ckpt"))
+            started = bool(trials) and "run" in trials[0].user_attrs and saved
         assert started, "the trial's fit did not save a checkpoint within 10 minutes"
         worker.send_signal(signal.SIGTERM)  # to the worker alone: it passes the signal on to the fit
         assert worker.wait(timeout=120) == 143
