@@ -254,8 +254,10 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
             run = trial.study.trials[trial.number].user_attrs.get("run")
             if run:
                 trial.set_user_attr("run", run)
-            # failed without an "error": the trial's point is not done (a grid runs it again next time)
+            # failed without an "error" (not a reason to give up on its values), and queued again: the next
+            # command runs the same values first (a grid's point would otherwise count as visited)
             trial.set_user_attr("interrupted", True)
+            trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
             a.interrupted = trial.number
             return float("nan")
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
@@ -359,8 +361,8 @@ def run_sweep(a: argparse.Namespace) -> dict:
         study.optimize(objective, n_trials=1, callbacks=[enough])
         if a.interrupted is not None:
             log = a.sweep_dir / f"trial_{a.interrupted}.log"
-            raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command goes on "
-                              "with the study")  # fmt: skip
+            raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command runs "
+                              "its values again and goes on with the study")  # fmt: skip
         if len(failed()) > a.max_failures:
             raise GoemoError(f"{len(failed())} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
     return summarize(study, a)

@@ -190,8 +190,11 @@ def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model
         worker.send_signal(signal.SIGTERM)  # to the worker alone: it passes the signal on to the fit
         assert worker.wait(timeout=120) == 143
         assert worker.stderr.read().splitlines()[-1].startswith("SIGTERM: trial 0 stopped (marked failed, its log ")
-        trial = optuna.load_study(study_name="t", storage=url).trials[0]
+        trial, again = optuna.load_study(study_name="t", storage=url).trials
         assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] and "error" not in trial.user_attrs
+        # queued with the same values, for the next command to run first
+        assert again.state.name == "WAITING" and again.user_attrs == {"retry_of": 0}
+        assert again.system_attrs["fixed_params"] == trial.params
         log = (tmp_path / "lightning_logs/sweeps/t/trial_0.log").read_text()
         assert "error: interrupted by SIGTERM" in log  # the fit stopped as after SIGTERM: saved, with the resume line
         assert (Path(trial.user_attrs["run"]) / "checkpoints" / "last.ckpt").is_file()
