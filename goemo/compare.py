@@ -181,8 +181,10 @@ def expand(paths: list[Path]) -> list[Path]:
             runs += sorted((q.parent for q in p.rglob("config.yaml")), key=str)
         else:
             raise GoemoError(f"{p}: no such run folder")
-    seen: set[Path] = set()
-    return [r for r in runs if not (r.resolve() in seen or seen.add(r.resolve()))]
+    unique: dict[Path, Path] = {}
+    for r in runs:
+        unique.setdefault(r.resolve(), r)  # the first name given for each run, in order
+    return list(unique.values())
 
 
 def main(argv: Optional[list[str]] = None) -> None:
