@@ -135,6 +135,14 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def fold_ids(n: int, num_folds: int, seed: int) -> np.ndarray:
+    """(n,) int64: each training row's fold, a seeded random partition into `num_folds` folds of equal size (+-1)."""
+    order = np.random.default_rng(seed).permutation(n)
+    folds = np.empty(n, dtype=np.int64)
+    folds[order] = np.arange(n) * num_folds // n  # the first n/k rows of the permutation are fold 0, ...
+    return folds
+
+
 def default_num_workers(on_cuda: bool) -> int:
     """DataLoader workers when `num_workers` is unset.
 
@@ -163,6 +171,9 @@ class GoEmotionsDataModule(L.LightningDataModule):
         cache_dir: Optional[str] = None,
         predict_file: Optional[str] = None,
         taxonomy: Taxonomy = "original",
+        holdout_fold: Optional[int] = None,
+        num_folds: int = 2,
+        fold_seed: int = 0,
     ) -> None:
         """GoEmotions, from a folder holding the official release or from the Hugging Face Hub.
 
@@ -189,6 +200,12 @@ class GoEmotionsDataModule(L.LightningDataModule):
                 `ekman` (anger, disgust, fear, joy, sadness, surprise, neutral) or `sentiment` (positive,
                 negative, ambiguous, neutral), by the release's official mappings; a row gets the union of
                 its labels' groups. `ekman`/`sentiment` need GoEmotions' 28 labels.
+            holdout_fold: Cross-fitting: train on the training rows outside this fold of `num_folds` (a random
+                partition of the training split, fixed by `fold_seed`); validation and test stay whole. One run per
+                fold, given to `python -m goemo.distill`, makes an out-of-fold teacher: each training row gets the
+                probabilities of the run that never trained on it. Unset: train on every row.
+            num_folds: How many folds `holdout_fold` counts (at least 2).
+            fold_seed: Seed of the partition into folds; the runs of one teacher must share it.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -200,6 +217,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
             )
         if num_workers is not None and num_workers < 0:
             raise GoemoError(f"data.num_workers must be >= 0 (0 = load in the main process), got {num_workers}")
+        if num_folds < 2 or (holdout_fold is not None and not 0 <= holdout_fold < num_folds):
+            raise GoemoError(f"data.holdout_fold must be within 0..{num_folds - 1} and data.num_folds at least 2, got {holdout_fold} and {num_folds}")
         self.data_dir = resolve_data_dir(data_dir) if data_dir else None
         # The labels of the files (or the Hub), and those after the taxonomy's mapping: the one source of
         # truth for the model, which gets them through a CLI link.
@@ -311,8 +330,11 @@ class GoEmotionsDataModule(L.LightningDataModule):
             new_fingerprint=key,
             desc=f"tokenizing {split}",
         )
-        # Each row's index within its split travels with it (`row`): model.self_distill and model.teacher keep tables
-        # over the rows.
+        hp = self.hparams
+        if split == "train" and hp.holdout_fold is not None:  # cross-fitting: the rows outside the held-out fold
+            out = out.select(np.flatnonzero(fold_ids(len(out), hp.num_folds, hp.fold_seed) != hp.holdout_fold))
+        # Each row's index within its (training) split travels with it (`row`): model.self_distill and model.teacher
+        # keep tables over the rows.
         out = out.add_column("row", np.arange(len(out)))
         return out.with_format("torch", columns=["input_ids", "attention_mask", "labels", "row"])
 

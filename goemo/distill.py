@@ -5,6 +5,10 @@ probabilities, `(1 - w) * labels + w * p_teacher` (`--model.teacher teacher.npz 
 teacher is one trained run or several (their mean probability, as `goemo.ensemble`), e.g. all-mpnet-base-v2 for a
 MiniLM-L6 student. Its probabilities are computed once, here, into a teacher file (`goemo.teacher`), so each student
 fit only reads an (N, L) table.
+
+Cross-fitted (out-of-fold) teacher: runs fit with `--data.holdout_fold k` (one or more per fold) never saw the
+rows of fold k, so those rows get the mean probability of the fold's runs only. A teacher of the student's own
+recipe then passes on what it learned from other rows, not its memory of the row's labels.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from goemo.errors import GoemoError
 from goemo.teacher import write_teacher
 
 
 def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
-    """The teachers' mean probabilities on the training split of the first run's data.
+    """The teachers' mean probabilities on the training split of the first run's data; for runs fit on folds
+    (`data.holdout_fold`), each row's from the runs that held its fold out.
 
     Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [model names]}.
     """
+    from goemo.data import fold_ids
     from goemo.ensemble import Ensemble, check_distinct, splits_of
     from goemo.onnx_backend import load_backend
 
@@ -30,8 +38,25 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     members = [load_backend(r, "cpu", batch_size) for r in runs]
     ens = Ensemble(members)  # checks that the label sets agree
     texts = splits_of(members[0], ("train",))["train"]["text"]
-    probs = ens.predict_proba(texts)  # (N, L)
     names = [str(m.model.hparams.model_name_or_path) for m in members]
+    held = [m.data_hparams.get("holdout_fold") for m in members]
+    if all(k is None for k in held):
+        return {"probs": ens.predict_proba(texts), "labels": ens.label_names, "texts": texts, "teachers": names}
+    # Cross-fitted: every run held a fold out, all of one partition, and every fold is held out by some run.
+    parts = {(m.data_hparams.get("num_folds", 2), m.data_hparams.get("fold_seed", 0)) for m in members}
+    if None in held or len(parts) > 1:
+        raise GoemoError(f"teacher runs mix folds ({', '.join(f'{r}: holdout_fold {k}' for r, k in zip(runs, held))}) "
+                         "and partitions; give one or more runs per fold of one data.num_folds and data.fold_seed")  # fmt: skip
+    (num_folds, seed), = parts
+    missing = sorted(set(range(num_folds)) - set(held))
+    if missing:
+        raise GoemoError(f"no teacher run holds out fold {missing[0]} of {num_folds}; fit one with --data.holdout_fold {missing[0]}")
+    folds = fold_ids(len(texts), num_folds, seed)  # (N,)
+    probs = np.zeros((len(texts), len(ens.label_names)), dtype=np.float32)  # (N, L)
+    for k in range(num_folds):
+        rows = np.flatnonzero(folds == k)
+        fold_ens = Ensemble([m for m, h in zip(members, held) if h == k])
+        probs[rows] = fold_ens.predict_proba([texts[i] for i in rows])
     return {"probs": probs, "labels": ens.label_names, "texts": texts, "teachers": names}
 
 

@@ -114,3 +114,51 @@ def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_
         EmotionClassifier(str(tiny_model), teacher="t.npz", self_distill=0.5)
     with pytest.raises(GoemoError, match="model.teacher_weight must be within 0..1"):
         EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_weight=1.5)
+
+
+def test_folds_partition_the_training_split_and_a_fold_run_trains_on_the_others(tmp_path, tiny_model, tiny_data):
+    from goemo.data import fold_ids
+
+    folds = fold_ids(10, 3, seed=0)
+    assert sorted(np.bincount(folds)) == [3, 3, 4] and (fold_ids(10, 3, seed=0) == folds).all()
+    assert not (fold_ids(10, 3, seed=1) == folds).all()
+    full = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    part = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"),
+                                holdout_fold=1)  # fmt: skip
+    full.setup("fit"), part.setup("fit")
+    texts = full.datasets["train"].with_format(None)["text"]
+    keep = np.flatnonzero(fold_ids(len(texts), 2, 0) == 0)
+    train = part.datasets["train"].with_format(None)
+    assert train["text"] == [texts[i] for i in keep] and 0 < len(keep) < len(texts)
+    assert train["row"] == list(range(len(keep)))  # indices into the rows it trains on (model.teacher's tables)
+    torch.testing.assert_close(part.datasets["train"][:]["labels"], full.datasets["train"][:]["labels"][keep])
+    assert len(part.datasets["validation"]) == len(full.datasets["validation"])  # validation and test stay whole
+    for bad in ({"holdout_fold": 2}, {"holdout_fold": -1}, {"num_folds": 1}):
+        with pytest.raises(GoemoError, match="data.holdout_fold must be within 0..\\d+ and data.num_folds at least 2"):
+            GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), **bad)
+
+
+def test_a_cross_fitted_teacher_gives_each_row_the_probabilities_of_the_runs_that_held_it_out(tmp_path, tiny_model, tiny_data, tiny_run):
+    from goemo import load
+    from goemo.data import fold_ids
+
+    ckpts = []
+    for k in (0, 1):
+        dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"),
+                                  holdout_fold=k)  # fmt: skip
+        L.seed_everything(k)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path / f"f{k}", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+        trainer.fit(EmotionClassifier(str(tiny_model), label_names=LABELS), dm)
+        ckpts.append(trainer.checkpoint_callback.best_model_path)
+    t = distill.teacher_probs(ckpts)
+    folds = fold_ids(len(t["texts"]), 2, 0)
+    for k in (0, 1):  # fold k's rows: run k's probabilities, which never trained on them
+        rows = np.flatnonzero(folds == k)
+        np.testing.assert_allclose(t["probs"][rows], load(ckpts[k]).predict_proba([t["texts"][i] for i in rows]), atol=1e-6)
+    mine = load(ckpts[1]).predict_proba([x for x, f in zip(t["texts"], folds) if f == 0])
+    assert np.abs(t["probs"][folds == 0] - mine).max() > 1e-4  # not the run that trained on them
+    with pytest.raises(GoemoError, match="no teacher run holds out fold 1 of 2; fit one with --data.holdout_fold 1"):
+        distill.teacher_probs(ckpts[:1])
+    with pytest.raises(GoemoError, match="teacher runs mix folds .*holdout_fold None"):
+        distill.teacher_probs([ckpts[0], str(tiny_run / "lightning_logs/version_0")])
