@@ -45,8 +45,8 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     # Cross-fitted: every run held a fold out, all of one partition, and every fold is held out by some run.
     parts = {(m.data_hparams.get("num_folds", 2), m.data_hparams.get("fold_seed", 0)) for m in members}
     if None in held or len(parts) > 1:
-        raise GoemoError(f"teacher runs mix folds ({', '.join(f'{r}: holdout_fold {k}' for r, k in zip(runs, held))}) "
-                         "and partitions; give one or more runs per fold of one data.num_folds and data.fold_seed")  # fmt: skip
+        raise GoemoError(f"teacher runs do not all hold out a fold of one partition ({', '.join(f'{r}: holdout_fold {k}' for r, k in zip(runs, held))}); "
+                         "give one or more runs per fold, all of one data.num_folds and data.fold_seed")  # fmt: skip
     (num_folds, seed), = parts
     missing = sorted(set(range(num_folds)) - set(held))
     if missing:

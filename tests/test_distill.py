@@ -160,5 +160,5 @@ def test_a_cross_fitted_teacher_gives_each_row_the_probabilities_of_the_runs_tha
     assert np.abs(t["probs"][folds == 0] - mine).max() > 1e-4  # not the run that trained on them
     with pytest.raises(GoemoError, match="no teacher run holds out fold 1 of 2; fit one with --data.holdout_fold 1"):
         distill.teacher_probs(ckpts[:1])
-    with pytest.raises(GoemoError, match="teacher runs mix folds .*holdout_fold None"):
+    with pytest.raises(GoemoError, match="teacher runs do not all hold out a fold of one partition .*holdout_fold None"):
         distill.teacher_probs([ckpts[0], str(tiny_run / "lightning_logs/version_0")])
