@@ -43,7 +43,7 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     if all(k is None for k in held):
         return {"probs": ens.predict_proba(texts), "labels": ens.label_names, "texts": texts, "teachers": names}
     # Cross-fitted: every run held a fold out, all of one partition, and every fold is held out by some run.
-    parts = {(m.data_hparams.get("num_folds", 2), m.data_hparams.get("fold_seed", 0)) for m in members}
+    parts = {(m.data_hparams["num_folds"], m.data_hparams["fold_seed"]) for m, k in zip(members, held) if k is not None}
     if None in held or len(parts) > 1:
         raise GoemoError(f"teacher runs do not all hold out a fold of one partition ({', '.join(f'{r}: holdout_fold {k}' for r, k in zip(runs, held))}); "
                          "give one or more runs per fold, all of one data.num_folds and data.fold_seed")  # fmt: skip
