@@ -1,6 +1,7 @@
 """What an ensemble buys over its members, measured on the validation split alone (test is never read).
 
     python benchmarks/ensemble_cv.py RUN RUN RUN [--repeats 10] [--threshold-resamples N]
+    python benchmarks/ensemble_cv.py RUN            # one run's held-out score alone, on the same halves
 
 A test macro-F1 at tuned thresholds moves by about 0.01 between seeds of one recipe (docs/results.md), so one test
 figure cannot say whether averaging members helps. This splits the validation rows in two at random, tunes goemo's
@@ -57,28 +58,28 @@ def cross_validate(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints), 2 or more")
+    parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints); one run is scored alone")
     parser.add_argument("--repeats", type=int, default=10, help="random 2-way splits of the validation rows")
     parser.add_argument("--threshold-resamples", type=int, default=None, metavar="N",
                         help="bootstrap resamples per threshold tuning (default: the first run's model.threshold_resamples)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
-    if len(args.runs) < 2:
-        parser.error(f"an ensemble needs at least 2 runs, got {len(args.runs)}")
     import goemo
     from goemo.ensemble import splits_of
 
-    ens = goemo.load(args.runs)  # checks that the members share one label set
-    val = splits_of(ens.members[0])["validation"]
-    members = [m.predict_proba(val["text"]) for m in ens.members]
+    loaded = goemo.load(args.runs) if len(args.runs) > 1 else None  # checks that the members share one label set
+    runs = loaded.members if loaded is not None else [goemo.load(args.runs[0])]
+    val = splits_of(runs[0])["validation"]
+    members = [m.predict_proba(val["text"]) for m in runs]
     resamples = args.threshold_resamples
     if resamples is None:
-        resamples = int(ens.members[0].model.hparams.threshold_resamples)
+        resamples = int(runs[0].model.hparams.threshold_resamples)
     r = cross_validate(members, val["targets"], args.repeats, resamples=resamples)
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]
-    lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
-              f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
+    if len(args.runs) > 1:
+        lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
+                  f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
     print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples\n" + "\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -443,7 +443,7 @@ def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
 
 
 @pytest.mark.slow
-def test_ensemble_cv_command_on_two_runs(tiny_run, learned_run, tmp_path, capsys):
+def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_path, capsys):
     from benchmarks import ensemble_cv
 
     runs = [str(tiny_run / "lightning_logs/version_0"), str(learned_run / "lightning_logs/version_0")]
@@ -454,6 +454,12 @@ def test_ensemble_cv_command_on_two_runs(tiny_run, learned_run, tmp_path, capsys
     saved = json.loads(next(tmp_path.glob("ensemble-cv-*.json")).read_text())
     assert saved["runs"] == runs and saved["ensemble"] == r["ensemble"]
     assert "| ensemble of 2 |" in capsys.readouterr().out
+
+    # One run alone: its held-out score on the same halves as beside the other, and no ensemble rows.
+    alone = ensemble_cv.main([runs[1], "--repeats", "2", "--out", str(tmp_path)])
+    assert alone["members"] == [r["members"][1]] and alone["members_std"] == [r["members_std"][1]]
+    out = capsys.readouterr().out
+    assert f"| {runs[1]} | {r['members'][1]:.4f}" in out and "ensemble" not in out.split("\n", 1)[1]
 
 
 @pytest.mark.slow
