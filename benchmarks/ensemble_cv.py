@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     import goemo
     from goemo.ensemble import splits_of
 
-    loaded = goemo.load(args.runs) if len(args.runs) > 1 else None  # checks that the members share one label set
-    runs = loaded.members if loaded is not None else [goemo.load(args.runs[0])]
+    # An ensemble's load checks that the members share one label set.
+    runs = goemo.load(args.runs).members if len(args.runs) > 1 else [goemo.load(args.runs[0])]
     val = splits_of(runs[0])["validation"]
     members = [m.predict_proba(val["text"]) for m in runs]
     resamples = args.threshold_resamples
