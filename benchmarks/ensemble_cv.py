@@ -42,16 +42,17 @@ def cross_validate(
 ) -> dict:
     """Held-out macro-F1 of each member and of their mean probability over 2 x `repeats` random halves."""
     rng = np.random.default_rng(seed)
-    candidates = [*members, np.mean(members, axis=0)]
-    scores = []  # (2 * repeats, members + 1)
+    candidates = [*members, np.mean(members, axis=0)] if len(members) > 1 else members  # one run: its own "mean"
+    scores = []  # (2 * repeats, candidates)
     for _ in range(repeats):
         order = rng.permutation(len(targets))
         a, b = order[: len(order) // 2], order[len(order) // 2 :]
         for tune_rows, score_rows in ((a, b), (b, a)):
             scores.append([heldout_macro(p, targets, tune_rows, score_rows, resamples) for p in candidates])
     s = np.asarray(scores)
-    gain = s[:, -1] - s[:, :-1].mean(1)  # ensemble minus the members' mean, half by half
-    return {"members": s[:, :-1].mean(0).tolist(), "members_std": s[:, :-1].std(0).tolist(),
+    m = s[:, : len(members)]  # (halves, members)
+    gain = s[:, -1] - m.mean(1)  # ensemble minus the members' mean, half by half
+    return {"members": m.mean(0).tolist(), "members_std": m.std(0).tolist(),
             "ensemble": float(s[:, -1].mean()), "ensemble_std": float(s[:, -1].std()),
             "gain": float(gain.mean()), "gain_std": float(gain.std()), "halves": len(s), "threshold_resamples": resamples}  # fmt: skip
 
