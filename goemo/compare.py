@@ -3,8 +3,8 @@
 RUN is a run folder, a folder holding runs (lightning_logs), or a sweep's folder (lightning_logs/sweeps/NAME: the
 runs of its trials).
 
-A row holds the config keys that differ between the runs (only those), the seed, the epochs trained, validation
-micro/macro-F1 and exact match at the best checkpoint (from its TensorBoard events), and the test figures of its
+A row holds the config keys that differ between the runs (only those), the seed, the epochs trained up to the best
+checkpoint, validation micro/macro-F1 and exact match there (from its TensorBoard events), and the test figures of its
 `test_report.json` at the fixed and the tuned thresholds, with their bootstrap intervals. Runs whose configs differ
 only in `seed_everything` are one seed group: one row of mean ± standard deviation over its n runs. Printed as
 Markdown; `--md FILE` and `--csv FILE` write it too. The results tables of goemo's documents come from here.
