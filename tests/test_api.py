@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from goemo import load
 from goemo.errors import GoemoError
@@ -48,17 +49,24 @@ def test_best_last_and_ckpt_file_resolve_like_the_cli(tiny_run, clf, monkeypatch
     monkeypatch.chdir(tiny_run)  # the default runs_dir is ./lightning_logs, as for the CLI
     last = load("last")
     ckpt = load(next((runs / "version_0" / "checkpoints").glob("epoch*.ckpt")))
-    assert last.predict_proba(["x"]).shape == ckpt.predict_proba(["x"]).shape == (1, 4)
+    assert np.allclose(ckpt.predict_proba(PREDICT_TEXTS[:3]), probs, atol=1e-6)  # the best is the only epoch*.ckpt
+    from goemo.runs import load_checkpoint
+
+    saved = load_checkpoint(runs / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not torch.equal(best.model.head.weight, saved["head.weight"])  # so the next line tells last from best
+    assert torch.equal(last.model.head.weight, saved["head.weight"]) and last.predict_proba(["x"]).shape == (1, 4)
 
 
-def test_weights_come_from_the_checkpoint_only(tiny_run, monkeypatch):
+def test_weights_come_from_the_checkpoint_only(tiny_run, clf, monkeypatch):
     from transformers import AutoModel
 
     def refuse(*args, **kwargs):
         raise AssertionError("pretrained weights were loaded")
 
     monkeypatch.setattr(AutoModel, "from_pretrained", refuse)
-    assert load(tiny_run / "lightning_logs" / "version_0").predict_proba(["hi"]).shape == (1, 4)
+    loaded = load(tiny_run / "lightning_logs" / "version_0").predict_proba(PREDICT_TEXTS[:3])
+    # the fitted weights, not a random init of the encoder's config
+    assert np.allclose(loaded, clf.predict_proba(PREDICT_TEXTS[:3]), atol=1e-6)
 
 
 def test_user_errors(clf, tmp_path):

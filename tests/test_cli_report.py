@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import LABELS4, run_main
 
@@ -30,4 +31,5 @@ def test_fit_then_test_best_in_a_new_process(tiny_data, tiny_model, tmp_path):
 
     saved = load_checkpoint(best_checkpoint(run))["state_dict"]["thresholds"].tolist()
     assert report["thresholds"]["tuned"] == pytest.approx(saved)
-    assert "focal" in (run / "config.yaml").read_text()
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]  # every key is saved, defaults included
+    assert (model["loss"], model["focal_alpha"]) == ("focal", 0.25)

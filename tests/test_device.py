@@ -32,14 +32,17 @@ def test_encoder_without_sdpa_still_loads(tiny_model, monkeypatch):
     from transformers import AutoModel
 
     real = AutoModel.from_pretrained
+    asked = []  # the attention implementation each call asked for
 
     def no_sdpa(path, **kw):
+        asked.append(kw.get("attn_implementation"))
         if "attn_implementation" in kw:
             raise ValueError("does not support an attention implementation through scaled_dot_product_attention")
         return real(path, **kw)
 
     monkeypatch.setattr(AutoModel, "from_pretrained", no_sdpa)
-    assert load_encoder(str(tiny_model)).config.hidden_size == 32
+    enc = load_encoder(str(tiny_model))
+    assert asked == ["sdpa", None] and enc.config.hidden_size == 32  # SDPA first, then the model as it comes
 
 
 def test_compile_is_opt_in_and_keeps_checkpoint_keys(tiny_model):

@@ -4,6 +4,7 @@ output paths checked first, blank TSV lines, a full disk while saving, two fits 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,8 +119,12 @@ def test_sigterm_stops_fit_and_says_what_it_kept(tmp_path, tiny_model):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-3000:]
-    assert last_line(err).startswith("error: interrupted by SIGTERM at step ")
-    assert "resume with: python main.py fit --ckpt_path last" in last_line(err)
+    m = re.fullmatch(r"error: interrupted by SIGTERM at step (\d+) \(epoch 0\): saved (\S+); resume with: (.*)", last_line(err))
+    assert m and m[3].startswith("python main.py fit --ckpt_path last"), err[-3000:]
+    from goemo.runs import load_checkpoint
+
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert (tmp_path / m[2]).resolve() == last.resolve() and load_checkpoint(last)["global_step"] == int(m[1]) > 0
 
 
 # -- 3. export refuses a target it would mix or fail on, before it loads anything ---------------------------------
@@ -183,7 +188,8 @@ def test_check_writable_refuses_a_file_in_the_way(tmp_path):
         check_writable(tmp_path / "f", "run folder")
     with pytest.raises(GoemoError, match="its folder .* exists and is not a folder"):
         check_output_file(tmp_path / "f" / "out.jsonl", "--output")
-    check_output_file(tmp_path / "new" / "out.jsonl", "--output")  # a missing folder is made
+    check_output_file(tmp_path / "new" / "out.jsonl", "--output")
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the folder made, left empty
 
 
 @pytest.mark.slow

