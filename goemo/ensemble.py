@@ -2,9 +2,10 @@
 
 The members' probabilities are averaged (members may differ in model and tokenizer; each reads the texts its own
 way), per-label thresholds are tuned on the averaged validation probabilities (never on test), and DIR gets
-`test_report.json`/`.md` with bootstrap intervals, as a single run's `test` writes, plus `ensemble.json` (members
-and thresholds) and the averaged probabilities (`validation_probs.npy`, `test_probs.npy`). `goemo.load(DIR)` or
-`goemo.load([RUN, RUN])` then predicts with the ensemble.
+`test_report.json`/`.md` with bootstrap intervals, as a single run's `test` writes, plus `ensemble.json` (the
+members' checkpoint files, labels and thresholds; written last) and the averaged probabilities
+(`validation_probs.npy`, `test_probs.npy`). `goemo.load(DIR)` or `goemo.load([RUN, RUN])` then predicts with the
+ensemble.
 """
 
 from __future__ import annotations
@@ -89,17 +90,39 @@ def splits_of(member, splits: tuple[str, ...] = ("validation", "test")) -> dict:
 def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size: int = 64, backend: str = "torch") -> Ensemble:
     """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds)."""
     if isinstance(runs, (str, Path)):
-        spec = json.loads((Path(runs) / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+        spec = read_spec(Path(runs) / ENSEMBLE_FILE)
         members = []
         for m in spec["members"]:
             if not Path(m).exists():
                 raise GoemoError(f"ensemble {runs}: its member {m} is gone; restore it, or build the ensemble again")
             members.append(load_backend(m, device, batch_size, backend=backend))
-        return Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
+        ens = Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
+        if ens.label_names != spec["labels"]:
+            raise GoemoError(f"ensemble {runs}: its members' labels are not those its thresholds were tuned for; build the ensemble again")
+        return ens
     if len(runs) < 2:
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
     check_distinct(runs)
     return Ensemble([load_backend(r, device, batch_size, backend=backend) for r in runs])
+
+
+def read_spec(path: Path) -> dict:
+    """An ensemble folder's `ensemble.json`, checked: members, and one threshold for each of its labels."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GoemoError(f"{path}: cannot read the ensemble file ({str(e).splitlines()[0]}); build the ensemble again") from None
+    ok = (
+        isinstance(spec, dict)
+        and isinstance(spec.get("members"), list) and len(spec["members"]) > 0
+        and all(isinstance(m, str) for m in spec["members"])
+        and isinstance(spec.get("labels"), list) and isinstance(spec.get("thresholds"), list)
+        and len(spec["thresholds"]) == len(spec["labels"]) > 0
+        and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in spec["thresholds"])
+    )  # fmt: skip
+    if not ok:
+        raise GoemoError(f"{path}: not an ensemble file (members, labels and one threshold per label); build the ensemble again")
+    return spec
 
 
 def check_distinct(runs: list) -> None:
@@ -117,7 +140,8 @@ def check_distinct(runs: list) -> None:
 def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples: Optional[int] = None) -> dict:
     """Average, tune on validation (`threshold_resamples`: see Ensemble.tune), write the report into `out`."""
     from goemo import report
-    from goemo.files import check_writable, write_text
+    from goemo.files import AtomicFile, check_writable, write_text
+    from goemo.runs import resolve_checkpoint
 
     out = Path(out)
     if resamples < 1:
@@ -129,10 +153,15 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     fixed = float(ens.members[0].model.hparams.threshold)
     rep = report.build_report(test_probs, data["test"]["targets"], ens.label_names, fixed, ens.thresholds, resamples)
     rep["members"] = [str(r) for r in runs]
+    # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
+    # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
+    members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
+    (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # written last: a folder cut short mid-write is no ensemble
     report.write_report(rep, out)
-    np.save(out / "validation_probs.npy", data["validation_probs"])
-    np.save(out / "test_probs.npy", test_probs)
-    spec = {"members": [str(Path(r).resolve()) for r in runs], "thresholds": [float(t) for t in ens.thresholds],
+    for name, probs in (("validation_probs.npy", data["validation_probs"]), ("test_probs.npy", test_probs)):
+        with AtomicFile(out / name, "wb") as f:
+            np.save(f, probs)
+    spec = {"members": members, "thresholds": [float(t) for t in ens.thresholds],
             "threshold_resamples": ens.resamples, "labels": ens.label_names}
     write_text(out / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
     report.print_report(rep)

@@ -390,8 +390,18 @@ def test_an_ensembles_folder_is_named_for_what_it_is(tmp_path):
 
     ens = tmp_path / "ens"
     ens.mkdir()
-    (ens / "ensemble.json").write_text(json.dumps({"members": [str(tmp_path / "gone")], "thresholds": [0.5]}))
+    spec = {"members": [str(tmp_path / "gone")], "thresholds": [0.5], "labels": ["a"]}
+    (ens / "ensemble.json").write_text(json.dumps(spec))
     with pytest.raises(GoemoError, match=f"ensemble {ens}: its member {tmp_path / 'gone'} is gone; restore it"):
+        load(ens)
+    not_one = f"{ens / 'ensemble.json'}: not an ensemble file (members, labels and one threshold per label); build the ensemble again"
+    for broken in ({}, [], {**spec, "members": []}, {**spec, "thresholds": [0.5, 0.5]}, {**spec, "thresholds": ["x"]}):
+        (ens / "ensemble.json").write_text(json.dumps(broken))
+        with pytest.raises(GoemoError) as e:
+            load(ens)
+        assert str(e.value) == not_one
+    (ens / "ensemble.json").write_text("{")
+    with pytest.raises(GoemoError, match=r"ensemble.json: cannot read the ensemble file \(Expecting property name"):
         load(ens)
     with pytest.raises(GoemoError, match=f"{ens}: an ensemble's folder, not a run: its test report is .*report.md"):
         resolve_checkpoint(str(ens))  # what test/predict --ckpt_path ens runs into
@@ -418,6 +428,12 @@ def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
     fresh.predict(test_texts[:2])
     spec = json.loads((tmp_path / "ens/ensemble.json").read_text())
     np.testing.assert_allclose(fresh.thresholds, spec["thresholds"])
+    from goemo.runs import best_checkpoint
+
+    # the members' checkpoint files: a member resumed later (a new best checkpoint) is not silently swapped in
+    assert spec["members"] == [str(best_checkpoint(Path(r)).resolve()) for r in runs]
+    assert sorted(p.name for p in (tmp_path / "ens").iterdir()) == [
+        "ensemble.json", "test_probs.npy", "test_report.json", "test_report.md", "validation_probs.npy"]  # fmt: skip
     assert spec["threshold_resamples"] == load(runs[0]).model.hparams.threshold_resamples
 
 
