@@ -23,8 +23,9 @@ The space file maps config keys to distributions:
     trainer.max_epochs: {int: [1, 4]}
     seed_everything: {grid: [42, 1, 7]}
 
-`grid` keys are searched exhaustively (Optuna's GridSampler; then every key must be a grid); `--seeds 42,1,7` runs
-the config once per seed, a seed group.
+`grid` keys are searched exhaustively (Optuna's GridSampler; then every key must be a grid), each point once;
+`--seeds 42,1,7` runs the config once per seed, a seed group. A space with `seed_everything` is never pruned: a
+seed group's mean needs every seed run to the end.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def read_space(path: Path) -> dict[str, dict]:
     """{key: {"kind": float|int|categorical|grid, ...}} from a space file, each entry checked; GoemoError else."""
     try:
         raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=SpaceLoader)
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise GoemoError(f"{path}: cannot read the space file ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not raw:
         raise GoemoError(f"{path}: a space file maps config keys to distributions, e.g. model.learning_rate: {{float: [1e-5, 1e-4], log: true}}")
@@ -88,6 +89,9 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
             raise GoemoError(f"{where}: {kind} needs a non-empty list of values")
         if any(isinstance(v, (dict, list)) for v in value):
             raise GoemoError(f"{where}: {kind} values must be plain numbers, strings, booleans or null")
+        twice = next((v for i, v in enumerate(value) if any(v == w and type(v) is type(w) for w in value[:i])), None)
+        if twice is not None or value.count(None) > 1:
+            raise GoemoError(f"{where}: {kind} lists {twice!r} twice (each value is one trial of the same recipe)")
         return {"kind": kind, "values": value}
     if not (isinstance(value, list) and len(value) == 2):
         raise GoemoError(f"{where}: {kind} needs [low, high]")
@@ -323,13 +327,18 @@ def run_sweep(a: argparse.Namespace) -> dict:
     grid = [k for k, s in space.items() if s["kind"] == "grid"]
     if grid and len(grid) < len(space):
         raise GoemoError(f"grid keys ({', '.join(grid)}) search every combination: make every key a grid, or none")
-    if a.config and not Path(a.config).is_file():
-        raise GoemoError(f"--config {a.config}: no such file")
-    check_space(space, a.config, a.fit_args)
     total = math.prod(len(s["values"]) for s in space.values()) if grid else None
     trials = a.trials or total
     if not trials:
         raise GoemoError("--trials N is needed unless every key is a grid")
+    if grid and trials > total:  # Optuna's GridSampler would run points again: one seed twice in a seed group
+        raise GoemoError(f"--trials {trials}: the grid has {total} points, each run once; give --trials {total} or fewer, or leave it out")
+    if a.prune and "seed_everything" in space:
+        print("note: a sweep over seed_everything is not pruned: a seed group's mean needs every seed run to the end", file=sys.stderr)
+        a.prune = False  # and every trial's config says so (OptunaReport's prune: false)
+    if a.config and not Path(a.config).is_file():
+        raise GoemoError(f"--config {a.config}: no such file")
+    check_space(space, a.config, a.fit_args)
     a.sweep_dir.mkdir(parents=True, exist_ok=True)
     url, storage = storage_for(a)
     sampler = optuna.samplers.GridSampler({k: s["values"] for k, s in space.items()}, seed=0) if grid else optuna.samplers.TPESampler(seed=a.sampler_seed)

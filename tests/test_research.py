@@ -59,6 +59,8 @@ model.loss: {grid: [bce, 1e5x]}
         ("model.loss: {choice: [bce]}", "model.loss: give exactly one of float, int, categorical, grid"),
         ("model.learning_rate: {float: [1, 2], scale: log}", "model.learning_rate: unknown setting 'scale'"),
         ("- not a mapping", "a space file maps config keys to distributions"),
+        ("seed_everything: {grid: [42, 1, 42]}", "seed_everything: grid lists 42 twice (each value is one trial"),
+        ("model.loss: {categorical: [bce, focal, bce]}", "model.loss: categorical lists 'bce' twice"),
     ],
 )
 def test_bad_space_files_are_one_line_errors_naming_the_key(tmp_path, text, message):
@@ -88,6 +90,24 @@ def test_a_study_refuses_trials_of_another_recipe(tmp_path):
             sweep.check_recipe(study, argparse.Namespace(**{**vars(a), key: value}), space)
     with pytest.raises(GoemoError, match=r"\(its --space/--seeds differs\)"):
         sweep.check_recipe(study, a, {**space, "seed_everything": {"kind": "grid", "values": [1, 2]}})
+
+
+def test_a_space_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "s.yaml").write_bytes(b"model.loss: {categorical: [caf\xe9]}")
+    with pytest.raises(GoemoError, match=r"s.yaml: cannot read the space file \('utf-8' codec can't decode byte 0xe9"):
+        sweep.read_space(tmp_path / "s.yaml")
+    assert sweep.read_space(space_file(tmp_path, "seed_everything: {grid: [1, 1.0, true]}"))  # three types, three values
+
+
+def test_a_seed_group_is_never_pruned_and_never_runs_a_seed_twice(tmp_path, capsys):
+    with pytest.raises(GoemoError, match=r"^--trials 5: the grid has 3 points, each run once; give --trials 3 or fewer"):
+        sweep.run_sweep(sweep.parse_args(["--seeds", "42,1,7", "--trials", "5"]))
+    a = sweep.parse_args(["--seeds", "42,1,7", "--config", str(tmp_path / "nope.yaml")])
+    assert a.prune  # pruning is on by default ...
+    with pytest.raises(GoemoError, match="no such file"):  # (stops here, after the sweep's settings are made)
+        sweep.run_sweep(a)
+    assert not a.prune  # ... but a seed is never cut short: a pruned seed would enter its group's mean
+    assert "note: a sweep over seed_everything is not pruned" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seeds", ["", "1,x", "1,1", ","])
