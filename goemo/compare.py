@@ -50,7 +50,12 @@ def run_config(run: Path) -> dict[str, Any]:
     path = run / "config.yaml"
     if not path.is_file():
         raise GoemoError(f"{run}: not a run folder (no config.yaml)")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise GoemoError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise GoemoError(f"{path}: not a run's config (a mapping of settings); compare run folders that goemo wrote")
     callbacks = (config.get("trainer") or {}).get("callbacks")
     if isinstance(callbacks, list):  # a sweep trial's report to its study (trial number, database) is not a setting
         keep = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") == SWEEP_REPORT)]
@@ -59,14 +64,19 @@ def run_config(run: Path) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
 
 
-def best_step(run: Path) -> Optional[int]:
-    """The global step of the run's best checkpoint (as `test --ckpt_path RUN` picks it), or None."""
+def best_point(run: Path) -> tuple[Optional[int], Optional[int]]:
+    """The global step and epoch (from 0) of the run's best checkpoint (as `test --ckpt_path RUN` picks it), or Nones.
+
+    The epoch comes from the checkpoint, not from the events: the next epoch's first training log can fall on the
+    checkpoint's step (when that step is a logging step) and carries the next epoch's number.
+    """
     from goemo.runs import best_checkpoint, load_checkpoint
 
     try:
-        return int(load_checkpoint(best_checkpoint(run), mmap=True)["global_step"])
+        ckpt = load_checkpoint(best_checkpoint(run), mmap=True)
+        return int(ckpt["global_step"]), int(ckpt["epoch"]) if "epoch" in ckpt else None
     except (GoemoError, KeyError, TypeError, ValueError):
-        return None
+        return None, None
 
 
 def scalars(run: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]:
@@ -86,24 +96,25 @@ def run_row(run: Path) -> dict[str, Any]:
     """Seed, epochs and the figures of one run (missing ones are None)."""
     config = run_config(run)
     row: dict[str, Any] = {"run": str(run), "config": config, "seed": config.get("seed_everything")}
-    step = best_step(run)
-    ckpt_epochs = None
-    values = scalars(run, VAL + ("epoch",))
+    step, epoch = best_point(run)
     if step is not None:
         # Lightning logs a validation at the step before the global step its checkpoint records: take the last
         # value logged at or before the checkpoint's step.
-        at = {tag: v[max(s for s in v if s <= step)] if any(s <= step for s in v) else None for tag, v in values.items()}
-        row.update({tag: at[tag] for tag in VAL})
-        ckpt_epochs = int(at["epoch"]) + 1 if at.get("epoch") is not None else None
-    row["epochs"] = ckpt_epochs
+        values = scalars(run, VAL)
+        row.update({tag: v[max(s for s in v if s <= step)] if any(s <= step for s in v) else None for tag, v in values.items()})
+    row["epochs"] = epoch + 1 if epoch is not None else None
     report = run / "test_report.json"
     if report.is_file():
-        rep = json.loads(report.read_text(encoding="utf-8"))
-        for kind in ("fixed", "tuned"):
-            for avg in ("micro", "macro"):
-                row[f"{kind}/{avg}"] = rep[kind][avg]["f1"]
-                row[f"{kind}/{avg}/ci"] = rep[kind][avg].get("ci")
-            row[f"{kind}/exact"] = rep[kind]["exact_match"]
+        try:
+            rep = json.loads(report.read_text(encoding="utf-8"))
+            for kind in ("fixed", "tuned"):
+                for avg in ("micro", "macro"):
+                    row[f"{kind}/{avg}"] = float(rep[kind][avg]["f1"])
+                    row[f"{kind}/{avg}/ci"] = rep[kind][avg].get("ci")
+                row[f"{kind}/exact"] = float(rep[kind]["exact_match"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise GoemoError(f"{report}: not a test report goemo wrote ({type(e).__name__}: {str(e)[:80]}); "
+                             "run `python main.py test --ckpt_path RUN` again, or remove it") from None  # fmt: skip
     return row
 
 

@@ -282,10 +282,14 @@ def fake_run(folder: Path, lr: float, seed: int, val: dict, test: dict) -> Path:
         writer.add_scalar("epoch", epoch, step)
         for k, v in val.items():
             writer.add_scalar(k, v - (0.1 if step == 10 else 0.0), step)
+    # As Lightning: the checkpoint's step is one past the validation's log, and the next epoch's first training
+    # log falls on the checkpoint's step when that is a logging step ((21 + 1) % log_every_n_steps == 0).
+    writer.add_scalar("epoch", 2, 21)
+    writer.add_scalar("train/loss", 0.1, 21)
     writer.close()
-    best = folder / "checkpoints" / "epoch01-step21.ckpt"  # as Lightning: the checkpoint's step is one past the log's
-    torch.save({"global_step": 21, "state_dict": {}}, best)
-    torch.save({"global_step": 21, "state_dict": {}, "callbacks": {"ModelCheckpoint{}": {"best_model_path": str(best)}}},
+    best = folder / "checkpoints" / "epoch01-step21.ckpt"
+    torch.save({"global_step": 21, "epoch": 1, "state_dict": {}}, best)
+    torch.save({"global_step": 21, "epoch": 1, "state_dict": {}, "callbacks": {"ModelCheckpoint{}": {"best_model_path": str(best)}}},
                folder / "checkpoints" / "last.ckpt")  # fmt: skip
     rep = {k: {"micro": {"f1": test[f"{k}_micro"], "ci": [test[f"{k}_micro"] - 0.01, test[f"{k}_micro"] + 0.01]},
                "macro": {"f1": test[f"{k}_macro"], "ci": [0.4, 0.6]}, "exact_match": 0.3} for k in ("fixed", "tuned")}  # fmt: skip
@@ -310,6 +314,20 @@ def test_compare_shows_differing_keys_only_and_collapses_seed_groups(tmp_path):
     md = compare.to_markdown(header, body)
     assert md.count("\n") == 4 and "| 0.0002 |" in md
     assert compare.to_csv(header, body).splitlines()[0].startswith("run,model.learning_rate,seed")
+
+
+def test_compare_stops_on_a_broken_config_or_report_with_one_line(tmp_path):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "a", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
+    (run / "test_report.json").write_text('{"fixed": {}}')
+    with pytest.raises(GoemoError, match=r"test_report.json: not a test report goemo wrote \(KeyError: 'micro'\); run `python"):
+        compare.table([run])
+    (run / "config.yaml").write_text("- a list\n")
+    with pytest.raises(GoemoError, match=r"config.yaml: not a run's config \(a mapping of settings\)"):
+        compare.table([run])
+    (run / "config.yaml").write_text("model: [\n")
+    with pytest.raises(GoemoError, match=r"config.yaml: cannot read the run's config \(while parsing"):
+        compare.table([run])
 
 
 def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
