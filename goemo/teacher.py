@@ -9,6 +9,7 @@ teachers' model names. `python -m goemo.distill` writes one.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,12 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
     if not path.is_file():
         raise GoemoError(f"model.teacher {name!r}: no such file; write one with `python -m goemo.distill RUN --out FILE`")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("one array, not an .npz archive")
+        with z:
             fmt, probs, saved, digest = int(z["format"]), z["probs"], [str(s) for s in z["labels"]], str(z["digest"])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise GoemoError(f"model.teacher {name!r}: not a goemo teacher file ({e}); write one with `python -m goemo.distill`") from None
     if fmt != FORMAT:
         raise GoemoError(f"model.teacher {name!r}: format {fmt}, this goemo reads {FORMAT}; write it again with `python -m goemo.distill`")

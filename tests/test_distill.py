@@ -32,6 +32,11 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(GoemoError, match="not a goemo teacher file"):
         teacher_file.read_teacher(str(tmp_path / "bad.npz"), labels, texts)
+    path.with_name("cut.npz").write_bytes(path.read_bytes()[:40])  # a zip cut short
+    np.save(tmp_path / "one.npy", probs)  # an array, not an archive
+    for name, why in (("cut.npz", "File is not a zip file"), ("one.npy", "one array, not an .npz archive")):
+        with pytest.raises(GoemoError, match=f"not a goemo teacher file \\({why}\\); write one with"):
+            teacher_file.read_teacher(str(tmp_path / name), labels, texts)
     with pytest.raises(GoemoError, match="do not fit 2 texts x 2 labels"):
         teacher_file.write_teacher(tmp_path / "u.npz", probs, labels, texts[:2], ["m"])
     for bad in (np.nan, 1.5):
