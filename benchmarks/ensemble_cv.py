@@ -7,8 +7,9 @@ A test macro-F1 at tuned thresholds moves by about 0.01 between seeds of one rec
 figure cannot say whether averaging members helps. This splits the validation rows in two at random, tunes goemo's
 per-label thresholds on one half (as the runs' `model.threshold_resamples` says, or `--threshold-resamples`) and
 scores macro-F1 on the other (and the other way round), `--repeats` times, for
-each member and for the average of the members' probabilities. Prints mean ± std over the 2 x repeats held-out
-halves and the ensemble's gain over the members' mean on the same halves; JSON to benchmarks/out/.
+each member and for the average of the members' probabilities. Prints mean ± std (the spread of the halves: numpy's
+std, ddof 0) over the 2 x repeats held-out halves and the ensemble's gain over the members' mean on the same halves;
+JSON to benchmarks/out/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from goemo.errors import GoemoError  # noqa: E402
 from goemo.thresholds import apply_thresholds, prf, tune_thresholds  # noqa: E402
 
 
@@ -65,9 +67,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="bootstrap resamples per threshold tuning (default: the first run's model.threshold_resamples)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
+    try:
+        return measure(args)
+    except GoemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def measure(args: argparse.Namespace) -> dict:
     import goemo
     from goemo.ensemble import splits_of
+    from goemo.files import check_writable
 
+    if args.repeats < 1 or (args.threshold_resamples is not None and args.threshold_resamples < 0):
+        raise GoemoError(f"--repeats must be at least 1 and --threshold-resamples at least 0, got {args.repeats} and {args.threshold_resamples}")
+    check_writable(args.out, "--out")  # before any model is loaded
     # An ensemble's load checks that the members share one label set.
     runs = goemo.load(args.runs).members if len(args.runs) > 1 else [goemo.load(args.runs[0])]
     val = splits_of(runs[0])["validation"]
@@ -82,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
         lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
                   f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
     print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples\n" + "\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     (args.out / f"ensemble-cv-{stamp}.json").write_text(json.dumps({"runs": args.runs, **r}, indent=2) + "\n")
     return r

@@ -1,6 +1,6 @@
 """Prediction: probabilities -> records, length-sorted batching, and streaming a file through `trainer.predict`.
 
-A record is `{"text": str, "labels": [labels at or above their threshold, most probable first],
+A record is `{"text": str, "labels": [labels above their threshold (p > t), most probable first],
 "scores": {label: probability, for every label}}`; the CLI's predictions.jsonl and `goemo.load(...).predict`
 both produce it. A predict file streams: `TextFileDataset` reads it a chunk at a time and tokenizes each
 chunk, `PredictionWriter` writes each batch as it comes, so memory does not grow with the file.

@@ -496,6 +496,19 @@ def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
     assert other["members"][0] == 1.0 and other["ensemble"] < 0.5 and other["gain"] < 0
 
 
+def test_ensemble_cv_command_errors_are_one_line(tmp_path, capsys):
+    from benchmarks import ensemble_cv
+
+    for argv, message in (
+        ([str(tmp_path / "run"), "--repeats", "0"], "--repeats must be at least 1 and --threshold-resamples at least 0, got 0 and None"),
+        ([str(tmp_path / "nope"), "--out", str(tmp_path)], f"--ckpt_path '{tmp_path / 'nope'}': no such file or run folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            ensemble_cv.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_path, capsys):
     from benchmarks import ensemble_cv
