@@ -2,15 +2,18 @@
 
 `onnx` runs the export's model (`goemo.export.export_onnx`: goemo's own module, checked against the checkpoint);
 `int8` runs it after onnxruntime's dynamic int8 quantization (weights stored as int8 with a scale per output
-channel, activations quantized per batch). Both are made once per checkpoint and cached beside the run (`RUN/onnx/CKPT.onnx`, `CKPT.int8.onnx`,
-written atomically). Tokenization, length-sorted batching, thresholds and the output structure are the
+channel, activations quantized per batch). Both are made once per checkpoint and cached beside the run
+(`RUN/onnx/CKPT-KEY.onnx`, `CKPT-KEY.int8.onnx`, written atomically; KEY names the checkpoint file's size and
+modification time, so a rewritten `last.ckpt` gets a new export and its old one is removed). Tokenization, length-sorted batching, thresholds and the output structure are the
 classifier's own, so only the forward pass differs. The session uses as many threads as torch does, so backends
 compare on equal terms.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Literal, Union
@@ -55,13 +58,22 @@ def onnx_files(clf: Classifier, ckpt: Path, int8: bool) -> Path:
     from goemo.export import export_onnx
 
     folder = cache_dir(ckpt)
-    fp32 = _atomic(folder / f"{ckpt.stem}.onnx", lambda tmp: export_onnx(clf, tmp))
+    # The checkpoint as it is now: a resumed fit rewrites last.ckpt under the same name, and an export of the old
+    # weights beside the new thresholds would score wrongly without a word.
+    stat = ckpt.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = f"{ckpt.stem}-{key}"
+    earlier = re.compile(re.escape(ckpt.stem) + r"-[0-9a-f]{12}(\.int8)?\.onnx")  # this file's earlier contents
+    for old in folder.glob("*.onnx") if folder.is_dir() else ():
+        if earlier.fullmatch(old.name) and not old.name.startswith(f"{name}."):
+            old.unlink(missing_ok=True)
+    fp32 = _atomic(folder / f"{name}.onnx", lambda tmp: export_onnx(clf, tmp))
     if not int8:
         return fp32
     # Per-channel weight scales: on the MiniLM recipe's checkpoint, tuned test macro-F1 0.5462 against fp32's 0.5473,
     # where one scale per tensor lost 0.014 (0.5332; benchmarks/README.md).
     quantize = lambda tmp: quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8, per_channel=True)  # noqa: E731
-    return _atomic(folder / f"{ckpt.stem}.int8.onnx", quantize)
+    return _atomic(folder / f"{name}.int8.onnx", quantize)
 
 
 def onnx_forward(path: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

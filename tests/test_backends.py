@@ -44,6 +44,30 @@ def test_int8_backend_is_close_and_keeps_the_top_label(run):
     assert len(list((run / "onnx").glob("*.int8.onnx"))) == 1
 
 
+def test_a_rewritten_checkpoint_gets_a_new_export(run, tmp_path):
+    """A resumed fit rewrites last.ckpt under its name: the cached ONNX model must follow, not score the old weights."""
+    import os
+
+    import torch
+
+    from goemo import load
+    from goemo.runs import load_checkpoint
+
+    work = tmp_path / "run"
+    shutil.copytree(run, work)  # a copy: the other tests keep the run as it is
+    last = work / "checkpoints" / "last.ckpt"
+    first = load(last, backend="onnx").predict_proba(TEXTS)
+    np.testing.assert_allclose(first, load(last).predict_proba(TEXTS), atol=1e-4)
+    ckpt = load_checkpoint(last)
+    ckpt["state_dict"]["head.bias"] += 2.0  # other weights under the same name, as a resumed fit writes them
+    torch.save(ckpt, last)
+    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 10**9))  # a coarse clock cannot hide it
+    second = load(last, backend="onnx").predict_proba(TEXTS)
+    np.testing.assert_allclose(second, load(last).predict_proba(TEXTS), atol=1e-4)  # the new weights, not the old
+    assert np.abs(second - first).max() > 0.1
+    assert [p.name.split("-")[0] for p in (work / "onnx").glob("last-*.onnx")] == ["last"]  # the stale export is gone
+
+
 def test_unknown_backend_is_one_line(run):
     from goemo import load
 
