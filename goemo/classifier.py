@@ -97,6 +97,7 @@ def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
     # Drop what Lightning adds (e.g. `_instantiator`) and settings a newer goemo no longer has.
     args = {k: v for k, v in hparams.items() if k in accepted and k != "pretrained"}
     model = EmotionClassifier(**args, pretrained=False)
+    model.on_load_checkpoint(ckpt)  # as Lightning's load: thresholds of an older checkpoint; a mismatch in one line
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt.get("datamodule_hyper_parameters") or {}
 

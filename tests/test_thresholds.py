@@ -147,6 +147,15 @@ def test_old_checkpoint_without_thresholds_loads(tiny_model, tmp_path):
     with pytest.warns(UserWarning, match="no tuned per-label thresholds"):
         loaded = EmotionClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
     assert loaded.thresholds.tolist() == pytest.approx([0.4, 0.4])
+    from goemo import load
+    from goemo.errors import GoemoError
+
+    with pytest.warns(UserWarning, match="no tuned per-label thresholds"):  # goemo.load, export: the same rule
+        assert load(tmp_path / "old.ckpt").thresholds.tolist() == pytest.approx([0.4, 0.4])
+    del state["head.bias"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(GoemoError, match=r"the checkpoint's weights do not fit model .* \(missing 1 \(e.g. head.bias\)\)"):
+        load(tmp_path / "old.ckpt")
 
 
 def test_predict_uses_tuned_thresholds(tiny_model):
