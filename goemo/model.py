@@ -7,6 +7,7 @@ Shapes: input_ids/attention_mask (B, T) -> hidden states (B, T, H) -> pooled (B,
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Literal, Optional
 
@@ -88,8 +89,11 @@ def max_positions(config) -> Optional[int]:
     relative = getattr(config, "position_embedding_type", "absolute") != "absolute"
     if n is None or relative or getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative only
         return None  # relative/rotary positions: no fixed table to run off
-    if "roberta" in getattr(config, "model_type", "") or getattr(config, "model_type", "") == "camembert":
+    model_type = getattr(config, "model_type", "")
+    if "roberta" in model_type or model_type == "camembert":
         n -= (getattr(config, "pad_token_id", None) or 0) + 1  # positions start after the padding index
+    elif model_type == "mpnet":
+        n -= 2  # the same, from MPNetEmbeddings' padding index, fixed at 1 whatever the config's pad_token_id
     return n
 
 
@@ -99,24 +103,24 @@ def _check_hparams(
     threshold_resamples: int, layer_decay: float, aux_weight: float,
 ) -> None:
     """One-line errors for settings out of range, before anything is loaded."""
-    if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
-        raise GoemoError(f"model.learning_rate and model.head_learning_rate must be > 0, got {learning_rate}, {head_learning_rate}")
+    if not (0 < learning_rate < math.inf) or (head_learning_rate is not None and not (0 < head_learning_rate < math.inf)):
+        raise GoemoError(f"model.learning_rate and model.head_learning_rate must be finite and > 0, got {learning_rate}, {head_learning_rate}")
     if not 0.0 <= threshold <= 1.0:
         raise GoemoError(f"model.threshold must be within 0..1, got {threshold}")
     if threshold_resamples < 0:
         raise GoemoError(f"model.threshold_resamples must be >= 0 (0: tune once on the validation rows), got {threshold_resamples}")
     if not 0.0 <= warmup_ratio < 1.0:
         raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
-    if weight_decay < 0:
-        raise GoemoError(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if not (0 <= weight_decay < math.inf):
+        raise GoemoError(f"model.weight_decay must be finite and >= 0, got {weight_decay}")
     if not 0.0 < layer_decay <= 1.0:
         raise GoemoError(f"model.layer_decay must be within (0, 1] (1: one learning rate for the whole encoder), got {layer_decay}")
     if attention_dropout is not None and not 0.0 <= attention_dropout < 1.0:
         raise GoemoError(f"model.attention_dropout must be within [0, 1) (or unset: the encoder's own), got {attention_dropout}")
-    if pos_weight_max < 1:
+    if not (pos_weight_max >= 1):  # inf: no cap
         raise GoemoError(f"model.pos_weight_max must be >= 1, got {pos_weight_max}")
-    if aux_weight < 0:
-        raise GoemoError(f"model.aux_weight must be >= 0, got {aux_weight}")
+    if not (0 <= aux_weight < math.inf):
+        raise GoemoError(f"model.aux_weight must be finite and >= 0, got {aux_weight}")
     if checkpoint_tokens is not None and checkpoint_tokens < 1:
         raise GoemoError(f"model.checkpoint_tokens must be >= 1 (or unset: never), got {checkpoint_tokens}")
 
@@ -216,7 +220,8 @@ class EmotionClassifier(L.LightningModule):
                 Needs GoEmotions' 28 labels (`data.taxonomy original`). Unset (default): no auxiliary head.
             aux_weight: Weight of the auxiliary head's BCE (a mean over its groups) added to the training loss.
             learning_rate: Peak AdamW learning rate of the encoder.
-            head_learning_rate: Peak learning rate of the new linear head; unset: `learning_rate`.
+            head_learning_rate: Peak learning rate of the new linear heads (the main one, and the auxiliary one of
+                `aux_taxonomy`); unset: `learning_rate`.
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
             layer_decay: Layer-wise learning-rate decay: of an encoder with n layers (named `*.layer.<i>.*`, as in
                 BERT, RoBERTa, MPNet), layer i (0 = the lowest) trains at `learning_rate * layer_decay^(n-1-i)` and
@@ -532,7 +537,7 @@ class EmotionClassifier(L.LightningModule):
             if not p.requires_grad:
                 continue
             no_decay = p.ndim < 2 or "layernorm" in name.lower()  # biases and LayerNorm weights
-            part = "head" if name.startswith("head.") else "encoder"
+            part = "head" if name.startswith(("head.", "aux_head.")) else "encoder"  # new layers: the head's rate
             lr = head_lr if part == "head" else hp.learning_rate
             if name in depths:  # layer_decay: depth 0 is the top layer, 1 the one below, ... n the embeddings
                 part, lr = f"encoder{depths[name]}", lr * hp.layer_decay ** depths[name]

@@ -229,7 +229,7 @@ def test_config_errors(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
 
 VALUE_CASES = {
     "negative learning rate": (("--model.learning_rate", "-0.001"),
-                               "error: model.learning_rate and model.head_learning_rate must be > 0, got -0.001, None"),
+                               "error: model.learning_rate and model.head_learning_rate must be finite and > 0, got -0.001, None"),
     "zero batch size": (("--data.train_batch_size", "0"),
                         "error: data.train_batch_size and data.eval_batch_size must be at least 1, got 0 and 32"),
     "threshold outside 0..1": (("--model.threshold", "1.5"), "error: model.threshold must be within 0..1, got 1.5"),

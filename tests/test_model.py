@@ -116,8 +116,31 @@ def test_aux_taxonomy_adds_a_training_only_group_loss(tiny_model):
     assert aux > 0 and m.training_step(batch, 0).item() == pytest.approx((main + 0.25 * aux).item(), rel=1e-6)
     with pytest.raises(GoemoError, match="aux_taxonomy 'ekman' maps GoEmotions' 28 labels"):
         EmotionClassifier(str(tiny_model), label_names=["a", "b"], aux_taxonomy="ekman")
-    with pytest.raises(GoemoError, match="aux_weight must be >= 0"):
+    with pytest.raises(GoemoError, match="aux_weight must be finite and >= 0"):
         EmotionClassifier(str(tiny_model), aux_weight=-1.0)
+    # the auxiliary head is new, as the main one: it trains at the head's learning rate, not the encoder's
+    from types import SimpleNamespace
+
+    m = EmotionClassifier(str(tiny_model), label_names=names, aux_taxonomy="ekman", learning_rate=1e-4, head_learning_rate=2e-3)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = m.configure_optimizers()["optimizer"]
+    lr = {n: g["lr"] for g in opt.param_groups for n, p in m.named_parameters() for q in g["params"] if p is q}
+    assert lr["aux_head.weight"] == lr["aux_head.bias"] == lr["head.weight"] == 2e-3
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"learning_rate": float("nan")}, "model.learning_rate and model.head_learning_rate must be finite and > 0, got nan"),
+        ({"head_learning_rate": float("inf")}, "must be finite and > 0, got 2e-05, inf"),
+        ({"weight_decay": float("nan")}, "model.weight_decay must be finite and >= 0, got nan"),
+        ({"aux_weight": float("nan")}, "model.aux_weight must be finite and >= 0, got nan"),
+        ({"pos_weight_max": float("nan")}, "model.pos_weight_max must be >= 1, got nan"),
+    ],
+)
+def test_nan_and_inf_settings_are_refused(tiny_model, setting, message):
+    with pytest.raises(GoemoError, match=message.replace("(", r"\(")):
+        EmotionClassifier(str(tiny_model), **setting)
 
 
 def test_head_init_label_names_points_each_row_at_its_names_encoding(tiny_model):

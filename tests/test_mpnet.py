@@ -67,3 +67,21 @@ def test_mpnet_activation_checkpointing_is_refused_in_one_line(tiny_mpnet):
 
     with pytest.raises(GoemoError, match="model.checkpoint_tokens: MPNetModel has no activation checkpointing; unset it"):
         EmotionClassifier(str(tiny_mpnet), label_names=["a", "b"], checkpoint_tokens=1024)
+
+
+def test_mpnet_positions_start_after_the_padding_index(tiny_mpnet):
+    """MPNet numbers positions from its padding index (fixed at 1) + 1, as RoBERTa: a table of 130 takes 128 tokens,
+    and the data.max_length check must stop at that, not at 130 (an IndexError inside the encoder)."""
+    import torch
+    from transformers import AutoConfig, MPNetModel
+
+    from goemo.model import max_positions
+
+    cfg = AutoConfig.from_pretrained(tiny_mpnet)
+    assert cfg.max_position_embeddings == 130 and max_positions(cfg) == 128
+    model = MPNetModel.from_pretrained(tiny_mpnet).eval()
+    ids = lambda n: torch.full((1, n), 5)  # noqa: E731 (any token but padding)
+    with torch.no_grad():
+        model(input_ids=ids(max_positions(cfg)))  # the longest it takes
+        with pytest.raises(IndexError):
+            model(input_ids=ids(max_positions(cfg) + 1))
