@@ -104,9 +104,12 @@ def last_checkpoint(run: Path) -> Path:
 def best_checkpoint(run: Path) -> Path:
     """The best checkpoint recorded by ModelCheckpoint in the run's newest checkpoint."""
     last = last_checkpoint(run)
-    state = load_checkpoint(last, mmap=True).get("callbacks", {})
+    ckpt = load_checkpoint(last, mmap=True)
+    state = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else None  # a weights-only file has none: {}
+    if not isinstance(state, dict):
+        raise GoemoError(f"{last}: not a Lightning checkpoint (no dict of callbacks' states); give a .ckpt file of the run instead")
     for key, cb in state.items():
-        if key.startswith("ModelCheckpoint") and cb.get("best_model_path"):
+        if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(cb, dict) and cb.get("best_model_path"):
             # Look it up by name in this run: the run folder may have moved since training.
             best = run / "checkpoints" / Path(cb["best_model_path"]).name
             if best.is_file():

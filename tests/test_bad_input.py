@@ -197,6 +197,19 @@ def test_truncated_last_ckpt_of_a_run(tiny_run, tmp_path, capsys, monkeypatch):
     assert err.splitlines()[-1].startswith("error: lightning_logs/version_0/checkpoints/last.ckpt: not a loadable checkpoint (")
 
 
+@pytest.mark.parametrize("saved", [torch.zeros(2), {"callbacks": [1]}], ids=["a tensor", "callbacks not a dict"])
+def test_a_last_ckpt_of_another_shape_is_one_line(tiny_run, tmp_path, saved):
+    """`best` and a run folder read the run's last.ckpt for the best checkpoint's name: a file of another shape there
+    is one line, from goemo.load as from the CLI."""
+    from goemo import load
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run / "lightning_logs" / "version_0", work)
+    torch.save(saved, work / "checkpoints" / "last.ckpt")
+    with pytest.raises(GoemoError, match=r"last.ckpt: not a Lightning checkpoint \(no dict of callbacks' states\)"):
+        load(work)
+
+
 def test_missing_checkpoint_and_unsafe_flag(good_ckpt, tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
     args = fit(tiny_model, tiny_data, tmp_path / "cache")[1:]
     line = cli_error(capsys, monkeypatch, tmp_path, "test", *args, "--ckpt_path", str(tmp_path / "nope.ckpt"))
