@@ -4,8 +4,9 @@
 `int8` runs it after onnxruntime's dynamic int8 quantization (weights stored as int8 with a scale per output
 channel, activations quantized per batch). Both are made once per checkpoint and cached beside the run
 (`RUN/onnx/CKPT-KEY.onnx`, `CKPT-KEY.int8.onnx`, written atomically; KEY names the checkpoint file's size and
-modification time, so a rewritten `last.ckpt` gets a new export and its old one is removed). Tokenization, length-sorted batching, thresholds and the output structure are the
-classifier's own, so only the forward pass differs. The session uses as many threads as torch does, so backends
+modification time, so a rewritten `last.ckpt` gets a new export and its old one is removed). Tokenization,
+length-sorted batching, thresholds and the output structure are the classifier's own, so only the forward pass
+differs. The session uses as many threads as torch does, so backends
 compare on equal terms.
 """
 
