@@ -89,9 +89,11 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
             raise GoemoError(f"{where}: {kind} needs a non-empty list of values")
         if any(isinstance(v, (dict, list)) for v in value):
             raise GoemoError(f"{where}: {kind} values must be plain numbers, strings, booleans or null")
-        twice = next((v for i, v in enumerate(value) if any(v == w and type(v) is type(w) for w in value[:i])), None)
-        if twice is not None or value.count(None) > 1:
-            raise GoemoError(f"{where}: {kind} lists {twice!r} twice (each value is one trial of the same recipe)")
+        seen = []  # (type, value): 1, 1.0 and true are three values
+        for v in value:
+            if (type(v), v) in seen:
+                raise GoemoError(f"{where}: {kind} lists {v!r} twice (each value is one trial of the same recipe)")
+            seen.append((type(v), v))
         return {"kind": kind, "values": value}
     if not (isinstance(value, list) and len(value) == 2):
         raise GoemoError(f"{where}: {kind} needs [low, high]")
