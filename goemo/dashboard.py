@@ -36,8 +36,12 @@ class ValidationExamples(Callback):
         if num_examples < 0:
             raise GoemoError(f"val_examples.num_examples must be >= 0, got {num_examples}")
         self.num_examples = num_examples
+        self._table = None  # (writer, texts, (n, L) labels, (n, L) probabilities) of the validation running
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        # The probabilities of the weights this validation scores: the model is in eval mode here and, with
+        # `weight_averaging`, holds the mean, which goes back out in the callbacks' epoch-end hooks.
+        self._table = None
         if not self.num_examples or trainer.sanity_checking or not trainer.is_global_zero:
             return
         writer = getattr(trainer.logger, "experiment", None)  # a SummaryWriter for TensorBoardLogger
@@ -49,13 +53,20 @@ class ValidationExamples(Callback):
         rows = [ds[i] for i in range(n)]  # {"input_ids": (T,), "attention_mask": (T,), "labels": (L,)}
         texts = ds.with_format(None).select(range(n))["text"]
         batch = MultiLabelCollator(dm.tokenizer.pad_token_id, dm.tokenizer.padding_side)(rows)
-        with torch.inference_mode():  # the validation loop has put the model in eval mode
+        with torch.inference_mode():
             logits = pl_module(batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device))
-        probs = torch.sigmoid(logits.float()).cpu()  # (n, L)
+        self._table = (writer, texts, batch["labels"], torch.sigmoid(logits.float()).cpu())  # probs (n, L)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # After the module's `on_validation_epoch_end`, which tuned the thresholds on this validation.
+        if self._table is None:
+            return
+        writer, texts, labels, probs = self._table
+        self._table = None
         predicted = apply_thresholds(probs, label_thresholds(pl_module))  # (n, L), as in the metrics
         names = pl_module.label_names
         lines = ["| text | true labels | predicted (probability) |", "|---|---|---|"]
-        for text, truth, p, hit in zip(texts, batch["labels"], probs, predicted):
+        for text, truth, p, hit in zip(texts, labels, probs, predicted):
             true_labels = ", ".join(names[j] for j in truth.nonzero().flatten().tolist()) or "-"
             order = torch.argsort(p, descending=True).tolist()
             pred = ", ".join(f"{names[j]} ({p[j]:.2f})" for j in order if hit[j])

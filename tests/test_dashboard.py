@@ -6,9 +6,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
+import torch
+from datasets import Dataset
 
+from goemo.averaging import EpochAveraging
+from goemo.dashboard import TAG, ValidationExamples
 from tests.conftest import run_main
 
 
@@ -50,6 +55,62 @@ def tensorboard(tiny_run, tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+class Writer:
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str, int]] = []
+
+    def add_text(self, tag: str, text: str, global_step: int) -> None:
+        self.texts.append((tag, text, global_step))
+
+
+class Scaled(torch.nn.Module):
+    """Logits = w * (first token id - 2) for both labels: probabilities read back from w."""
+
+    label_names = ["joy", "anger"]
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("thresholds", torch.full((2,), 0.5))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return (self.w * (input_ids[:, :1].float() - 2)).expand(-1, 2)  # (B, 2)
+
+
+def test_the_examples_table_shows_the_averaged_weights_at_the_thresholds_tuned_on_that_validation():
+    rows = {"text": ["low", "high"], "input_ids": [[1, 5], [3]], "attention_mask": [[1, 1], [1]],
+            "labels": [[0.0, 1.0], [1.0, 0.0]]}  # fmt: skip
+    ds = Dataset.from_dict(rows).with_format("torch", columns=["input_ids", "attention_mask", "labels"])
+    writer, model = Writer(), Scaled()
+    data = SimpleNamespace(datasets={"validation": ds}, tokenizer=SimpleNamespace(pad_token_id=0, padding_side="right"))
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, logger=SimpleNamespace(experiment=writer),
+                              datamodule=data, global_step=7, current_epoch=0, is_last_batch=True,
+                              num_training_batches=1, state=SimpleNamespace(fn="fit"))  # fmt: skip
+    averaging, examples = EpochAveraging(start_epoch=0), ValidationExamples(num_examples=2)
+    with torch.no_grad():
+        model.w.fill_(3.0)
+    averaging.on_train_batch_end(trainer, model, None, None, 0)  # the mean: w = 3
+    with torch.no_grad():
+        model.w.fill_(-5.0)  # the trained weights go on: they would flip every prediction
+    # The hooks in Lightning's order: callbacks' epoch start, callbacks' then the module's epoch end, validation end.
+    averaging.on_validation_epoch_start(trainer, model)
+    examples.on_validation_epoch_start(trainer, model)
+    averaging.on_validation_epoch_end(trainer, model)
+    assert model.w.item() == -5.0 and writer.texts == []
+    model.thresholds.copy_(torch.tensor([0.9, 0.02]))  # the module tunes them on this validation
+    examples.on_validation_end(trainer, model)
+    (tag, text, step), = writer.texts
+    assert (tag, step) == (TAG, 7)
+    # sigmoid(3 * (1 - 2)) = 0.05 (anger only, > 0.02); sigmoid(3 * (3 - 2)) = 0.95 (both)
+    assert text.splitlines()[2:] == ["| low | anger | anger (0.05) |", "| high | joy | joy (0.95), anger (0.95) |"]
+    examples.on_validation_end(trainer, model)  # a validation with no table started logs nothing
+    trainer.sanity_checking = True
+    examples.on_validation_epoch_start(trainer, model)
+    examples.on_validation_end(trainer, model)
+    assert len(writer.texts) == 1
 
 
 @pytest.mark.slow
