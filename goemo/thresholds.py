@@ -46,7 +46,8 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
         probs: (N, L) probabilities.
         targets: (N, L) 0/1 labels.
         fallback: Threshold for labels whose best F1 is 0 (no positives, or none ever ranked above a
-            negative): with nothing to learn from, the lowest grid value would predict nearly every row.
+            negative) on the rows, or on every resample: with nothing to learn from, the lowest grid value would
+            predict nearly every row. Resamples where it is 0 for a label do not count in that label's mean.
         resamples: Bootstrap resamples to average over; 0: tune once on the rows as given.
         seed: Seed of the resampling's own generator (the global random state is neither used nor advanced).
 
@@ -84,8 +85,12 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
         tp[g], predicted[g] = weights @ (pred * y), weights @ pred
     f1 = torch.from_numpy(prf(tp.numpy(), (predicted - tp).numpy(), (pos - tp).numpy())[2])  # (G, B, L), as in the report
     chosen = GRID[f1.argmax(0)]  # (B, L) the first maximum, i.e. the lowest threshold among ties
-    chosen = torch.where(f1.max(0).values > 0, chosen, torch.full_like(chosen, fallback))
-    return chosen.double().mean(0).float().to(device)
+    # A resample where a label's best F1 is 0 (it drew none of a rare label's few positives) has nothing to say
+    # about its threshold: the mean is over the others, and the fallback only where no resample had any F1.
+    found = f1.max(0).values > 0  # (B, L)
+    count = found.sum(0)  # (L,)
+    mean = (chosen.double() * found).sum(0) / count.clamp(min=1)
+    return torch.where(count > 0, mean, torch.full_like(mean, fallback)).float().to(device)
 
 
 def apply_thresholds(probs: Array, thresholds: Array) -> Array:

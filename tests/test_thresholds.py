@@ -63,7 +63,8 @@ def test_resampled_thresholds_are_the_mean_over_explicit_resamples(arrays):
     for j in range(probs.shape[1]):
         order = np.lexsort((targets[:, j], probs[:, j]))  # by probability, then target
         p, y = probs[order, j : j + 1], targets[order, j : j + 1]
-        by_hand.append(np.mean([brute_force(p[r], y[r], 0.5)[0] for r in rows]))
+        found = [r for r in rows if y[r].any() and f1_score(y[r, 0], p[r, 0] > GRID[0].item()) > 0]  # F1 above 0
+        by_hand.append(np.mean([brute_force(p[r], y[r], 0.5)[0] for r in found]) if found else 0.5)
     state = torch.get_rng_state()
     got = tune_thresholds(probs, targets, fallback=0.5, resamples=7, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # its own generator: training's random stream is untouched
@@ -73,6 +74,18 @@ def test_resampled_thresholds_are_the_mean_over_explicit_resamples(arrays):
     np.testing.assert_array_equal(got.numpy(), tune_thresholds(probs, targets, resamples=7, seed=3).numpy())
     with pytest.raises(GoemoError, match="resamples must be >= 0"):
         tune_thresholds(probs, targets, resamples=-1)
+
+
+def test_resamples_that_drew_none_of_a_rare_labels_positives_do_not_pull_its_threshold_to_the_fallback():
+    # One positive (p = 0.2) among 199 negatives (p = 0.03): about e^-1 of the resamples miss it. Every resample
+    # that has it picks 0.03 (the lowest threshold that passes only the positive); the mean must be that, not a
+    # blend with the fallback (0.19 before: a threshold that drops a positive at 0.15).
+    probs = np.full((200, 2), 0.03, dtype=np.float32)
+    targets = np.zeros((200, 2), dtype=np.int64)
+    probs[17, 0], targets[17, 0] = 0.2, 1  # label 1: no positives at all -> the fallback
+    got = tune_thresholds(probs, targets, fallback=0.5, resamples=100)
+    assert got[0].item() == pytest.approx(0.03) and got[1].item() == 0.5
+    assert got[0].item() == pytest.approx(tune_thresholds(probs, targets)[0].item())
 
 
 def test_resampled_thresholds_do_not_depend_on_the_rows_order(arrays):
