@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from goemo.errors import GoemoError
-from goemo.hub import hub_kwargs, load_error, resolve_model_path
+from goemo.hub import load_tokenizer, resolve_model_path
 from goemo.model import EmotionClassifier
 from goemo.predict import encode_batches, label_thresholds, to_records
 from goemo.runs import RUNS_DIR, load_lightning_checkpoint, resolve_checkpoint
@@ -117,15 +117,10 @@ def load_run(
         batch_size: Texts per forward pass.
         runs_dir: Where `best`/`last` look for runs.
     """
-    from transformers import AutoTokenizer
-
     path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))
     model, data_hparams = load_model(path)
     name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
-    except (OSError, ValueError) as e:  # missing files, a broken config, custom code
-        raise load_error("tokenizer", name, e) from None
+    tokenizer = load_tokenizer(name)
     clf = Classifier(model.to(device), tokenizer, data_hparams.get("max_length", 128), batch_size)
     clf.data_hparams = data_hparams  # what it was trained on (goemo.ensemble reads the same splits)
     return clf

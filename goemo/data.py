@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from goemo.errors import GoemoError
-from goemo.hub import hub_kwargs, hub_reachable, load_error, package_path, resolve_model_path, unreachable
+from goemo.hub import hub_reachable, load_error, load_tokenizer, package_path, resolve_model_path, unreachable
 from goemo.batching import LengthGroupedBatchSampler, MultiLabelCollator, ResumableDataLoader
 from goemo.taxonomy import GOEMOTIONS_LABELS, Taxonomy, taxonomy_labels, taxonomy_matrix
 
@@ -235,13 +235,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            name = resolve_model_path(self.hparams.tokenizer_name)
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
-            except (OSError, ValueError) as e:  # missing files, a broken config, custom code
-                raise load_error("tokenizer", name, e) from None
+            self._tokenizer = load_tokenizer(resolve_model_path(self.hparams.tokenizer_name))
             # Hash it now: calling it stores truncation settings in its JSON, which would change the hash.
             self._tokenizer_hash = hashlib.sha256(self._tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
         return self._tokenizer

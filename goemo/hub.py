@@ -84,6 +84,22 @@ def hub_kwargs(name: str) -> dict:
     return {"trust_remote_code": False, "local_files_only": True}
 
 
+def load_tokenizer(name: str):
+    """`AutoTokenizer.from_pretrained(name)` (a name from `resolve_model_path`) with goemo's one-line errors."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name))
+    except (OSError, ValueError) as e:  # missing files, a broken config, custom code
+        raise load_error("tokenizer", name, e) from None
+    if tokenizer.pad_token_id is None:  # GPT-style tokenizers: the collator would fail at the first batch
+        raise GoemoError(
+            f"tokenizer {name!r} has no pad token, and goemo pads each batch to its longest text; "
+            "use an encoder's tokenizer (BERT, RoBERTa, MPNet, ...) or set pad_token in its tokenizer_config.json"
+        )
+    return tokenizer
+
+
 def _first_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(err).__name__

@@ -273,10 +273,20 @@ def test_model_folders(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model, broken)
     (broken / "config.json").write_text('{"model_type": "bert", "hidden_size": ')
+    no_pad = tmp_path / "no-pad-token"  # a GPT-style tokenizer: nothing to pad a batch with
+    shutil.copytree(tiny_model, no_pad)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.pad_token = None
+    tok.save_pretrained(no_pad)
     cases = {
         "missing model folder": (tmp_path / "nope" / "model", "error: model '{p}': no such folder"),
         "model folder without config.json": (empty, "error: cannot load model from folder {p}: "),
         "broken config.json": (broken, "error: cannot load model from folder {p}: "),
+        "tokenizer without a pad token": (no_pad, "error: tokenizer '{p}' has no pad token, and goemo pads each batch "
+                                                  "to its longest text; use an encoder's tokenizer (BERT, RoBERTa, "
+                                                  "MPNet, ...) or set pad_token in its tokenizer_config.json"),
     }
     for case, (path, expected) in cases.items():
         line = cli_error(capsys, monkeypatch, tmp_path, *fit(path, tiny_data, tmp_path / "cache"))
