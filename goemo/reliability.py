@@ -46,6 +46,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         _check_finite(checkpoint.get("state_dict", {}), path)
+        _check_finite(checkpoint.get("current_model_state", {}), path)  # the trained weights under weight averaging
         try:
             with AtomicFile(path, "wb") as f:  # a kill during the save leaves the previous file whole
                 torch.save(checkpoint, f)

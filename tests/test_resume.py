@@ -176,6 +176,10 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, path)
     with pytest.raises(GoemoError, match=r"not saving .*last\.ckpt: the weights are not finite \(first: w\)"):
         SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    # Under weight averaging the state dict holds the (still finite) mean; a resume trains on from these:
+    averaged = {"state_dict": {"w": torch.ones(2)}, "current_model_state": {"w": torch.tensor([float("inf"), 1.0])}}
+    with pytest.raises(GoemoError, match=r"not saving .*last\.ckpt: the weights are not finite \(first: w\)"):
+        SafeCheckpointIO().save_checkpoint(averaged, path)
     assert load_checkpoint(path)["global_step"] == 1
 
 
