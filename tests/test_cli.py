@@ -1,5 +1,6 @@
 """Every shipped config parses; run resolution and offline errors behave."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,20 @@ def test_rewrite_args_puts_run_config_first(tmp_path):
 
 
 HUB_DOWN = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: refused at once
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("on", True), ("YES", True), ("true", True), ("0", False)])
+def test_hub_offline_reads_huggingface_hubs_true_values(value, offline, monkeypatch):
+    from goemo.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    dialled = []  # a stand-in for the socket: every dial "connects"
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or contextlib.nullcontext())
+    hub_reachable.cache_clear()
+    try:
+        assert hub_reachable() is not offline and len(dialled) == (0 if offline else 1)
+    finally:
+        hub_reachable.cache_clear()
 
 
 @pytest.mark.slow
