@@ -133,8 +133,8 @@ def to_markdown(report: dict) -> str:
         "| label | support | P (fixed) | R (fixed) | F1 (fixed) | threshold (tuned) | P (tuned) | R (tuned) | F1 (tuned) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = [(n, fx["per_label"][n], tu["per_label"][n], f"{tu['per_label'][n]['threshold']:.2f}")
-            for n in report["labels"]]  # fmt: skip
+    rows = [(n.replace("|", "\\|"), fx["per_label"][n], tu["per_label"][n], f"{tu['per_label'][n]['threshold']:.2f}")
+            for n in report["labels"]]  # fmt: skip (a "|" in a label name would split its row)
     rows += [(f"**{k}**", fx[k], tu[k], "") for k in ("micro", "macro")]
     for name, a, b, thr in rows:
         lines.append(
@@ -158,6 +158,7 @@ def print_report(report: dict, console=None) -> None:
     """A short terminal table: per-label support and F1 at both thresholds, then micro and macro with intervals."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     fx, tu = report["fixed"], report["tuned"]
     pct = int(round(100 * report["bootstrap"]["confidence"]))
@@ -168,7 +169,7 @@ def print_report(report: dict, console=None) -> None:
         table.add_column(col, justify="left" if col == "label" else "right", no_wrap=True)
     for n in report["labels"]:
         a, b = fx["per_label"][n], tu["per_label"][n]
-        table.add_row(n, str(a["support"]), f"{a['f1']:.3f}", f"{b['f1']:.3f}", f"{b['threshold']:.2f}")
+        table.add_row(Text(n), str(a["support"]), f"{a['f1']:.3f}", f"{b['f1']:.3f}", f"{b['threshold']:.2f}")
     table.add_section()
     for k in ("micro", "macro"):
         table.add_row(k, str(fx[k]["support"]), f"{fx[k]['f1']:.3f}", f"{tu[k]['f1']:.3f}", "")

@@ -116,3 +116,17 @@ def test_terminal_table_and_tensorboard(arrays, tmp_path):
     ev = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
     assert ev.Tags()["images"] == ["test/f1_per_label"]
     assert sorted(ev.Tags()["tensors"]) == sorted(f"test_pr/{n}" for n in NAMES)
+
+
+def test_label_names_with_table_syntax_stay_in_their_cells(arrays, tmp_path):
+    from rich.console import Console
+
+    probs, targets, tuned = arrays
+    names = ["a|b", "[bold]x", "fear", "neutral", "grief"]  # custom label files may hold any text
+    rep = build_report(probs, targets, names, 0.5, tuned, resamples=20)
+    _, md = write_report(rep, tmp_path)
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| a")]
+    assert len(rows) == 1 and rows[0].startswith("| a\\|b | ") and rows[0].replace("\\|", "").count("|") == 10
+    console = Console(record=True, width=120)
+    print_report(rep, console)
+    assert "[bold]x" in console.export_text()  # shown as written, not taken as markup
