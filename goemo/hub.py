@@ -85,7 +85,7 @@ def hub_kwargs(name: str) -> dict:
 
 
 def load_tokenizer(name: str):
-    """`AutoTokenizer.from_pretrained(name)` (a name from `resolve_model_path`) with goemo's one-line errors."""
+    """The tokenizer of `name` (a name from `resolve_model_path`) by AutoTokenizer, with goemo's one-line errors."""
     from transformers import AutoTokenizer
 
     try:
