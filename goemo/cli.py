@@ -4,6 +4,7 @@ run-aware `--ckpt_path`, and `predict --data.predict_file FILE [--output PATH]`.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import sys
@@ -160,16 +161,28 @@ class GoemoCLI(LightningCLI):
             )  # fmt: skip
         return parser
 
+    def parse_arguments(self, parser, args) -> None:
+        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, Mapping) else None
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters into the config (torch.load, weights_only=True) before
-        # anything else; a file that is not a loadable, safe checkpoint raises there. Read it first through
-        # goemo.runs.load_checkpoint (memory-mapped: cheap), so that is one line, not a traceback. This private hook
-        # is where LightningCLI loads a checkpoint's hyperparameters (Lightning #20310, #20801).
+        # LightningCLI parses a checkpoint's hyperparameters on top of the parsed config, so they override the
+        # flags typed (`test --ckpt_path best --model.threshold 0.3` would test at the checkpoint's 0.5; Lightning
+        # #21455, this private hook: #20310, #20801). Here they go beneath them: the arguments are parsed again with
+        # the hyperparameters as `--model` right after the subcommand, so any config file or flag given wins.
+        # The checkpoint is read through goemo.runs first (memory-mapped: cheap): not a safe checkpoint -> one line.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            load_lightning_checkpoint(Path(ckpt_path), mmap=True)
-        super()._parse_ckpt_path()
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        ckpt = load_lightning_checkpoint(Path(ckpt_path), mmap=True)
+        if self._args is None or sub not in self._args:  # arguments given as a dict: Lightning's own way
+            return super()._parse_ckpt_path()
+        hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        if not hparams:  # `_instantiator` and the like are Lightning's, not the model's arguments
+            return
+        i = self._args.index(sub) + 1
+        self.config = self.parser.parse_args([*self._args[:i], "--model", json.dumps(hparams), *self._args[i:]])
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -92,7 +92,24 @@ def test_test_best_in_new_process(fitted):
 
 
 def test_flags_override_the_run_config(fitted):
-    r = run_main("validate", "--ckpt_path", "last", "--data.eval_batch_size", "8", cwd=fitted)
+    # Model flags too: Lightning parses the checkpoint's hyperparameters over them (Lightning #21455).
+    r = run_main("validate", "--ckpt_path", "last", "--data.eval_batch_size", "8", "--model.threshold", "0.3", cwd=fitted)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = yaml.safe_load((fitted / "lightning_logs" / "version_0" / "config_validate.yaml").read_text())
     assert cfg["data"]["eval_batch_size"] == 8 and cfg["ckpt_path"].endswith("last.ckpt")
+    assert cfg["model"]["threshold"] == 0.3
+
+
+def test_a_checkpoint_file_alone_gives_the_model_config_beneath_the_flags(fitted, tiny_model, tmp_path):
+    import json
+    import shutil
+
+    ckpt = shutil.copy(fitted / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
+    r = run_main("test", "--ckpt_path", str(ckpt), "--data.data_dir", str(fitted / "data"), "--model.threshold", "0.25",
+                 "--trainer.enable_progress_bar", "false", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    cfg = yaml.safe_load((run / "config_test.yaml").read_text())
+    assert cfg["model"]["model_name_or_path"] == str(tiny_model)  # from the checkpoint, not the default
+    assert cfg["model"]["learning_rate"] == 1e-3 and cfg["model"]["threshold"] == 0.25  # the flag wins
+    assert json.loads((run / "test_report.json").read_text())["thresholds"]["fixed"] == 0.25
