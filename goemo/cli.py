@@ -187,9 +187,10 @@ class GoemoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
-        if (cfg.get("output") or cfg.get("backend", "torch") != "torch") and not cfg.data.predict_file:
-            raise GoemoError("--output and --backend need --data.predict_file FILE (the texts to predict)")
-        if self.subcommand == "predict" and cfg.data.predict_file:
+        if self.subcommand == "predict":  # without a file, predictions would stay in memory and be dropped
+            if not cfg.data.predict_file:
+                raise GoemoError("predict needs --data.predict_file FILE (.txt, .jsonl or .csv: the texts to predict); "
+                                 "`test` scores the test split")  # fmt: skip
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
         self._check_outputs(cfg)
         if cfg.get("weights_only") is False:
@@ -265,21 +266,20 @@ class GoemoCLI(LightningCLI):
         ckpt_path: Optional[str] = None,
         weights_only: Optional[bool] = None,
     ) -> None:
-        """`trainer.predict`; with `--data.predict_file` it streams into a JSON-lines file instead of memory
+        """`trainer.predict` of `--data.predict_file`, streamed into a JSON-lines file instead of memory
         (with `--backend onnx|int8`, through onnxruntime instead of the trainer)."""
         cfg = self.config[self.subcommand]
         if cfg.get("backend", "torch") != "torch":
-            if not datamodule.hparams.predict_file or not ckpt_path:
-                raise GoemoError("--backend onnx|int8 needs --data.predict_file FILE and --ckpt_path (a trained run)")
+            if not ckpt_path:
+                raise GoemoError("--backend onnx|int8 needs --ckpt_path (a trained run)")
             from goemo.onnx_backend import load_backend
             from goemo.predict import predict_file
 
             clf = load_backend(ckpt_path, batch_size=datamodule.hparams.eval_batch_size, backend=cfg.backend)
             output = Path(cfg.get("output") or Path(self.trainer.log_dir or ".") / "predictions.jsonl")
             return predict_file(clf, Path(datamodule.hparams.predict_file), output)
-        if datamodule.hparams.predict_file:
-            self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].get("output")))
-            return_predictions = False  # written batch by batch; keeping them too would grow with the file
+        self.trainer.callbacks.append(PredictionWriter(cfg.get("output")))
+        return_predictions = False  # written batch by batch; keeping them too would grow with the file
         self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
 
 

@@ -332,3 +332,17 @@ def test_failed_export_leaves_no_folder(tiny_run, tmp_path, monkeypatch):
         export_module.export(str(tiny_run / "lightning_logs" / "version_0"), out, onnx=True)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
+
+
+def test_predict_needs_a_file_of_texts(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    # Without one Lightning would predict the test split into memory, and the CLI would drop the result.
+    base = ("predict", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
+            "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false")  # fmt: skip
+    needs = ("error: predict needs --data.predict_file FILE (.txt, .jsonl or .csv: the texts to predict); "
+             "`test` scores the test split")  # fmt: skip
+    assert cli_error(capsys, monkeypatch, tmp_path, *base) == needs
+    assert cli_error(capsys, monkeypatch, tmp_path, *base, "--output", "out.jsonl") == needs
+    (tmp_path / "texts.txt").write_text("happy glad\n", encoding="utf-8")
+    line = cli_error(capsys, monkeypatch, tmp_path, *base, "--data.predict_file", "texts.txt", "--backend", "onnx")
+    assert line == "error: --backend onnx|int8 needs --ckpt_path (a trained run)"
+    assert not (tmp_path / "out.jsonl").exists()
