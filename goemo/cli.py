@@ -205,9 +205,11 @@ class GoemoCLI(LightningCLI):
             note("checkpoint.enable_version_counter false: last.ckpt is shared with last_checkpoint, never last-v1.ckpt")
             cfg.checkpoint.enable_version_counter = False
         trainer.callbacks = self._callbacks(trainer)
-        if trainer.strategy == "ddp" and cfg.model.pooling == "mean":
+        auto_ddp = trainer.strategy == "auto" and (device_count(trainer) > 1 or trainer.num_nodes > 1)
+        if (trainer.strategy == "ddp" or auto_ddp) and cfg.model.pooling == "mean":
             # The encoder's pooler (over [CLS]) gets no gradient when pooling by the mean, and DDP stops at the
-            # first step over parameters without one unless told to look for them.
+            # second step over parameters without one unless told to look for them. `auto` picks DDP for
+            # several devices or nodes.
             print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
             trainer.strategy = "ddp_find_unused_parameters_true"
         trainer.precision = default_precision(trainer.precision, trainer.accelerator)
@@ -281,6 +283,20 @@ class GoemoCLI(LightningCLI):
         self.trainer.callbacks.append(PredictionWriter(cfg.get("output")))
         return_predictions = False  # written batch by batch; keeping them too would grow with the file
         self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
+
+
+def device_count(trainer) -> int:
+    """How many devices the parsed `trainer.devices` asks for on each node (`auto`, -1: all the GPUs there are)."""
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:  # "0,1": device indices
+        return len([d for d in text.split(",") if d.strip()])
+    if text in ("auto", "-1"):
+        gpu = str(trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpu else 1
+    return int(text) if text.lstrip("-").isdigit() else 1  # anything else: Lightning's own error
 
 
 def note(text: str) -> None:

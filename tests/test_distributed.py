@@ -5,6 +5,7 @@ import random
 import shutil
 
 import pytest
+import yaml
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
@@ -97,6 +98,17 @@ def test_evaluation_batches_are_one_process_batches_halved_to_divide(world, n):
     assert (dealt == one) == (len(one) % world == 0)  # when they divide: the same batches, so the same padding
 
 
+def test_device_count_reads_the_parsed_devices_as_lightning_does():
+    from types import SimpleNamespace
+
+    from goemo.cli import device_count
+
+    cases = [(2, "cpu", 2), ("2", "cpu", 2), ([0, 1], "gpu", 2), ("0,1", "gpu", 2), ("0,", "gpu", 1), (1, "cpu", 1),
+             ("auto", "cpu", 1), ("auto", "gpu", torch.cuda.device_count() if torch.cuda.is_available() else 1)]  # fmt: skip
+    for devices, accelerator, n in cases:
+        assert device_count(SimpleNamespace(devices=devices, accelerator=accelerator)) == n, (devices, accelerator)
+
+
 def test_too_few_evaluation_rows_for_the_processes():
     with pytest.raises(GoemoError, match="3 evaluation rows cannot be cut into equal numbers of batches for 4 processes"):
         LengthGroupedBatchSampler([5, 6, 7], 1, shuffle=False, num_replicas=4, rank=0)
@@ -137,9 +149,12 @@ def test_two_process_validation_scores_like_one(learned_run, tiny_model, tmp_pat
 def test_two_process_fit_trains_and_rank_zero_saves(learned_run, tiny_model, tmp_path):
     r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
                  "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "1",
-                 *ddp(), cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+                 "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    # strategy `auto` picks DDP for two devices; mean pooling (LEARNING_ARGS) needs it to look for unused parameters
     assert "note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true" in r.stderr
+    cfg = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
+    assert cfg["trainer"]["strategy"] == "ddp_find_unused_parameters_true"  # said in the run's config
     run = tmp_path / "lightning_logs" / "version_0"
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch00-step6.ckpt", "last.ckpt"]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6  # 12 batches over 2 ranks
