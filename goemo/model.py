@@ -550,6 +550,8 @@ class EmotionClassifier(L.LightningModule):
         # as a forward and backward pass at batch 32.
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, fused=self.device.type in ("cpu", "cuda"))
         total = self.trainer.estimated_stepping_batches
+        if math.isinf(total):  # max_epochs -1 and no max_steps: the linear decay has no end to reach 0 at
+            raise GoemoError("the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps")
         scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

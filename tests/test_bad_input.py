@@ -255,6 +255,8 @@ VALUE_CASES = {
     "negative step-checkpoint interval": (("--last_checkpoint.every_n_train_steps", "-5"),
                                           "error: last_checkpoint.every_n_train_steps must be >= 0 (0 = off), got -5"),
     "negative val examples": (("--val_examples.num_examples", "-1"), "error: val_examples.num_examples must be >= 0, got -1"),
+    "endless epochs": (("--trainer.max_epochs", "-1"),
+                       "error: the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps"),
     "devices -3 on a CPU": (("--trainer.devices", "-3"), "error: trainer settings: `devices` selected with `CPUAccelerator` should be an int > 0."),
 }  # fmt: skip
 
