@@ -238,11 +238,24 @@ def _die_with_parent() -> None:
 CHILD_SETUP = _die_with_parent if os.name == "posix" else None
 
 
+def make_sampler(study, space: dict, grid: bool, seed: Optional[int]):
+    """A grid's sampler (it skips the points other workers run or ran), else TPE: seeded with `seed` plus the
+    study's trials so far, so a worker that goes on with a study does not draw its first values again."""
+    import optuna
+
+    if grid:
+        return optuna.samplers.GridSampler({k: s["values"] for k, s in space.items()}, seed=0)
+    return optuna.samplers.TPESampler(seed=None if seed is None else seed + len(study.trials))
+
+
 def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> float:
     import optuna
 
     params = suggest(trial, space)
-    args = [sys.executable, str(MAIN), "fit", *(["--config", str(a.config)] if a.config else []), *a.fit_args]
+    # The run keeps its best checkpoint by the study's metric, so the trial's score and its run's `best` are one
+    # epoch (the config's own monitor, val/f1_micro by default, could keep another); flags after `--` still win.
+    keep = ["--checkpoint.monitor", a.metric, "--checkpoint.mode", "max" if a.direction == "maximize" else "min"]
+    args = [sys.executable, str(MAIN), "fit", *(["--config", str(a.config)] if a.config else []), *keep, *a.fit_args]
     for key, value in params.items():
         args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
     args += ["--trainer.callbacks+=goemo.sweep.OptunaReport", "--trainer.callbacks.storage", storage_url,
@@ -343,11 +356,11 @@ def run_sweep(a: argparse.Namespace) -> dict:
     check_space(space, a.config, a.fit_args)
     a.sweep_dir.mkdir(parents=True, exist_ok=True)
     url, storage = storage_for(a)
-    sampler = optuna.samplers.GridSampler({k: s["values"] for k, s in space.items()}, seed=0) if grid else optuna.samplers.TPESampler(seed=a.sampler_seed)
     pruner = make_pruner(a.prune)
-    study = optuna.create_study(study_name=a.study, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=a.direction, load_if_exists=True)  # fmt: skip
+    study = optuna.create_study(study_name=a.study, storage=storage, pruner=pruner, direction=a.direction,
+                                load_if_exists=True)  # fmt: skip
     check_recipe(study, a, space)
+    study.sampler = make_sampler(study, space, grid, a.sampler_seed)
 
     def objective(trial) -> float:
         return run_trial(trial, a, space, url)
@@ -461,7 +474,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's heartbeats (0: none, no retry)")
     p.add_argument("--retries", type=int, default=2, help="times a trial whose worker died is run again")
     p.add_argument("--max-failures", type=int, default=10, help="stop the study after this many failed trials")
-    p.add_argument("--sampler-seed", type=int, default=0, help="the TPE sampler's seed")
+    p.add_argument("--sampler-seed", type=int, default=None,
+                   help="makes a one-worker study repeatable (TPE's seed, plus the trials the study already has); "
+                        "leave it unset when several workers share a study, or they draw the same values")  # fmt: skip
     argv = sys.argv[1:] if argv is None else list(argv)
     fit_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)

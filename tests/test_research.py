@@ -170,6 +170,8 @@ def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_
     assert best.parent == (tmp_path / "lightning_logs").resolve() and best.name.startswith("version_")
     config = yaml.safe_load((best / "config.yaml").read_text())
     assert config["model"]["learning_rate"] == 0.01  # the trial's value, in its run's own config
+    # its best checkpoint is kept by the study's metric, so `test` of the run scores the epoch the study ranked
+    assert (config["checkpoint"]["monitor"], config["checkpoint"]["mode"]) == ("val/f1_macro", "max")
     assert (tmp_path / "lightning_logs/sweeps/tiny/summary.json").is_file() and (tmp_path / "lightning_logs/sweeps.db").is_file()
     assert sorted(r["state"] for r in summary["runs"]) == ["complete", "fail"]  # both trials made a run folder
     assert compare.expand([tmp_path / "lightning_logs/sweeps/tiny"]) == [best]  # a study compares its finished trials
@@ -220,6 +222,25 @@ def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model
         assert (Path(trial.user_attrs["run"]) / "checkpoints" / "last.ckpt").is_file()
     finally:  # a failed assertion leaves no worker behind (its fit dies with it)
         worker.kill()
+
+
+def test_tpe_seeds_differ_between_workers_and_between_runs_of_one_study():
+    import optuna
+
+    x = {"x": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+
+    def first_value(seed, done: int = 0) -> float:
+        study = optuna.create_study()
+        for _ in range(done):  # trials an earlier command of this study ran
+            study.add_trial(optuna.trial.create_trial(params={"x": 1e-4}, distributions=x, value=0.5))
+        study.sampler = sweep.make_sampler(study, {}, False, seed)
+        return study.ask(x).params["x"]
+
+    assert first_value(0) == first_value(0)  # --sampler-seed: a one-worker study repeats
+    assert first_value(0, done=3) != first_value(0)  # going on with a study draws new values, not trial 0's again
+    assert first_value(None) != first_value(None)  # the default: each worker its own draws
+    grid = sweep.make_sampler(optuna.create_study(), {"seed_everything": {"values": [1, 2]}}, True, None)
+    assert isinstance(grid, optuna.samplers.GridSampler)
 
 
 def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(tmp_path):
