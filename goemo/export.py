@@ -31,6 +31,7 @@ import torch
 from goemo.classifier import Classifier, load_run as load
 from goemo.errors import GoemoError
 from goemo.hub import hub_kwargs
+from goemo.runs import resolve_checkpoint
 
 # Texts of varied length (empty, emoji, long enough to be truncated) for the numeric checks.
 PROBE_TEXTS = ["", "I love it!", "😂😂😂", "thanks, that is so kind of you " * 40, "ugh. why would anyone do that?"]
@@ -163,6 +164,10 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) ->
         force: Replace `out_dir` if it is a non-empty folder (the old folder goes only once the new one is complete).
     """
     out_dir = out_dir.expanduser().resolve()
+    if force and out_dir.is_dir():  # it would replace the run (or every run) it exports from
+        path = resolve_checkpoint(str(ckpt))[0].resolve()
+        if out_dir in path.parents:
+            raise GoemoError(f"{out_dir}: it holds the checkpoint to export ({path}); export to a folder outside it")
     tmp = _claim_target(out_dir, force)
     try:
         clf = load(ckpt)

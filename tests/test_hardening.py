@@ -160,6 +160,20 @@ def test_export_force_replaces_the_folder_whole(tiny_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial or .old left beside it
 
 
+def test_export_force_never_replaces_the_run_it_exports(tiny_run, tmp_path):
+    from goemo.export import export
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run / "lightning_logs", work / "lightning_logs")
+    run = work / "lightning_logs" / "version_0"
+    for target in (run, work / "lightning_logs", run / "checkpoints"):
+        with pytest.raises(GoemoError, match=r"it holds the checkpoint to export \(.*\.ckpt\); export to a folder outside it"):
+            export(str(run), target, force=True)
+    names = lambda d: sorted(p.name for p in d.iterdir())
+    assert names(run / "checkpoints") == names(tiny_run / "lightning_logs" / "version_0" / "checkpoints")  # all kept
+    assert not list(work.rglob(".*.partial"))
+
+
 def test_export_command_refuses_in_one_line(tmp_path):
     target = tmp_path / "a_file"
     target.write_text("x")
