@@ -124,12 +124,25 @@ def differing_keys(rows: list[dict]) -> list[str]:
 
 
 def group_rows(rows: list[dict]) -> list[list[dict]]:
-    """Runs whose configs are equal but for the seed, together, in first-seen order."""
+    """Runs whose configs are equal but for the seed, together, in first-seen order. A run that repeats a seed
+    of its group (a rerun, a retried sweep trial) is not another seed: it gets a row of its own, with a note."""
+    out: list[list[dict]] = []
     groups: dict[str, list[dict]] = {}
     for r in rows:
         key = json.dumps({k: v for k, v in r["config"].items() if k != "seed_everything"}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(r)
-    return list(groups.values())
+        group = groups.get(key)
+        seeded = isinstance(r["seed"], int) and not isinstance(r["seed"], bool)  # not null/true: no fixed seed
+        same = [o for o in group or [] if seeded and o["seed"] == r["seed"]]
+        if same:
+            print(f"note: {r['run']} has the config and seed ({r['seed']}) of {same[0]['run']}: a row of its own, "
+                  "not one more seed of its group", file=sys.stderr)  # fmt: skip
+            out.append([r])
+            continue
+        if group is None:
+            group = groups[key] = []
+            out.append(group)
+        group.append(r)
+    return out
 
 
 def fmt(values: list[Optional[float]], ci: Optional[list] = None) -> str:

@@ -394,6 +394,20 @@ def test_compare_counts_a_run_named_twice_once(tmp_path):
     assert len(body) == 1 and body[0][header.index("n")] == "1"  # not a seed group of one run
 
 
+def test_compare_keeps_a_rerun_of_one_seed_out_of_its_seed_group(tmp_path, capsys):
+    # A rerun (or a sweep trial and its retry) has the config and seed of the first: not a second seed.
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = lambda x: {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": x}  # noqa: E731
+    seeds_and_scores = ((42, 0.40), (1, 0.50), (42, 0.54))
+    runs = [fake_run(tmp_path / f"version_{i}", 1e-4, seed, val, t(x)) for i, (seed, x) in enumerate(seeds_and_scores)]
+    header, body = compare.table(runs)
+    seed, n, tuned = header.index("seed"), header.index("n"), header.index("test macro-F1 tuned")
+    assert [(row[seed], row[n]) for row in body] == [("42, 1", "2"), ("42", "1")]
+    assert body[0][tuned] == f"0.450 ± {np.std([0.40, 0.50], ddof=1):.3f}" and body[1][tuned] == "0.540 [0.400, 0.600]"
+    assert capsys.readouterr().err == (f"note: {runs[2]} has the config and seed (42) of {runs[0]}: a row of its own, "
+                                       "not one more seed of its group\n")  # fmt: skip
+
+
 # -- ensembles ------------------------------------------------------------------------------------------------------
 class FakeMember:
     """A member whose probabilities for the i-th text are row i of a fixed array."""
