@@ -91,11 +91,7 @@ def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size:
     """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds)."""
     if isinstance(runs, (str, Path)):
         spec = read_spec(Path(runs) / ENSEMBLE_FILE)
-        members = []
-        for m in spec["members"]:
-            if not Path(m).exists():
-                raise GoemoError(f"ensemble {runs}: its member {m} is gone; restore it, or build the ensemble again")
-            members.append(load_backend(m, device, batch_size, backend=backend))
+        members = [load_backend(m, device, batch_size, backend=backend) for m in check_members(runs, spec)]
         ens = Ensemble(members, np.asarray(spec["thresholds"], dtype=np.float32))
         if ens.label_names != spec["labels"]:
             raise GoemoError(f"ensemble {runs}: its members' labels are not those its thresholds were tuned for; build the ensemble again")
@@ -104,6 +100,25 @@ def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size:
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
     check_distinct(runs)
     return Ensemble([load_backend(r, device, batch_size, backend=backend) for r in runs])
+
+
+def stamp(path: Union[str, Path]) -> list[int]:
+    """[size, mtime in ns] of a file: what tells a checkpoint rewritten in place (a resumed fit's last.ckpt)."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def check_members(folder: Union[str, Path], spec: dict) -> list[str]:
+    """The checkpoint files of an ensemble folder's members, each still there and, where the spec has their
+    stamps, unchanged since the ensemble was built (its thresholds and report are for those weights)."""
+    stamps = spec.get("stamps") or [None] * len(spec["members"])
+    for m, st in zip(spec["members"], stamps):
+        if not Path(m).exists():
+            raise GoemoError(f"ensemble {folder}: its member {m} is gone; restore it, or build the ensemble again")
+        if st is not None and stamp(m) != st:
+            raise GoemoError(f"ensemble {folder}: its member {m} changed since the ensemble was built (a resumed fit "
+                             "rewrites last.ckpt); build the ensemble again")  # fmt: skip
+    return spec["members"]
 
 
 def read_spec(path: Path) -> dict:
@@ -119,6 +134,8 @@ def read_spec(path: Path) -> dict:
         and isinstance(spec.get("labels"), list) and isinstance(spec.get("thresholds"), list)
         and len(spec["thresholds"]) == len(spec["labels"]) > 0
         and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in spec["thresholds"])
+        and (spec.get("stamps") is None or (isinstance(spec["stamps"], list) and len(spec["stamps"]) == len(spec["members"])
+             and all(isinstance(st, list) and len(st) == 2 and all(type(x) is int for x in st) for st in spec["stamps"])))
     )  # fmt: skip
     if not ok:
         raise GoemoError(f"{path}: not an ensemble file (members, labels and one threshold per label); build the ensemble again")
@@ -147,22 +164,24 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     if resamples < 1:
         raise GoemoError(f"--resamples must be at least 1 (bootstrap resamples for the intervals), got {resamples}")
     check_writable(out, "--out")  # before any model is loaded
+    # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
+    # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
+    # Stamped before loading: a file rewritten from then on (last.ckpt of a fit still running) is refused later.
+    members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
+    stamps = [stamp(m) for m in members]
     ens = load_ensemble(runs)
     data = ens.tune(threshold_resamples)
     test_probs = ens.predict_proba(data["test"]["text"])
     fixed = float(ens.members[0].model.hparams.threshold)
     rep = report.build_report(test_probs, data["test"]["targets"], ens.label_names, fixed, ens.thresholds, resamples)
     rep["members"] = [str(r) for r in runs]
-    # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
-    # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
-    members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
     (out / ENSEMBLE_FILE).unlink(missing_ok=True)  # written last: a folder cut short mid-write is no ensemble
     report.write_report(rep, out)
     for name, probs in (("validation_probs.npy", data["validation_probs"]), ("test_probs.npy", test_probs)):
         with AtomicFile(out / name, "wb") as f:
             np.save(f, probs)
     spec = {"members": members, "thresholds": [float(t) for t in ens.thresholds],
-            "threshold_resamples": ens.resamples, "labels": ens.label_names}
+            "threshold_resamples": ens.resamples, "labels": ens.label_names, "stamps": stamps}
     write_text(out / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
     report.print_report(rep)
     return rep

@@ -16,6 +16,7 @@ of each other are predicted in one forward pass, up to `--max-batch` requests (L
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
 import argparse
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import litserve as ls
@@ -127,7 +128,7 @@ def one_line_errors(app) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m goemo.serve", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="a run folder, .ckpt file, best or last (as goemo.load takes)")
+    p.add_argument("run", help="a run folder, .ckpt file, best, last or an ensemble folder (as goemo.load takes)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--backend", choices=("torch", "onnx", "int8"), default="torch", help="what runs the model (see goemo.load)")
@@ -145,10 +146,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if a.api_servers < 1 or a.max_batch < 1:
         raise SystemExit(f"error: --api-servers and --max-batch must be at least 1, got {a.api_servers} and {a.max_batch}")
     os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
-    try:
+    try:  # a missing run (or an ensemble's missing member) is one line, before any worker starts
+        from goemo.ensemble import ENSEMBLE_FILE, check_members, read_spec
         from goemo.runs import resolve_checkpoint
 
-        resolve_checkpoint(a.run)  # a missing run is one line, before any worker starts
+        if (Path(a.run) / ENSEMBLE_FILE).is_file():  # an ensemble folder, which goemo.load serves too
+            check_members(a.run, read_spec(Path(a.run) / ENSEMBLE_FILE))
+        else:
+            resolve_checkpoint(a.run)
     except GoemoError as e:
         raise SystemExit(f"error: {e}") from None
     api = GoemoAPI(a.run, a.backend, a.max_batch, a.batch_timeout, a.stats)

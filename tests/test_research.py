@@ -478,6 +478,19 @@ def test_an_ensembles_folder_is_named_for_what_it_is(tmp_path):
         load(ens)
     with pytest.raises(GoemoError, match=f"{ens}: an ensemble's folder, not a run: its test report is .*report.md"):
         resolve_checkpoint(str(ens))  # what test/predict --ckpt_path ens runs into
+    # a member rewritten in place since the ensemble was built (a resumed fit's last.ckpt): refused, not mixed
+    member = tmp_path / "last.ckpt"
+    member.write_bytes(b"weights")
+    size, mtime = member.stat().st_size, member.stat().st_mtime_ns
+    spec = {**spec, "members": [str(member)], "stamps": [[size, mtime - 1]]}
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(GoemoError, match=f"ensemble {ens}: its member {member} changed since the ensemble was built"):
+        load(ens)
+    assert ensemble.check_members(ens, {**spec, "stamps": [[size, mtime]]}) == [str(member)]  # unchanged: passes
+    (ens / "ensemble.json").write_text(json.dumps({**spec, "stamps": [["x", 1]]}))
+    with pytest.raises(GoemoError) as e:
+        load(ens)
+    assert str(e.value) == not_one
 
 
 def test_ensemble_refuses_members_with_other_labels():
@@ -505,6 +518,7 @@ def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
 
     # the members' checkpoint files: a member resumed later (a new best checkpoint) is not silently swapped in
     assert spec["members"] == [str(best_checkpoint(Path(r)).resolve()) for r in runs]
+    assert spec["stamps"] == [[Path(m).stat().st_size, Path(m).stat().st_mtime_ns] for m in spec["members"]]
     assert sorted(p.name for p in (tmp_path / "ens").iterdir()) == [
         "ensemble.json", "test_probs.npy", "test_report.json", "test_report.md", "validation_probs.npy"]  # fmt: skip
     assert spec["threshold_resamples"] == load(runs[0]).model.hparams.threshold_resamples

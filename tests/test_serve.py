@@ -127,3 +127,28 @@ def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run):
     assert g["backend"] == "torch" and g["group"] == 4
     assert g["single_ms_per_text"] > 0 and g["grouped_ms_per_text"] > 0
     assert g["gain"] == pytest.approx(g["single_ms_per_text"] / g["grouped_ms_per_text"], abs=0.01)
+
+
+def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tmp_path, monkeypatch):
+    from goemo import serve
+
+    member = tmp_path / "member.ckpt"
+    member.write_bytes(b"weights")
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    spec = {"members": [str(member)], "thresholds": [0.5], "labels": ["a"]}
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+
+    class Started(Exception):
+        pass
+
+    def api(run, *args):
+        raise Started(run)  # past the checks: the server would start here, and goemo.load the ensemble
+
+    monkeypatch.setattr(serve, "GoemoAPI", api)
+    with pytest.raises(Started):
+        serve.main([str(ens)])
+    member.unlink()
+    with pytest.raises(SystemExit) as e:
+        serve.main([str(ens)])
+    assert str(e.value) == f"error: ensemble {ens}: its member {member} is gone; restore it, or build the ensemble again"
