@@ -30,17 +30,20 @@ from goemo.thresholds import apply_thresholds, prf, tune_thresholds  # noqa: E40
 
 
 def heldout_macro(
-    probs: np.ndarray, targets: np.ndarray, tune_rows: np.ndarray, score_rows: np.ndarray, resamples: int = 0
+    probs: np.ndarray, targets: np.ndarray, tune_rows: np.ndarray, score_rows: np.ndarray, resamples: int = 0,
+    fallback: float = 0.5,
 ) -> float:
-    """Macro-F1 on `score_rows` at the thresholds tuned on `tune_rows` (`resamples`: see tune_thresholds); (N, L)."""
-    t = tune_thresholds(probs[tune_rows], targets[tune_rows], resamples=resamples).numpy()
+    """Macro-F1 on `score_rows` at the thresholds tuned on `tune_rows` (`resamples`, `fallback`: see
+    tune_thresholds; the runs tune with their model.threshold as the fallback); (N, L)."""
+    t = tune_thresholds(probs[tune_rows], targets[tune_rows], fallback=fallback, resamples=resamples).numpy()
     y = targets[score_rows].astype(bool)
     pred = apply_thresholds(probs[score_rows], t)
     return float(prf((pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0))[2].mean())
 
 
 def cross_validate(
-    members: list[np.ndarray], targets: np.ndarray, repeats: int = 10, seed: int = 0, resamples: int = 0
+    members: list[np.ndarray], targets: np.ndarray, repeats: int = 10, seed: int = 0, resamples: int = 0,
+    fallback: float = 0.5,
 ) -> dict:
     """Held-out macro-F1 of each member and of their mean probability over 2 x `repeats` random halves."""
     rng = np.random.default_rng(seed)
@@ -50,7 +53,7 @@ def cross_validate(
         order = rng.permutation(len(targets))
         a, b = order[: len(order) // 2], order[len(order) // 2 :]
         for tune_rows, score_rows in ((a, b), (b, a)):
-            scores.append([heldout_macro(p, targets, tune_rows, score_rows, resamples) for p in candidates])
+            scores.append([heldout_macro(p, targets, tune_rows, score_rows, resamples, fallback) for p in candidates])
     s = np.asarray(scores)
     m = s[:, : len(members)]  # (halves, members)
     gain = s[:, -1] - m.mean(1)  # ensemble minus the members' mean, half by half
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     import goemo
-    from goemo.ensemble import splits_of
+    from goemo.ensemble import Ensemble, splits_of
     from goemo.files import check_writable
 
     if args.repeats < 1 or (args.threshold_resamples is not None and args.threshold_resamples < 0):
@@ -84,12 +87,15 @@ def measure(args: argparse.Namespace) -> dict:
     check_writable(args.out, "--out")  # before any model is loaded
     # An ensemble's load checks that the members share one label set.
     runs = goemo.load(args.runs).members if len(args.runs) > 1 else [goemo.load(args.runs[0])]
+    if len(args.runs) == 1 and isinstance(runs[0], Ensemble):
+        raise GoemoError(f"{args.runs[0]}: an ensemble's folder; give its member runs (their average is scored too)")
     val = splits_of(runs[0])["validation"]
     members = [m.predict_proba(val["text"]) for m in runs]
     resamples = args.threshold_resamples
     if resamples is None:
         resamples = int(runs[0].model.hparams.threshold_resamples)
-    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples)
+    fallback = float(runs[0].model.hparams.threshold)  # as the runs' own tuning and goemo.ensemble
+    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback)
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]
     if len(args.runs) > 1:

@@ -524,6 +524,24 @@ def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
     assert spec["threshold_resamples"] == load(runs[0]).model.hparams.threshold_resamples
 
 
+def test_ensemble_cv_tunes_with_the_runs_fallback_and_refuses_an_ensemble_folder(tmp_path, monkeypatch, capsys):
+    import goemo.api
+    from benchmarks import ensemble_cv
+
+    # the tuning half has no positive: its threshold is the fallback, which decides the scoring half's one positive
+    probs, targets = np.array([[0.1], [0.1], [0.4], [0.1]], dtype=np.float32), np.array([[0], [0], [1], [0]], dtype=np.uint8)
+    halves = (np.array([0, 1]), np.array([2, 3]))
+    assert ensemble_cv.heldout_macro(probs, targets, *halves, fallback=0.3) == 1.0
+    assert ensemble_cv.heldout_macro(probs, targets, *halves) == 0.0  # 0.5 by default
+    assert ensemble_cv.cross_validate([probs], targets, repeats=1, fallback=0.05)["halves"] == 2
+    two = ensemble.Ensemble([FakeMember(np.zeros((1, 2))), FakeMember(np.zeros((1, 2)))])
+    monkeypatch.setattr(goemo.api, "load", lambda runs, *a, **k: two)  # what an ensemble folder loads as
+    with pytest.raises(SystemExit) as e:
+        ensemble_cv.main([str(tmp_path / "ens"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'ens'}: an ensemble's folder; give its member runs (their average is scored too)\n"
+
+
 def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
     from benchmarks.ensemble_cv import cross_validate, heldout_macro
 
