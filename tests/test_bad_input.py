@@ -137,7 +137,8 @@ def test_checkpoint_of_other_labels(good_ckpt, tiny_model, tiny_data, tmp_path, 
 
 
 def test_checkpoint_whose_model_folder_changed(good_ckpt, tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
-    # LightningCLI takes the model settings from the checkpoint; its model folder now holds a smaller model
+    # The model settings the command line leaves out come from the checkpoint; its model folder now holds a
+    # smaller model
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model, other)
     cfg = json.loads((other / "config.json").read_text())
@@ -146,8 +147,8 @@ def test_checkpoint_whose_model_folder_changed(good_ckpt, tiny_model, tiny_data,
     ckpt = torch.load(good_ckpt, weights_only=True)
     ckpt["hyper_parameters"]["model_name_or_path"] = str(other)
     torch.save(ckpt, good_ckpt)
-    args = fit(tiny_model, tiny_data, tmp_path / "cache")
-    line = cli_error(capsys, monkeypatch, tmp_path, "test", *args[1:], "--ckpt_path", str(good_ckpt))
+    args = fit(tiny_model, tiny_data, tmp_path / "cache")[3:]  # no --model.model_name_or_path
+    line = cli_error(capsys, monkeypatch, tmp_path, "test", *args, "--ckpt_path", str(good_ckpt))
     assert line == (
         f"error: the checkpoint's weights do not fit model '{other}' (mismatched 40 (e.g. encoder.embeddings.word_embeddings.weight: "
         f"checkpoint (30522, 32), model (30522, 16))); use the model (--model.*) it was trained with"
