@@ -200,7 +200,10 @@ def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model
         url, deadline, started = f"sqlite:///{tmp_path / 'lightning_logs/sweeps.db'}", time.time() + 600, False
         while not started and time.time() < deadline:  # until the trial's fit has saved an epoch's checkpoint
             time.sleep(1)
-            if not (tmp_path / "lightning_logs/sweeps.db").is_file():  # the worker makes it (and its tables)
+            assert worker.poll() is None, worker.stderr.read()[-3000:]  # the worker died: say why
+            # Its first trial's log: the worker has made the database and its tables by then (opening the study
+            # while the worker creates them, this process would create them too, and one of the two can fail)
+            if not (tmp_path / "lightning_logs/sweeps/t/trial_0.log").is_file():
                 continue
             try:
                 trials = optuna.load_study(study_name="t", storage=url).trials
