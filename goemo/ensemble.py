@@ -166,10 +166,10 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     check_writable(out, "--out")  # before any model is loaded
     # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
     # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
-    # Stamped before loading: a file rewritten from then on (last.ckpt of a fit still running) is refused later.
+    # Stamped before loading those files: one rewritten from then on (last.ckpt of a fit still running) is refused.
     members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
     stamps = [stamp(m) for m in members]
-    ens = load_ensemble(runs)
+    ens = load_ensemble(members)
     data = ens.tune(threshold_resamples)
     test_probs = ens.predict_proba(data["test"]["text"])
     fixed = float(ens.members[0].model.hparams.threshold)
