@@ -1,7 +1,7 @@
 """GoEmotions as a LightningDataModule: read, validate, tokenize (cached), pad per batch.
 
-Rows become `{"input_ids": (T,), "attention_mask": (T,), "labels": (L,) float32}`; the
-collator pads a batch to its longest row, so batches are `(B, T_max)` and labels `(B, L)`.
+Rows become `{"input_ids": (T,), "attention_mask": (T,), "labels": (L,) multi-hot}`; the
+collator pads a batch to its longest row, so batches are `(B, T_max)` and labels `(B, L)` float32.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from goemo.errors import GoemoError
+from goemo.files import check_writable
 from goemo.hub import hub_reachable, load_error, load_tokenizer, package_path, resolve_model_path, unreachable
 from goemo.batching import LengthGroupedBatchSampler, MultiLabelCollator, ResumableDataLoader
 from goemo.taxonomy import GOEMOTIONS_LABELS, Taxonomy, taxonomy_labels, taxonomy_matrix
@@ -78,7 +79,9 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
         raise GoemoError(f"{path}: split file not found (a data_dir holds train.tsv, dev.tsv, test.tsv, labels.txt)")
     cols: dict[str, list] = {"text": [], "labels": [], "id": []}
     csv.field_size_limit(FIELD_SIZE_LIMIT)  # texts of any length (the csv module's default stops at 128 KiB)
-    reader = csv.reader(io.StringIO(read_release_text(path), newline=""), delimiter="\t")
+    # strict: a quote inside a field ('"Hi" there') or an unclosed one is an error, not a quote silently dropped
+    # or lines silently joined into one row (the official splits read the same either way)
+    reader = csv.reader(io.StringIO(read_release_text(path), newline=""), delimiter="\t", strict=True)
     start = 1  # line where the current row starts (a quoted text may span lines)
     while True:
         try:
@@ -95,10 +98,10 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
             hint = "; an unclosed double quote takes in the lines after it" if len(row) < 3 and "\n" in row[0] else ""
             raise GoemoError(f"{where}: expected 3 tab-separated columns (text, label ids, id), found {len(row)}{hint}")
         text, ids, cid = row
-        try:
-            labels = [int(x) for x in ids.split(",")]
-        except ValueError:
-            raise GoemoError(f"{where}: label ids must be comma-separated integers, got {ids!r}") from None
+        parts = [x.strip() for x in ids.split(",")]
+        if not all(x.isascii() and x.isdigit() for x in parts):  # int() alone also takes "2_0", "-0", "٣"
+            raise GoemoError(f"{where}: label ids must be comma-separated integers, got {ids!r}")
+        labels = [int(x) for x in parts]
         bad = [x for x in labels if not 0 <= x < num_labels]
         if bad:
             raise GoemoError(f"{where}: label id {bad[0]} is outside labels.txt (ids 0..{num_labels - 1})")
@@ -195,7 +198,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
                 where workers would take cores from the model; a few (up to 4) when training on a GPU.
             cache_dir: Where tokenized splits are cached; default: the `datasets` cache folder.
             predict_file: Texts for `predict` (.txt one a line, .jsonl with a "text" field, .csv with a
-                "text" column), streamed and written to predictions.jsonl. Unset: predict the test split.
+                "text" column), streamed and written to predictions.jsonl. `main.py predict` needs it (`test`
+                scores the test split); unset, `trainer.predict` in Python predicts the test split.
             taxonomy: Label set to train and evaluate on: `original` (the data's own labels, GoEmotions' 28),
                 `ekman` (anger, disgust, fear, joy, sadness, surprise, neutral) or `sentiment` (positive,
                 negative, ambiguous, neutral), by the release's official mappings; a row gets the union of
@@ -237,7 +241,9 @@ class GoEmotionsDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(resolve_model_path(self.hparams.tokenizer_name))
             # Hash it now: calling it stores truncation settings in its JSON, which would change the hash.
-            self._tokenizer_hash = hashlib.sha256(self._tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+            # truncation_side lives outside the backend's JSON (tokenizer_config.json) and changes the rows too.
+            tok = self._tokenizer
+            self._tokenizer_hash = hashlib.sha256(f"{tok.backend_tokenizer.to_str()}|{tok.truncation_side}".encode()).hexdigest()
         return self._tokenizer
 
     # -- loading ---------------------------------------------------------------------------
@@ -310,7 +316,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         import datasets
 
         cache_root = Path(self.hparams.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "goemo")
-        cache_root.mkdir(parents=True, exist_ok=True)
+        check_writable(cache_root, "data.cache_dir")
         key = self._fingerprint(split, raw)
         out = raw.map(
             self._encode,

@@ -70,7 +70,7 @@ def _jsonl(path: Path) -> Iterator[str]:
 def _csv(path: Path) -> Iterator[str]:
     csv.field_size_limit(2**31 - 1)  # texts of any length (the csv module's default stops at 128 KiB)
     lines = _lines(path)
-    reader = csv.reader(line for _, line in lines)
+    reader = csv.reader((line for _, line in lines), strict=True)  # a stray or unclosed quote: an error, not rows lost
     try:
         header = next(reader, None)
         if header is None or "text" not in header:

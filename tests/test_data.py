@@ -50,7 +50,13 @@ def test_tiny_folder_parses(tiny_data):
         ("only text\n", "train.tsv:1: expected 3 tab-separated columns"),
         ("ok\t0\ta\nbad\tx\tb\n", "train.tsv:2: label ids must be comma-separated integers, got 'x'"),
         ("ok\t0\ta\nok\t1,9\tb\n", "train.tsv:2: label id 9 is outside labels.txt (ids 0..3)"),
-        ("ok\t-1\ta\n", "train.tsv:1: label id -1 is outside"),
+        ("ok\t-1\ta\n", "train.tsv:1: label ids must be comma-separated integers, got '-1'"),
+        ("ok\t-0\ta\n", "train.tsv:1: label ids must be comma-separated integers, got '-0'"),
+        ("ok\t1_0\ta\n", "train.tsv:1: label ids must be comma-separated integers, got '1_0'"),
+        ("ok\t\u0663\ta\n", "train.tsv:1: label ids must be comma-separated integers"),  # Arabic-Indic 3
+        ('"Hi" there\t0\ta\n', "train.tsv:1: unreadable row"),  # not 'Hi there'
+        # an unclosed quote that a later quoted text closes: not two rows joined into one
+        ('"Great\t0\ta\nsecond\t1\tb\n"Wow" he said\t2\tc\nlast\t3\td\n', "train.tsv:1: unreadable row"),
         ("", "train.tsv: the split is empty"),
     ],
 )
@@ -100,6 +106,30 @@ def test_datamodule_batches_are_padded_float_multi_hot(tiny_data, tiny_model, tm
     dev = read_split(tiny_data / "dev.tsv", 4)["labels"]  # `row`: each row's index in its split
     assert batch["row"].dtype == torch.int64 and len(set(batch["row"].tolist())) == 17
     assert batch["labels"].tolist() == [[1.0 if i in dev[r] else 0.0 for i in range(4)] for r in batch["row"].tolist()]
+
+
+def test_a_tokenizer_truncating_on_the_left_is_another_cache_entry(tiny_data, tiny_model, tmp_path):
+    """truncation_side is in tokenizer_config.json, outside the backend tokenizer's JSON the cache key hashes."""
+    import json
+    import shutil
+
+    left = shutil.copytree(tiny_model, tmp_path / "left")
+    cfg = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": "left"}))
+    rows = {}
+    for name in (left, tiny_model):  # the left one first: the right one must not read its rows
+        dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(name), cache_dir=str(tmp_path / "c"), max_length=4)
+        dm.setup("fit")
+        rows[name] = dm.datasets["train"][0]["input_ids"].tolist()
+    fresh = dm.tokenizer(read_split(tiny_data / "train.tsv", 4)["text"][0], truncation=True, max_length=4)["input_ids"]
+    assert rows[tiny_model] == fresh and rows[left] != fresh
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tiny_data, tiny_model, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "afile"))
+    with pytest.raises(GoemoError, match="data.cache_dir .*afile: exists and is not a folder"):
+        dm.setup("fit")
 
 
 def test_tokenized_splits_are_cached(tiny_data, tiny_model, tmp_path, monkeypatch):

@@ -75,6 +75,8 @@ def test_jsonl_skips_blank_lines(tmp_path):
         ("in.csv", b"", r'in\.csv:1: the header row has no "text" column'),
         ("in.csv", b"id,text\n1,a\n2\n", r'in\.csv:3: 1 columns, so no "text" value'),
         ("in.csv", b"text\nfine\nbad \xe9 latin-1\n", r"in\.csv:3: not valid UTF-8"),
+        ("in.csv", b'text\n"a"b\nc\n', r"in\.csv:2: bad CSV"),  # not the text 'ab'
+        ("in.csv", b'text\n"unclosed\nsecond\nthird\n', r"in\.csv:\d: bad CSV"),  # not one text of three lines
         ("in.txt", b"fine\nalso fine\n\xff\n", r"in\.txt:3: not valid UTF-8"),
         ("in.tsv", b"text\n", r"in\.tsv: unsupported file type '\.tsv'; use \.txt"),
     ],
