@@ -1,4 +1,4 @@
-"""Files that are whole or absent: every file goemo writes goes to `.NAME.partial` beside it, is flushed to disk,
+"""Files that are whole or absent: every file goemo writes goes to `.NAME.*.partial` beside it, is flushed to disk,
 and is renamed over NAME only when complete, so a crash, a kill or a full disk never leaves a file that looks
 finished but is not. And output folders are checked before any work starts.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO
@@ -14,20 +16,39 @@ from typing import IO
 from goemo.errors import GoemoError
 
 
+_WRITER = socket.gethostname().replace(".", "_").replace("-", "_")[:40] or "host"
+
+
 def partial_path(path: Path) -> Path:
     """Where `path` is written until it is complete: beside it (same file system, so the rename is atomic), hidden,
-    and not named *.ckpt or *.jsonl, so it is never taken for a finished file."""
-    return path.with_name(f".{path.name}.partial")
+    not named *.ckpt or *.jsonl, so it is never taken for a finished file, and unique, so two writers of one file
+    (two `predict --output X` at once) never write into each other's bytes: the last to finish wins whole."""
+    return path.with_name(f".{path.name}.{_WRITER}-{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def remove_dead_partials(path: Path) -> None:
+    """Remove the partial files of `path` that a killed process of this machine left (kill -9, power cut): their
+    names are unique, so nothing else would ever replace them. Other machines' (a shared folder) are left alone."""
+    for partial in path.parent.glob(f".{path.name}.{_WRITER}-*.partial"):
+        try:
+            pid = int(partial.name[len(f".{path.name}.{_WRITER}-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:  # that writer is gone
+            partial.unlink(missing_ok=True)
+        except (ValueError, OSError):  # not our name pattern, or a live process of another user
+            pass
 
 
 class AtomicFile:
-    """`path` written through `.NAME.partial`: `commit()` flushes it to disk and renames it over `path`;
+    """`path` written through `.NAME.*.partial`: `commit()` flushes it to disk and renames it over `path`;
     `discard()` (or leaving a `with` block by an exception) removes it and leaves any earlier `path` as it was."""
 
     def __init__(self, path: Path, mode: str = "w", encoding: str | None = "utf-8") -> None:
         self.path, self.partial = Path(path), partial_path(Path(path))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file: IO = open(self.partial, mode, encoding=None if "b" in mode else encoding)
+        remove_dead_partials(self.path)
+        # "x": created here, never an existing file (permissions follow the umask, unlike mkstemp's 0600)
+        self.file: IO = open(self.partial, mode.replace("w", "x"), encoding=None if "b" in mode else encoding)
 
     def commit(self) -> None:
         try:

@@ -206,6 +206,35 @@ def test_check_writable_refuses_a_file_in_the_way(tmp_path):
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the folder made, left empty
 
 
+def test_two_writers_of_one_file_never_mix_their_bytes(tmp_path):
+    """Two `predict --output X` at once: each writes its own partial file; the last to commit wins, whole."""
+    from goemo.files import AtomicFile
+
+    a, b = AtomicFile(tmp_path / "out.jsonl"), AtomicFile(tmp_path / "out.jsonl")
+    for i in range(3):
+        a.file.write(f"A{i}\n" * 1000), b.file.write(f"B{i}\n")
+    a.commit()
+    assert (tmp_path / "out.jsonl").read_text() == "".join(f"A{i}\n" * 1000 for i in range(3))
+    b.commit()
+    assert (tmp_path / "out.jsonl").read_text() == "B0\nB1\nB2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_a_killed_writers_partial_file_is_removed_by_the_next_writer(tmp_path):
+    from goemo.files import AtomicFile, partial_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    left = partial_path(tmp_path / "out.jsonl")
+    left = left.with_name(re.sub(r"-\d+-", f"-{pid}-", left.name, count=1))  # as if that process had been killed
+    left.write_text("half")
+    live = partial_path(tmp_path / "out.jsonl")  # this process's: alive, kept
+    live.write_text("busy")
+    with AtomicFile(tmp_path / "out.jsonl") as f:
+        f.write("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.jsonl", live.name])
+
+
 @pytest.mark.slow
 def test_fit_whose_run_folder_parent_is_a_file_fails_before_loading(tmp_path, tiny_model, tiny_data):
     (tmp_path / "lightning_logs").write_text("not a folder")

@@ -202,9 +202,18 @@ def test_kill_9_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    partial = tmp_path / ".last.ckpt.partial"
+
+    def mid_write() -> bool:  # a save's partial file already holds more than 1 MB
+        for partial in tmp_path.glob(".last.ckpt.*.partial"):
+            try:
+                if partial.stat().st_size > 1_000_000:
+                    return True
+            except FileNotFoundError:  # renamed over last.ckpt in between
+                pass
+        return False
+
     end = time.monotonic() + 120
-    while not (partial.is_file() and partial.stat().st_size > 1_000_000):  # caught in the middle of writing
+    while not mid_write():
         assert time.monotonic() < end and proc.poll() is None
         time.sleep(0.005)
     proc.kill()
