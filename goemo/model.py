@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
@@ -548,7 +549,10 @@ class EmotionClassifier(L.LightningModule):
         # The fused kernel updates all parameters in one pass. On a CPU the default (foreach) AdamW step for
         # MiniLM-L6's 22.6M parameters took ~6x as long (562 vs 93 ms, 2-core dev machine), about as long
         # as a forward and backward pass at batch 32.
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, fused=self.device.type in ("cpu", "cuda"))
+        # Under 16-/bf16-mixed, Lightning clips gradients only for optimizers that leave unscaling to it, and
+        # raises at the first step for a fused one (it unscales inside its step): clipping there takes the plain step.
+        clipped = bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, fused=self.device.type in ("cpu", "cuda") and not clipped)
         total = self.trainer.estimated_stepping_batches
         if math.isinf(total):  # max_epochs -1 and no max_steps: the linear decay has no end to reach 0 at
             raise GoemoError("the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps")

@@ -55,7 +55,7 @@ def test_optimizer_groups(tiny_model):
 
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], learning_rate=1e-4, head_learning_rate=1e-2,
                           weight_decay=0.1, warmup_ratio=0.1)  # fmt: skip
-    m._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=100, gradient_clip_val=None, precision_plugin=None)
     cfg = m.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert opt.defaults["fused"] is True  # on a CPU too: the foreach step is several times slower
@@ -73,12 +73,32 @@ def test_optimizer_groups(tiny_model):
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.02
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_clipped_gradients_under_mixed_precision_take_the_unfused_step(tiny_data, tiny_model, tmp_path, precision):
+    """configs/base.yaml on a GPU: 16-mixed and clipping at 1. Lightning refuses to clip for a fused optimizer under
+    mixed precision (a RuntimeError at the first step); bf16-mixed on a CPU takes the same path."""
+    import lightning as L
+
+    from goemo.data import GoEmotionsDataModule
+
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", precision=precision,
+        gradient_clip_val=1.0, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"] is (precision == "32-true")  # full precision keeps the fast step
+
+
 def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
     """layer_decay d: the top layer at learning_rate, each one below times d, the embeddings d^n; head and pooler keep theirs."""
     from types import SimpleNamespace
 
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], learning_rate=1e-4, head_learning_rate=1e-2, layer_decay=0.5)
-    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10, gradient_clip_val=None, precision_plugin=None)
     opt = m.configure_optimizers()["optimizer"]
     lr = {n: g["lr"] for g in opt.param_groups for n, p in m.named_parameters() for q in g["params"] if p is q}
     assert len(lr) == len(list(m.parameters()))  # every parameter in exactly one group, none lost
@@ -122,7 +142,7 @@ def test_aux_taxonomy_adds_a_training_only_group_loss(tiny_model):
     from types import SimpleNamespace
 
     m = EmotionClassifier(str(tiny_model), label_names=names, aux_taxonomy="ekman", learning_rate=1e-4, head_learning_rate=2e-3)
-    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10, gradient_clip_val=None, precision_plugin=None)
     opt = m.configure_optimizers()["optimizer"]
     lr = {n: g["lr"] for g in opt.param_groups for n, p in m.named_parameters() for q in g["params"] if p is q}
     assert lr["aux_head.weight"] == lr["aux_head.bias"] == lr["head.weight"] == 2e-3
@@ -175,7 +195,7 @@ def test_freeze_embeddings_keeps_the_token_matrix_only(tiny_model):
 
     torch.manual_seed(0)
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], freeze_embeddings=True, learning_rate=1e-2)
-    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10, gradient_clip_val=None, precision_plugin=None)
     opt = m.configure_optimizers()["optimizer"]
     words = m.encoder.get_input_embeddings().weight
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
