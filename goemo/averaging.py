@@ -47,6 +47,19 @@ class EpochAveraging(Callback):
     def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.start_epoch is None:
+            return
+        if any(getattr(cb, "save_weights_only", False) for cb in trainer.checkpoint_callbacks):
+            # Lightning skips callbacks' on_save_checkpoint for weights-only saves: the files would hold the
+            # trained weights, not the mean that validation scored and the thresholds were tuned for.
+            raise GoemoError("weight averaging needs full checkpoints: unset checkpoint.save_weights_only (or weight_averaging.start_epoch)")
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.start_epoch:
+            raise GoemoError(
+                f"weight_averaging.start_epoch {self.start_epoch} averages no epoch of trainer.max_epochs {trainer.max_epochs}: "
+                f"epochs count from 0, so {trainer.max_epochs - 1} averages the last one"
+            )
+
     # -- the running mean --------------------------------------------------------------------
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -102,8 +115,10 @@ class EpochAveraging(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # Callbacks' epoch-end hooks run before the module's, which then tunes the thresholds on the outputs of
-        # the mean gathered during this validation.
-        self._swap_out(pl_module)
+        # the mean gathered during this validation. Only fit's validation swapped: a `trainer.validate(model)`
+        # after `fit` must leave the mean that `on_train_end` put in place.
+        if trainer.state.fn == "fit":
+            self._swap_out(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._swap_in(pl_module)  # a `trainer.test(model)` after `fit` tests the mean, as the checkpoints would

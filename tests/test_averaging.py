@@ -70,6 +70,32 @@ def test_the_mean_starts_at_start_epoch_and_is_swapped_in_for_validation_only():
     assert m.layer.weight.eq(6.0).all()
 
 
+def test_validate_after_fit_keeps_the_mean_that_training_left_in_place():
+    cb, m = EpochAveraging(start_epoch=0), Small()
+    for epoch, w in ((0, 2.0), (1, 4.0)):
+        end_epoch(cb, m, epoch, w)
+    cb.on_train_end(trainer(1), m)
+    assert m.layer.weight.eq(3.0).all()
+    cb.on_validation_epoch_start(trainer(1, fn="validate"), m)
+    cb.on_validation_epoch_end(trainer(1, fn="validate"), m)
+    assert m.layer.weight.eq(3.0).all()  # not the trained 4.0: a following trainer.test scores the mean
+
+
+@pytest.mark.parametrize(
+    "weights_only,max_epochs,message",
+    [
+        (True, 4, "weight averaging needs full checkpoints: unset checkpoint.save_weights_only"),
+        (False, 2, "weight_averaging.start_epoch 2 averages no epoch of trainer.max_epochs 2: .* 1 averages the last one"),
+    ],
+)
+def test_settings_that_would_average_nothing_or_save_the_trained_weights_are_refused(weights_only, max_epochs, message):
+    cb = EpochAveraging(start_epoch=2)
+    fit = SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(save_weights_only=weights_only)], max_epochs=max_epochs)
+    with pytest.raises(GoemoError, match=message):
+        cb.setup(fit, Small(), "fit")
+    cb.setup(SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(save_weights_only=False)], max_epochs=3), Small(), "fit")
+
+
 def test_checkpoints_hold_the_mean_and_keep_the_trained_weights_for_resuming():
     cb, m = EpochAveraging(start_epoch=0), Small()
     ckpt = {"state_dict": saved(m)}
