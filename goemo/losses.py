@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -23,8 +24,8 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 2.0, alpha: Optional[float] = None) -> None:
         super().__init__()
-        if gamma < 0:
-            raise GoemoError(f"model.focal_gamma must be >= 0, got {gamma}")
+        if not 0 <= gamma < math.inf:  # NaN gives a NaN loss, inf a loss of 0
+            raise GoemoError(f"model.focal_gamma must be a number >= 0, got {gamma}")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise GoemoError(f"model.focal_alpha must be within 0..1 or null, got {alpha}")
         self.gamma, self.alpha = gamma, alpha
@@ -64,10 +65,12 @@ def pos_weight_from_frequencies(frequencies: torch.Tensor, max_weight: float) ->
     """BCE pos_weight per label: negatives / positives = (1 - f) / f, capped at `max_weight`.
 
     f is the label's fraction of training rows. The cap keeps the rarest labels (GoEmotions' grief:
-    77 of 43,410 rows, neg/pos ~560) from dominating the loss; a label with no positives gets the cap.
+    77 of 43,410 rows, neg/pos ~560) from dominating the loss; a label with no positives gets the cap (1 when the
+    cap is inf: an infinite weight's log shift would make its loss inf * 0 = NaN).
     """
     f = frequencies.double()
-    ratio = torch.where(f > 0, (1 - f) / f.clamp(min=1e-12), torch.full_like(f, max_weight))
+    fallback = max_weight if math.isfinite(max_weight) else 1.0
+    ratio = torch.where(f > 0, (1 - f) / f.clamp(min=1e-12), torch.full_like(f, fallback))
     return ratio.clamp(max=max_weight).float()
 
 

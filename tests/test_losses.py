@@ -64,7 +64,13 @@ def test_focal_is_fp32_under_half_inputs():
 
 
 @pytest.mark.parametrize(
-    "gamma,alpha,match", [(-1.0, None, "focal_gamma must be >= 0"), (2.0, 1.5, "focal_alpha must be within 0..1")]
+    "gamma,alpha,match",
+    [
+        (-1.0, None, "focal_gamma must be a number >= 0"),
+        (float("nan"), None, "focal_gamma must be a number >= 0, got nan"),
+        (float("inf"), None, "focal_gamma must be a number >= 0, got inf"),
+        (2.0, 1.5, "focal_alpha must be within 0..1"),
+    ],
 )
 def test_focal_bad_args(gamma, alpha, match):
     with pytest.raises(GoemoError, match=match):
@@ -74,6 +80,12 @@ def test_focal_bad_args(gamma, alpha, match):
 def test_pos_weight_from_frequencies():
     w = pos_weight_from_frequencies(torch.tensor([0.5, 0.2, 0.001, 0.0]), max_weight=100.0)
     assert w.tolist() == pytest.approx([1.0, 4.0, 100.0, 100.0])  # 999 capped; no positives -> the cap
+    # no cap (inf, "no cap" in --help): 999 as is; no positives -> 1, so the loss stays finite
+    w = pos_weight_from_frequencies(torch.tensor([0.5, 0.001, 0.0]), max_weight=float("inf"))
+    assert w.tolist() == pytest.approx([1.0, 999.0, 1.0])
+    loss = WeightedBCE(3)
+    loss.pos_weight.copy_(w)
+    assert torch.isfinite(loss(torch.zeros(2, 3), torch.tensor([[1.0, 0, 0], [0, 1, 0]])))
 
 
 def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, tmp_path):
