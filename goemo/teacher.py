@@ -64,6 +64,9 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
     if saved != list(labels):
         raise GoemoError(f"model.teacher {name!r} has {len(saved)} labels ({', '.join(saved[:3])}, ...), the data "
                          f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher of the same labels, or --model.teacher null")  # fmt: skip
+    if probs.dtype != np.uint8 or probs.shape[1:] != (len(labels),):  # a hand-made file: floats, or a wrong width
+        raise GoemoError(f"model.teacher {name!r}: probs must be (rows, {len(labels)}) uint8 (probability x 255), got "
+                         f"{probs.shape} {probs.dtype}; write it with `python -m goemo.distill`")  # fmt: skip
     if probs.shape[0] != len(texts) or digest != texts_digest(texts):
         raise GoemoError(f"model.teacher {name!r} was written for another training split ({probs.shape[0]} rows, this "
                          f"one {len(texts)}); write one from the student's data, or --model.teacher null")  # fmt: skip

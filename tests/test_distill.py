@@ -1,6 +1,8 @@
 """Knowledge distillation: `python -m goemo.distill` writes a teacher's training-split probabilities; a student fit
 with `model.teacher` trains on `(1 - w) * labels + w * p_teacher`."""
 
+import re
+
 import lightning as L
 import numpy as np
 import pytest
@@ -45,6 +47,11 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
     np.savez(tmp_path / "old.npz", format=np.int64(1), probs=probs, labels=np.array(labels), digest=np.array("x"))
     with pytest.raises(GoemoError, match="format 1, this goemo reads 2; write it again"):
         teacher_file.read_teacher(str(tmp_path / "old.npz"), labels, texts)
+    digest = np.array(teacher_file.texts_digest(texts))
+    for bad, got in ((probs, "(3, 2) float32"), (np.zeros((3, 1), np.uint8), "(3, 1) uint8"), (np.zeros(3, np.uint8), "(3,) uint8")):
+        np.savez(tmp_path / "hand.npz", format=np.int64(2), probs=bad, labels=np.array(labels), digest=digest)
+        with pytest.raises(GoemoError, match=f"probs must be \\(rows, 2\\) uint8 \\(probability x 255\\), got {re.escape(got)}"):
+            teacher_file.read_teacher(str(tmp_path / "hand.npz"), labels, texts)
     assert teacher_file.texts_digest(["ab", "c"]) != teacher_file.texts_digest(["a", "bc"])  # rows are delimited
 
 
