@@ -478,7 +478,7 @@ class EmotionClassifier(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> None:
         loss, logits, _ = self.model_step(batch)
         metrics = getattr(self, f"{stage}_metrics")
-        probs = torch.sigmoid(logits)
+        probs = torch.sigmoid(logits.float())  # bf16 logits under autocast: probabilities in 1/256 steps otherwise
         metrics.update(probs, batch["labels"].int())
         getattr(self, f"{stage}_outputs").update(probs, batch["labels"])
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["labels"]), sync_dist=True)
@@ -524,7 +524,7 @@ class EmotionClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Label probabilities (B, L); `goemo.predict` turns them into labels with the tuned `thresholds`."""
-        return torch.sigmoid(self(batch["input_ids"], batch["attention_mask"]))
+        return torch.sigmoid(self(batch["input_ids"], batch["attention_mask"]).float())  # as goemo.load's
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -24,6 +24,20 @@ def test_mean_pooling_ignores_padding(tiny_model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_probabilities_are_float32_under_bf16_autocast(tiny_model):
+    """bf16-mixed (the default on CUDA) makes bf16 logits: sigmoid of those is in 1/256 steps above 0.5, and
+    thresholds up to 0.99 would be tuned and applied on a dozen distinct values; goemo.load scores float32."""
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c"]).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([[1.0, 0, 0], [0, 1, 0]])}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(batch["input_ids"], batch["attention_mask"]).dtype == torch.bfloat16
+        assert m.predict_step(batch, 0).dtype == torch.float32
+        m._eval_step(batch, "val")  # no trainer: its self.log calls are skipped
+    probs, _ = m.val_outputs.compute()
+    assert probs.dtype == torch.float32
+
+
 def test_encoder_trains_with_dropout(tiny_model):
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])
     assert m.encoder.training  # from_pretrained returns eval mode; dropout must be on in fit
