@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -99,7 +100,7 @@ def read_split(path: Path, num_labels: int) -> dict[str, list]:
             raise GoemoError(f"{where}: expected 3 tab-separated columns (text, label ids, id), found {len(row)}{hint}")
         text, ids, cid = row
         parts = [x.strip() for x in ids.split(",")]
-        if not all(x.isascii() and x.isdigit() for x in parts):  # int() alone also takes "2_0", "-0", "٣"
+        if not all(re.fullmatch("-?[0-9]+", x) for x in parts):  # int() alone also takes "2_0" and "٣"
             raise GoemoError(f"{where}: label ids must be comma-separated integers, got {ids!r}")
         labels = [int(x) for x in parts]
         bad = [x for x in labels if not 0 <= x < num_labels]

@@ -72,7 +72,7 @@ DATA_CASES = {
     "empty label name": (lambda d: (d / "labels.txt").write_text("joy\n\nfear\nneutral\n"),
                          "error: {d}/labels.txt:2: empty label name"),
     "unclosed quote": (lambda d: (d / "train.tsv").write_text('fine\t0\ta\n"unclosed\t1\tb\nmore\t2\tc\n'),
-                       "error: {d}/train.tsv:2: expected 3 tab-separated columns (text, label ids, id), found 1; "
+                       "error: {d}/train.tsv:2: unreadable row (unexpected end of data); "
                        "an unclosed double quote takes in the lines after it"),
     "one label only": (lambda d: (d / "labels.txt").write_text("joy\n"),
                        "error: a multi-label classifier needs at least 2 labels, got ['joy']"),
@@ -162,6 +162,8 @@ def corrupt(kind: str, good: Path, path: Path) -> None:
         path.write_text("hello, I am a text file\n")
     elif kind == "a bare tensor":
         torch.save(torch.zeros(3), path)
+    elif kind == "a state_dict of other things":
+        torch.save({"state_dict": {"head.weight": [0.0, 1.0]}, "hyper_parameters": {}}, path)
     elif kind == "empty file":
         path.write_bytes(b"")
 
@@ -170,6 +172,7 @@ CKPT_CASES = {
     "truncated": "error: {p}: not a loadable checkpoint (PytorchStreamReader failed reading zip archive: failed finding central directory)",
     "not a checkpoint": "error: {p}: not a loadable checkpoint (not a file written by torch.save)",
     "a bare tensor": "error: {p}: not a Lightning checkpoint (no state_dict)",
+    "a state_dict of other things": "error: {p}: not a Lightning checkpoint (its state_dict holds more than named tensors)",
     "empty file": "error: {p}: not a loadable checkpoint (the file is empty or cut short)",
 }
 
@@ -346,6 +349,28 @@ def test_predict_needs_a_file_of_texts(tiny_model, tiny_data, tmp_path, capsys, 
     assert cli_error(capsys, monkeypatch, tmp_path, *base) == needs
     assert cli_error(capsys, monkeypatch, tmp_path, *base, "--output", "out.jsonl") == needs
     (tmp_path / "texts.txt").write_text("happy glad\n", encoding="utf-8")
-    line = cli_error(capsys, monkeypatch, tmp_path, *base, "--data.predict_file", "texts.txt", "--backend", "onnx")
-    assert line == "error: --backend onnx|int8 needs --ckpt_path (a trained run)"
-    assert not (tmp_path / "out.jsonl").exists()
+    # without a checkpoint the head is untrained: its scores near 0.5 would look like predictions
+    needs = "error: predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with"
+    for backend in ("torch", "onnx"):
+        line = cli_error(capsys, monkeypatch, tmp_path, *base, "--data.predict_file", "texts.txt", "--backend", backend)
+        assert line == needs
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a_file(tiny_run, tmp_path, capsys, monkeypatch):
+    from goemo.predict import predict_file
+    from goemo.runs import best_checkpoint
+
+    shutil.copy(best_checkpoint(tiny_run / "lightning_logs" / "version_0"), tmp_path / "model.ckpt")
+    (tmp_path / "texts.txt").write_text("happy glad\n", encoding="utf-8")
+    base = ("predict", "--ckpt_path", "model.ckpt", "--data.predict_file", "texts.txt")
+    line = cli_error(capsys, monkeypatch, tmp_path, *base, "--output", "./texts.txt")
+    assert line == "error: --output texts.txt is the file of texts it would replace; write the predictions elsewhere"
+    with pytest.raises(GoemoError, match="is the file of texts it would replace"):
+        predict_file(None, tmp_path / "texts.txt", tmp_path / "texts.txt")  # the Python path (the onnx backends')
+    assert (tmp_path / "texts.txt").read_text(encoding="utf-8") == "happy glad\n"
+    # `best` resolves as the flag only; from a config file Lightning would fail with a traceback
+    (tmp_path / "ck.yaml").write_text("ckpt_path: best\n", encoding="utf-8")
+    line = cli_error(capsys, monkeypatch, tmp_path, "predict", "--config", "ck.yaml", "--data.predict_file", "texts.txt")
+    assert line == "error: ckpt_path best: no such checkpoint file (best, last and run folders work as the flag --ckpt_path)"
