@@ -30,7 +30,7 @@ from goemo.files import check_output_file, check_writable
 from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.onnx_backend import Backend
-from goemo.predict import PredictionWriter
+from goemo.predict import PredictionWriter, check_not_the_input
 from goemo.reliability import LastCheckpoint
 from goemo.runs import load_lightning_checkpoint, rewrite_args
 
@@ -181,8 +181,12 @@ class GoemoCLI(LightningCLI):
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         if not hparams:  # `_instantiator` and the like are Lightning's, not the model's arguments
             return
+        # And the length texts were cut to, as goemo.load reads it (a bare .ckpt has no config.yaml beside it).
+        data = ckpt.get("datamodule_hyper_parameters")
+        encoding = {"max_length": data["max_length"]} if isinstance(data, dict) and isinstance(data.get("max_length"), int) else {}
         i = self._args.index(sub) + 1
-        self.config = self.parser.parse_args([*self._args[:i], "--model", json.dumps(hparams), *self._args[i:]])
+        beneath = ["--model", json.dumps(hparams), *(["--data", json.dumps(encoding)] if encoding else [])]
+        self.config = self.parser.parse_args([*self._args[:i], *beneath, *self._args[i:]])
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -192,6 +196,13 @@ class GoemoCLI(LightningCLI):
                 raise GoemoError("predict needs --data.predict_file FILE (.txt, .jsonl or .csv: the texts to predict); "
                                  "`test` scores the test split")  # fmt: skip
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
+            if not cfg.get("ckpt_path"):  # the head would be untrained: scores near 0.5 that look like predictions
+                raise GoemoError("predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with")
+            output = cfg.get("output") or (self.run_dir / "predictions.jsonl" if self.run_dir else None)
+            if output:
+                check_not_the_input(Path(output), Path(cfg.data.predict_file))
+        if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).expanduser().is_file():  # e.g. `ckpt_path: best` in a config file
+            raise GoemoError(f"ckpt_path {cfg.ckpt_path}: no such checkpoint file (best, last and run folders work as the flag --ckpt_path)")
         self._check_outputs(cfg)
         if cfg.get("weights_only") is False:
             raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
@@ -271,13 +282,12 @@ class GoemoCLI(LightningCLI):
         """`trainer.predict` of `--data.predict_file`, streamed into a JSON-lines file instead of memory
         (with `--backend onnx|int8`, through onnxruntime instead of the trainer)."""
         cfg = self.config[self.subcommand]
-        if cfg.get("backend", "torch") != "torch":
-            if not ckpt_path:
-                raise GoemoError("--backend onnx|int8 needs --ckpt_path (a trained run)")
+        if cfg.get("backend", "torch") != "torch":  # ckpt_path is there: checked before instantiation
             from goemo.onnx_backend import load_backend
             from goemo.predict import predict_file
 
             clf = load_backend(ckpt_path, batch_size=datamodule.hparams.eval_batch_size, backend=cfg.backend)
+            clf.max_length = datamodule.hparams.max_length  # as the torch path: --data.max_length, else the run's
             output = Path(cfg.get("output") or Path(self.trainer.log_dir or ".") / "predictions.jsonl")
             return predict_file(clf, Path(datamodule.hparams.predict_file), output)
         self.trainer.callbacks.append(PredictionWriter(cfg.get("output")))

@@ -173,6 +173,12 @@ class PredictionWriter(BasePredictionWriter):
             self.out.discard()
 
 
+def check_not_the_input(output: Path, path: Path) -> None:
+    """One line if `output` is the file of texts `path`: the predictions would replace the texts."""
+    if Path(output).expanduser().resolve() == Path(path).expanduser().resolve():
+        raise GoemoError(f"--output {output} is the file of texts it would replace; write the predictions elsewhere")
+
+
 def predict_file(clf, path: Path, output: Path, chunk: int = 2048) -> int:
     """Stream a predict file through a `goemo.classifier.Classifier` (any backend) into JSON lines, in input order.
 
@@ -181,6 +187,7 @@ def predict_file(clf, path: Path, output: Path, chunk: int = 2048) -> int:
     """
     import signal
 
+    check_not_the_input(output, path)
     out, count, texts = AtomicFile(output), 0, []
 
     def flush() -> None:

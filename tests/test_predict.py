@@ -174,3 +174,26 @@ def test_cli_predict_bad_file_is_one_line(tiny_run, tmp_path):
     assert r.returncode == 2
     assert re.search(r'^error: \S*bad\.jsonl:2: each line must be a JSON object with a "text" field$', r.stderr, re.M), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_cli_predict_of_a_bare_checkpoint_cuts_texts_as_goemo_load_does(learned_run, tmp_path, backend):
+    """A .ckpt without its run folder has no config.yaml: the CLI takes max_length from the checkpoint, as goemo.load."""
+    from goemo import load
+    from goemo.runs import best_checkpoint, load_checkpoint
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    ckpt = load_checkpoint(best_checkpoint(learned_run / "lightning_logs" / "version_0"))
+    ckpt["datamodule_hyper_parameters"]["max_length"] = 4  # as if trained on texts cut to 2 words
+    torch.save(ckpt, tmp_path / "short.ckpt")
+    texts = ["table chair table chair happy glad happy glad", "happy glad happy glad angry mad angry mad"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    r = run_main("predict", "--ckpt_path", "short.ckpt", "--data.predict_file", "texts.txt", "--output", "p.jsonl",
+                 "--data.data_dir", str(learned_run / "data"), "--backend", backend, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [[rec["scores"][n] for n in LABELS4] for rec in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())]
+    assert np.allclose(got, load(tmp_path / "short.ckpt").predict_proba(texts), atol=1e-5)
+    whole = load(learned_run / "lightning_logs" / "version_0").predict_proba(texts)  # max_length 128
+    assert np.abs(np.array(got) - whole).max() > 0.05  # so the line above tells 4 from 128
