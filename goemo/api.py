@@ -12,8 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+import torch
+
 from goemo.classifier import Classifier, as_texts, load_model, load_run  # noqa: F401 (the API's names)
 from goemo.ensemble import ENSEMBLE_FILE, Ensemble, load_ensemble
+from goemo.errors import GoemoError
 from goemo.onnx_backend import Backend, load_backend
 from goemo.runs import RUNS_DIR
 
@@ -36,6 +39,27 @@ def load(
             model) or `int8` (onnxruntime after dynamic int8 quantization; faster, slightly less accurate: see
             benchmarks/README.md). The ONNX files are made once and cached in the run folder's onnx/.
     """
-    if isinstance(ckpt, (list, tuple)) or (Path(ckpt) / ENSEMBLE_FILE).is_file():
-        return load_ensemble(list(ckpt) if isinstance(ckpt, (list, tuple)) else ckpt, device, batch_size, backend)
+    check_arguments(ckpt, device, batch_size)
+    if isinstance(ckpt, (list, tuple)):
+        return load_ensemble([Path(c).expanduser() for c in ckpt], device, batch_size, backend, runs_dir)
+    ckpt = Path(ckpt).expanduser()
+    if (ckpt / ENSEMBLE_FILE).is_file():
+        return load_ensemble(ckpt, device, batch_size, backend, runs_dir)
     return load_backend(ckpt, device, batch_size, runs_dir, backend)
+
+
+def check_arguments(ckpt, device, batch_size) -> None:
+    """One line for what `load` cannot take, before anything is loaded."""
+    paths = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
+    bad = [type(c).__name__ for c in paths if not isinstance(c, (str, Path))]
+    if bad or not paths:
+        got = bad[0] if bad else "an empty list"
+        raise GoemoError(f"ckpt: best, last, a run folder, a .ckpt file, an ensemble folder or a list of these, got {got}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise GoemoError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GoemoError(f"device {device!r}: not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise GoemoError(f"device {device!r}: this torch sees no CUDA device; use device='cpu'")

@@ -94,12 +94,16 @@ def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
     if not isinstance(hparams, dict):
         raise GoemoError(f"{path}: not a goemo checkpoint (no hyper_parameters)")
     accepted = inspect.signature(EmotionClassifier.__init__).parameters
-    # Drop what Lightning adds (e.g. `_instantiator`) and settings a newer goemo no longer has.
-    args = {k: v for k, v in hparams.items() if k in accepted and k != "pretrained"}
+    # Drop what Lightning adds (e.g. `_instantiator`) and settings a newer goemo no longer has; and `compile`, a
+    # training setting: inference would pay torch.compile's warm-up (and need a C++ compiler on a CPU).
+    args = {k: v for k, v in hparams.items() if k in accepted and k not in ("pretrained", "compile")}
     model = EmotionClassifier(**args, pretrained=False)
     model.on_load_checkpoint(ckpt)  # as Lightning's load: thresholds of an older checkpoint; a mismatch in one line
     model.load_state_dict(ckpt["state_dict"])
-    return model, ckpt.get("datamodule_hyper_parameters") or {}
+    data_hparams = ckpt.get("datamodule_hyper_parameters") or {}
+    if not isinstance(data_hparams, dict):
+        raise GoemoError(f"{path}: not a goemo checkpoint (datamodule_hyper_parameters is a {type(data_hparams).__name__})")
+    return model, data_hparams
 
 
 def load_run(

@@ -22,7 +22,7 @@ from goemo.errors import GoemoError
 from goemo.classifier import as_texts
 from goemo.onnx_backend import load_backend
 from goemo.predict import to_records
-from goemo.runs import ENSEMBLE_FILE
+from goemo.runs import ENSEMBLE_FILE, RUNS_DIR
 
 
 class Ensemble:
@@ -87,8 +87,11 @@ def splits_of(member, splits: tuple[str, ...] = ("validation", "test")) -> dict:
     return out
 
 
-def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size: int = 64, backend: str = "torch") -> Ensemble:
-    """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds)."""
+def load_ensemble(
+    runs: Union[list, str, Path], device: str = "cpu", batch_size: int = 64, backend: str = "torch", runs_dir: Union[str, Path] = RUNS_DIR
+) -> Ensemble:
+    """An Ensemble of run folders (thresholds tuned at the first predict), or of an ensemble folder (its thresholds);
+    `best`/`last` among the runs look in `runs_dir`."""
     if isinstance(runs, (str, Path)):
         spec = read_spec(Path(runs) / ENSEMBLE_FILE)
         members = [load_backend(m, device, batch_size, backend=backend) for m in check_members(runs, spec)]
@@ -98,8 +101,8 @@ def load_ensemble(runs: Union[list, str, Path], device: str = "cpu", batch_size:
         return ens
     if len(runs) < 2:
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
-    check_distinct(runs)
-    return Ensemble([load_backend(r, device, batch_size, backend=backend) for r in runs])
+    check_distinct(runs, runs_dir)
+    return Ensemble([load_backend(r, device, batch_size, runs_dir, backend) for r in runs])
 
 
 def stamp(path: Union[str, Path]) -> list[int]:
@@ -142,13 +145,13 @@ def read_spec(path: Path) -> dict:
     return spec
 
 
-def check_distinct(runs: list) -> None:
+def check_distinct(runs: list, runs_dir: Union[str, Path] = RUNS_DIR) -> None:
     """Raise a one-line GoemoError if two of `runs` name the same checkpoint: it would count twice in the mean."""
     from goemo.runs import resolve_checkpoint
 
     seen: dict[Path, str] = {}
     for r in runs:
-        path = resolve_checkpoint(str(r))[0].resolve()
+        path = resolve_checkpoint(str(r), Path(runs_dir))[0].resolve()
         if path in seen:
             raise GoemoError(f"{r} and {seen[path]} are the same checkpoint ({path}); give each member once")
         seen[path] = str(r)

@@ -50,8 +50,9 @@ def _atomic(target: Path, make: Callable[[Path], None]) -> Path:
     return target
 
 
-def onnx_files(clf: Classifier, ckpt: Path, int8: bool) -> Path:
-    """The checkpoint's ONNX model (fp32, or int8-quantized), made on first use."""
+def onnx_files(clf: Classifier, ckpt: Path, int8: bool, stat: os.stat_result) -> Path:
+    """The checkpoint's ONNX model (fp32, or int8-quantized), made on first use; `stat`: the file's when `clf`
+    was loaded from it."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
@@ -59,9 +60,8 @@ def onnx_files(clf: Classifier, ckpt: Path, int8: bool) -> Path:
     from goemo.export import export_onnx
 
     folder = cache_dir(ckpt)
-    # The checkpoint as it is now: a resumed fit rewrites last.ckpt under the same name, and an export of the old
+    # The checkpoint as loaded: a resumed fit rewrites last.ckpt under the same name, and an export of the old
     # weights beside the new thresholds would score wrongly without a word.
-    stat = ckpt.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     name = f"{ckpt.stem}-{key}"
     earlier = re.compile(re.escape(ckpt.stem) + r"-[0-9a-f]{12}(\.int8)?\.onnx")  # this file's earlier contents
@@ -99,11 +99,16 @@ def load_backend(
     """`goemo.classifier.load_run`, run by `backend`: torch (the checkpoint's module), onnx or int8 (onnxruntime)."""
     if backend not in BACKENDS:
         raise GoemoError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    clf = load_run(ckpt, device, batch_size, runs_dir)
-    if backend != "torch":
-        if device != "cpu":
-            raise GoemoError(f"backend {backend} runs on the CPU (onnxruntime's CPU provider); use device='cpu'")
-        path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))
-        clf.forward = onnx_forward(onnx_files(clf, path, backend == "int8"))
-        clf.backend = backend
+    if backend == "torch":
+        return load_run(ckpt, device, batch_size, runs_dir)
+    if device != "cpu":
+        raise GoemoError(f"backend {backend} runs on the CPU (onnxruntime's CPU provider); use device='cpu'")
+    path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))  # once: `best` could name another file a moment later
+    before = path.stat()
+    clf = load_run(path, device, batch_size, runs_dir)
+    after = path.stat()
+    if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
+        raise GoemoError(f"{path} was rewritten while it loaded (a fit is saving it); load it again")
+    clf.forward = onnx_forward(onnx_files(clf, path, backend == "int8", before))
+    clf.backend = backend
     return clf

@@ -74,6 +74,8 @@ def load_lightning_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool 
     ckpt = load_checkpoint(path, map_location, mmap)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise GoemoError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
+        raise GoemoError(f"{path}: not a Lightning checkpoint (its state_dict holds more than named tensors)")
     return ckpt
 
 
@@ -112,8 +114,9 @@ def best_checkpoint(run: Path) -> Path:
         if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(cb, dict) and cb.get("best_model_path"):
             # Look it up by name in this run: the run folder may have moved since training.
             best = run / "checkpoints" / Path(cb["best_model_path"]).name
-            if best.is_file():
-                return best
+            if not best.is_file():  # not `last` in its place: that would be another epoch's weights, without a word
+                raise GoemoError(f"{run}: its best checkpoint {best.name} is gone; restore it, or give `last` or a .ckpt file of the run")
+            return best
     return last  # nothing monitored (e.g. no validation ran): the newest is the best we know
 
 

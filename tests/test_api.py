@@ -1,6 +1,9 @@
 """goemo.load(...).predict / predict_proba: no Trainer, same records as the CLI's predictions.jsonl."""
 
 import json
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -79,3 +82,64 @@ def test_user_errors(clf, tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(GoemoError, match="not a loadable checkpoint"):
         load(tmp_path / "junk.ckpt")
+    for kwargs, message in (
+        ({"ckpt": 123}, "ckpt: best, last, a run folder, a .ckpt file, an ensemble folder or a list of these, got int"),
+        ({"ckpt": ["best", None]}, "got NoneType"),
+        ({"ckpt": []}, "got an empty list"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"device": "bogus"}, "device 'bogus': not a torch device"),
+    ):
+        with pytest.raises(GoemoError, match=re.escape(message)):
+            load(**{"ckpt": tmp_path / "nope", **kwargs})
+    if not torch.cuda.is_available():
+        with pytest.raises(GoemoError, match="device 'cuda': this torch sees no CUDA device; use device='cpu'"):
+            load(tmp_path / "nope", device="cuda")
+
+
+def test_a_list_of_runs_looks_for_best_in_runs_dir_and_folders_may_start_with_a_tilde(tiny_run, learned_run, clf, tmp_path, monkeypatch):
+    from goemo.ensemble import ENSEMBLE_FILE, stamp
+    from goemo.runs import best_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # no lightning_logs here: `best` must come from runs_dir, as for one run
+    other = learned_run / "lightning_logs" / "version_0"
+    ens = load(["best", other], runs_dir=tiny_run / "lightning_logs")
+    assert np.allclose(ens.members[0].predict_proba(PREDICT_TEXTS[:3]), clf.predict_proba(PREDICT_TEXTS[:3]), atol=1e-6)
+    # an ensemble folder under ~ (written by hand as goemo.ensemble writes it)
+    members = [str(best_checkpoint(tiny_run / "lightning_logs" / "version_0")), str(best_checkpoint(other))]
+    (tmp_path / "ens").mkdir()
+    spec = {"members": members, "labels": LABELS4, "thresholds": [0.5] * 4, "stamps": [stamp(m) for m in members]}
+    (tmp_path / "ens" / ENSEMBLE_FILE).write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load("~/ens").thresholds.tolist() == [0.5] * 4
+
+
+def test_a_run_whose_best_checkpoint_was_deleted_is_one_line_not_its_last(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run / "lightning_logs" / "version_0", tmp_path / "run")
+    best = next((run / "checkpoints").glob("epoch*.ckpt"))
+    best.unlink()
+    with pytest.raises(GoemoError, match=f"its best checkpoint {re.escape(best.name)} is gone; restore it, or give `last`"):
+        load(run)
+    assert load(run / "checkpoints" / "last.ckpt").predict_proba(["x"]).shape == (1, 4)
+
+
+def test_an_onnx_load_refuses_a_checkpoint_rewritten_while_it_loaded(tiny_run, tmp_path, monkeypatch):
+    """The export is cached under the file's size and mtime: weights read before a rewrite must not be cached
+    under the new file's key (a fit saving last.ckpt while goemo.load reads it)."""
+    pytest.importorskip("onnxruntime")
+    from goemo import onnx_backend
+
+    run = shutil.copytree(tiny_run / "lightning_logs" / "version_0", tmp_path / "run")
+    real = onnx_backend.load_run
+
+    def load_then_save(*args, **kwargs):
+        clf = real(*args, **kwargs)
+        last = run / "checkpoints" / "last.ckpt"
+        os.replace(shutil.copy(last, tmp_path / "new.ckpt"), last)  # the fit's atomic save of new weights
+        return clf
+
+    monkeypatch.setattr(onnx_backend, "load_run", load_then_save)
+    with pytest.raises(GoemoError, match="last.ckpt was rewritten while it loaded \\(a fit is saving it\\); load it again"):
+        load(run / "checkpoints" / "last.ckpt", backend="onnx")
+    assert not (run / "onnx").exists()
