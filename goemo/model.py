@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import lightning as L
 import torch
@@ -284,6 +284,8 @@ class EmotionClassifier(L.LightningModule):
         super().__init__()
         _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
                        pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay, aux_weight)  # fmt: skip
+        if pooling not in get_args(Pooling):  # the CLI checks it; a checkpoint's hparams or Python may not
+            raise GoemoError(f"model.pooling {pooling!r}: use one of {', '.join(get_args(Pooling))}")
         if not 0.0 <= self_distill < 1.0:
             raise GoemoError(f"model.self_distill must be within [0, 1) (0: off), got {self_distill}")
         if self_distill and loss != "bce":
@@ -470,10 +472,11 @@ class EmotionClassifier(L.LightningModule):
         if self.distill_targets is None:
             return
 
-        def merge(table: torch.Tensor) -> torch.Tensor:  # each rank saw its own rows, NaN elsewhere: take theirs
-            return self.all_gather(table.to(self.device)).nanmean(0).cpu()  # (W, N, L) -> (N, L)
+        self.distill_targets.start_epoch(self.current_epoch, self._merge_ranks if self.trainer.world_size > 1 else None)
 
-        self.distill_targets.start_epoch(self.current_epoch, merge if self.trainer.world_size > 1 else None)
+    def _merge_ranks(self, table: torch.Tensor) -> torch.Tensor:
+        """(N, L) per rank, each rank's rows filled and NaN elsewhere -> every rank's rows (a collective)."""
+        return self.all_gather(table.to(self.device)).nanmean(0).cpu()  # (W, N, L) -> (N, L)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         loss, logits, _ = self.model_step(batch)
@@ -571,7 +574,11 @@ class EmotionClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.distill_targets is not None:  # a resumed fit goes on with the same soft targets
-            checkpoint["self_distill"] = self.distill_targets.state_dict()
+            state = self.distill_targets.state_dict()
+            if self.trainer.world_size > 1:  # `next` holds this rank's rows, and only rank 0's file is written
+                # Trainer.save_checkpoint builds the checkpoint on every rank: each one joins this collective.
+                state["next"] = self._merge_ranks(state["next"])
+            checkpoint["self_distill"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.distill_targets is not None and "self_distill" in checkpoint:

@@ -56,6 +56,7 @@ def test_labels_default_to_goemotions(tiny_model):
         ({"threshold": 1.5}, "threshold must be within 0..1"),
         ({"warmup_ratio": 1.0}, "warmup_ratio"),
         ({"attention_dropout": 1.0}, "attention_dropout must be within"),
+        ({"pooling": "max"}, "model.pooling 'max': use one of cls, mean, cls\\+mean"),  # e.g. a newer goemo's checkpoint
     ],
 )
 def test_nonsense_values_are_refused(tiny_model, kw, msg):
