@@ -15,6 +15,7 @@ tuned `thresholds` live. The mean here is over the trainable parameters only: bu
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -54,11 +55,10 @@ class EpochAveraging(Callback):
             # Lightning skips callbacks' on_save_checkpoint for weights-only saves: the files would hold the
             # trained weights, not the mean that validation scored and the thresholds were tuned for.
             raise GoemoError("weight averaging needs full checkpoints: unset checkpoint.save_weights_only (or weight_averaging.start_epoch)")
-        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.start_epoch:
-            raise GoemoError(
-                f"weight_averaging.start_epoch {self.start_epoch} averages no epoch of trainer.max_epochs {trainer.max_epochs}: "
-                f"epochs count from 0, so {trainer.max_epochs - 1} averages the last one"
-            )
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.start_epoch and trainer.is_global_zero:
+            # Said, not refused: a quick `--trainer.max_epochs 1` of configs/minilm.yaml is a fair smoke test.
+            print(f"note: weight_averaging.start_epoch {self.start_epoch} averages no epoch of trainer.max_epochs "
+                  f"{trainer.max_epochs} (epochs count from 0: {trainer.max_epochs - 1} averages the last one)", file=sys.stderr)  # fmt: skip
 
     # -- the running mean --------------------------------------------------------------------
     @torch.no_grad()
