@@ -327,10 +327,21 @@ class EmotionClassifier(L.LightningModule):
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
         # carries those of the validation that preceded it. Untuned, they equal the fixed threshold.
-        self.register_buffer("thresholds", torch.full((num_labels,), float(threshold)))
+        self.register_buffer("thresholds", torch.full((num_labels,), float(threshold), dtype=torch.float32))
         # Every (B, L) probability and target of the epoch, gathered across ranks at the end.
         self.val_outputs = ProbsAndTargets()
         self.test_outputs = ProbsAndTargets()
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves as nn.Module does, except that the tuned thresholds keep float32 under a dtype cast
+        (`precision: bf16-true`, `.half()`): probabilities are float32, and a bf16 threshold is the tuned one rounded
+        to 1/256 of its power of two (0.37 -> 0.3691), which flips the rows in between. Device moves still apply."""
+        thresholds = self._buffers.get("thresholds")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("thresholds")
+        if thresholds is not None and moved.dtype != thresholds.dtype:
+            self._buffers["thresholds"] = thresholds.to(moved.device)
+        return self
 
     # -- forward -----------------------------------------------------------------------------
     def pool(self, out, attention_mask: torch.Tensor) -> torch.Tensor:

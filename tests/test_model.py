@@ -38,6 +38,28 @@ def test_probabilities_are_float32_under_bf16_autocast(tiny_model):
     assert probs.dtype == torch.float32
 
 
+def test_thresholds_stay_float32_when_the_model_is_cast(tiny_data, tiny_model, tmp_path):
+    """precision bf16-true casts every floating buffer: a bf16 threshold is the tuned one rounded (0.37 -> 0.3691)."""
+    import lightning as L
+
+    from goemo.data import GoEmotionsDataModule
+
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c"])
+    m.thresholds.fill_(0.37)
+    m.to(torch.bfloat16)
+    assert m.head.weight.dtype == torch.bfloat16  # the rest is cast
+    assert m.thresholds.dtype == torch.float32 and m.thresholds[0].item() == torch.tensor(0.37).item()
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    model = EmotionClassifier(str(tiny_model), label_names=dm.label_names)
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-true", limit_val_batches=2, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(model, dm)  # tunes the thresholds in place
+    assert model.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert model.thresholds.dtype == torch.float32
+
+
 def test_encoder_trains_with_dropout(tiny_model):
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])
     assert m.encoder.training  # from_pretrained returns eval mode; dropout must be on in fit
