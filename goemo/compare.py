@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from goemo.errors import GoemoError
+from goemo.errors import GoemoError, exit_on_error
 
 # Keys that name where things are, not what the run did.
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
@@ -219,16 +219,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--md", type=Path, default=None, help="also write the table as Markdown here")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV here")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         from goemo.files import check_output_file
 
         for flag, path, example in (("--md", args.md, "results.md"), ("--csv", args.csv, "results.csv")):
             if path is not None:
                 check_output_file(path, flag, example)  # before the runs are read
         header, body = table(expand(args.runs))
-    except GoemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     md = to_markdown(header, body)
     print(md, end="")
     if args.md:

@@ -14,13 +14,12 @@ recipe then passes on what it learned from other rows, not its memory of the row
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from goemo.errors import GoemoError
+from goemo.errors import GoemoError, exit_on_error
 from goemo.teacher import write_teacher
 
 
@@ -66,15 +65,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         from goemo.files import check_output_file
 
         check_output_file(args.out, "--out", "teacher.npz")  # before any model is loaded
         t = teacher_probs(args.runs, args.batch_size)
         write_teacher(args.out, t["probs"], t["labels"], t["texts"], t["teachers"])
-    except GoemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     p = t["probs"]
     print(f"{args.out}: {p.shape[0]} training rows x {p.shape[1]} labels from {len(args.runs)} teacher run(s); "
           f"mean probability {p.mean():.4f}")  # fmt: skip

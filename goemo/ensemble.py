@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-from goemo.errors import GoemoError
+from goemo.errors import GoemoError, exit_on_error
 from goemo.classifier import as_texts
 from goemo.onnx_backend import load_backend
 from goemo.predict import to_records
@@ -199,11 +198,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="bootstrap resamples the tuned thresholds are averaged over; 0: none "
                         "(default: the first run's model.threshold_resamples)")  # fmt: skip
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         build(args.runs, args.out, args.resamples, args.threshold_resamples)
-    except GoemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"ensemble of {len(args.runs)} runs: {args.out / 'test_report.json'}, {args.out / 'test_report.md'}")
 
 

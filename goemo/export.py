@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from goemo.classifier import Classifier, load_run as load
-from goemo.errors import GoemoError
+from goemo.errors import GoemoError, exit_on_error
 from goemo.hub import hub_kwargs
 from goemo.runs import resolve_checkpoint
 
@@ -240,13 +240,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     # SIGTERM as an exception, so the temporary folder is removed as after any other failure (status 143).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
+    with exit_on_error():
         export(args.ckpt, args.out_dir, args.onnx, args.force)
-    except GoemoError as e:
-        if os.environ.get("GOEMO_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"exported to {args.out_dir}")
 
 

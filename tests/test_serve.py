@@ -129,7 +129,7 @@ def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run):
     assert g["gain"] == pytest.approx(g["single_ms_per_text"] / g["grouped_ms_per_text"], abs=0.01)
 
 
-def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tmp_path, monkeypatch):
+def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tmp_path, monkeypatch, capsys):
     from goemo import serve
 
     member = tmp_path / "member.ckpt"
@@ -151,4 +151,5 @@ def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tmp_pat
     member.unlink()
     with pytest.raises(SystemExit) as e:
         serve.main([str(ens)])
-    assert str(e.value) == f"error: ensemble {ens}: its member {member} is gone; restore it, or build the ensemble again"
+    assert e.value.code == 2  # as every goemo command's one-line errors
+    assert capsys.readouterr().err == f"error: ensemble {ens}: its member {member} is gone; restore it, or build the ensemble again\n"
