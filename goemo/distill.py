@@ -41,7 +41,11 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     held = [m.data_hparams.get("holdout_fold") for m in members]
     if all(k is None for k in held):
         return {"probs": ens.predict_proba(texts), "labels": ens.label_names, "texts": texts, "teachers": names}
-    # Cross-fitted: every run held a fold out, all of one partition, and every fold is held out by some run.
+    # Cross-fitted: every run held a fold out of one training split, all of one partition, and every fold is held
+    # out by some run. Folds are row positions: a run of other rows (or rows in another order) never held these out.
+    for r, m in zip(runs[1:], members[1:]):
+        if splits_of(m, ("train",))["train"]["text"] != texts:
+            raise GoemoError(f"{r} was fit on another training split than {runs[0]}; give fold runs of one data set")
     parts = {(m.data_hparams["num_folds"], m.data_hparams["fold_seed"]) for m, k in zip(members, held) if k is not None}
     if None in held or len(parts) > 1:
         raise GoemoError(f"teacher runs do not all hold out a fold of one partition ({', '.join(f'{r}: holdout_fold {k}' for r, k in zip(runs, held))}); "

@@ -7,6 +7,7 @@ Shapes: input_ids/attention_mask (B, T) -> hidden states (B, T, H) -> pooled (B,
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 from typing import Literal, Optional, get_args
@@ -323,6 +324,7 @@ class EmotionClassifier(L.LightningModule):
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
         self.distill_targets: Optional[SelfDistillTargets] = None  # self_distill: built at fit, when the rows are known
         self.teacher_probs: Optional[torch.Tensor] = None  # teacher: (N, L) on the CPU, read at fit; not saved
+        self.teacher_sha256: Optional[str] = None  # of that table; saved, so a resumed fit trains on the same one
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
@@ -381,6 +383,7 @@ class EmotionClassifier(L.LightningModule):
         if stage == "fit" and self.hparams.teacher is not None:
             texts = self._training_rows(dm, "model.teacher").with_format(None)["text"]
             self.teacher_probs = torch.from_numpy(read_teacher(self.hparams.teacher, self.label_names, texts))
+            self.teacher_sha256 = hashlib.sha256(self.teacher_probs.numpy().tobytes()).hexdigest()  # checked on resume
         pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
         if stage != "fit" or not (pos_weight or prior):
             return
@@ -468,12 +471,15 @@ class EmotionClassifier(L.LightningModule):
         option = "model.teacher" if self.teacher_probs is not None else "model.self_distill"
         if "row" not in batch:
             raise GoemoError(f"{option} needs each training row's index in its batch (`row`): fit with goemo's GoEmotionsDataModule")
+        # In float32 whatever the precision: under bf16-true the labels and logits are bf16, and a bf16 blend of
+        # 1/255-step probabilities is off by up to 0.001.
+        labels, logits = batch["labels"].float(), logits.float()
         if self.teacher_probs is not None:
             w = self.hparams.teacher_weight
-            targets = (1 - w) * batch["labels"] + w * self.teacher_probs[batch["row"].cpu()].to(batch["labels"])
+            targets = (1 - w) * labels + w * self.teacher_probs[batch["row"].cpu()].to(labels)
         else:
             alpha = self.hparams.self_distill * self.current_epoch / (self.trainer.max_epochs - 1)
-            targets = self.distill_targets.targets(batch["row"], batch["labels"], alpha)
+            targets = self.distill_targets.targets(batch["row"], labels, alpha)
             self.distill_targets.record(batch["row"], torch.sigmoid(logits))
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         self.log("train/distill_loss", loss, batch_size=len(batch["labels"]))
@@ -590,10 +596,16 @@ class EmotionClassifier(L.LightningModule):
                 # Trainer.save_checkpoint builds the checkpoint on every rank: each one joins this collective.
                 state["next"] = self._merge_ranks(state["next"])
             checkpoint["self_distill"] = state
+        if self.teacher_sha256 is not None:
+            checkpoint["teacher_sha256"] = self.teacher_sha256
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.distill_targets is not None and "self_distill" in checkpoint:
             self.distill_targets.load_state_dict(checkpoint["self_distill"])
+        saved_teacher = checkpoint.get("teacher_sha256")  # Lightning restores a resumed fit after `setup` read the file
+        if self.teacher_sha256 is not None and saved_teacher is not None and saved_teacher != self.teacher_sha256:
+            raise GoemoError(f"model.teacher {self.hparams.teacher!r} changed since this fit started (another table); "
+                             "restore the file it started with to resume, or start a new fit")  # fmt: skip
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
             rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")

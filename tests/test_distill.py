@@ -113,6 +113,42 @@ def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_mo
     trainer.test(loaded, dm, verbose=False)
 
 
+def test_the_blend_is_float32_under_bf16_true(tiny_model):
+    """precision bf16-true hands the loss bf16 labels and logits: the blend and its BCE are still float32."""
+    model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher="t.npz", teacher_weight=0.7)
+    model.teacher_probs = torch.tensor([[0.2, 0.9, 0.01, 0.6], [0.5, 0.3, 0.7, 0.05]])  # (N, L), as read at fit
+    labels = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    logits = torch.tensor([[1.3, -2.1, 0.4, 0.8], [-0.7, 2.2, -1.9, 0.1]])
+    batch = {"labels": labels.bfloat16(), "row": torch.tensor([1, 0])}
+    loss = model._soft_target_loss(batch, logits.bfloat16())
+    target = 0.3 * labels + 0.7 * model.teacher_probs[[1, 0]]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits.bfloat16().float(), target), rtol=0, atol=1e-7)
+
+
+def test_a_resumed_student_refuses_a_teacher_file_that_changed(tmp_path, tiny_model, tiny_data):
+    """The fit reads model.teacher at every start: a resume from a file rewritten since would train on another table."""
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    texts = dm.datasets["train"].with_format(None)["text"]
+    rng = np.random.default_rng(0)
+    teacher_file.write_teacher(tmp_path / "t.npz", rng.uniform(size=(len(texts), 4)).astype(np.float32), LABELS, texts, ["m"])
+
+    def fit(epochs, ckpt_path=None):
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+        model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"))
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return trainer
+
+    ckpt = fit(1).checkpoint_callback.best_model_path
+    assert len(torch.load(ckpt, weights_only=True)["teacher_sha256"]) == 64
+    fit(2, ckpt)  # the same file: resumes
+    teacher_file.write_teacher(tmp_path / "t.npz", rng.uniform(size=(len(texts), 4)).astype(np.float32), LABELS, texts, ["m"])
+    with pytest.raises(GoemoError, match="model.teacher .* changed since this fit started"):
+        fit(2, ckpt)
+
+
 def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_path, tiny_model, tiny_data):
     teacher_file.write_teacher(tmp_path / "t.npz", np.zeros((2, 4), np.float32), LABELS, ["a", "b"], ["m"])
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
@@ -172,5 +208,18 @@ def test_a_cross_fitted_teacher_gives_each_row_the_probabilities_of_the_runs_tha
     assert np.abs(t["probs"][folds == 0] - mine).max() > 1e-4  # not the run that trained on them
     with pytest.raises(GoemoError, match="no teacher run holds out fold 1 of 2; fit one with --data.holdout_fold 1"):
         distill.teacher_probs(ckpts[:1])
+    # Fold 1 held out of the same rows in another order: other rows than fold 1's, which it trained on.
+    other = tmp_path / "reversed"
+    other.mkdir()
+    for name in ("labels.txt", "dev.tsv", "test.tsv"):
+        (other / name).write_bytes((tiny_data / name).read_bytes())
+    rows = (tiny_data / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (other / "train.tsv").write_text("".join(reversed(rows)), encoding="utf-8")
+    dm = GoEmotionsDataModule(data_dir=str(other), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"), holdout_fold=1)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path / "rev", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(EmotionClassifier(str(tiny_model), label_names=LABELS), dm)
+    with pytest.raises(GoemoError, match="was fit on another training split than"):
+        distill.teacher_probs([ckpts[0], trainer.checkpoint_callback.best_model_path])
     with pytest.raises(GoemoError, match="teacher runs do not all hold out a fold of one partition .*holdout_fold None"):
         distill.teacher_probs([ckpts[0], str(tiny_run / "lightning_logs/version_0")])
