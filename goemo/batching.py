@@ -7,6 +7,7 @@ pads a batch to its longest row: `{"input_ids": (B, T), "attention_mask": (B, T)
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -133,9 +134,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from rest[self.rank :: self.num_replicas]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        # What the epoch's order depends on, with the position: a resume with other values would go on from the
+        # same batch count in another order, training some rows twice and skipping others (checked on load).
+        return {"epoch": self.epoch, "consumed": self.consumed, "batch_size": self.batch_size,
+                "rows": len(self.lengths), "seed": self.seed, "pool_batches": self.pool_batches}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        now = {"batch_size": self.batch_size, "rows": len(self.lengths), "pool_batches": self.pool_batches}
+        changed = [k for k, v in now.items() if k in state and int(state[k]) != v]  # older checkpoints: not saved
+        if changed:
+            what = ", ".join(f"{k} {state[k]} -> {now[k]}" for k in changed)
+            raise GoemoError(f"the checkpoint's epoch was cut into batches otherwise ({what}): resume with the run's "
+                             "data, data.train_batch_size and data.group_by_length, or start a new fit")  # fmt: skip
+        if "seed" in state and int(state["seed"]) != self.seed and int(state["consumed"]) > 0:
+            # seed_everything false (a new seed each process): the rest of the epoch is drawn in another order.
+            print(f"note: the seed changed since the checkpoint ({state['seed']} -> {self.seed}): the rest of the "
+                  "interrupted epoch is another order of its rows (set seed_everything to resume exactly)", file=sys.stderr)  # fmt: skip
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 

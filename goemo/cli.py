@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -31,7 +31,7 @@ from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter, check_not_the_input
-from goemo.reliability import LastCheckpoint
+from goemo.reliability import Interrupts, LastCheckpoint
 from goemo.runs import load_lightning_checkpoint, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
@@ -107,10 +107,22 @@ class RunConfigCallback(SaveConfigCallback):
     The stock callback refuses to overwrite `config.yaml`, which a later `test` in the run folder would hit.
     """
 
+    _resumed = False  # a resumed fit: config.yaml is written once the checkpoint has been restored
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             self.config_filename, self.overwrite = f"config_{getattr(stage, 'value', stage)}.yaml", True
+        elif self.config.get("ckpt_path") and not self.already_saved:
+            # Written at train start instead: a resume refused while restoring (weights of another shape, another
+            # teacher table) must leave the run's config.yaml as it was, or a later `test` would read its flags.
+            self._resumed = True
+            return
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._resumed:
+            self._resumed = False
+            super().setup(trainer, pl_module, "fit")
 
 
 class GoemoCLI(LightningCLI):
@@ -258,9 +270,17 @@ class GoemoCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (TypeError, ValueError) as e:  # Lightning's checks of devices, strategy, precision, ...
             raise GoemoError(f"trainer settings: {one_line(e)}") from None
+        # Interrupts stops at a batch end by raising: it goes after every other callback (the config's callbacks
+        # come before the sections', so weight averaging's update of that batch would be lost) and before the
+        # checkpoints, which Lightning keeps last.
+        stop = [cb for cb in trainer.callbacks if isinstance(cb, Interrupts)]
+        rest = [cb for cb in trainer.callbacks if not isinstance(cb, Interrupts)]
+        i = next((k for k, cb in enumerate(rest) if isinstance(cb, Checkpoint)), len(rest))
+        trainer.callbacks = rest[:i] + stop + rest[i:]
+        return trainer
 
     def _before_run(self) -> None:
         logger = self.trainer.logger

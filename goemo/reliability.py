@@ -99,6 +99,25 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_epochs=0, enable_version_counter=False,
         )  # fmt: skip
 
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A save at an epoch's last batch, before that epoch's validation, resumes as a finished epoch: Lightning's
+        # loop then skips the validation, and with it that epoch's thresholds, checkpoint and ranking. Lightning
+        # defers such saves to the end of validation for monitored checkpoints only; do it here too.
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and validation_follows(trainer):
+            self._defer_save_until_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._defer_save_until_validation and any(
+            cb is not self and cb.save_last and cb._last_global_step_saved == trainer.global_step
+            for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+        ):  # the epoch checkpoint wrote last.ckpt after this validation already: not the same file twice
+            self._defer_save_until_validation = False
+            return
+        super().on_validation_end(trainer, pl_module)
+
     def on_train_end(self, trainer, pl_module) -> None:
         # last.ckpt must hold the final step. Lightning's own end-of-training save runs only if this callback never
         # saved, and the epoch checkpoint writes last.ckpt only in an epoch that set a new best; so a fit whose
@@ -109,6 +128,15 @@ class LastCheckpoint(ModelCheckpoint):
         done = any(cb.save_last and getattr(cb, "_last_global_step_saved", None) == step for cb in trainer.checkpoint_callbacks)
         if self.save_last and not done and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # as Lightning's on_train_end
+
+
+def validation_follows(trainer) -> bool:
+    """Whether the batch that just ended is its epoch's last and that epoch's validation runs next."""
+    if not getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False) or not trainer.enable_validation:
+        return False
+    n = trainer.num_val_batches
+    every = trainer.check_val_every_n_epoch
+    return bool(sum(n) if isinstance(n, list) else n) and (every is None or (trainer.current_epoch + 1) % every == 0)
 
 
 def rng_states() -> dict:
@@ -156,6 +184,26 @@ class ExactResume(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng = state_dict
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # ModelCheckpoint keeps its ranking (best_k_models, best score) only if its folder is spelled as when it
+        # saved: a run resumed from another working folder has the same folder by another path (relative then,
+        # absolute now), and Lightning would drop the ranking with a warning, and `best` then named a later,
+        # worse epoch. Resuming from a file in the callback's own folder, its state describes that folder: the
+        # saved paths are re-rooted there (callbacks' on_load_checkpoint runs before their load_state_dict).
+        here = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path else None
+        for cb in trainer.checkpoint_callbacks:
+            state = (checkpoint.get("callbacks") or {}).get(cb.state_key)
+            if not (isinstance(cb, ModelCheckpoint) and cb.dirpath and state) or Path(cb.dirpath).resolve() != here:
+                continue
+            if state.get("dirpath") == cb.dirpath or Path(str(state.get("dirpath"))).name != Path(cb.dirpath).name:
+                continue
+            moved = lambda p: str(Path(cb.dirpath) / Path(p).name) if p else p  # noqa: E731
+            state["dirpath"] = cb.dirpath
+            state["best_k_models"] = {moved(k): v for k, v in (state.get("best_k_models") or {}).items()}
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state:
+                    state[key] = moved(state[key])
 
     def on_train_start(self, trainer, pl_module) -> None:
         fit_loop = trainer.fit_loop
@@ -213,6 +261,7 @@ class Interrupts(Callback):
 
     def __init__(self) -> None:
         self._sigint = False  # Ctrl-C seen: stop at the end of this batch
+        self._epoch_ends = False  # the last training batch seen was its epoch's last: validation and saves follow
         self._forced = False  # Ctrl-C twice: stopped mid-step, nothing consistent to save
         self._previous_handler: Any = None
 
@@ -239,14 +288,19 @@ class Interrupts(Callback):
         stop = self._sigint
         if trainer.world_size > 1:  # every process stops at the same batch, or saving would wait forever
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        # At an epoch's last batch the epoch ends first (its weight-averaging update, validation and checkpoints):
+        # a save from before them resumes as a finished epoch that never validated. Ctrl-C then stops after the
+        # next batch; SIGTERM when Lightning's loop raises it, once the epoch is complete.
+        self._epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
         if stop:
             self._sigint = True
-            raise KeyboardInterrupt
-        if trainer.received_sigterm and trainer.world_size == 1:  # DDP: Lightning's loop raises it each batch
+            if not self._epoch_ends:
+                raise KeyboardInterrupt
+        elif trainer.received_sigterm and trainer.world_size == 1 and not self._epoch_ends:  # DDP: Lightning raises it
             raise SIGTERMException()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._sigint:
+        if self._sigint and not (trainer.state.fn == TrainerFn.FITTING and self._epoch_ends):
             raise KeyboardInterrupt
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

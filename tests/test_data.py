@@ -184,3 +184,22 @@ def test_collator_pads_right_and_makes_float_labels():
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 1, 1], [1, 0, 0]]
     left = MultiLabelCollator(pad_token_id=0, padding_side="left")(rows)
     assert left["input_ids"].tolist()[1] == [0, 101, 102]
+
+
+def test_a_resume_with_other_batches_is_refused():
+    """The sampler's position counts batches: resumed with another batch size (or rows, or grouping) it would go on
+    from the same count in another cut, training some rows twice and skipping others."""
+    from goemo.batching import LengthGroupedBatchSampler
+
+    saved = LengthGroupedBatchSampler(list(range(1, 41)), batch_size=8, seed=3)
+    saved.consumed = 2
+    state = saved.state_dict()
+    same = LengthGroupedBatchSampler(list(range(1, 41)), batch_size=8, seed=3)
+    same.load_state_dict(state)
+    assert list(same) == saved.epoch_batches()[2:]
+    with pytest.raises(GoemoError, match=r"cut into batches otherwise \(batch_size 8 -> 16\): resume with the run's data"):
+        LengthGroupedBatchSampler(list(range(1, 41)), batch_size=16, seed=3).load_state_dict(state)
+    with pytest.raises(GoemoError, match=r"\(rows 40 -> 39\)"):
+        LengthGroupedBatchSampler(list(range(1, 40)), batch_size=8, seed=3).load_state_dict(state)
+    old = {"epoch": 0, "consumed": 2}  # a checkpoint from before these were saved: taken as it is
+    LengthGroupedBatchSampler(list(range(1, 41)), batch_size=16, seed=3).load_state_dict(old)

@@ -75,6 +75,9 @@ def test_release_free_memory_is_opt_in(tiny_run):
     """A default fit runs the reliability callbacks, listed in its config, and not ReleaseFreeMemory (opt-in)."""
     names = json.loads((tiny_run / "callbacks.json").read_text())
     assert {"ExactResume", "Interrupts", "StopOnNonFiniteLoss"} <= set(names) and "ReleaseFreeMemory" not in names
+    # Interrupts raises at a batch end: after every other callback's hook (weight averaging's update), before the checkpoints.
+    assert names.index("EpochAveraging") < names.index("Interrupts") < names.index("ModelCheckpoint")
+    assert names[names.index("Interrupts") + 1 :] == ["ModelCheckpoint", "LastCheckpoint"]
     config = yaml.safe_load((tiny_run / "lightning_logs/version_0/config.yaml").read_text())
     paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert [p for p in paths if p.startswith("goemo.")] == [

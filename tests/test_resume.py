@@ -87,7 +87,8 @@ def test_sigterm_then_kill_9_then_resume_ends_as_uninterrupted(learned_run, tiny
     ), err[-3000:]
     assert "Traceback" not in err and 5 <= step < 12
     assert load_checkpoint(tmp_path / LAST)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 0, "consumed": step}  # the train loader's position: `step` batches of epoch 0 taken
+        # the train loader's position: `step` batches of epoch 0 taken, and what the epoch's cut depends on
+        {"epoch": 0, "consumed": step, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64}
     ]
 
     # 2. resumed (slow too: the run's config has SlowSteps), then kill -9 at a step save inside the second epoch
@@ -98,7 +99,9 @@ def test_sigterm_then_kill_9_then_resume_ends_as_uninterrupted(learned_run, tiny
     assert proc.returncode == -signal.SIGKILL
     ckpt = load_checkpoint(tmp_path / LAST)
     assert ckpt["global_step"] == step and step % 12  # mid-epoch
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": step - 12}]
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "consumed": step - 12, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64}
+    ]
     ckpts = sorted(p.name for p in (tmp_path / LAST.parent).glob("*.ckpt"))
     assert ckpts == ["epoch00-step12.ckpt", "last.ckpt"]  # one last.ckpt, never last-v1.ckpt
 
@@ -135,7 +138,7 @@ def test_ctrl_c_stops_after_the_batch_and_saves(learned_run, tiny_model, tmp_pat
     ), err[-3000:]
     assert "Traceback" not in err
     assert load_checkpoint(tmp_path / LAST)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 0, "consumed": step}
+        {"epoch": 0, "consumed": step, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64}
     ]
 
 
@@ -264,3 +267,54 @@ def test_a_self_distilled_fit_killed_mid_epoch_resumes_to_the_same_weights(learn
     assert records(work) == records(whole)
     plain = load_checkpoint(learned_run / LAST)["state_dict"]["head.weight"]  # the same fit without self_distill
     assert not torch.allclose(want["state_dict"]["head.weight"], plain, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_validation_after_an_epochs_last_step_save_resumes_as_uninterrupted(learned_run, tiny_model, tmp_path):
+    """Every 6 steps saves at step 12, epoch 0's last batch, before its validation: Lightning resumes such a save as
+    a finished epoch and skips that validation (its thresholds, checkpoint and ranking), so the save waits for the
+    validation. Step 24 too: the final last.ckpt holds the final validation's thresholds."""
+    r = run_main(*fit_args(learned_run, tiny_model), "--last_checkpoint.every_n_train_steps", "6",
+                 "--trainer.callbacks+=tests.helpers.ExitInValidation", "--trainer.callbacks.step", "12", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
+    assert r.returncode == 137 and (tmp_path / "exited").is_file(), r.stderr[-3000:]
+    assert saved_step(tmp_path / LAST) == 6  # step 12's save waited for the validation the kill cut short
+    resume(tmp_path)
+    assert_same_as_uninterrupted(tmp_path, learned_run)  # both validations ran: records, weights, thresholds
+    names = sorted(p.name for p in (tmp_path / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))
+    assert names == sorted(p.name for p in (learned_run / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_another_folder_keeps_its_checkpoint_ranking(learned_run, tiny_model, tmp_path):
+    """`fit --ckpt_path /abs/.../version_0` from another working folder: the checkpoints' folder is spelled otherwise
+    than when they were ranked (relative then, absolute now), and Lightning dropped the ranking: the epoch-1 save
+    then kept epoch 0's file beside its own and `best` named whichever came last."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir(), other.mkdir()
+    proc = start([*fit_args(learned_run, tiny_model), *SLOW], cwd=work)
+    wait_for_save(proc, work / LAST, min_step=20)  # in epoch 1: epoch 0 validated and ranked
+    proc.kill()
+    proc.wait()
+    r = run_main("fit", "--ckpt_path", str(work / "lightning_logs/version_0"), cwd=other, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dirpath has changed" not in r.stderr
+    assert records(work) + records(other) == records(learned_run)  # validation.jsonl is written where fit runs
+    names = sorted(p.name for p in (work / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))
+    assert names == sorted(p.name for p in (learned_run / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))
+    state = next(v for k, v in load_checkpoint(work / LAST)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    want = next(v for k, v in load_checkpoint(learned_run / LAST)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert Path(state["best_model_path"]).name == Path(want["best_model_path"]).name
+    assert state["best_model_score"] == want["best_model_score"]
+
+
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(tiny_run, tmp_path):
+    """The config is written once the checkpoint is restored: a later `test --ckpt_path best` reads it."""
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run, work)
+    config = work / "lightning_logs/version_0/config.yaml"
+    before = config.read_bytes()
+    r = run_main("fit", "--ckpt_path", "last", "--model.pooling", "cls+mean", "--data.max_length", "16", cwd=work, env=ONE_THREAD)
+    assert r.returncode == 2 and "error: " in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
+    assert config.read_bytes() == before
