@@ -337,7 +337,8 @@ class EmotionClassifier(L.LightningModule):
     def _apply(self, fn, recurse=True):
         """Casts and moves as nn.Module does, except that the tuned thresholds keep float32 under a dtype cast
         (`precision: bf16-true`, `.half()`): probabilities are float32, and a bf16 threshold is the tuned one rounded
-        to 1/256 of its power of two (0.37 -> 0.3691), which flips the rows in between. Device moves still apply."""
+        to 1/256 of its power of two (0.37 -> 0.3691), which flips the rows in between. Device moves still apply.
+        nn.Module has no public way to keep a buffer's dtype (pytorch/pytorch#139429), hence this private hook."""
         thresholds = self._buffers.get("thresholds")
         super()._apply(fn, recurse)
         moved = self._buffers.get("thresholds")
