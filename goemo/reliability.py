@@ -250,7 +250,8 @@ class Interrupts(Callback):
     """Ctrl-C and SIGTERM during `fit` save `last.ckpt` and stop with a one-line message saying how to resume.
 
     Both stop training at the end of the current batch, so the saved state is that of a finished step (what a
-    step checkpoint holds) and resuming from it gives the same result as never stopping. A second Ctrl-C stops
+    step checkpoint holds) and resuming from it gives the same result as never stopping; at an epoch's last
+    batch, once the epoch's validation and checkpoints are done (Ctrl-C after the next batch). A second Ctrl-C stops
     at once and saves nothing. Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch
     (each batch under DDP, where it broadcasts the signal); here it is raised at the next batch end. Lightning
     then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
