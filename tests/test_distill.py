@@ -223,3 +223,18 @@ def test_a_cross_fitted_teacher_gives_each_row_the_probabilities_of_the_runs_tha
         distill.teacher_probs([ckpts[0], trainer.checkpoint_callback.best_model_path])
     with pytest.raises(GoemoError, match="teacher runs do not all hold out a fold of one partition .*holdout_fold None"):
         distill.teacher_probs([ckpts[0], str(tiny_run / "lightning_logs/version_0")])
+
+
+def test_the_recorded_mpnet_teacher_fits_the_embedded_training_split():
+    """benchmarks/teachers/mpnet-seed42.npz (docs/results.md, the MPNet teacher): its digest, rows and labels are the
+    embedded release's training split, so `--model.teacher benchmarks/teachers/mpnet-seed42.npz` fits a default run."""
+    from pathlib import Path
+
+    from goemo.data import EMBEDDED
+    from goemo.taxonomy import GOEMOTIONS_LABELS
+
+    dm = GoEmotionsDataModule(data_dir=EMBEDDED, tokenizer_name="unused")
+    texts = list(dm._raw_splits()["train"]["text"])
+    path = Path(__file__).resolve().parent.parent / "benchmarks/teachers/mpnet-seed42.npz"
+    probs = teacher_file.read_teacher(str(path), list(GOEMOTIONS_LABELS), texts)
+    assert probs.shape == (43410, 28) and 0.04 < probs.mean() < 0.05  # the distill command printed 0.0454
