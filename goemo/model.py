@@ -10,6 +10,7 @@ import copy
 import hashlib
 import math
 import re
+import sys
 from typing import Literal, Optional, get_args
 
 import lightning as L
@@ -325,6 +326,7 @@ class EmotionClassifier(L.LightningModule):
         self.distill_targets: Optional[SelfDistillTargets] = None  # self_distill: built at fit, when the rows are known
         self.teacher_probs: Optional[torch.Tensor] = None  # teacher: (N, L) on the CPU, read at fit; not saved
         self.teacher_sha256: Optional[str] = None  # of that table; saved, so a resumed fit trains on the same one
+        self.schedule_steps: Optional[int] = None  # the learning-rate schedule's length; saved in checkpoints
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
@@ -577,6 +579,11 @@ class EmotionClassifier(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if math.isinf(total):  # max_epochs -1 and no max_steps: the linear decay has no end to reach 0 at
             raise GoemoError("the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps")
+        saved, self.schedule_steps = self.schedule_steps, int(total)  # saved: a resumed fit's, read at on_load_checkpoint
+        if saved is not None and saved != self.schedule_steps and self.trainer.is_global_zero:
+            # transformers' schedule saves no length: a resume with another max_epochs/max_steps redraws the line.
+            print(f"note: the learning-rate schedule now ends at step {self.schedule_steps}, not at the {saved} this fit "
+                  "started with (another trainer.max_epochs or max_steps): the rate jumps to the new line", file=sys.stderr)  # fmt: skip
         scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -599,10 +606,13 @@ class EmotionClassifier(L.LightningModule):
             checkpoint["self_distill"] = state
         if self.teacher_sha256 is not None:
             checkpoint["teacher_sha256"] = self.teacher_sha256
+        if self.schedule_steps is not None:
+            checkpoint["schedule_steps"] = self.schedule_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.distill_targets is not None and "self_distill" in checkpoint:
             self.distill_targets.load_state_dict(checkpoint["self_distill"])
+        self.schedule_steps = checkpoint.get("schedule_steps")  # compared at configure_optimizers, which comes after
         saved_teacher = checkpoint.get("teacher_sha256")  # Lightning restores a resumed fit after `setup` read the file
         if self.teacher_sha256 is not None and saved_teacher is not None and saved_teacher != self.teacher_sha256:
             raise GoemoError(f"model.teacher {self.hparams.teacher!r} changed since this fit started (another table); "

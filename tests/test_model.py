@@ -318,3 +318,29 @@ def test_gradients_are_freed_after_each_optimizer_step(tiny_data, tiny_model, tm
     trainer.fit(model, dm)
     assert seen["before_step"] == [True] * 4  # backward filled them
     assert seen["batch_start"] == [False] * 4  # and none survived into the next batch
+
+
+def test_a_resume_with_another_schedule_length_says_so(tiny_model, capsys):
+    """transformers' linear schedule saves no length: resumed with another max_epochs, its rate would jump silently."""
+    from types import SimpleNamespace
+
+    def model(steps):
+        m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])
+        m._trainer = SimpleNamespace(estimated_stepping_batches=steps, gradient_clip_val=None, precision_plugin=None, is_global_zero=True)
+        return m
+
+    first, same, longer = model(100), model(100), model(150)
+    first.configure_optimizers()
+    ckpt = {"state_dict": first.state_dict()}
+    first.on_save_checkpoint(ckpt)
+    assert ckpt["schedule_steps"] == 100
+    capsys.readouterr()  # the models' loading bars
+    same.on_load_checkpoint(ckpt)
+    same.configure_optimizers()
+    assert capsys.readouterr().err == ""
+    longer.on_load_checkpoint(ckpt)
+    longer.configure_optimizers()
+    assert capsys.readouterr().err == (
+        "note: the learning-rate schedule now ends at step 150, not at the 100 this fit started with "
+        "(another trainer.max_epochs or max_steps): the rate jumps to the new line\n"
+    )
