@@ -97,6 +97,11 @@ def load_tokenizer(name: str):
             f"tokenizer {name!r} has no pad token, and goemo pads each batch to its longest text; "
             "use an encoder's tokenizer (BERT, RoBERTa, MPNet, ...) or set pad_token in its tokenizer_config.json"
         )
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers builds one from config.json alone
+        raise GoemoError(
+            f"tokenizer {name!r} knows only its special tokens (no vocab.txt or tokenizer.json beside the model?), "
+            "so every word would be [UNK]; save the tokenizer into the model's folder (tokenizer.save_pretrained)"
+        )
     return tokenizer
 
 

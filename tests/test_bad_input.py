@@ -286,6 +286,10 @@ def test_model_folders(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.pad_token = None
     tok.save_pretrained(no_pad)
+    no_vocab = tmp_path / "weights-only"  # model.save_pretrained alone: transformers builds a 5-token tokenizer
+    no_vocab.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / f, no_vocab / f)
     cases = {
         "missing model folder": (tmp_path / "nope" / "model", "error: model '{p}': no such folder"),
         "model folder without config.json": (empty, "error: cannot load model from folder {p}: "),
@@ -293,6 +297,8 @@ def test_model_folders(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
         "tokenizer without a pad token": (no_pad, "error: tokenizer '{p}' has no pad token, and goemo pads each batch "
                                                   "to its longest text; use an encoder's tokenizer (BERT, RoBERTa, "
                                                   "MPNet, ...) or set pad_token in its tokenizer_config.json"),
+        "no tokenizer files": (no_vocab, "error: tokenizer '{p}' knows only its special tokens (no vocab.txt or "
+                                         "tokenizer.json beside the model?), so every word would be [UNK]; "),
     }
     for case, (path, expected) in cases.items():
         line = cli_error(capsys, monkeypatch, tmp_path, *fit(path, tiny_data, tmp_path / "cache"))
