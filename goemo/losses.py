@@ -35,7 +35,9 @@ class FocalLoss(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (B, L)
         p = torch.sigmoid(logits)
         p_t = p * targets + (1 - p) * (1 - targets)
-        loss = bce * (1 - p_t) ** self.gamma
+        # (1 - p_t) is exactly 0 once |logit| > ~17 in float32; x^gamma has an infinite slope at 0 for gamma < 1,
+        # and inf * sigmoid's zero slope is NaN: clamp, which leaves the loss as it is and its gradient 0 there.
+        loss = bce * (1 - p_t).clamp(min=torch.finfo(torch.float32).tiny) ** self.gamma
         if self.alpha is not None:
             loss = loss * (self.alpha * targets + (1 - self.alpha) * (1 - targets))
         return loss.mean()

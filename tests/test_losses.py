@@ -63,6 +63,19 @@ def test_focal_is_fp32_under_half_inputs():
     assert loss.dtype == torch.float32 and loss.item() > 0  # (1 - p_t)^2 * BCE ~ 1e-16, not 0
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_focal_gradient_is_finite_on_confident_logits(gamma):
+    """Past |logit| ~17, 1 - p_t is exactly 0 in float32, where x^gamma has an infinite slope for gamma < 1: the
+    gradient was NaN (and one step made the head NaN) while the loss looked fine."""
+    logits = torch.tensor([[30.0, -30.0, 0.3, 200.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    loss = FocalLoss(gamma)(logits, targets)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, [0, 1, 3]].abs().max() < 1e-12 and logits.grad[0, 2] < 0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[0, 2], targets[0, 2]).item()
+    assert loss.item() == pytest.approx((1 - torch.sigmoid(torch.tensor(0.3)).item()) ** gamma * bce / 4, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "gamma,alpha,match",
     [
