@@ -43,6 +43,12 @@ def evaluation_batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Ten
     return batches
 
 
+def pad_to_multiple(batches: list, w: int) -> list:
+    """`batches` repeated from its start until its length is a multiple of `w`, so that every one of w ranks gets
+    as many batches (cyclically: 2 batches for 5 ranks become 5, not 4 that leave a rank without a batch)."""
+    return batches + [batches[i % len(batches)] for i in range(-len(batches) % w)] if batches else batches
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar-length rows, so per-batch padding is small (GoEmotions: ~18 real tokens a row).
 
@@ -123,14 +129,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             pool = pool[torch.argsort(self.lengths[pool], descending=True, stable=True)]
             batches.extend(pool.split(bs))
         batches = [batches[i].tolist() for i in torch.randperm(len(batches), generator=g).tolist()]
-        return batches + batches[: (-len(batches)) % w]
+        return pad_to_multiple(batches, w)
 
     def __iter__(self):
         batches = self.epoch_batches()
         if self.consumed >= len(batches):
             self.consumed = 0  # the epoch was finished: iterating it again starts over
         rest = batches[self.consumed :]
-        rest += rest[: (-len(rest)) % self.num_replicas]  # only after a resume with another process count
+        rest = pad_to_multiple(rest, self.num_replicas)  # only after a resume with another process count
         yield from rest[self.rank :: self.num_replicas]
 
     def state_dict(self) -> dict:

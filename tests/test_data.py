@@ -203,3 +203,15 @@ def test_a_resume_with_other_batches_is_refused():
         LengthGroupedBatchSampler(list(range(1, 40)), batch_size=8, seed=3).load_state_dict(state)
     old = {"epoch": 0, "consumed": 2}  # a checkpoint from before these were saved: taken as it is
     LengthGroupedBatchSampler(list(range(1, 41)), batch_size=16, seed=3).load_state_dict(old)
+
+
+@pytest.mark.parametrize("rows,batch_size,ranks", [(10, 32, 5), (10, 32, 8), (20, 8, 16), (101, 8, 3)])
+def test_every_rank_gets_as_many_training_batches_as_it_promises(rows, batch_size, ranks):
+    """DDP steps all ranks together: a rank that runs out of batches first hangs the others. With fewer batches
+    than about half the ranks (10 rows in batches of 32 on 5 processes), padding once left ranks without one."""
+    from goemo.batching import LengthGroupedBatchSampler
+
+    lengths = [1 + i % 7 for i in range(rows)]
+    samplers = [LengthGroupedBatchSampler(lengths, batch_size, seed=1, num_replicas=ranks, rank=r) for r in range(ranks)]
+    assert [len(list(s)) for s in samplers] == [len(s) for s in samplers] == [-(-(-(-rows // batch_size)) // ranks)] * ranks
+    assert sorted({i for s in samplers for b in s for i in b}) == list(range(rows))  # every row trained on
