@@ -48,7 +48,8 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` that draws its masks with `keep_mask` when training on a CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace:
+        # p that rounds to 0 or 1 in 1/65536 steps (1 would divide by zero) goes to nn.Dropout as it is.
+        if self.training and 0 < round(self.p * _LEVELS) < _LEVELS and x.device.type == "cpu" and not self.inplace:
             return _DropoutFunction.apply(x, self.p)
         return super().forward(x)
 
