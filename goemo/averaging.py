@@ -140,6 +140,10 @@ class EpochAveraging(Callback):
         swapped = self._raw or {}
         checkpoint["current_model_state"] = {k: swapped.get(k, v) for k, v in state.items()}
         checkpoint["state_dict"] = {k: self._mean[k].to(v.dtype) if k in self._mean else v for k, v in state.items()}
+        # Under a half precision (bf16-true) the state_dict rounds the float32 mean: keep it exact for a resume.
+        exact = {k: m.cpu() for k, m in self._mean.items() if k in state and m.dtype != state[k].dtype}
+        if exact:
+            checkpoint["averaging_mean"] = exact
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # `test` and `predict` use the checkpoint's `state_dict` (the mean); a resumed fit trains on from the
@@ -148,6 +152,6 @@ class EpochAveraging(Callback):
         if raw is None or trainer.state.fn != "fit":
             return
         if self.start_epoch is not None:
-            state, params = checkpoint["state_dict"], self._params(pl_module)
+            state, params = {**checkpoint["state_dict"], **checkpoint.get("averaging_mean", {})}, self._params(pl_module)
             self._mean = {name: state[name].float().clone() for name in params if name in state}
         pl_module.load_state_dict(raw)

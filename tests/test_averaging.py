@@ -8,6 +8,7 @@ import json
 import signal
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -132,6 +133,34 @@ def test_checkpoints_hold_the_mean_and_keep_the_trained_weights_for_resuming():
     fresh.on_validation_epoch_start(trainer(2), resumed)
     assert resumed.layer.weight.eq(4.0).all()  # (1 + 4 + 7) / 3
     assert set(fresh._mean) == {"layer.weight", "layer.bias"}  # frozen parameters are not averaged
+
+
+def test_a_resumed_bf16_fit_carries_on_the_exact_mean_not_the_saved_rounded_one():
+    """Under bf16-true the state_dict holds the mean rounded to bf16 (what validation scored); a resumed fit must go
+    on from the float32 mean, or the rest of the averaging drifts from an uninterrupted fit's."""
+    weights = [1.0, 1.0078125, 1.015625, 1.0234375, 1.03125]  # each exact in bf16, their running means are not
+
+    def final_mean(resume_after: Optional[int]) -> float:
+        cb, m = EpochAveraging(start_epoch=0), Small().to(torch.bfloat16)
+        for epoch, w in enumerate(weights):
+            end_epoch(cb, m, epoch, w)
+            if epoch == resume_after:  # saved, then a new process resumes from the file
+                ckpt = {"state_dict": saved(m)}
+                cb.on_save_checkpoint(trainer(epoch), m, ckpt)
+                assert ckpt["state_dict"]["layer.weight"].dtype == torch.bfloat16
+                state, m = cb.state_dict(), Small().to(torch.bfloat16)
+                m.load_state_dict(ckpt["state_dict"])
+                cb = EpochAveraging(start_epoch=0)
+                cb.on_load_checkpoint(trainer(epoch), m, ckpt)
+                cb.load_state_dict(state)
+        return cb._mean["layer.weight"][0, 0].item()
+
+    assert final_mean(None) == sum(weights) / 5 == final_mean(1)
+    ckpt = {"state_dict": saved(Small())}
+    cb, m = EpochAveraging(start_epoch=0), Small()
+    end_epoch(cb, m, 0, 1.0)
+    cb.on_save_checkpoint(trainer(0), m, ckpt)
+    assert "averaging_mean" not in ckpt  # float32 weights: the state_dict holds the mean exactly, nothing extra
 
 
 def test_updates_per_epoch_averages_the_weights_after_evenly_spaced_batches():
