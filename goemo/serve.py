@@ -16,7 +16,6 @@ of each other are predicted in one forward pass, up to `--max-batch` requests (L
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
 import argparse
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import litserve as ls
@@ -108,10 +107,18 @@ class GoemoAPI(ls.LitAPI):
         return output
 
 
-def one_line_errors(app) -> None:
-    """FastAPI's validation errors (a list of dicts, 422) as `{"error": "one line"}` with 400 or 413."""
+def one_line_errors(app, max_body: int) -> None:
+    """FastAPI's validation errors (a list of dicts, 422) as `{"error": "one line"}` with 400 or 413, and the HTTP
+    errors LitServe raises (`{"detail": ...}`: a body over `max_body` bytes, 413) as `{"error": "one line"}` too."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request, exc: HTTPException):
+        message = f"the body is over {max_body} bytes (--max-body)" if exc.status_code == 413 else " ".join(str(exc.detail).split())
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(HTTPException, http_error)
 
     async def handler(request, exc: RequestValidationError):
         errors = exc.errors()
@@ -143,21 +150,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = p.parse_args(argv)
     from goemo.errors import GoemoError, exit_on_error
 
-    with exit_on_error():  # a missing run (or an ensemble's missing member) is one line, before any worker starts
-        from goemo.ensemble import ENSEMBLE_FILE, check_members, read_spec
-        from goemo.runs import resolve_checkpoint
+    with exit_on_error():  # a bad flag or a run that does not load is one line, before any worker starts
+        from goemo import load
 
-        if a.api_servers < 1 or a.max_batch < 1:
-            raise GoemoError(f"--api-servers and --max-batch must be at least 1, got {a.api_servers} and {a.max_batch}")
-        if (Path(a.run) / ENSEMBLE_FILE).is_file():  # an ensemble folder, which goemo.load serves too
-            check_members(a.run, read_spec(Path(a.run) / ENSEMBLE_FILE))
-        else:
-            resolve_checkpoint(a.run)
+        for flag, value in (("--api-servers", a.api_servers), ("--max-batch", a.max_batch), ("--max-texts", a.max_texts),
+                            ("--max-chars", a.max_chars), ("--max-body", a.max_body)):  # fmt: skip
+            if value < 1:
+                raise GoemoError(f"{flag} must be at least 1, got {value}")
+        if not a.batch_timeout >= 0:
+            raise GoemoError(f"--batch-timeout must be 0 or more seconds, got {a.batch_timeout}")
+        # Loaded once here, and again in LitServe's worker: an error there is two tracebacks and a stop minutes later.
+        load(a.run, backend=a.backend)
     os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
     api = GoemoAPI(a.run, a.backend, a.max_batch, a.batch_timeout, a.stats)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=60,
                           fast_queue=a.fast_queue)
-    one_line_errors(server.app)
+    one_line_errors(server.app, a.max_body)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     server.run(host=a.host, port=a.port, num_api_servers=a.api_servers, generate_client_file=False, log_level="warning")
 

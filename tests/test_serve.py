@@ -107,6 +107,7 @@ def test_concurrent_requests_share_forward_passes(server):
         (json.dumps({"texts": ["x"] * 100_000}).encode(), 413, "too many texts: 100000 (at most 100 a request)"),
         (json.dumps({"text": "x" * 6000}).encode(), 413, "too long: text 0 has 6000 characters (at most 5000)"),
         (json.dumps({"text": "x" * 1_000_000}).encode(), 413, "too long: text 0 has 1000000 characters"),
+        (json.dumps({"text": "x" * 2_100_000}).encode(), 413, "the body is over 2000000 bytes (--max-body)"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_one_line(server, body, status, message):
@@ -129,14 +130,18 @@ def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run):
     assert g["gain"] == pytest.approx(g["single_ms_per_text"] / g["grouped_ms_per_text"], abs=0.01)
 
 
-def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tmp_path, monkeypatch, capsys):
+def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
     from goemo import serve
+    from goemo.runs import load_checkpoint
 
     member = tmp_path / "member.ckpt"
-    member.write_bytes(b"weights")
+    shutil.copy(tiny_run / "lightning_logs/version_0/checkpoints/last.ckpt", member)
+    labels = load_checkpoint(member)["hyper_parameters"]["label_names"]
     ens = tmp_path / "ens"
     ens.mkdir()
-    spec = {"members": [str(member)], "thresholds": [0.5], "labels": ["a"]}
+    spec = {"members": [str(member)], "thresholds": [0.5] * len(labels), "labels": labels}
     (ens / "ensemble.json").write_text(json.dumps(spec))
 
     class Started(Exception):
@@ -146,10 +151,37 @@ def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tmp_pat
         raise Started(run)  # past the checks: the server would start here, and goemo.load the ensemble
 
     monkeypatch.setattr(serve, "GoemoAPI", api)
-    with pytest.raises(Started):
-        serve.main([str(ens)])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in (str(ens), "~/ens"):  # a folder as goemo.load takes it
+        with pytest.raises(Started):
+            serve.main([name])
     member.unlink()
     with pytest.raises(SystemExit) as e:
         serve.main([str(ens)])
     assert e.value.code == 2  # as every goemo command's one-line errors
     assert capsys.readouterr().err == f"error: ensemble {ens}: its member {member} is gone; restore it, or build the ensemble again\n"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--batch-timeout", "-1"], "--batch-timeout must be 0 or more seconds, got -1.0"),
+        (["--max-texts", "0"], "--max-texts must be at least 1, got 0"),
+        (["--max-chars", "-5"], "--max-chars must be at least 1, got -5"),
+        (["--max-body", "0"], "--max-body must be at least 1, got 0"),
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    ],
+)
+def test_bad_flags_and_an_unloadable_model_are_one_line_before_any_worker(tmp_path, monkeypatch, capsys, flags, message):
+    """A limit that refuses every request, or a checkpoint LitServe's worker cannot load (two tracebacks and exit 1,
+    minutes later), stops at once with one line."""
+    from goemo import serve
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(serve, "GoemoAPI", lambda *a: pytest.fail("the server started"))
+    for argv, expected in (([str(junk), *flags], f"error: {message}"), ([str(junk)], f"error: {junk}: not a loadable checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            serve.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
