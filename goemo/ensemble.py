@@ -165,6 +165,8 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     out = Path(out)
     if resamples < 1:
         raise GoemoError(f"--resamples must be at least 1 (bootstrap resamples for the intervals), got {resamples}")
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():  # its reports would become the ensemble's
+        raise GoemoError(f"--out {out}: a run's folder; give the ensemble a folder of its own (e.g. --out ens)")
     check_writable(out, "--out")  # before any model is loaded
     # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
     # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).

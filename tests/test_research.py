@@ -458,6 +458,10 @@ def test_ensemble_refuses_a_member_named_twice_and_bad_resamples(tmp_path):
     with pytest.raises(GoemoError, match="--resamples must be at least 1"):
         ensemble.build([str(run), str(run)], tmp_path / "ens", resamples=0)
     assert not (tmp_path / "ens").exists()  # refused before any folder is made
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(GoemoError, match=f"--out {run}: a run's folder; give the ensemble a folder of its own"):
+        ensemble.build([str(run), str(run)], run)  # its test report would become the ensemble's, load(run) the ensemble
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_an_ensembles_folder_is_named_for_what_it_is(tmp_path):
