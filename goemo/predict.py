@@ -187,6 +187,7 @@ def predict_file(clf, path: Path, output: Path, chunk: int = 2048) -> int:
     """
     import signal
 
+    path, output = Path(path).expanduser(), Path(output).expanduser()  # as the trainer's path reads them
     check_not_the_input(output, path)
     out, count, texts = AtomicFile(output), 0, []
 
@@ -204,6 +205,8 @@ def predict_file(clf, path: Path, output: Path, chunk: int = 2048) -> int:
             if len(texts) == chunk:
                 flush()
         flush()
+        if not count:  # as the trainer's path (TextFileDataset) says it
+            raise GoemoError(f"{path}: no texts to predict")
         out.commit()
     except BaseException as e:
         out.discard()

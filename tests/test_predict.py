@@ -197,3 +197,28 @@ def test_cli_predict_of_a_bare_checkpoint_cuts_texts_as_goemo_load_does(learned_
     assert np.allclose(got, load(tmp_path / "short.ckpt").predict_proba(texts), atol=1e-5)
     whole = load(learned_run / "lightning_logs" / "version_0").predict_proba(texts)  # max_length 128
     assert np.abs(np.array(got) - whole).max() > 0.05  # so the line above tells 4 from 128
+
+
+def test_predict_file_reads_and_writes_tilde_paths_and_refuses_an_empty_file(tmp_path, monkeypatch, capsys):
+    """The onnx/int8 path of `predict` (goemo.predict.predict_file) takes paths as the torch path does: `~` is the
+    home folder (it wrote into a folder named `~` under the working one), and a file without texts is an error."""
+    from goemo.predict import predict_file
+
+    class Upper:  # a classifier: one record per text
+        backend = "fake"
+
+        def predict(self, texts):
+            return [{"text": t.upper()} for t in texts]
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "texts.txt").write_text("a\nb\n", encoding="utf-8")
+    assert predict_file(Upper(), Path("~/texts.txt"), Path("~/preds.jsonl")) == 2
+    assert [json.loads(x)["text"] for x in (home / "preds.jsonl").read_text().splitlines()] == ["A", "B"]
+    assert not (cwd / "~").exists() and f"wrote 2 predictions to {home / 'preds.jsonl'} (fake)" in capsys.readouterr().out
+    (home / "empty.txt").write_text("", encoding="utf-8")
+    with pytest.raises(GoemoError, match=f"^{re.escape(str(home / 'empty.txt'))}: no texts to predict$"):
+        predict_file(Upper(), Path("~/empty.txt"), Path("~/none.jsonl"))
+    assert not (home / "none.jsonl").exists()
