@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Union
 
@@ -40,6 +41,7 @@ def load(
             benchmarks/README.md). The ONNX files are made once and cached in the run folder's onnx/.
     """
     check_arguments(ckpt, device, batch_size)
+    batch_size = int(batch_size)  # numpy's integers too (torch's split takes Python ints only)
     if isinstance(ckpt, (list, tuple)):
         return load_ensemble([Path(c).expanduser() for c in ckpt], device, batch_size, backend, runs_dir)
     ckpt = Path(ckpt).expanduser()
@@ -55,7 +57,7 @@ def check_arguments(ckpt, device, batch_size) -> None:
     if bad or not paths:
         got = bad[0] if bad else "an empty list"
         raise GoemoError(f"ckpt: best, last, a run folder, a .ckpt file, an ensemble folder or a list of these, got {got}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:  # numpy's too
         raise GoemoError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     try:
         where = torch.device(device)

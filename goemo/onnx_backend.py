@@ -101,7 +101,7 @@ def load_backend(
         raise GoemoError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return load_run(ckpt, device, batch_size, runs_dir)
-    if device != "cpu":
+    if torch.device(device).type != "cpu":  # 'cpu:0' and torch.device('cpu') are the CPU too
         raise GoemoError(f"backend {backend} runs on the CPU (onnxruntime's CPU provider); use device='cpu'")
     path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))  # once: `best` could name another file a moment later
     before = path.stat()

@@ -25,7 +25,7 @@ def run(tiny_run, tmp_path_factory):
 def test_onnx_backend_matches_torch(run):
     from goemo import load
 
-    torch_clf, onnx_clf = load(run), load(run, backend="onnx")
+    torch_clf, onnx_clf = load(run), load(run, backend="onnx", device="cpu:0", batch_size=np.int64(8))  # as torch takes them
     want, got = torch_clf.predict_proba(TEXTS), onnx_clf.predict_proba(TEXTS)
     assert got.shape == want.shape and onnx_clf.backend == "onnx"
     np.testing.assert_allclose(got, want, atol=1e-4)
