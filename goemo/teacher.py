@@ -1,9 +1,11 @@
 """A teacher file: a teacher's probabilities on a training split, for knowledge distillation (`model.teacher`).
 
 An .npz file holding `probs` (N, L) uint8, the probabilities times 255 rounded (at most 1/510 off; a 43k-row GoEmotions
-table compresses to about 0.5 MB, a float16 one to 2.3 MB), rows in the training split's order; `labels` (L,);
-`digest`, the sha256 of the training texts in that order, which the student's data must match; `teachers`, the
-teachers' model names. `python -m goemo.distill` writes one.
+table compresses to about 0.5 MB, a float16 one to 2.3 MB; the keys add 0.35 MB), rows in the training split's order; `labels` (L,);
+`digest`, the sha256 of the training texts in that order; `keys` (N,) uint64, a hash of each row's text; `teachers`,
+the teachers' model names. `python -m goemo.distill` writes one. A student whose training split is the teacher's
+(same digest) takes the table as it is; one on some of those rows (a subset, a fold, another order) gets each row's
+probabilities by its text's key; a row the table lacks is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import numpy as np
 
 from goemo.errors import GoemoError
 
-FORMAT = 2  # 1: float16 probabilities (no longer read)
+FORMAT = 3  # written; 2 (no keys) is still read, for the student of the very same split only; 1 (float16) no longer
+READ_FORMATS = (2, 3)
+
+
+def text_keys(texts: list[str]) -> np.ndarray:
+    """(N,) uint64: the first 8 bytes of each text's BLAKE2b hash, to find a row's probabilities by its text."""
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little") for t in texts],
+                    dtype=np.uint64)  # fmt: skip
 
 
 def texts_digest(texts: list[str]) -> str:
@@ -39,13 +48,13 @@ def write_teacher(path: Path, probs: np.ndarray, labels: list[str], texts: list[
     with AtomicFile(Path(path), "wb") as f:
         np.savez_compressed(
             f, format=np.int64(FORMAT), probs=np.round(probs * 255).astype(np.uint8), labels=np.array(labels),
-            digest=np.array(texts_digest(texts)), teachers=np.array(teachers),
+            digest=np.array(texts_digest(texts)), keys=text_keys(texts), teachers=np.array(teachers),
         )  # fmt: skip
 
 
 def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
-    """The (N, L) float32 table of teacher file `name` (a path or `pkg:MODULE/FILE`), checked against the training
-    split it is for: the same labels in the same order and the same texts in the same order."""
+    """The (N, L) float32 table of teacher file `name` (a path or `pkg:MODULE/FILE`) for the training split `texts`:
+    the same labels in the same order; rows the file's own (same texts in the same order) or found by their texts."""
     from goemo.hub import package_path
 
     path = package_path(name, "model.teacher") if name.startswith("pkg:") else Path(name).expanduser()
@@ -57,17 +66,26 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
             raise ValueError("one array, not an .npz archive")
         with z:
             fmt, probs, saved, digest = int(z["format"]), z["probs"], [str(s) for s in z["labels"]], str(z["digest"])
+            keys = z["keys"] if fmt >= 3 else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise GoemoError(f"model.teacher {name!r}: not a goemo teacher file ({e}); write one with `python -m goemo.distill`") from None
-    if fmt != FORMAT:
-        raise GoemoError(f"model.teacher {name!r}: format {fmt}, this goemo reads {FORMAT}; write it again with `python -m goemo.distill`")
+    if fmt not in READ_FORMATS:
+        raise GoemoError(f"model.teacher {name!r}: format {fmt}, this goemo reads {READ_FORMATS[0]}-{READ_FORMATS[-1]}; write it again with `python -m goemo.distill`")
     if saved != list(labels):
         raise GoemoError(f"model.teacher {name!r} has {len(saved)} labels ({', '.join(saved[:3])}, ...), the data "
                          f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher of the same labels, or --model.teacher null")  # fmt: skip
     if probs.dtype != np.uint8 or probs.shape[1:] != (len(labels),):  # a hand-made file: floats, or a wrong width
         raise GoemoError(f"model.teacher {name!r}: probs must be (rows, {len(labels)}) uint8 (probability x 255), got "
                          f"{probs.shape} {probs.dtype}; write it with `python -m goemo.distill`")  # fmt: skip
-    if probs.shape[0] != len(texts) or digest != texts_digest(texts):
-        raise GoemoError(f"model.teacher {name!r} was written for another training split ({probs.shape[0]} rows, this "
-                         f"one {len(texts)}); write one from the student's data, or --model.teacher null")  # fmt: skip
-    return probs.astype(np.float32) / 255
+    if probs.shape[0] == len(texts) and digest == texts_digest(texts):  # the teacher's own split, row for row
+        return probs.astype(np.float32) / 255
+    rows = None
+    if keys is not None and keys.shape == probs.shape[:1]:
+        first = {k: i for i, k in reversed(list(enumerate(keys.tolist())))}  # a repeated text: its first row
+        rows = [first.get(k) for k in text_keys(texts).tolist()]
+    missing = len(texts) if rows is None else sum(r is None for r in rows)
+    if missing:
+        raise GoemoError(f"model.teacher {name!r} has no probabilities for {missing} of the {len(texts)} training texts "
+                         f"(written for another training split, {probs.shape[0]} rows); write one from the student's "
+                         "data with `python -m goemo.distill`, or --model.teacher null")  # fmt: skip
+    return probs[np.array(rows, dtype=np.int64)].astype(np.float32) / 255

@@ -25,10 +25,18 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
     np.testing.assert_allclose(teacher_file.read_teacher(str(path), labels, texts), probs, atol=1 / 510 + 1e-7)  # uint8 steps
     with pytest.raises(GoemoError, match="has 2 labels \\(x, y, \\.\\.\\.\\), the data 2 \\(y, x"):
         teacher_file.read_teacher(str(path), ["y", "x"], texts)
-    with pytest.raises(GoemoError, match="written for another training split \\(3 rows, this one 3\\)"):
-        teacher_file.read_teacher(str(path), labels, ["a", "c", "b"])  # same rows, another order
-    with pytest.raises(GoemoError, match="another training split \\(3 rows, this one 2\\)"):
-        teacher_file.read_teacher(str(path), labels, texts[:2])
+    # Some of the teacher's rows, in another order, a text twice (a subset, a fold, a shuffled copy): found by text.
+    got = teacher_file.read_teacher(str(path), labels, ["c", "a", "c"])
+    np.testing.assert_array_equal(got, teacher_file.read_teacher(str(path), labels, texts)[[2, 0, 2]])
+    with pytest.raises(GoemoError, match="has no probabilities for 2 of the 3 training texts \\(written for another "
+                                         "training split, 3 rows\\); write one from the student's data"):
+        teacher_file.read_teacher(str(path), labels, ["a", "d", "e"])
+    old = tmp_path / "v2.npz"  # format 2 (no keys): its own split only
+    with np.load(path) as z:
+        np.savez(old, **{k: z[k] for k in ("probs", "labels", "digest", "teachers")}, format=np.int64(2))
+    np.testing.assert_array_equal(teacher_file.read_teacher(str(old), labels, texts), teacher_file.read_teacher(str(path), labels, texts))
+    with pytest.raises(GoemoError, match="has no probabilities for 3 of the 3 training texts"):
+        teacher_file.read_teacher(str(old), labels, ["c", "a", "b"])
     with pytest.raises(GoemoError, match="no such file; write one with `python -m goemo.distill"):
         teacher_file.read_teacher(str(tmp_path / "none.npz"), labels, texts)
     (tmp_path / "bad.npz").write_text("not a zip")
@@ -45,7 +53,7 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
         with pytest.raises(GoemoError, match="probabilities outside 0..1"):
             teacher_file.write_teacher(tmp_path / "bad.npz", np.full((3, 2), bad, np.float32), labels, texts, ["m"])
     np.savez(tmp_path / "old.npz", format=np.int64(1), probs=probs, labels=np.array(labels), digest=np.array("x"))
-    with pytest.raises(GoemoError, match="format 1, this goemo reads 2; write it again"):
+    with pytest.raises(GoemoError, match="format 1, this goemo reads 2-3; write it again"):
         teacher_file.read_teacher(str(tmp_path / "old.npz"), labels, texts)
     digest = np.array(teacher_file.texts_digest(texts))
     for bad, got in ((probs, "(3, 2) float32"), (np.zeros((3, 1), np.uint8), "(3, 1) uint8"), (np.zeros(3, np.uint8), "(3,) uint8")):
@@ -154,7 +162,7 @@ def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
     model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    with pytest.raises(GoemoError, match="was written for another training split \\(2 rows"):
+    with pytest.raises(GoemoError, match="training texts \\(written for another training split, 2 rows\\)"):
         trainer.fit(model, dm)
     with pytest.raises(GoemoError, match="model.teacher needs model.loss bce"):
         EmotionClassifier(str(tiny_model), teacher="t.npz", loss="focal")
@@ -180,6 +188,12 @@ def test_folds_partition_the_training_split_and_a_fold_run_trains_on_the_others(
     assert train["text"] == [texts[i] for i in keep] and 0 < len(keep) < len(texts)
     assert train["row"] == list(range(len(keep)))  # indices into the rows it trains on (model.teacher's tables)
     torch.testing.assert_close(part.datasets["train"][:]["labels"], full.datasets["train"][:]["labels"][keep])
+    # a teacher of the whole split serves a fold's student: each of its rows by its text
+    first = [texts.index(t) for t in texts]  # the data repeats texts; a teacher gives a text one prediction
+    probs = np.random.default_rng(0).random((len(texts), len(LABELS))).astype(np.float32)[first]
+    teacher_file.write_teacher(tmp_path / "whole.npz", probs, LABELS, texts, ["m"])
+    whole = teacher_file.read_teacher(str(tmp_path / "whole.npz"), LABELS, texts)
+    np.testing.assert_array_equal(teacher_file.read_teacher(str(tmp_path / "whole.npz"), LABELS, train["text"]), whole[keep])
     assert len(part.datasets["validation"]) == len(full.datasets["validation"])  # validation and test stay whole
     for bad in ({"holdout_fold": 2}, {"holdout_fold": -1}, {"num_folds": 1}):
         with pytest.raises(GoemoError, match="data.holdout_fold must be within 0..\\d+ and data.num_folds at least 2"):
