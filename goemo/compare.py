@@ -107,6 +107,12 @@ def run_row(run: Path) -> dict[str, Any]:
     if report.is_file():
         try:
             rep = json.loads(report.read_text(encoding="utf-8"))
+            scored = (rep.get("checkpoint") or {}).get("global_step")  # reports before this was recorded: taken as they are
+            if scored is not None and step is not None and scored != step:  # tested, then resumed to a new best
+                print(f"note: {report} scored {rep['checkpoint'].get('file')} (step {scored}), not the run's best "
+                      f"checkpoint (step {step}): its test figures are left out; run `python main.py test --ckpt_path "
+                      f"{run}` again", file=sys.stderr)  # fmt: skip
+                return row
             for kind in ("fixed", "tuned"):
                 for avg in ("micro", "macro"):
                     row[f"{kind}/{avg}"] = float(rep[kind][avg]["f1"])

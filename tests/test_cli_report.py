@@ -29,7 +29,9 @@ def test_fit_then_test_best_in_a_new_process(tiny_data, tiny_model, tmp_path):
     # the tuned thresholds in the report are those of the best checkpoint, tuned on validation
     from goemo.runs import best_checkpoint, load_checkpoint
 
-    saved = load_checkpoint(best_checkpoint(run))["state_dict"]["thresholds"].tolist()
-    assert report["thresholds"]["tuned"] == pytest.approx(saved)
+    best = load_checkpoint(best_checkpoint(run))
+    assert report["thresholds"]["tuned"] == pytest.approx(best["state_dict"]["thresholds"].tolist())
+    # which checkpoint was scored (goemo.compare checks it is still the run's best)
+    assert report["checkpoint"] == {"file": best_checkpoint(run).name, "global_step": best["global_step"]} and best["global_step"] > 0
     model = yaml.safe_load((run / "config.yaml").read_text())["model"]  # every key is saved, defaults included
     assert (model["loss"], model["focal_alpha"]) == ("focal", 0.25)

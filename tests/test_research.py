@@ -321,6 +321,19 @@ def fake_run(folder: Path, lr: float, seed: int, val: dict, test: dict) -> Path:
     return folder
 
 
+def test_compare_leaves_out_a_test_report_of_another_checkpoint_than_the_best(tmp_path, capsys):
+    """Tested, then resumed to a new best: the report scored the old best, and a row would mix two checkpoints."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "a", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": 0.5})
+    rep = json.loads((run / "test_report.json").read_text())
+    for scored, kept in ((21, True), (11, False)):  # the best checkpoint is epoch01-step21
+        (run / "test_report.json").write_text(json.dumps({**rep, "checkpoint": {"file": f"step{scored}.ckpt", "global_step": scored}}))
+        row = compare.run_row(run)
+        assert (row.get("tuned/macro") == 0.5) is kept and row["val/f1_macro"] == 0.5
+    assert capsys.readouterr().err == (f"note: {run / 'test_report.json'} scored step11.ckpt (step 11), not the run's best checkpoint "
+                                       f"(step 21): its test figures are left out; run `python main.py test --ckpt_path {run}` again\n")
+
+
 def test_compare_shows_differing_keys_only_and_collapses_seed_groups(tmp_path):
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = lambda x: {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": x}  # noqa: E731
