@@ -6,6 +6,8 @@ finished but is not. And output folders are checked before any work starts.
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import os
 import secrets
 import socket
@@ -23,15 +25,25 @@ def partial_path(path: Path) -> Path:
     """Where `path` is written until it is complete: beside it (same file system, so the rename is atomic), hidden,
     not named *.ckpt or *.jsonl, so it is never taken for a finished file, and unique, so two writers of one file
     (two `predict --output X` at once) never write into each other's bytes: the last to finish wins whole."""
-    return path.with_name(f".{path.name}.{_WRITER}-{os.getpid()}-{secrets.token_hex(4)}.partial")
+    return path.with_name(f"{_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def _prefix(path: Path) -> str:
+    """`.NAME.HOST-` of `path`'s partial files; a long NAME (a valid one of 255 bytes) is cut and hashed, so that the
+    partial's name stays within the file system's 255 bytes too."""
+    name = path.name
+    if len(name.encode("utf-8")) > 100:
+        name = name.encode("utf-8")[:80].decode("utf-8", "ignore") + "~" + hashlib.sha256(path.name.encode("utf-8")).hexdigest()[:12]
+    return f".{name}.{_WRITER}-"
 
 
 def remove_dead_partials(path: Path) -> None:
     """Remove the partial files of `path` that a killed process of this machine left (kill -9, power cut): their
     names are unique, so nothing else would ever replace them. Other machines' (a shared folder) are left alone."""
-    for partial in path.parent.glob(f".{path.name}.{_WRITER}-*.partial"):
+    prefix = _prefix(path)
+    for partial in path.parent.glob(glob.escape(prefix) + "*.partial"):  # escaped: a name may hold [ ] * ?
         try:
-            pid = int(partial.name[len(f".{path.name}.{_WRITER}-"):].split("-")[0])
+            pid = int(partial.name[len(prefix):].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:  # that writer is gone
             partial.unlink(missing_ok=True)

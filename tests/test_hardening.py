@@ -220,19 +220,21 @@ def test_two_writers_of_one_file_never_mix_their_bytes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
-def test_a_killed_writers_partial_file_is_removed_by_the_next_writer(tmp_path):
+@pytest.mark.parametrize("name", ["out.jsonl", "preds[v2].jsonl", "p" * 240 + ".jsonl"])  # glob's [ ]; a 246-byte name
+def test_a_killed_writers_partial_file_is_removed_by_the_next_writer(tmp_path, name):
     from goemo.files import AtomicFile, partial_path
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
-    left = partial_path(tmp_path / "out.jsonl")
-    left = left.with_name(re.sub(r"-\d+-", f"-{pid}-", left.name, count=1))  # as if that process had been killed
+    left = partial_path(tmp_path / name)
+    left = left.with_name(re.sub(r"-\d+-(?=[0-9a-f]{8}\.partial$)", f"-{pid}-", left.name))  # as if that process had been killed
+    assert left.name != partial_path(tmp_path / name).name and len(left.name) < 255
     left.write_text("half")
-    live = partial_path(tmp_path / "out.jsonl")  # this process's: alive, kept
+    live = partial_path(tmp_path / name)  # this process's: alive, kept
     live.write_text("busy")
-    with AtomicFile(tmp_path / "out.jsonl") as f:
+    with AtomicFile(tmp_path / name) as f:
         f.write("whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.jsonl", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, live.name])
 
 
 @pytest.mark.slow
