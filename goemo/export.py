@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -30,6 +31,7 @@ import torch
 
 from goemo.classifier import Classifier, load_run as load
 from goemo.errors import GoemoError, exit_on_error
+from goemo.files import partial_path, remove_dead_partials
 from goemo.hub import hub_kwargs
 from goemo.runs import resolve_checkpoint
 
@@ -195,7 +197,7 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) ->
         if onnx:
             diff = export_onnx(clf, tmp / "model.onnx")
             print(f"model.onnx matches the checkpoint (max logit difference {diff:.1e})", file=sys.stderr)
-        _put_in_place(tmp, out_dir)
+        _put_in_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,8 +210,10 @@ def _claim_target(out_dir: Path, force: bool) -> Path:
         raise GoemoError(f"{out_dir}: exists and is not a folder; choose a new folder to export to")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise GoemoError(f"{out_dir}: the folder is not empty; choose a new folder, or pass --force to replace it whole")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+    # Its own temporary folder (two exports to one target at once never write into each other's), and the ones
+    # that killed exports of this machine left are removed.
+    remove_dead_partials(out_dir)
+    tmp = partial_path(out_dir)
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
@@ -217,14 +221,26 @@ def _claim_target(out_dir: Path, force: bool) -> Path:
     return tmp
 
 
-def _put_in_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished export `tmp` to `out_dir`; an existing `out_dir` is set aside first, removed after."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
+def _put_in_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename the finished export `tmp` to `out_dir`; an existing `out_dir` is set aside first (under a name of its
+    own), removed after, and put back if the rename fails. Without `force`, a folder that another export filled
+    since `_claim_target` checked it is left as it is."""
+    old = None
     if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        if not force and out_dir.is_dir() and any(out_dir.iterdir()):
+            raise GoemoError(f"{out_dir}: another export filled it meanwhile; pass --force to replace it whole")
+        old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)  # the folder that was there, back in place
+            old = None
+        raise GoemoError(f"{out_dir}: another export put its folder there at the same moment; export again") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

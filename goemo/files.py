@@ -10,6 +10,7 @@ import glob
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -46,7 +47,10 @@ def remove_dead_partials(path: Path) -> None:
             pid = int(partial.name[len(prefix):].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:  # that writer is gone
-            partial.unlink(missing_ok=True)
+            if partial.is_dir():  # an export's folder
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
         except (ValueError, OSError):  # not our name pattern, or a live process of another user
             pass
 

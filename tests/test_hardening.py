@@ -160,6 +160,38 @@ def test_export_force_replaces_the_folder_whole(tiny_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial or .old left beside it
 
 
+def test_two_exports_to_one_folder_never_mix_or_lose_it(tmp_path, monkeypatch):
+    """Two exports of one target at once: each writes its own temporary folder (the second one removed the first's,
+    which then vanished or took the other's files), and whatever is put in place is one export whole."""
+    import os
+
+    from goemo import export as ex
+
+    out = tmp_path / "shared"
+    a, b = ex._claim_target(out, force=False), ex._claim_target(out, force=False)
+    assert a != b and a.is_dir() and b.is_dir()
+    (a / "model").write_text("A"), (b / "model").write_text("B")
+    ex._put_in_place(a, out, force=False)
+    with pytest.raises(GoemoError, match="shared: another export filled it meanwhile; pass --force to replace it whole"):
+        ex._put_in_place(b, out, force=False)  # without --force: A's export stays
+    assert (out / "model").read_text() == "A"
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):  # another export takes the place between setting aside and renaming in
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(39, "Directory not empty")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", second_rename_fails)
+    with pytest.raises(GoemoError, match="shared: another export put its folder there at the same moment; export again"):
+        ex._put_in_place(b, out, force=True)
+    monkeypatch.undo()
+    assert (out / "model").read_text() == "A" and not list(tmp_path.glob(".shared.*.old"))  # A's put back
+    ex._put_in_place(b, out, force=True)
+    assert (out / "model").read_text() == "B" and sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
+
+
 def test_export_force_never_replaces_the_run_it_exports(tiny_run, tmp_path):
     from goemo.export import export
 
