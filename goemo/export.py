@@ -2,7 +2,8 @@
 
 `cls` pooling with a BERT-style head maps onto the encoder family's stock
 `AutoModelForSequenceClassification` (the pooler over [CLS], then one linear layer), so the folder loads in
-a plain `transformers.pipeline("text-classification", model=OUT_DIR, top_k=None, function_to_apply="sigmoid")`.
+a plain `transformers.pipeline("text-classification", model=OUT_DIR, top_k=None, function_to_apply="sigmoid")`,
+called with `truncation=True` (texts cut at the run's max_length, the tokenizer's model_max_length).
 No stock class mean-pools a BERT-style encoder over its attention mask (ModernBERT's and EuroBERT's do,
 but those are other encoders; XLNet/XLM-style `summary_type="mean"` averages padding too), so `mean` and
 `cls+mean` runs export with goemo's own small class (`goemo/hf_model.py`, copied in as
@@ -258,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with exit_on_error():
         export(args.ckpt, args.out_dir, args.onnx, args.force)
-    print(f"exported to {args.out_dir}")
+    print(f"exported to {args.out_dir} (call its pipeline with truncation=True: texts cut at the run's max_length)")
 
 
 if __name__ == "__main__":
