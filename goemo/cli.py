@@ -188,6 +188,9 @@ class GoemoCLI(LightningCLI):
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
         ckpt = load_lightning_checkpoint(Path(ckpt_path), mmap=True)
+        if "pytorch-lightning_version" not in ckpt:  # weights and hyperparameters saved by hand: Lightning's restore fails
+            raise GoemoError(f"{ckpt_path}: not a checkpoint Lightning's Trainer wrote (no pytorch-lightning_version); "
+                             "goemo.load and `python -m goemo.export` take it")  # fmt: skip
         if self._args is None or sub not in self._args:  # arguments given as a dict: Lightning's own way
             return super()._parse_ckpt_path()
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}

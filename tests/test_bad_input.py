@@ -166,6 +166,9 @@ def corrupt(kind: str, good: Path, path: Path) -> None:
         torch.save({"state_dict": {"head.weight": [0.0, 1.0]}, "hyper_parameters": {}}, path)
     elif kind == "empty file":
         path.write_bytes(b"")
+    elif kind == "saved by hand":  # weights and hyperparameters, as goemo.load and the export take them
+        ckpt = torch.load(good, weights_only=True)
+        torch.save({k: ckpt[k] for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")}, path)
 
 
 CKPT_CASES = {
@@ -174,6 +177,8 @@ CKPT_CASES = {
     "a bare tensor": "error: {p}: not a Lightning checkpoint (no state_dict)",
     "a state_dict of other things": "error: {p}: not a Lightning checkpoint (its state_dict holds more than named tensors)",
     "empty file": "error: {p}: not a loadable checkpoint (the file is empty or cut short)",
+    "saved by hand": "error: {p}: not a checkpoint Lightning's Trainer wrote (no pytorch-lightning_version); goemo.load "
+                     "and `python -m goemo.export` take it",
 }
 
 
