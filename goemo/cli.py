@@ -213,7 +213,11 @@ class GoemoCLI(LightningCLI):
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
             if not cfg.get("ckpt_path"):  # the head would be untrained: scores near 0.5 that look like predictions
                 raise GoemoError("predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with")
-            output = cfg.get("output") or (self.run_dir / "predictions.jsonl" if self.run_dir else None)
+            # Where PredictionWriter's default lands: trainer.log_dir, the run folder, or with --trainer.logger false
+            # the trainer's default_root_dir (Lightning's log_dir without a logger).
+            tensorboard = "TensorBoardLogger" in str(getattr(trainer.logger, "class_path", ""))
+            folder = (self.run_dir if tensorboard else None) if trainer.logger is not False else Path(trainer.default_root_dir or ".")
+            output = cfg.get("output") or (folder / "predictions.jsonl" if folder else None)
             if output:
                 check_not_the_input(Path(output), Path(cfg.data.predict_file))
         if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).expanduser().is_file():  # e.g. `ckpt_path: best` in a config file

@@ -381,6 +381,12 @@ def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a
     with pytest.raises(GoemoError, match="is the file of texts it would replace"):
         predict_file(None, tmp_path / "texts.txt", tmp_path / "texts.txt")  # the Python path (the onnx backends')
     assert (tmp_path / "texts.txt").read_text(encoding="utf-8") == "happy glad\n"
+    # without a logger the default output is predictions.jsonl in the working folder: a file of texts of that name
+    (tmp_path / "predictions.jsonl").write_text('{"text": "happy glad", "id": 7}\n', encoding="utf-8")
+    line = cli_error(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "model.ckpt", "--data.predict_file",
+                     "predictions.jsonl", "--trainer.logger", "false")  # fmt: skip
+    assert line == "error: --output predictions.jsonl is the file of texts it would replace; write the predictions elsewhere"
+    assert (tmp_path / "predictions.jsonl").read_text(encoding="utf-8") == '{"text": "happy glad", "id": 7}\n'
     # `best` resolves as the flag only; from a config file Lightning would fail with a traceback
     (tmp_path / "ck.yaml").write_text("ckpt_path: best\n", encoding="utf-8")
     line = cli_error(capsys, monkeypatch, tmp_path, "predict", "--config", "ck.yaml", "--data.predict_file", "texts.txt")
