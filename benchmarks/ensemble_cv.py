@@ -95,6 +95,11 @@ def measure(args: argparse.Namespace) -> dict:
     if resamples is None:
         resamples = int(runs[0].model.hparams.threshold_resamples)
     fallback = float(runs[0].model.hparams.threshold)  # as the runs' own tuning and goemo.ensemble
+    keys = ["threshold"] + (["threshold_resamples"] if args.threshold_resamples is None else [])
+    differ = [k for k in keys if len({float(m.model.hparams[k]) for m in runs}) > 1]
+    if differ:  # then a run's row here is not its score alone, and the order of the runs moves the figures
+        print(f"note: the runs' model.{' and model.'.join(differ)} differ: every run and the ensemble are tuned with "
+              f"the first run's ({', '.join(f'{k} {runs[0].model.hparams[k]}' for k in differ)})", file=sys.stderr)
     r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback)
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]

@@ -607,13 +607,29 @@ def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_p
     assert r["gain"] == pytest.approx(r["ensemble"] - np.mean(r["members"]))
     saved = json.loads(next(tmp_path.glob("ensemble-cv-*.json")).read_text())
     assert saved["runs"] == runs and saved["ensemble"] == r["ensemble"]
-    assert "| ensemble of 2 |" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "| ensemble of 2 |" in out and "note:" not in err  # the runs tune alike
 
     # One run alone: its held-out score on the same halves as beside the other, and no ensemble rows.
     alone = ensemble_cv.main([runs[1], "--repeats", "2", "--out", str(tmp_path)])
     assert alone["members"] == [r["members"][1]] and alone["members_std"] == [r["members_std"][1]]
     out = capsys.readouterr().out
     assert f"| {runs[1]} | {r['members'][1]:.4f}" in out and "ensemble" not in out.split("\n", 1)[1]
+
+    # A run whose fallback threshold differs: tuned with the first run's here, which the command says.
+    import shutil
+
+    from goemo.runs import best_checkpoint
+
+    other = tmp_path / "other"
+    shutil.copytree(learned_run / "lightning_logs/version_0", other)
+    best = best_checkpoint(other)
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["hyper_parameters"]["threshold"] = 0.3
+    torch.save(ckpt, best)
+    ensemble_cv.main([runs[0], str(other), "--repeats", "2", "--out", str(tmp_path)])
+    assert capsys.readouterr().err == ("note: the runs' model.threshold differ: every run and the ensemble are tuned "
+                                       "with the first run's (threshold 0.5)\n")
 
 
 @pytest.mark.slow
