@@ -255,7 +255,8 @@ class EmotionClassifier(L.LightningModule):
                 unlikely (a noisy annotation) weigh less as training goes on. `train/loss` stays the BCE against the
                 labels; `train/distill_loss` is the one trained on. 0 (default): the labels alone.
             teacher: Knowledge distillation, for `loss bce`: a file of a teacher's probabilities on the training
-                split (`python -m goemo.distill TEACHER_RUN --out FILE`; a path or `pkg:MODULE/FILE`). Each training
+                split, or on rows that include it (each row found by its text: a subset or a fold of the teacher's
+                split) (`python -m goemo.distill TEACHER_RUN --out FILE`; a path or `pkg:MODULE/FILE`). Each training
                 row's target becomes `(1 - teacher_weight) * labels + teacher_weight * p_teacher`. Read at fit
                 only (predict, test and exports do not need it); `train/loss` stays the BCE against the labels,
                 `train/distill_loss` is the one trained on. Unset (default): the labels alone.
