@@ -47,6 +47,8 @@ def test_minilm_names_the_packaged_model_without_a_path(capsys):
     assert (cfg["model"]["pooling"], cfg["model"]["head_bias"]) == ("mean", "prior")
     assert cfg["weight_averaging"]["start_epoch"] == 1  # the mean of epochs 2-4 of 4
     assert cfg["data"]["train_batch_size"] == 16  # batches of 16 (docs/results.md)
+    # distilled from the MPNet teacher shipped in the package (docs/results.md; test_distill reads the file)
+    assert (cfg["model"]["teacher"], cfg["model"]["teacher_weight"]) == ("pkg:goemo/teachers/mpnet-seed42.npz", 0.75)
     from goemo.hub import resolve_model_path
 
     assert (Path(resolve_model_path(cfg["model"]["model_name_or_path"])) / "config.json").is_file()

@@ -2,6 +2,7 @@
 with `model.teacher` trains on `(1 - w) * labels + w * p_teacher`."""
 
 import re
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -13,6 +14,8 @@ from goemo import distill, ensemble, teacher as teacher_file
 from goemo.data import GoEmotionsDataModule
 from goemo.errors import GoemoError
 from goemo.model import EmotionClassifier
+
+REPO = Path(__file__).resolve().parent.parent
 
 LABELS = ["joy", "anger", "fear", "neutral"]  # write_tiny_data's labels
 
@@ -239,16 +242,25 @@ def test_a_cross_fitted_teacher_gives_each_row_the_probabilities_of_the_runs_tha
         distill.teacher_probs([ckpts[0], str(tiny_run / "lightning_logs/version_0")])
 
 
-def test_the_recorded_mpnet_teacher_fits_the_embedded_training_split():
-    """benchmarks/teachers/mpnet-seed42.npz (docs/results.md, the MPNet teacher): its digest, rows and labels are the
-    embedded release's training split, so `--model.teacher benchmarks/teachers/mpnet-seed42.npz` fits a default run."""
-    from pathlib import Path
+def test_the_minilm_configs_teacher_ships_in_the_package_and_fits_the_embedded_training_split():
+    """configs/minilm.yaml's teacher (pkg:goemo/teachers/mpnet-seed42.npz; docs/results.md, the MPNet teacher) is
+    installed with goemo, and its labels and rows are the embedded release's training split: the whole split row for
+    row, and a subset (the sweep's 8,192 rows, another order) by each row's text."""
+    import yaml
 
     from goemo.data import EMBEDDED
     from goemo.taxonomy import GOEMOTIONS_LABELS
 
+    name = yaml.safe_load((REPO / "configs" / "minilm.yaml").read_text())["model"]["teacher"]
+    assert name == "pkg:goemo/teachers/mpnet-seed42.npz"
     dm = GoEmotionsDataModule(data_dir=EMBEDDED, tokenizer_name="unused")
     texts = list(dm._raw_splits()["train"]["text"])
-    path = Path(__file__).resolve().parent.parent / "benchmarks/teachers/mpnet-seed42.npz"
-    probs = teacher_file.read_teacher(str(path), list(GOEMOTIONS_LABELS), texts)
+    probs = teacher_file.read_teacher(name, list(GOEMOTIONS_LABELS), texts)
     assert probs.shape == (43410, 28) and 0.04 < probs.mean() < 0.05  # the distill command printed 0.0454
+    subset = teacher_file.read_teacher(name, list(GOEMOTIONS_LABELS), texts[8191::-1])
+    np.testing.assert_array_equal(subset, probs[8191::-1])
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["goemo"]
+    assert any(fnmatch.fnmatch("teachers/mpnet-seed42.npz", g) for g in shipped)  # a wheel install has it too
