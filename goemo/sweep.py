@@ -185,24 +185,45 @@ class OptunaReport(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
             import optuna
+            from optuna.trial import TrialState
 
-            study = optuna.load_study(study_name=self.study, storage=self.storage, pruner=make_pruner(self.prune))
-            trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == self.trial)
-            self._trial = optuna.Trial(study, trial_id)
+            try:
+                study = optuna.load_study(study_name=self.study, storage=self.storage, pruner=make_pruner(self.prune))
+            except KeyError:  # a trial's config fit again elsewhere, or its study deleted
+                return print(f"note: study {self.study!r} is not in its database: this fit reports to no study", file=sys.stderr)
+            except Exception as e:  # a server that is down, a driver that is not installed
+                raise GoemoError(f"OptunaReport: cannot open study {self.study!r} ({str(e).splitlines()[0][:200]}); "
+                                 "drop it from the config's trainer.callbacks to fit without the study") from None  # fmt: skip
+            trial = next((t for t in study.get_trials(deepcopy=False) if t.number == self.trial), None)
+            if trial is None or trial.state != TrialState.RUNNING:
+                # A finished trial's config fit again (the summary's best config with another seed) or resumed:
+                # Optuna refuses updates to a finished trial, and the study's result is already recorded.
+                state = "not in it" if trial is None else f"{trial.state.name.lower()}"
+                return print(f"note: trial {self.trial} of study {self.study!r} is {state}: this fit reports to no "
+                             "study", file=sys.stderr)  # fmt: skip
+            self._trial = optuna.Trial(study, trial._trial_id)
             self._trial.set_user_attr("run", str(Path(trainer.log_dir).resolve()))
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._trial is None or trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+        if trainer.sanity_checking:
             return
-        # Reported at the validation's number in the run (0, 1, ...), not the optimizer step: trials of other
-        # batch sizes take other step counts, and the median pruner compares trials at equal steps. With
-        # validation every epoch or every fraction of one (--trainer.val_check_interval 0.25), the n-th
-        # validation is the same share of training in every trial.
-        value = float(trainer.callback_metrics[self.metric])
-        self._trial.report(value, self._validations)
-        self._validations += 1
-        if self._trial.should_prune():
-            self._trial.set_user_attr("pruned_at_step", trainer.global_step)
+        prune = False
+        if self._trial is not None and self.metric in trainer.callback_metrics:  # rank 0 of a trial's fit
+            # Reported at the validation's number in the run (0, 1, ...), not the optimizer step: trials of other
+            # batch sizes take other step counts, and the median pruner compares trials at equal steps. With
+            # validation every epoch or every fraction of one (--trainer.val_check_interval 0.25), the n-th
+            # validation is the same share of training in every trial.
+            value = float(trainer.callback_metrics[self.metric])
+            self._trial.report(value, self._validations)
+            self._validations += 1
+            prune = self._trial.should_prune()
+            if prune:
+                self._trial.set_user_attr("pruned_at_step", trainer.global_step)
+        # Every rank stops with rank 0: Lightning does not share should_stop between ranks (EarlyStopping
+        # broadcasts its own decision too), and a rank left training would wait in DDP's all-reduce forever.
+        if trainer.world_size > 1:
+            prune = trainer.strategy.broadcast(prune, src=0)
+        if prune:
             trainer.should_stop = True
 
 
@@ -336,11 +357,16 @@ def run_sweep(a: argparse.Namespace) -> dict:
 
     space = read_space(a.space) if a.space else {}
     if a.seeds:
+        if "seed_everything" in space:
+            raise GoemoError("--seeds and the space file's seed_everything both set the seeds; give one of them")
         space = {**space, "seed_everything": {"kind": "grid", "values": a.seeds}}
     if not space:
         raise GoemoError("nothing to search: give --space FILE or --seeds 42,1,7")
     grid = [k for k, s in space.items() if s["kind"] == "grid"]
     if grid and len(grid) < len(space):
+        if a.seeds:
+            raise GoemoError("--seeds runs a grid over seed_everything, and a grid searches every combination: make "
+                             "every key of the space file a grid, or give the seeds as a grid in it")  # fmt: skip
         raise GoemoError(f"grid keys ({', '.join(grid)}) search every combination: make every key a grid, or none")
     total = math.prod(len(s["values"]) for s in space.values()) if grid else None
     trials = a.trials or total
@@ -372,23 +398,29 @@ def run_sweep(a: argparse.Namespace) -> dict:
     def failed() -> list:
         return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("error")]
 
-    # A grid is done when each point finished or failed with a reason (a retried point counts once).
-    while finished(study) + (len({json.dumps(t.params, sort_keys=True) for t in failed()}) if grid else 0) < trials:
+    def done() -> int:  # a grid is done when each point finished or failed with a reason (a retried point once)
+        return finished(study) + (len({json.dumps(t.params, sort_keys=True) for t in failed()}) if grid else 0)
+
+    failed_before = len(failed())  # --max-failures counts this command's failures
+    while done() < trials:
         running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-        if finished(study) + running >= trials:  # the rest are in flight on other workers: wait for them
+        if done() + running >= trials:  # the rest are in flight on other workers: wait for them
+            if a.heartbeat <= 0:  # nothing would ever fail a dead worker's trial: do not wait forever
+                print(f"note: {running} trial(s) still running, on other workers or on dead ones (with --heartbeat 0 "
+                      "nothing marks a dead worker's trial failed); this worker stops here", file=sys.stderr)  # fmt: skip
+                break
             import time
 
-            time.sleep(min(5.0, max(a.heartbeat, 1)))
-            if a.heartbeat > 0:  # a worker that died mid-trial: its trial is failed and queued again
-                optuna.storages.fail_stale_trials(study)
+            time.sleep(min(5.0, a.heartbeat))
+            optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial: its trial is failed and queued again
             continue
         study.optimize(objective, n_trials=1, callbacks=[enough])
         if a.interrupted is not None:
             log = a.sweep_dir / f"trial_{a.interrupted}.log"
             raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command runs "
                               "its values again and goes on with the study")  # fmt: skip
-        if len(failed()) > a.max_failures:
-            raise GoemoError(f"{len(failed())} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
+        if len(failed()) - failed_before >= a.max_failures:
+            raise GoemoError(f"{len(failed()) - failed_before} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
     return summarize(study, a)
 
 
@@ -473,7 +505,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--no-prune", dest="prune", action="store_false", help="run every trial to the end")
     p.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's heartbeats (0: none, no retry)")
     p.add_argument("--retries", type=int, default=2, help="times a trial whose worker died is run again")
-    p.add_argument("--max-failures", type=int, default=10, help="stop the study after this many failed trials")
+    p.add_argument("--max-failures", type=int, default=10, help="stop after this many trials failed in this command (default 10)")
     p.add_argument("--sampler-seed", type=int, default=None,
                    help="makes a one-worker study repeatable (TPE's seed, plus the trials the study already has); "
                         "leave it unset when several workers share a study, or they draw the same values")  # fmt: skip
@@ -492,6 +524,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         a.seeds = seeds
     if a.trials is not None and a.trials < 1:
         raise GoemoError(f"--trials must be at least 1, got {a.trials}")
+    for flag, value, least in (("--max-failures", a.max_failures, 1), ("--heartbeat", a.heartbeat, 0), ("--retries", a.retries, 0)):
+        if value < least:
+            raise GoemoError(f"{flag} must be at least {least}, got {value}")
     a.study = a.study or (a.space.stem if a.space else "seeds")
     a.sweep_dir = Path("lightning_logs") / "sweeps" / a.study
     return a

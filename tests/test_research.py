@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +267,8 @@ def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(
         cb.on_validation_end(trainer, None)
 
     def trainer_for() -> SimpleNamespace:
-        return SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path), sanity_checking=False, should_stop=False)
+        return SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path), sanity_checking=False, should_stop=False,
+                               world_size=1)  # fmt: skip
 
     good, bad = study.ask(), study.ask()
     cb = sweep.OptunaReport(url, "s", good.number)
@@ -290,6 +292,96 @@ def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(
     cb.setup(trainer, None, "fit")
     validate(cb, trainer, 0.01, 32)
     assert not trainer.should_stop
+
+
+def test_optuna_report_on_a_finished_trial_or_another_machine_notes_and_fits_on(tmp_path, capsys):
+    """A trial's config.yaml names its study and trial: fit again (the summary's best config with another seed) or
+    resumed after the trial finished, the fit goes on and reports to no study, where Optuna refused with a traceback."""
+    import optuna
+    from types import SimpleNamespace
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    done = study.ask()
+    study.tell(done, 0.5)
+    for name, number, note in (("s", done.number, "trial 0 of study 's' is complete"), ("s", 7, "trial 7 of study 's' is not in it"),
+                               ("gone", 0, "study 'gone' is not in its database")):  # fmt: skip
+        cb = sweep.OptunaReport(url, name, number)
+        trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path), sanity_checking=False, should_stop=False,
+                                  world_size=1, callback_metrics={"val/f1_macro": torch.tensor(0.0)}, global_step=1)  # fmt: skip
+        cb.setup(trainer, None, "fit")
+        cb.on_validation_end(trainer, None)
+        assert not trainer.should_stop and note + ": this fit reports to no study" in capsys.readouterr().err
+    assert optuna.load_study(study_name="s", storage=url).trials[0].intermediate_values == {}
+    with pytest.raises(GoemoError, match=r"^OptunaReport: cannot open study 's' \(.*\); drop it from the config"):
+        sweep.OptunaReport("postgresql+nodriver://u@localhost/x", "s", 0).setup(trainer, None, "fit")
+
+
+def test_optuna_report_stops_every_rank_when_rank_0_prunes():
+    """Under DDP only rank 0 asks the study; Lightning does not share should_stop, so the decision is broadcast:
+    a rank left training would wait in the gradient all-reduce forever."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def broadcast(obj, src=0):
+        calls.append((obj, src))
+        return True  # rank 0 said prune
+
+    cb = sweep.OptunaReport("sqlite://", "s", 0)  # rank 1: setup loads no trial
+    trainer = SimpleNamespace(is_global_zero=False, sanity_checking=False, should_stop=False, world_size=2,
+                              callback_metrics={"val/f1_macro": torch.tensor(0.1)}, strategy=SimpleNamespace(broadcast=broadcast))  # fmt: skip
+    cb.setup(trainer, None, "fit")
+    cb.on_validation_end(trainer, None)
+    assert trainer.should_stop and calls == [(False, 0)]
+
+
+def test_a_grid_with_a_failed_point_waits_for_the_point_in_flight_and_heartbeat_0_never_hangs(tmp_path, monkeypatch, capsys):
+    """Seeds 42,1,7: 1 complete, 7 failed with a reason, one trial running on another worker. The grid has no point
+    left for this worker (GridSampler would hand out the running one again: a seed run twice); with --heartbeat 0
+    nothing would ever fail a dead worker's trial, so the worker says so and stops instead of waiting forever."""
+    import optuna
+    from optuna.trial import TrialState
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "check_space", lambda *a, **k: None)
+    ran = []
+    monkeypatch.setattr(sweep, "run_trial", lambda trial, *a: ran.append(trial.number) or 0.5)
+    url = f"sqlite:///{(tmp_path / 'lightning_logs/sweeps.db').resolve()}"
+    (tmp_path / "lightning_logs").mkdir()
+    study = optuna.create_study(study_name="seeds", storage=url, direction="maximize")
+    seeds = [42, 1, 7]
+    for seed, state in ((7, TrialState.FAIL), (1, TrialState.COMPLETE), (42, TrialState.RUNNING)):
+        study.enqueue_trial({"seed_everything": seed})
+        t = study.ask()
+        t.suggest_categorical("seed_everything", seeds)
+        if state == TrialState.FAIL:
+            t.set_user_attr("error", "CUDA out of memory")
+            study.tell(t, state=state)
+        elif state == TrialState.COMPLETE:
+            study.tell(t, 0.5)
+    sweep.run_sweep(sweep.parse_args(["--seeds", "42,1,7", "--heartbeat", "0"]))
+    assert ran == [] and "note: 1 trial(s) still running, on other workers or on dead ones" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-failures", "0"], "--max-failures must be at least 1, got 0"),
+        (["--heartbeat", "-1"], "--heartbeat must be at least 0, got -1"),
+        (["--retries", "-2"], "--retries must be at least 0, got -2"),
+    ],
+)
+def test_sweep_counts_are_checked(args, message):
+    with pytest.raises(GoemoError, match="^" + re.escape(message)):
+        sweep.parse_args(["--seeds", "1,2", *args])
+
+
+def test_seeds_and_a_space_file_give_the_seeds_one_way_only(tmp_path):
+    with pytest.raises(GoemoError, match="^--seeds and the space file's seed_everything both set the seeds"):
+        sweep.run_sweep(sweep.parse_args(["--seeds", "1,2", "--space", str(space_file(tmp_path, "seed_everything: {grid: [3, 4]}"))]))
+    with pytest.raises(GoemoError, match="^--seeds runs a grid over seed_everything, and a grid searches every combination"):
+        sweep.run_sweep(sweep.parse_args(["--seeds", "1,2", "--space", str(space_file(tmp_path, "model.learning_rate: {float: [1.0e-5, 1.0e-4]}"))]))
 
 
 # -- the comparison table ----------------------------------------------------------------------------------------
