@@ -416,3 +416,7 @@ def one_line(e: BaseException) -> str:
         sub = next((a for a in args if a in ("fit", "validate", "test", "predict")), None)
         text += f" (see: python main.py {sub + ' ' if sub else ''}--help)"
     return text or type(e).__name__
+
+
+if __name__ == "__main__":  # `python -m goemo.cli`: main.py for a goemo installed without its repository
+    main()

@@ -296,9 +296,11 @@ class EmotionClassifier(L.LightningModule):
         if not 0.0 <= teacher_weight <= 1.0:
             raise GoemoError(f"model.teacher_weight must be within 0..1, got {teacher_weight}")
         if teacher is not None and loss != "bce":
-            raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back")
+            raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back (--model.teacher null "
+                             "drops the teacher configs/minilm.yaml sets)")  # fmt: skip
         if teacher is not None and self_distill:
-            raise GoemoError("model.teacher and model.self_distill both set the soft targets; use one of them")
+            raise GoemoError("model.teacher and model.self_distill both set the soft targets; use one of them "
+                             "(--model.teacher null drops the teacher configs/minilm.yaml sets)")  # fmt: skip
         label_names = list(label_names or GOEMOTIONS_LABELS)
         if len(label_names) < 2:
             raise GoemoError(f"a multi-label classifier needs at least 2 labels, got {label_names}")

@@ -168,3 +168,16 @@ def test_ctrl_c_before_training_is_one_line_and_status_130(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         goemo.cli.main(["fit"])
     assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted by Ctrl-C\n"
+
+
+@pytest.mark.slow
+def test_python_m_goemo_cli_is_main_py(tmp_path):
+    """An installed goemo without its repository has no main.py: `python -m goemo.cli` is the same command line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "goemo.cli", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and all(sub in r.stdout for sub in ("fit", "test", "predict")), r.stderr[-2000:]

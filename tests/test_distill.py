@@ -264,3 +264,10 @@ def test_the_minilm_configs_teacher_ships_in_the_package_and_fits_the_embedded_t
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["goemo"]
     assert any(fnmatch.fnmatch("teachers/mpnet-seed42.npz", g) for g in shipped)  # a wheel install has it too
+
+
+@pytest.mark.parametrize("other", [{"loss": "focal"}, {"self_distill": 0.5}])
+def test_a_teacher_beside_another_loss_or_self_distill_says_how_to_drop_it(tiny_model, other):
+    """configs/minilm.yaml sets a teacher the user never typed: the error names `--model.teacher null`."""
+    with pytest.raises(GoemoError, match=r"--model\.teacher null drops the teacher configs/minilm\.yaml sets"):
+        EmotionClassifier(str(tiny_model), label_names=LABELS, teacher="t.npz", **other)
