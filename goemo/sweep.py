@@ -191,7 +191,7 @@ class OptunaReport(Callback):
                 study = optuna.load_study(study_name=self.study, storage=self.storage, pruner=make_pruner(self.prune))
             except KeyError:  # a trial's config fit again elsewhere, or its study deleted
                 return print(f"note: study {self.study!r} is not in its database: this fit reports to no study", file=sys.stderr)
-            except Exception as e:  # a server that is down, a driver that is not installed
+            except Exception as e:  # noqa: BLE001 (a server that is down, a driver that is not installed)
                 raise GoemoError(f"OptunaReport: cannot open study {self.study!r} ({str(e).splitlines()[0][:200]}); "
                                  "drop it from the config's trainer.callbacks to fit without the study") from None  # fmt: skip
             trial = next((t for t in study.get_trials(deepcopy=False) if t.number == self.trial), None)

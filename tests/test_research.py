@@ -297,8 +297,9 @@ def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(
 def test_optuna_report_on_a_finished_trial_or_another_machine_notes_and_fits_on(tmp_path, capsys):
     """A trial's config.yaml names its study and trial: fit again (the summary's best config with another seed) or
     resumed after the trial finished, the fit goes on and reports to no study, where Optuna refused with a traceback."""
-    import optuna
     from types import SimpleNamespace
+
+    import optuna
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")
