@@ -61,7 +61,7 @@ class EpochClock(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         mask = batch["attention_mask"]
         self.samples += len(mask)
-        self.tokens += int(mask.sum())  # a host sync per batch is noise next to a BERT-base step
+        self.tokens = mask.sum() + self.tokens  # summed on the device: a host sync per step would stall the queue
         self.padded += mask.numel()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -70,7 +70,7 @@ class EpochClock(Callback):
         # MFU counts matmul FLOPs: the embedding tables (word, position, type: 23.8M of BERT-base's 109.5M) are lookups
         tables = sum(p.numel() for n, p in pl_module.named_parameters() if ".embeddings." in f".{n}")
         Path(self.path).write_text(json.dumps({
-            "epoch_s": seconds, "samples": self.samples, "tokens": self.tokens, "padded_tokens": self.padded,
+            "epoch_s": seconds, "samples": self.samples, "tokens": int(self.tokens), "padded_tokens": self.padded,
             "params": params, "matmul_params": params - tables, "precision": str(trainer.precision), "batch_size": trainer.datamodule.hparams.train_batch_size,
         }))  # fmt: skip
 
@@ -136,6 +136,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU)"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    if not a.peak_tflops and any(k in gpu for k in ("PCIe", "NVL")):  # other clocks and power than the SXM peaks
+        peak = None
+        print("note: no peak known for this GPU variant: pass --peak-tflops for MFU", flush=True)
     print(f"device: {gpu}; torch {torch.__version__}; peak {peak} TFLOP/s", flush=True)
     rows = 64 if a.tiny else None
     sizes = write_subset(resolve_data_dir(EMBEDDED), work / "data", rows, 32 if a.tiny else None)
