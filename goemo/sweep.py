@@ -198,7 +198,7 @@ class OptunaReport(Callback):
             if trial is None or trial.state != TrialState.RUNNING:
                 # A finished trial's config fit again (the summary's best config with another seed) or resumed:
                 # Optuna refuses updates to a finished trial, and the study's result is already recorded.
-                state = "not in it" if trial is None else f"{trial.state.name.lower()}"
+                state = "not in it" if trial is None else trial.state.name.lower()
                 return print(f"note: trial {self.trial} of study {self.study!r} is {state}: this fit reports to no "
                              "study", file=sys.stderr)  # fmt: skip
             self._trial = optuna.Trial(study, trial._trial_id)
