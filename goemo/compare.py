@@ -61,7 +61,24 @@ def run_config(run: Path) -> dict[str, Any]:
         keep = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") == SWEEP_REPORT)]
         config["trainer"]["callbacks"] = keep
     flat = flatten(config)
+    if "model.teacher" in flat:
+        if flat["model.teacher"] is None:  # no teacher: its weight did nothing, so it does not split the runs
+            flat.pop("model.teacher_weight", None)
+        else:
+            flat["model.teacher"] = shipped_name(flat["model.teacher"])
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
+
+
+def shipped_name(value: Any) -> Any:
+    """`pkg:goemo/teachers/NAME` for an absolute path to a copy of a teacher file goemo ships (the same bytes), so runs
+    that named the file either way are one recipe; any other value as it is."""
+    path = Path(value).expanduser() if isinstance(value, str) and not value.startswith("pkg:") else None
+    if path is None or not path.is_absolute() or not path.is_file():
+        return value
+    for shipped in sorted((Path(__file__).parent / "teachers").glob("*.npz")):
+        if shipped.stat().st_size == path.stat().st_size and shipped.read_bytes() == path.read_bytes():
+            return f"pkg:goemo/teachers/{shipped.name}"
+    return value
 
 
 def best_point(run: Path) -> tuple[Optional[int], Optional[int]]:

@@ -23,11 +23,19 @@ from goemo.errors import GoemoError, exit_on_error
 from goemo.teacher import write_teacher
 
 
+def teacher_name(hparams) -> str:
+    """A teacher run's model, and the file it was distilled from if it was a student (a file records its lineage)."""
+    name = str(hparams["model_name_or_path"])
+    if hparams.get("teacher") is not None:
+        name += f" (distilled from {hparams['teacher']} at weight {hparams.get('teacher_weight')})"
+    return name
+
+
 def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     """The teachers' mean probabilities on the training split of the first run's data; for runs fit on folds
     (`data.holdout_fold`), each row's from the runs that held its fold out.
 
-    Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [model names]}.
+    Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [teacher_name of each run]}.
     """
     from goemo.data import fold_ids
     from goemo.ensemble import Ensemble, check_distinct, splits_of
@@ -37,7 +45,7 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     members = [load_backend(r, "cpu", batch_size) for r in runs]
     ens = Ensemble(members)  # checks that the label sets agree
     texts = splits_of(members[0], ("train",))["train"]["text"]
-    names = [str(m.model.hparams.model_name_or_path) for m in members]
+    names = [teacher_name(m.model.hparams) for m in members]
     held = [m.data_hparams.get("holdout_fold") for m in members]
     if all(k is None for k in held):
         return {"probs": ens.predict_proba(texts), "labels": ens.label_names, "texts": texts, "teachers": names}

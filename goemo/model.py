@@ -260,7 +260,7 @@ class EmotionClassifier(L.LightningModule):
                 row's target becomes `(1 - teacher_weight) * labels + teacher_weight * p_teacher`. Read at fit
                 only (predict, test and exports do not need it); `train/loss` stays the BCE against the labels,
                 `train/distill_loss` is the one trained on. Unset (default): the labels alone.
-            teacher_weight: The teacher's share of the targets, within 0..1.
+            teacher_weight: The teacher's share of the targets, within 0..1 (above 0 with a teacher).
             freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
@@ -295,6 +295,8 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.self_distill needs model.loss bce, got {loss!r}; set one of them back")
         if not 0.0 <= teacher_weight <= 1.0:
             raise GoemoError(f"model.teacher_weight must be within 0..1, got {teacher_weight}")
+        if teacher is not None and teacher_weight == 0:  # labels alone, yet the file read and the run labelled a student
+            raise GoemoError("model.teacher_weight 0 gives the teacher no share; pass --model.teacher null to train on the labels alone")
         if teacher is not None and loss != "bce":
             raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back (--model.teacher null "
                              "drops the teacher configs/minilm.yaml sets)")  # fmt: skip
@@ -612,14 +614,33 @@ class EmotionClassifier(L.LightningModule):
         if self.schedule_steps is not None:
             checkpoint["schedule_steps"] = self.schedule_steps
 
+    def _check_resumed_teacher(self, checkpoint: dict) -> None:
+        """A resumed fit goes on with the teacher, weight and table it started with (test and predict need none)."""
+        try:
+            if self.trainer.state.fn != "fit":  # test, predict
+                return
+        except RuntimeError:  # no trainer: load_from_checkpoint
+            return
+        saved_hp = checkpoint.get("hyper_parameters", {})
+        if "teacher" not in saved_hp:  # a checkpoint from before model.teacher
+            return
+        was, now = saved_hp["teacher"], self.hparams.teacher
+        was_w, now_w = saved_hp.get("teacher_weight", self.hparams.teacher_weight), self.hparams.teacher_weight
+        if (was is None) != (now is None) or (now is not None and was_w != now_w):
+            def show(t, w):
+                return "no teacher" if t is None else f"model.teacher {t!r} at weight {w}"
+            raise GoemoError(f"this fit started with {show(was, was_w)}, now {show(now, now_w)}; resume with the "
+                             "settings it started with, or start a new fit")  # fmt: skip
+        saved_table = checkpoint.get("teacher_sha256")  # Lightning restores a resumed fit after `setup` read the file
+        if self.teacher_sha256 is not None and saved_table is not None and saved_table != self.teacher_sha256:
+            raise GoemoError(f"model.teacher {now!r} is another table than the one this fit started with (from {was!r}); "
+                             "restore that file to resume, or start a new fit")  # fmt: skip
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.distill_targets is not None and "self_distill" in checkpoint:
             self.distill_targets.load_state_dict(checkpoint["self_distill"])
         self.schedule_steps = checkpoint.get("schedule_steps")  # compared at configure_optimizers, which comes after
-        saved_teacher = checkpoint.get("teacher_sha256")  # Lightning restores a resumed fit after `setup` read the file
-        if self.teacher_sha256 is not None and saved_teacher is not None and saved_teacher != self.teacher_sha256:
-            raise GoemoError(f"model.teacher {self.hparams.teacher!r} changed since this fit started (another table); "
-                             "restore the file it started with to resume, or start a new fit")  # fmt: skip
+        self._check_resumed_teacher(checkpoint)
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
             rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")

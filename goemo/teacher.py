@@ -3,7 +3,7 @@
 An .npz file holding `probs` (N, L) uint8, the probabilities times 255 rounded (at most 1/510 off; a 43k-row GoEmotions
 table compresses to about 0.5 MB, a float16 one to 2.3 MB; the keys add 0.35 MB), rows in the training split's order; `labels` (L,);
 `digest`, the sha256 of the training texts in that order; `keys` (N,) uint64, a hash of each row's text; `teachers`,
-the teachers' model names. `python -m goemo.distill` writes one. A student whose training split is the teacher's
+the teachers' model names (and a student's own teacher file and weight). `python -m goemo.distill` writes one. A student whose training split is the teacher's
 (same digest) takes the table as it is; one on some of those rows (a subset, a fold, another order) gets each row's
 probabilities by its text's key; a row the table lacks is an error.
 """
@@ -59,7 +59,9 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
 
     path = package_path(name, "model.teacher") if name.startswith("pkg:") else Path(name).expanduser()
     if not path.is_file():
-        raise GoemoError(f"model.teacher {name!r}: no such file; write one with `python -m goemo.distill RUN --out FILE`")
+        where = "" if path.is_absolute() else f" in {Path.cwd()} (a relative path is read from the working folder)"
+        raise GoemoError(f"model.teacher {name!r}: no such file{where}; give the file's path, write one with "
+                         "`python -m goemo.distill RUN --out FILE`, or pass --model.teacher null")  # fmt: skip
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):

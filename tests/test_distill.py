@@ -40,8 +40,12 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
     np.testing.assert_array_equal(teacher_file.read_teacher(str(old), labels, texts), teacher_file.read_teacher(str(path), labels, texts))
     with pytest.raises(GoemoError, match="has no probabilities for 3 of the 3 training texts"):
         teacher_file.read_teacher(str(old), labels, ["c", "a", "b"])
-    with pytest.raises(GoemoError, match="no such file; write one with `python -m goemo.distill"):
+    with pytest.raises(GoemoError, match="'.*none.npz': no such file; give the file's path, write one with `python "
+                                         "-m goemo.distill RUN --out FILE`, or pass --model.teacher null"):  # fmt: skip
         teacher_file.read_teacher(str(tmp_path / "none.npz"), labels, texts)
+    with pytest.raises(GoemoError, match=f"'none.npz': no such file in {re.escape(str(Path.cwd()))} \\(a relative "
+                                         "path is read from the working folder\\); give"):  # fmt: skip
+        teacher_file.read_teacher("none.npz", labels, texts)
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(GoemoError, match="not a goemo teacher file"):
         teacher_file.read_teacher(str(tmp_path / "bad.npz"), labels, texts)
@@ -80,6 +84,9 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
     assert table.std(0).max() > 0.01  # the teachers' outputs, not a constant
     with np.load(out) as z:
         assert [str(t) for t in z["teachers"]] == [str(load(r).model.hparams.model_name_or_path) for r in runs]
+    student = {"model_name_or_path": "m", "teacher": "pkg:goemo/teachers/t.npz", "teacher_weight": 0.75}
+    assert distill.teacher_name(student) == "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75)"
+    assert distill.teacher_name({**student, "teacher": None}) == "m"
     with pytest.raises(SystemExit) as e:  # a folder for --out: one line, before any model is loaded
         distill.main([runs[0], "--out", str(tmp_path)])
     assert e.value.code == 2 and "is a folder" in capsys.readouterr().err
@@ -137,26 +144,41 @@ def test_the_blend_is_float32_under_bf16_true(tiny_model):
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits.bfloat16().float(), target), rtol=0, atol=1e-7)
 
 
-def test_a_resumed_student_refuses_a_teacher_file_that_changed(tmp_path, tiny_model, tiny_data):
-    """The fit reads model.teacher at every start: a resume from a file rewritten since would train on another table."""
+def test_a_resumed_student_refuses_another_teacher_weight_or_table(tmp_path, tiny_model, tiny_data):
+    """The fit reads model.teacher at every start: a resume with the teacher dropped or added, another weight, or a
+    file rewritten since would train the rest of the run on other targets. Test and load need no teacher."""
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
     dm.setup("fit")
     texts = dm.datasets["train"].with_format(None)["text"]
     rng = np.random.default_rng(0)
+    table = str(tmp_path / "t.npz")
     teacher_file.write_teacher(tmp_path / "t.npz", rng.uniform(size=(len(texts), 4)).astype(np.float32), LABELS, texts, ["m"])
 
-    def fit(epochs, ckpt_path=None):
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=tmp_path, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
-        model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"))
-        trainer.fit(model, dm, ckpt_path=ckpt_path)
-        return trainer
+    def trainer(epochs):
+        return L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+
+    def fit(epochs, ckpt_path=None, teacher=table, weight=0.5):
+        t = trainer(epochs)
+        t.fit(EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=teacher, teacher_weight=weight), dm,
+              ckpt_path=ckpt_path)  # fmt: skip
+        return t
 
     ckpt = fit(1).checkpoint_callback.best_model_path
     assert len(torch.load(ckpt, weights_only=True)["teacher_sha256"]) == 64
-    fit(2, ckpt)  # the same file: resumes
+    fit(2, ckpt)  # the same file and weight: resumes
+    with pytest.raises(GoemoError, match=f"this fit started with model.teacher {re.escape(repr(table))} at weight 0.5, "
+                                         "now no teacher; resume with the settings it started with"):  # fmt: skip
+        fit(2, ckpt, teacher=None)
+    with pytest.raises(GoemoError, match="at weight 0.5, now model.teacher .* at weight 0.7; resume with"):
+        fit(2, ckpt, weight=0.7)
+    trainer(1).test(EmotionClassifier(str(tiny_model), label_names=LABELS), dm, ckpt_path=ckpt, verbose=False)
+    plain = fit(1, teacher=None).checkpoint_callback.best_model_path
+    with pytest.raises(GoemoError, match="this fit started with no teacher, now model.teacher .* at weight 0.5"):
+        fit(2, plain)
     teacher_file.write_teacher(tmp_path / "t.npz", rng.uniform(size=(len(texts), 4)).astype(np.float32), LABELS, texts, ["m"])
-    with pytest.raises(GoemoError, match="model.teacher .* changed since this fit started"):
+    with pytest.raises(GoemoError, match=f"model.teacher {re.escape(repr(table))} is another table than the one this fit "
+                                         f"started with \\(from {re.escape(repr(table))}\\); restore that file"):  # fmt: skip
         fit(2, ckpt)
 
 
@@ -173,6 +195,8 @@ def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_
         EmotionClassifier(str(tiny_model), teacher="t.npz", self_distill=0.5)
     with pytest.raises(GoemoError, match="model.teacher_weight must be within 0..1"):
         EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_weight=1.5)
+    with pytest.raises(GoemoError, match="model.teacher_weight 0 gives the teacher no share; pass --model.teacher null"):
+        EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_weight=0.0)
 
 
 def test_folds_partition_the_training_split_and_a_fold_run_trains_on_the_others(tmp_path, tiny_model, tiny_data):

@@ -493,6 +493,35 @@ def test_compare_groups_a_seed_sweeps_trials(tmp_path):
     assert header[1] == "trainer.callbacks" and len(body) == 2 and "OptunaReport" not in body[0][1]
 
 
+def test_compare_groups_runs_that_name_one_teacher_two_ways_or_have_no_teacher(tmp_path):
+    """A shipped teacher named by `pkg:` or by the path of a copy is one recipe; with no teacher, teacher_weight did
+    nothing and does not split the runs. Another teacher file does."""
+    import shutil
+
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+    shipped = min((REPO / "goemo" / "teachers").glob("*.npz"))
+    copy = tmp_path / "copy.npz"
+    shutil.copyfile(shipped, copy)
+    other = tmp_path / "other.npz"
+    other.write_bytes(shipped.read_bytes()[:-1] + b"x")  # the same size, other bytes
+
+    def run(name, seed, teacher, weight):
+        folder = fake_run(tmp_path / name, 1e-4, seed, val, t)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["model"].update(teacher=teacher, teacher_weight=weight)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        return folder
+
+    pkg = f"pkg:goemo/teachers/{shipped.name}"
+    header, body = compare.table([run("a", 42, pkg, 0.75), run("b", 1, str(copy), 0.75)])
+    assert header[1] == "seed" and len(body) == 1 and body[0][1:3] == ["42, 1", "2"]
+    header, body = compare.table([run("c", 42, None, 0.5), run("d", 1, None, 0.75)])
+    assert header[1] == "seed" and len(body) == 1
+    header, body = compare.table([run("e", 42, pkg, 0.75), run("f", 1, str(other), 0.75)])
+    assert header[1] == "model.teacher" and [row[1] for row in body] == [pkg, str(other)]
+
+
 def test_compare_counts_a_run_named_twice_once(tmp_path):
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
