@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -230,15 +229,17 @@ def _put_in_place(tmp: Path, out_dir: Path, force: bool) -> None:
     if out_dir.exists():
         if not force and out_dir.is_dir() and any(out_dir.iterdir()):
             raise GoemoError(f"{out_dir}: another export filled it meanwhile; pass --force to replace it whole")
-        old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
+        old = partial_path(out_dir, ".old")  # removed by a later export if this one is killed before the end
         os.replace(out_dir, old)
     try:
         os.replace(tmp, out_dir)
-    except OSError:
+    except BaseException as e:  # OSError, or Ctrl-C / SIGTERM between the two renames
         if old is not None and not out_dir.exists():
             os.replace(old, out_dir)  # the folder that was there, back in place
             old = None
-        raise GoemoError(f"{out_dir}: another export put its folder there at the same moment; export again") from None
+        if isinstance(e, OSError):
+            raise GoemoError(f"{out_dir}: another export put its folder there at the same moment; export again") from None
+        raise
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -22,11 +22,12 @@ from goemo.errors import GoemoError
 _WRITER = socket.gethostname().replace(".", "_").replace("-", "_")[:40] or "host"
 
 
-def partial_path(path: Path) -> Path:
+def partial_path(path: Path, suffix: str = ".partial") -> Path:
     """Where `path` is written until it is complete: beside it (same file system, so the rename is atomic), hidden,
     not named *.ckpt or *.jsonl, so it is never taken for a finished file, and unique, so two writers of one file
-    (two `predict --output X` at once) never write into each other's bytes: the last to finish wins whole."""
-    return path.with_name(f"{_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}.partial")
+    (two `predict --output X` at once) never write into each other's bytes: the last to finish wins whole.
+    `suffix` ".old": where a replaced folder waits until its successor is in place."""
+    return path.with_name(f"{_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def _prefix(path: Path) -> str:
@@ -39,10 +40,12 @@ def _prefix(path: Path) -> str:
 
 
 def remove_dead_partials(path: Path) -> None:
-    """Remove the partial files of `path` that a killed process of this machine left (kill -9, power cut): their
-    names are unique, so nothing else would ever replace them. Other machines' (a shared folder) are left alone."""
+    """Remove the partial files of `path` (and replaced folders, `.old`) that a killed process of this machine left
+    (kill -9, power cut): their names are unique, so nothing else would ever replace them. Other machines' (a shared
+    folder) are left alone."""
     prefix = _prefix(path)
-    for partial in path.parent.glob(glob.escape(prefix) + "*.partial"):  # escaped: a name may hold [ ] * ?
+    left = [*path.parent.glob(glob.escape(prefix) + "*.partial"), *path.parent.glob(glob.escape(prefix) + "*.old")]
+    for partial in left:  # escaped: a name may hold [ ] * ?
         try:
             pid = int(partial.name[len(prefix):].split("-")[0])
             os.kill(pid, 0)

@@ -188,8 +188,39 @@ def test_two_exports_to_one_folder_never_mix_or_lose_it(tmp_path, monkeypatch):
         ex._put_in_place(b, out, force=True)
     monkeypatch.undo()
     assert (out / "model").read_text() == "A" and not list(tmp_path.glob(".shared.*.old"))  # A's put back
+    calls.clear()
+
+    def interrupted_between_the_renames(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", interrupted_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C (or SIGTERM, as SystemExit) between the two renames
+        ex._put_in_place(b, out, force=True)
+    monkeypatch.undo()
+    assert (out / "model").read_text() == "A" and not list(tmp_path.glob(".shared.*.old"))  # A's put back, not lost
     ex._put_in_place(b, out, force=True)
     assert (out / "model").read_text() == "B" and sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
+
+
+def test_a_killed_exports_set_aside_folder_is_removed_by_the_next_export(tmp_path):
+    """kill -9 between setting the old folder aside and renaming the new one in leaves `.NAME.HOST-PID-*.old`: the
+    next export to that folder removes it (its writer is gone); a live writer's is kept."""
+    from goemo import export as ex
+    from goemo.files import partial_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    left = partial_path(out, ".old")
+    left = left.with_name(re.sub(r"-\d+-(?=[0-9a-f]{8}\.old$)", f"-{int(dead.stdout)}-", left.name))
+    live = partial_path(out, ".old")
+    for folder in (left, live):
+        folder.mkdir()
+        (folder / "model").write_text("old")
+    tmp = ex._claim_target(out, force=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, tmp.name])
 
 
 def test_export_force_never_replaces_the_run_it_exports(tiny_run, tmp_path):
