@@ -211,7 +211,7 @@ def test_a_killed_exports_set_aside_folder_is_removed_by_the_next_export(tmp_pat
     from goemo import export as ex
     from goemo.files import partial_path
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     out = tmp_path / "out"
     left = partial_path(out, ".old")
     left = left.with_name(re.sub(r"-\d+-(?=[0-9a-f]{8}\.old$)", f"-{int(dead.stdout)}-", left.name))
