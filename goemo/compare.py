@@ -6,7 +6,8 @@ runs of its trials).
 A row holds the config keys that differ between the runs (only those), the seed, the epochs trained up to the best
 checkpoint, validation micro/macro-F1 and exact match there (from its TensorBoard events), and the test figures of its
 `test_report.json` at the fixed and the tuned thresholds, with their bootstrap intervals. Runs whose configs differ
-only in `seed_everything` are one seed group: one row of mean ± standard deviation over its n runs. Printed as
+only in `seed_everything` are one seed group: one row of mean ± standard deviation over its n runs (a teacher_weight
+without a teacher, and a shipped teacher named by its `pkg:` name or a copy's path, do not split a group). Printed as
 Markdown; `--md FILE` and `--csv FILE` write it too. The results tables of goemo's documents come from here.
 """
 
