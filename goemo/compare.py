@@ -71,8 +71,9 @@ def run_config(run: Path) -> dict[str, Any]:
 
 
 def shipped_name(value: Any) -> Any:
-    """`pkg:goemo/teachers/NAME` for an absolute path to a copy of a teacher file goemo ships (the same bytes), so runs
-    that named the file either way are one recipe; any other value as it is."""
+    """`pkg:goemo/teachers/NAME` for an absolute path to a copy of a teacher file goemo ships (the same bytes, as the
+    files are now), so runs that named the file either way are one recipe; any other value (a relative path: the run
+    may have started in another folder) as it is."""
     path = Path(value).expanduser() if isinstance(value, str) and not value.startswith("pkg:") else None
     if path is None or not path.is_absolute() or not path.is_file():
         return value

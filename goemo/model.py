@@ -260,7 +260,7 @@ class EmotionClassifier(L.LightningModule):
                 row's target becomes `(1 - teacher_weight) * labels + teacher_weight * p_teacher`. Read at fit
                 only (predict, test and exports do not need it); `train/loss` stays the BCE against the labels,
                 `train/distill_loss` is the one trained on. Unset (default): the labels alone.
-            teacher_weight: The teacher's share of the targets, within 0..1 (above 0 with a teacher).
+            teacher_weight: The teacher's share of the targets, within 0..1 (a fit with a teacher needs more than 0).
             freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
@@ -295,8 +295,6 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.self_distill needs model.loss bce, got {loss!r}; set one of them back")
         if not 0.0 <= teacher_weight <= 1.0:
             raise GoemoError(f"model.teacher_weight must be within 0..1, got {teacher_weight}")
-        if teacher is not None and teacher_weight == 0:  # labels alone, yet the file read and the run labelled a student
-            raise GoemoError("model.teacher_weight 0 gives the teacher no share; pass --model.teacher null to train on the labels alone")
         if teacher is not None and loss != "bce":
             raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back (--model.teacher null "
                              "drops the teacher configs/minilm.yaml sets)")  # fmt: skip
@@ -389,6 +387,9 @@ class EmotionClassifier(L.LightningModule):
                 raise GoemoError(f"model.self_distill needs trainer.max_epochs >= 2 (its targets come from the epoch before), got {epochs}")
             self.distill_targets = SelfDistillTargets(len(train), len(self.label_names))  # (N, L) on the CPU
         if stage == "fit" and self.hparams.teacher is not None:
+            if self.hparams.teacher_weight == 0:  # labels alone, yet the file read and the run labelled a student
+                raise GoemoError("model.teacher_weight 0 gives the teacher no share; pass --model.teacher null to "
+                                 "train on the labels alone")  # fmt: skip
             texts = self._training_rows(dm, "model.teacher").with_format(None)["text"]
             self.teacher_probs = torch.from_numpy(read_teacher(self.hparams.teacher, self.label_names, texts))
             self.teacher_sha256 = hashlib.sha256(self.teacher_probs.numpy().tobytes()).hexdigest()  # checked on resume

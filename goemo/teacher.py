@@ -61,7 +61,7 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
     if not path.is_file():
         where = "" if path.is_absolute() else f" in {Path.cwd()} (a relative path is read from the working folder)"
         raise GoemoError(f"model.teacher {name!r}: no such file{where}; give the file's path, write one with "
-                         "`python -m goemo.distill RUN --out FILE`, or pass --model.teacher null")  # fmt: skip
+                         "`python -m goemo.distill RUN --out FILE`, or (a new fit) pass --model.teacher null")  # fmt: skip
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):

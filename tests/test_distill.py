@@ -41,7 +41,7 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
     with pytest.raises(GoemoError, match="has no probabilities for 3 of the 3 training texts"):
         teacher_file.read_teacher(str(old), labels, ["c", "a", "b"])
     with pytest.raises(GoemoError, match="'.*none.npz': no such file; give the file's path, write one with `python "
-                                         "-m goemo.distill RUN --out FILE`, or pass --model.teacher null"):  # fmt: skip
+                                         "-m goemo.distill RUN --out FILE`, or \\(a new fit\\) pass --model.teacher null"):  # fmt: skip
         teacher_file.read_teacher(str(tmp_path / "none.npz"), labels, texts)
     with pytest.raises(GoemoError, match=f"'none.npz': no such file in {re.escape(str(Path.cwd()))} \\(a relative "
                                          "path is read from the working folder\\); give"):  # fmt: skip
@@ -195,8 +195,10 @@ def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_
         EmotionClassifier(str(tiny_model), teacher="t.npz", self_distill=0.5)
     with pytest.raises(GoemoError, match="model.teacher_weight must be within 0..1"):
         EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_weight=1.5)
+    weightless = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"), teacher_weight=0.0)
     with pytest.raises(GoemoError, match="model.teacher_weight 0 gives the teacher no share; pass --model.teacher null"):
-        EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_weight=0.0)
+        L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(
+            weightless, dm)  # at fit: a checkpoint of such a run (once allowed) still loads, tests and predicts
 
 
 def test_folds_partition_the_training_split_and_a_fold_run_trains_on_the_others(tmp_path, tiny_model, tiny_data):

@@ -520,6 +520,8 @@ def test_compare_groups_runs_that_name_one_teacher_two_ways_or_have_no_teacher(t
     assert header[1] == "seed" and len(body) == 1
     header, body = compare.table([run("e", 42, pkg, 0.75), run("f", 1, str(other), 0.75)])
     assert header[1] == "model.teacher" and [row[1] for row in body] == [pkg, str(other)]
+    header, body = compare.table([run("g", 42, pkg, 0.5), run("h", 1, str(copy), 0.75)])  # a teacher's weight does
+    assert header[1] == "model.teacher_weight" and [row[1] for row in body] == ["0.5", "0.75"]
 
 
 def test_compare_counts_a_run_named_twice_once(tmp_path):
