@@ -6,6 +6,10 @@ teacher is one trained run or several (their mean probability, as `goemo.ensembl
 MiniLM-L6 student. Its probabilities are computed once, here, into a teacher file (`goemo.teacher`), so each student
 fit only reads an (N, L) table.
 
+A teacher file (.npz, or `pkg:MODULE/FILE`) among the inputs joins the mean as one more teacher, with its table for
+the first run's training rows: a new teacher run added to an earlier file whose run is gone
+(`python -m goemo.distill RUN pkg:goemo/teachers/mpnet-seed42.npz --out two.npz`).
+
 Cross-fitted (out-of-fold) teacher: runs fit with `--data.holdout_fold k` (one or more per fold) never saw the
 rows of fold k, so those rows get the mean probability of the fold's runs only. A teacher of the student's own
 recipe then passes on what it learned from other rows, not its memory of the row's labels.
@@ -20,7 +24,12 @@ from typing import Optional
 import numpy as np
 
 from goemo.errors import GoemoError, exit_on_error
-from goemo.teacher import write_teacher
+from goemo.teacher import read_teacher_file, teacher_path, write_teacher
+
+
+def is_teacher_file(name: str) -> bool:
+    """A teacher file (.npz or `pkg:`), not a run folder or checkpoint."""
+    return name.startswith("pkg:") or name.endswith(".npz")
 
 
 def teacher_name(hparams) -> str:
@@ -33,7 +42,8 @@ def teacher_name(hparams) -> str:
 
 def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     """The teachers' mean probabilities on the training split of the first run's data; for runs fit on folds
-    (`data.holdout_fold`), each row's from the runs that held its fold out.
+    (`data.holdout_fold`), each row's from the runs that held its fold out. Teacher files (.npz) among `runs` join
+    the mean of the runs (not fold runs) as one teacher each.
 
     Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [teacher_name of each run]}.
     """
@@ -41,6 +51,14 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     from goemo.ensemble import Ensemble, check_distinct, splits_of
     from goemo.onnx_backend import load_backend
 
+    files = [r for r in runs if is_teacher_file(r)]
+    runs = [r for r in runs if not is_teacher_file(r)]
+    if not runs:
+        raise GoemoError("give at least one teacher run: its data's training split is the one the file is written for")
+    if len(set(files)) < len(files):
+        raise GoemoError("a teacher file is given twice; give each teacher once")
+    for f in files:  # before any model is loaded
+        teacher_path(f, "teacher file")
     check_distinct(runs)
     members = [load_backend(r, "cpu", batch_size) for r in runs]
     ens = Ensemble(members)  # checks that the label sets agree
@@ -48,7 +66,14 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     names = [teacher_name(m.model.hparams) for m in members]
     held = [m.data_hparams.get("holdout_fold") for m in members]
     if all(k is None for k in held):
-        return {"probs": ens.predict_proba(texts), "labels": ens.label_names, "texts": texts, "teachers": names}
+        tables = [read_teacher_file(f, ens.label_names, texts, "teacher file") for f in files]  # before predicting
+        probs = ens.predict_proba(texts)  # (N, L)
+        if files:  # each file is one teacher more: the mean over len(runs) + len(files) teachers
+            probs = (probs * len(runs) + sum(t for t, _ in tables)) / (len(runs) + len(files))
+            names += [f"{f} ({'; '.join(n) or 'teachers not recorded'})" for f, (_, n) in zip(files, tables)]
+        return {"probs": probs, "labels": ens.label_names, "texts": texts, "teachers": names}
+    if files:
+        raise GoemoError("teacher files cannot join the runs of a cross-fitted teacher (data.holdout_fold); give the runs alone")
     # Cross-fitted: every run held a fold out of one training split, all of one partition, and every fold is held
     # out by some run. Folds are row positions: a run of other rows (or rows in another order) never held these out.
     for r, m in zip(runs[1:], members[1:]):
@@ -73,7 +98,8 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m goemo.distill", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="teacher run folders (their best checkpoints) or .ckpt files")
+    parser.add_argument("runs", nargs="+", help="teacher run folders (their best checkpoints), .ckpt files, or teacher "
+                        "files (.npz) to join the mean")
     parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     args = parser.parse_args(argv)
@@ -83,8 +109,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_output_file(args.out, "--out", "teacher.npz")  # before any model is loaded
         t = teacher_probs(args.runs, args.batch_size)
         write_teacher(args.out, t["probs"], t["labels"], t["texts"], t["teachers"])
-    p = t["probs"]
-    print(f"{args.out}: {p.shape[0]} training rows x {p.shape[1]} labels from {len(args.runs)} teacher run(s); "
+    p, files = t["probs"], sum(map(is_teacher_file, args.runs))
+    print(f"{args.out}: {p.shape[0]} training rows x {p.shape[1]} labels from {len(args.runs) - files} teacher run(s)"
+          f"{f' and {files} teacher file(s)' if files else ''}; "
           f"mean probability {p.mean():.4f}")  # fmt: skip
 
 

@@ -55,13 +55,29 @@ def write_teacher(path: Path, probs: np.ndarray, labels: list[str], texts: list[
 def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
     """The (N, L) float32 table of teacher file `name` (a path or `pkg:MODULE/FILE`) for the training split `texts`:
     the same labels in the same order; rows the file's own (same texts in the same order) or found by their texts."""
+    return read_teacher_file(name, labels, texts)[0]
+
+
+def teacher_path(name: str, option: str = "model.teacher") -> Path:
+    """The file of teacher name `name` (a path or `pkg:MODULE/FILE`), or a one-line error naming `option`."""
     from goemo.hub import package_path
 
-    path = package_path(name, "model.teacher") if name.startswith("pkg:") else Path(name).expanduser()
+    null = option == "model.teacher"  # a student's fit can drop its teacher
+    path = package_path(name, option) if name.startswith("pkg:") else Path(name).expanduser()
     if not path.is_file():
         where = "" if path.is_absolute() else f" in {Path.cwd()} (a relative path is read from the working folder)"
-        raise GoemoError(f"model.teacher {name!r}: no such file{where}; give the file's path, write one with "
-                         "`python -m goemo.distill RUN --out FILE`, or (a new fit) pass --model.teacher null")  # fmt: skip
+        raise GoemoError(f"{option} {name!r}: no such file{where}; give the file's path"
+                         + (", write one with `python -m goemo.distill RUN --out FILE`, or (a new fit) pass --model.teacher null"
+                            if null else ""))  # fmt: skip
+    return path
+
+
+def read_teacher_file(
+    name: str, labels: list[str], texts: list[str], option: str = "model.teacher"
+) -> tuple[np.ndarray, list[str]]:
+    """read_teacher's table and the file's `teachers` (what it was distilled from); errors name `option`."""
+    null = option == "model.teacher"  # a student's fit can drop its teacher
+    path = teacher_path(name, option)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -69,25 +85,27 @@ def read_teacher(name: str, labels: list[str], texts: list[str]) -> np.ndarray:
         with z:
             fmt, probs, saved, digest = int(z["format"]), z["probs"], [str(s) for s in z["labels"]], str(z["digest"])
             keys = z["keys"] if fmt >= 3 else None
+            teachers = [str(t) for t in z["teachers"]] if "teachers" in z.files else []
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise GoemoError(f"model.teacher {name!r}: not a goemo teacher file ({e}); write one with `python -m goemo.distill`") from None
+        raise GoemoError(f"{option} {name!r}: not a goemo teacher file ({e}); write one with `python -m goemo.distill`") from None
     if fmt not in READ_FORMATS:
-        raise GoemoError(f"model.teacher {name!r}: format {fmt}, this goemo reads {READ_FORMATS[0]}-{READ_FORMATS[-1]}; write it again with `python -m goemo.distill`")
+        raise GoemoError(f"{option} {name!r}: format {fmt}, this goemo reads {READ_FORMATS[0]}-{READ_FORMATS[-1]}; write it again with `python -m goemo.distill`")
     if saved != list(labels):
-        raise GoemoError(f"model.teacher {name!r} has {len(saved)} labels ({', '.join(saved[:3])}, ...), the data "
-                         f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher of the same labels, or --model.teacher null")  # fmt: skip
+        raise GoemoError(f"{option} {name!r} has {len(saved)} labels ({', '.join(saved[:3])}, ...), the data "
+                         f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher of the same labels"
+                         + (", or --model.teacher null" if null else ""))  # fmt: skip
     if probs.dtype != np.uint8 or probs.shape[1:] != (len(labels),):  # a hand-made file: floats, or a wrong width
-        raise GoemoError(f"model.teacher {name!r}: probs must be (rows, {len(labels)}) uint8 (probability x 255), got "
+        raise GoemoError(f"{option} {name!r}: probs must be (rows, {len(labels)}) uint8 (probability x 255), got "
                          f"{probs.shape} {probs.dtype}; write it with `python -m goemo.distill`")  # fmt: skip
     if probs.shape[0] == len(texts) and digest == texts_digest(texts):  # the teacher's own split, row for row
-        return probs.astype(np.float32) / 255
+        return probs.astype(np.float32) / 255, teachers
     rows = None
     if keys is not None and keys.shape == probs.shape[:1]:
         first = {k: i for i, k in reversed(list(enumerate(keys.tolist())))}  # a repeated text: its first row
         rows = [first.get(k) for k in text_keys(texts).tolist()]
     missing = len(texts) if rows is None else sum(r is None for r in rows)
     if missing:
-        raise GoemoError(f"model.teacher {name!r} has no probabilities for {missing} of the {len(texts)} training texts "
+        raise GoemoError(f"{option} {name!r} has no probabilities for {missing} of the {len(texts)} training texts "
                          f"(written for another training split, {probs.shape[0]} rows); write one from the student's "
-                         "data with `python -m goemo.distill`, or --model.teacher null")  # fmt: skip
-    return probs[np.array(rows, dtype=np.int64)].astype(np.float32) / 255
+                         "data with `python -m goemo.distill`" + (", or --model.teacher null" if null else ""))  # fmt: skip
+    return probs[np.array(rows, dtype=np.int64)].astype(np.float32) / 255, teachers

@@ -84,6 +84,21 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
     assert table.std(0).max() > 0.01  # the teachers' outputs, not a constant
     with np.load(out) as z:
         assert [str(t) for t in z["teachers"]] == [str(load(r).model.hparams.model_name_or_path) for r in runs]
+    # A teacher file joins the runs' mean as one teacher more: a new run added to a file whose run is gone.
+    first = tmp_path / "first.npz"
+    distill.main([runs[0], "--out", str(first)])
+    distill.main([runs[1], str(first), "--out", str(tmp_path / "two.npz")])
+    assert "from 1 teacher run(s) and 1 teacher file(s)" in capsys.readouterr().out
+    two = teacher_file.read_teacher(str(tmp_path / "two.npz"), LABELS, texts)
+    first_table = teacher_file.read_teacher(str(first), LABELS, texts)
+    np.testing.assert_allclose(two, (load(runs[1]).predict_proba(texts) + first_table) / 2, atol=1 / 510 + 1e-6)
+    with np.load(tmp_path / "two.npz") as z:
+        assert [str(t) for t in z["teachers"]][1] == f"{first} ({load(runs[0]).model.hparams.model_name_or_path})"
+    for args, why in (([str(first)], "give at least one teacher run"), ([runs[1], str(first), str(first)], "given twice"),
+                      ([runs[1], str(tmp_path / "none.npz")], "teacher file '.*none.npz': no such file; give the file's path$")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            distill.main([*args, "--out", str(tmp_path / "x.npz")])
+        assert re.search(why, capsys.readouterr().err.strip())
     student = {"model_name_or_path": "m", "teacher": "pkg:goemo/teachers/t.npz", "teacher_weight": 0.75}
     assert distill.teacher_name(student) == "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75)"
     assert distill.teacher_name({**student, "teacher": None}) == "m"
