@@ -348,6 +348,14 @@ def test_failed_export_leaves_no_folder(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(GoemoError, match="differs"):
         export_module.export(str(tiny_run / "lightning_logs" / "version_0"), out, onnx=True)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    for tolerance, message in (("ONNX_TOLERANCE", "onnxruntime output differs from the checkpoint by"),
+                               ("HF_TOLERANCE", "does not reproduce the checkpoint")):  # fmt: skip
+        with monkeypatch.context() as m:  # a difference over the tolerance (any, at -1) stops the export
+            m.setattr(export_module, tolerance, -1.0)
+            with pytest.raises(GoemoError, match=message):
+                export_module.export(str(tiny_run / "lightning_logs" / "version_0"), out, onnx=True)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 

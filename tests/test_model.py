@@ -344,3 +344,26 @@ def test_a_resume_with_another_schedule_length_says_so(tiny_model, capsys):
         "note: the learning-rate schedule now ends at step 150, not at the 100 this fit started with "
         "(another trainer.max_epochs or max_steps): the rate jumps to the new line\n"
     )
+
+
+def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_at_the_tuned_ones(tiny_model, monkeypatch):
+    """The epoch-end hooks without a fit: validation tunes per-label thresholds (a label with no positive keeps
+    model.threshold, not 0.5), and test/*_tuned are scored at those thresholds, not at the fixed one."""
+    from types import SimpleNamespace
+
+    model = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c", "d"], threshold=0.3, threshold_resamples=0)
+    model._trainer = SimpleNamespace(sanity_checking=False)  # only what the hooks read
+    logged = {}
+    monkeypatch.setattr(model, "log_dict", lambda d, **kw: logged.update({k: float(v) for k, v in d.items()}))
+    probs = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.1, 0.8, 0.4, 0.2]])  # (N, L)
+    targets = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]])  # label d: no positive
+    model.val_outputs.update(probs, targets)
+    model.on_validation_epoch_end()
+    assert model.thresholds[3].item() == pytest.approx(0.3)
+    assert logged["val/f1_micro_tuned"] == pytest.approx(1.0)  # a, b, c tuned to fit; d has no positive to find
+    model.thresholds.copy_(torch.tensor([0.2, 0.8, 0.5, 0.5]))
+    model.test_outputs.update(torch.tensor([[0.3, 0.7, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1]]), torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]]))
+    model.on_test_epoch_end()
+    # at the tuned thresholds: a (0.3 > 0.2) and b (only 0.9 > 0.8) exactly right; at 0.3 b would take row 1 too
+    assert logged["test/exact_match_tuned"] == pytest.approx(1.0)
+    assert model.test_predictions[0].shape == (2, 4)

@@ -105,6 +105,8 @@ def test_records_sort_labels_and_use_per_label_thresholds():
     # torchmetrics, the threshold tuning and the test report count (p > t)
     assert recs[0]["labels"] == ["anger"]
     assert recs[1]["labels"] == [] and recs[0]["scores"]["anger"] == pytest.approx(0.9)
+    (several,) = to_records(["c"], np.array([[0.6, 0.9, 0.7, 0.1]], dtype=np.float32), LABELS4, np.full(4, 0.5, np.float32))
+    assert several["labels"] == ["anger", "fear", "joy"]  # the most probable first, not in label order
 
 
 def test_label_thresholds_prefers_the_tuned_buffer():

@@ -294,6 +294,47 @@ def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(
     assert not trainer.should_stop
 
 
+def test_a_seed_groups_trials_are_told_not_to_prune(tmp_path, monkeypatch):
+    """The worker of a seed group does not prune, and each trial's process must not either (its own pruner)."""
+    import optuna
+
+    seen = []
+
+    class FakeProc:
+        def __init__(self, args, **kw):
+            seen.append(args)
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeProc)
+    a = sweep.parse_args(["--seeds", "42,1"])
+    a.prune, a.sweep_dir, a.study = False, tmp_path, "seeds"  # as run_sweep leaves them for a seed group
+    trial = optuna.create_study().ask()
+    sweep.run_trial(trial, a, {"seed_everything": {"kind": "grid", "values": [42, 1]}}, "sqlite://")
+    args = seen[0]
+    assert args[args.index("--trainer.callbacks.prune") + 1] == "false"
+
+
+def test_optuna_report_ignores_the_sanity_check(tmp_path):
+    """Lightning keeps the sanity check's metrics until it ends: reported, they would be validation 0."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize", pruner=sweep.make_pruner(True))
+    trial = study.ask()
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=str(tmp_path), sanity_checking=True, should_stop=False,
+                              world_size=1, global_step=0, callback_metrics={"val/f1_macro": torch.tensor(0.01)})
+    cb = sweep.OptunaReport(url, "s", trial.number)
+    cb.setup(trainer, None, "fit")
+    cb.on_validation_end(trainer, None)  # the sanity check's two batches: not validation 0
+    trainer.sanity_checking, trainer.callback_metrics, trainer.global_step = False, {"val/f1_macro": torch.tensor(0.4)}, 12
+    cb.on_validation_end(trainer, None)
+    assert optuna.load_study(study_name="s", storage=url).trials[trial.number].intermediate_values == pytest.approx({0: 0.4})
+
+
 def test_optuna_report_on_a_finished_trial_or_another_machine_notes_and_fits_on(tmp_path, capsys):
     """A trial's config.yaml names its study and trial: fit again (the summary's best config with another seed) or
     resumed after the trial finished, the fit goes on and reports to no study, where Optuna refused with a traceback."""
@@ -579,6 +620,22 @@ def test_ensemble_averages_and_tunes_on_the_averaged_validation(monkeypatch):
     ens.tune(resamples=5)  # averaged over bootstrap resamples of the averaged validation rows
     np.testing.assert_array_equal(ens.thresholds, tune_thresholds(avg, targets, resamples=5).numpy())
     assert ens.resamples == 5 and not np.allclose(ens.thresholds, [0.38, 0.13])
+
+
+def test_ensemble_tunes_on_validation_only_with_the_members_fallback(monkeypatch):
+    val_p = np.array([[0.9, 0.2], [0.1, 0.3]], dtype=np.float32)  # texts "0", "1": validation
+    test_p = np.array([[0.4, 0.2], [0.6, 0.3]], dtype=np.float32)  # texts "2", "3": test
+    probs = np.concatenate([val_p, test_p])
+    first = FakeMember(probs)
+    first.model.hparams.threshold = 0.3  # the run's model.threshold: the fallback for a label with no positive
+    ens = ensemble.Ensemble([first, FakeMember(probs)])
+    val_y = np.array([[1, 0], [0, 0]], np.uint8)  # label b has no validation positive
+    test_y = np.array([[0, 1], [1, 0]], np.uint8)
+    monkeypatch.setattr(ensemble, "splits_of", lambda m: {"validation": {"text": ["0", "1"], "targets": val_y},
+                                                          "test": {"text": ["2", "3"], "targets": test_y}})
+    data = ens.tune()  # the test rows would give a 0.40 and b 0.20
+    np.testing.assert_allclose(ens.thresholds, [0.10, 0.30], atol=1e-6)  # a: 0.9 vs 0.1 on validation; b: fallback
+    np.testing.assert_array_equal(data["validation_probs"], val_p)
 
 
 def test_ensemble_refuses_a_member_named_twice_and_bad_resamples(tmp_path):
