@@ -617,13 +617,13 @@ class EmotionClassifier(L.LightningModule):
 
     def _check_resumed_teacher(self, checkpoint: dict) -> None:
         """A resumed fit goes on with the teacher, weight and table it started with (test and predict need none)."""
+        saved_hp = checkpoint.get("hyper_parameters", {})
+        if "teacher" not in saved_hp:  # a checkpoint from before model.teacher
+            return
         try:
             if self.trainer.state.fn != "fit":  # test, predict
                 return
         except RuntimeError:  # no trainer: load_from_checkpoint
-            return
-        saved_hp = checkpoint.get("hyper_parameters", {})
-        if "teacher" not in saved_hp:  # a checkpoint from before model.teacher
             return
         was, now = saved_hp["teacher"], self.hparams.teacher
         was_w, now_w = saved_hp.get("teacher_weight", self.hparams.teacher_weight), self.hparams.teacher_weight
