@@ -8,7 +8,8 @@ fit only reads an (N, L) table.
 
 A teacher file (.npz, or `pkg:MODULE/FILE`) among the inputs joins the mean as one more teacher, with its table for
 the first run's training rows: a new teacher run added to an earlier file whose run is gone
-(`python -m goemo.distill RUN pkg:goemo/teachers/mpnet-seed42.npz --out two.npz`).
+(`python -m goemo.distill RUN pkg:goemo/teachers/mpnet-seed42.npz --out two.npz`). A file counts as one teacher
+whatever it averaged: for equal weights, distill all the runs together.
 
 Cross-fitted (out-of-fold) teacher: runs fit with `--data.holdout_fold k` (one or more per fold) never saw the
 rows of fold k, so those rows get the mean probability of the fold's runs only. A teacher of the student's own
@@ -29,7 +30,7 @@ from goemo.teacher import read_teacher_file, teacher_path, write_teacher
 
 def is_teacher_file(name: str) -> bool:
     """A teacher file (.npz or `pkg:`), not a run folder or checkpoint."""
-    return name.startswith("pkg:") or name.endswith(".npz")
+    return name.startswith("pkg:") or name.lower().endswith(".npz")
 
 
 def teacher_name(hparams) -> str:
@@ -45,7 +46,8 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     (`data.holdout_fold`), each row's from the runs that held its fold out. Teacher files (.npz) among `runs` join
     the mean of the runs (not fold runs) as one teacher each.
 
-    Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [teacher_name of each run]}.
+    Returns {"probs": (N, L) float32, "labels": [...], "texts": [...], "teachers": [teacher_name of each run, then
+    "FILE (its recorded teachers)" of each file]}.
     """
     from goemo.data import fold_ids
     from goemo.ensemble import Ensemble, check_distinct, splits_of
@@ -55,10 +57,12 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
     runs = [r for r in runs if not is_teacher_file(r)]
     if not runs:
         raise GoemoError("give at least one teacher run: its data's training split is the one the file is written for")
-    if len(set(files)) < len(files):
-        raise GoemoError("a teacher file is given twice; give each teacher once")
+    seen: dict[Path, str] = {}
     for f in files:  # before any model is loaded
-        teacher_path(f, "teacher file")
+        path = teacher_path(f, "teacher file").resolve()
+        if path in seen:
+            raise GoemoError(f"{f} and {seen[path]} are the same teacher file ({path}); give each teacher once")
+        seen[path] = f
     check_distinct(runs)
     members = [load_backend(r, "cpu", batch_size) for r in runs]
     ens = Ensemble(members)  # checks that the label sets agree
@@ -107,6 +111,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         from goemo.files import check_output_file
 
         check_output_file(args.out, "--out", "teacher.npz")  # before any model is loaded
+        for f in filter(is_teacher_file, args.runs):  # rewritten by each rerun, its old teachers would weigh less each time
+            if teacher_path(f, "teacher file").resolve() == args.out.expanduser().resolve():
+                raise GoemoError(f"--out {args.out} is the teacher file {f} read here; give the new file another name")
         t = teacher_probs(args.runs, args.batch_size)
         write_teacher(args.out, t["probs"], t["labels"], t["texts"], t["teachers"])
     p, files = t["probs"], sum(map(is_teacher_file, args.runs))

@@ -3,7 +3,8 @@
 An .npz file holding `probs` (N, L) uint8, the probabilities times 255 rounded (at most 1/510 off; a 43k-row GoEmotions
 table compresses to about 0.5 MB, a float16 one to 2.3 MB; the keys add 0.35 MB), rows in the training split's order; `labels` (L,);
 `digest`, the sha256 of the training texts in that order; `keys` (N,) uint64, a hash of each row's text; `teachers`,
-the teachers' model names (and a student's own teacher file and weight). `python -m goemo.distill` writes one. A student whose training split is the teacher's
+the teachers' model names (and a student's own teacher file and weight; a teacher file joined by goemo.distill: its
+name and its own `teachers`). `python -m goemo.distill` writes one. A student whose training split is the teacher's
 (same digest) takes the table as it is; one on some of those rows (a subset, a fold, another order) gets each row's
 probabilities by its text's key; a row the table lacks is an error.
 """
@@ -107,5 +108,6 @@ def read_teacher_file(
     if missing:
         raise GoemoError(f"{option} {name!r} has no probabilities for {missing} of the {len(texts)} training texts "
                          f"(written for another training split, {probs.shape[0]} rows); write one from the student's "
-                         "data with `python -m goemo.distill`" + (", or --model.teacher null" if null else ""))  # fmt: skip
+                         "data with `python -m goemo.distill`" + (", or --model.teacher null" if null else
+                                                                    " (the first run's training split)"))  # fmt: skip
     return probs[np.array(rows, dtype=np.int64)].astype(np.float32) / 255, teachers

@@ -91,13 +91,21 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
     assert "from 1 teacher run(s) and 1 teacher file(s)" in capsys.readouterr().out
     two = teacher_file.read_teacher(str(tmp_path / "two.npz"), LABELS, texts)
     first_table = teacher_file.read_teacher(str(first), LABELS, texts)
-    np.testing.assert_allclose(two, (load(runs[1]).predict_proba(texts) + first_table) / 2, atol=1 / 510 + 1e-6)
+    second = load(runs[1]).predict_proba(texts)
+    assert np.abs(second - first_table).max() > 0.05  # the two teachers differ: a file ignored would show
+    np.testing.assert_allclose(two, (second + first_table) / 2, atol=1 / 510 + 1e-6)
     with np.load(tmp_path / "two.npz") as z:
         assert [str(t) for t in z["teachers"]][1] == f"{first} ({load(runs[0]).model.hparams.model_name_or_path})"
-    for args, why in (([str(first)], "give at least one teacher run"), ([runs[1], str(first), str(first)], "given twice"),
-                      ([runs[1], str(tmp_path / "none.npz")], "teacher file '.*none.npz': no such file; give the file's path$")):  # fmt: skip
+    distill.main([runs[1], str(out), "--out", str(tmp_path / "three.npz")])  # a file of two runs counts as one teacher
+    np.testing.assert_allclose(teacher_file.read_teacher(str(tmp_path / "three.npz"), LABELS, texts),
+                               (second + table) / 2, atol=1 / 510 + 1e-6)  # fmt: skip
+    dot = str(first.parent / "." / first.name)
+    for args, why in (([str(first)], "give at least one teacher run"),
+                      ([runs[1], str(first), dot], f"{re.escape(dot)} and {re.escape(str(first))} are the same teacher file"),
+                      (["no-such-run", str(tmp_path / "none.npz")], "teacher file '.*none.npz': no such file; give the file's path$"),
+                      ([runs[1], str(first), "--out", str(first)], "--out .*first.npz is the teacher file .* read here; give")):  # fmt: skip
         with pytest.raises(SystemExit):
-            distill.main([*args, "--out", str(tmp_path / "x.npz")])
+            distill.main([*args, "--out", str(tmp_path / "x.npz")] if "--out" not in args else args)
         assert re.search(why, capsys.readouterr().err.strip())
     student = {"model_name_or_path": "m", "teacher": "pkg:goemo/teachers/t.npz", "teacher_weight": 0.75}
     assert distill.teacher_name(student) == "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75)"
