@@ -107,7 +107,7 @@ def read_teacher_file(
     missing = len(texts) if rows is None else sum(r is None for r in rows)
     if missing:
         raise GoemoError(f"{option} {name!r} has no probabilities for {missing} of the {len(texts)} training texts "
-                         f"(written for another training split, {probs.shape[0]} rows); write one from the student's "
-                         "data with `python -m goemo.distill`" + (", or --model.teacher null" if null else
-                                                                    " (the first run's training split)"))  # fmt: skip
+                         f"(written for another training split, {probs.shape[0]} rows); "
+                         + ("write one from the student's data with `python -m goemo.distill`, or --model.teacher null"
+                            if null else "give a file of the first run's training split, or leave it out"))  # fmt: skip
     return probs[np.array(rows, dtype=np.int64)].astype(np.float32) / 255, teachers
