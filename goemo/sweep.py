@@ -331,10 +331,28 @@ def retry_callback():
         return RetryFailedTrialCallback, "failed_trial_callback"
 
 
+def shown(url: str) -> str:
+    """A storage URL as goemo prints it: its password masked (SQLAlchemy's own rendering)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (not a URL SQLAlchemy parses: RDBStorage below says so)
+        return url
+
+
 def storage_for(a: argparse.Namespace):
     import optuna
+    from sqlalchemy.engine import make_url
 
     url = a.storage or f"sqlite:///{(a.sweep_dir.parent.parent / 'sweeps.db').resolve()}"  # lightning_logs/sweeps.db
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 (RDBStorage below names what is wrong with the URL)
+        password = None
+    if password:  # each trial's fit gets the URL on its command line and keeps it in its config.yaml
+        print(f"note: --storage {shown(url)} holds a password, which each trial's command line and config.yaml will "
+              "show; keep it in ~/.pgpass or PGPASSWORD instead", file=sys.stderr)  # fmt: skip
     kwargs = {}
     if a.heartbeat > 0:
         retry, key = retry_callback()
@@ -342,7 +360,7 @@ def storage_for(a: argparse.Namespace):
     try:
         return url, optuna.storages.RDBStorage(url, **kwargs)
     except Exception as e:  # a bad URL, a server that is down, a driver that is not installed
-        raise GoemoError(f"--storage {url}: cannot open the study database ({str(e).splitlines()[0][:200]})") from None
+        raise GoemoError(f"--storage {shown(url)}: cannot open the study database ({str(e).splitlines()[0][:200]})") from None
 
 
 def finished(study) -> int:
@@ -442,7 +460,7 @@ def check_recipe(study, a: argparse.Namespace, space: dict) -> None:
     diff = [names[k] for k in recipe if saved.get(k) != recipe[k]]
     if diff:
         verb = "differ" if len(diff) > 1 else "differs"
-        raise GoemoError(f"study {a.study!r} in {a.storage or 'lightning_logs/sweeps.db'} searches another recipe "
+        raise GoemoError(f"study {a.study!r} in {shown(a.storage) if a.storage else 'lightning_logs/sweeps.db'} searches another recipe "
                          f"(its {', '.join(diff)} {verb}); give this search its own --study NAME, or repeat the "
                          "study's own command")  # fmt: skip
 

@@ -817,3 +817,18 @@ def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_p
 @pytest.mark.parametrize("space", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_space_file_fits_the_minilm_config(space):
     sweep.check_space(sweep.read_space(space), REPO / "configs" / "minilm.yaml", [])
+
+
+def test_a_storage_password_is_masked_and_flagged(tmp_path, capsys):
+    import argparse
+
+    # A server that is not there (or no driver): either way the study cannot open, and neither the error nor the note
+    # prints the password; the note says where it belongs instead (trials get the URL in argv and config.yaml).
+    a = argparse.Namespace(storage="postgresql://goemo:s3cret@127.0.0.1:1/study", heartbeat=0, sweep_dir=tmp_path)
+    with pytest.raises(GoemoError, match=r"^--storage postgresql://goemo:\*\*\*@127\.0\.0\.1:1/study: cannot open") as e:
+        sweep.storage_for(a)
+    note = capsys.readouterr().err
+    assert "s3cret" not in str(e.value) and "s3cret" not in note
+    assert "holds a password" in note and "~/.pgpass or PGPASSWORD" in note
+    a.storage = f"sqlite:///{tmp_path / 'db.sqlite'}"  # no password: no note
+    assert sweep.storage_for(a)[0] == a.storage and capsys.readouterr().err == ""
