@@ -125,13 +125,24 @@ class EpochAveraging(Callback):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"count": self._count, "last_epoch": self._last[0], "last_batch": self._last[1]}
+        return {"count": self._count, "last_epoch": self._last[0], "last_batch": self._last[1],
+                "start_epoch": self.start_epoch, "updates_per_epoch": self.updates_per_epoch}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if self.start_epoch is not None:  # averaging turned off for the rest of a resumed fit: start no mean
-            # Checkpoints written before updates_per_epoch have no last_batch: they averaged epoch ends only.
-            self._count = state_dict["count"]
-            self._last = (state_dict["last_epoch"], state_dict.get("last_batch", math.inf))
+        if self.start_epoch is None:  # averaging turned off for the rest of a resumed fit: start no mean
+            return
+        # A mean under way goes on only as it began: another start or spacing would mix in (or miss) weights that
+        # the config says are not (or are) in it. Checkpoints from before these keys: an averaged epoch before the
+        # start is the one mismatch they show; those from before updates_per_epoch averaged epoch ends only.
+        count, last_epoch = state_dict["count"], state_dict["last_epoch"]
+        was = (state_dict.get("start_epoch", self.start_epoch), state_dict.get("updates_per_epoch", self.updates_per_epoch))
+        if count and (was != (self.start_epoch, self.updates_per_epoch) or last_epoch < self.start_epoch):
+            began = f"start_epoch {was[0]}" if "start_epoch" in state_dict else f"epoch {last_epoch} or earlier"
+            raise GoemoError(f"weight_averaging: this fit's mean began at {began} with updates_per_epoch {was[1]}, now "
+                             f"start_epoch {self.start_epoch} with updates_per_epoch {self.updates_per_epoch}; resume "
+                             "with the settings it started with, or start a new fit")  # fmt: skip
+        self._count = count
+        self._last = (last_epoch, state_dict.get("last_batch", math.inf))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if not self._count:  # nothing averaged yet: the checkpoint holds the trained weights, as without averaging

@@ -135,6 +135,28 @@ def test_checkpoints_hold_the_mean_and_keep_the_trained_weights_for_resuming():
     assert set(fresh._mean) == {"layer.weight", "layer.bias"}  # frozen parameters are not averaged
 
 
+def test_a_resumed_mean_goes_on_only_with_the_start_and_spacing_it_began_with():
+    """A mean of epochs 0-1 resumed with start_epoch 2 would validate (1 + 4 + 7) / 3 where the config says 7."""
+    cb, m = EpochAveraging(start_epoch=0), Small()
+    end_epoch(cb, m, 0, 1.0)
+    end_epoch(cb, m, 1, 4.0)
+    state = cb.state_dict()
+    for first, updates in ((2, 1), (1, 1), (0, 4)):
+        with pytest.raises(GoemoError, match=rf"^weight_averaging: this fit's mean began at start_epoch 0 with "
+                           rf"updates_per_epoch 1, now start_epoch {first} with updates_per_epoch {updates}; resume"):
+            EpochAveraging(start_epoch=first, updates_per_epoch=updates).load_state_dict(state)
+    again = EpochAveraging(start_epoch=0)
+    again.load_state_dict(state)  # the same settings go on
+    assert again._count == 2 and again._last == (1, 3)
+    EpochAveraging(start_epoch=None).load_state_dict(state)  # averaging turned off for the rest: allowed
+    fresh = EpochAveraging(start_epoch=2)  # nothing averaged yet: any start may go on
+    fresh.load_state_dict(EpochAveraging(start_epoch=3).state_dict())
+    # A checkpoint from before these keys: an averaged epoch before the new start is the mismatch it shows.
+    old = {"count": 2, "last_epoch": 1, "last_batch": 3}
+    with pytest.raises(GoemoError, match=r"^weight_averaging: this fit's mean began at epoch 1 or earlier with updates_per_epoch 1, now start_epoch 2"):
+        EpochAveraging(start_epoch=2).load_state_dict(old)
+    EpochAveraging(start_epoch=1).load_state_dict(old)
+
 def test_a_resumed_bf16_fit_carries_on_the_exact_mean_not_the_saved_rounded_one():
     """Under bf16-true the state_dict holds the mean rounded to bf16 (what validation scored); a resumed fit must go
     on from the float32 mean, or the rest of the averaging drifts from an uninterrupted fit's."""
