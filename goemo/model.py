@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import SafetensorError
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
@@ -150,7 +151,7 @@ def build_encoder(name: str, pretrained: bool, attention_dropout: Optional[float
     try:
         # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes, so reset it.
         encoder = load_encoder(path, pretrained, attention_dropout).train()
-    except (OSError, ValueError) as e:  # missing files, a broken config.json, custom code
+    except (OSError, ValueError, SafetensorError) as e:  # missing files, a broken config.json, custom code, bad weights
         raise load_error("model", path, e) from None
     if freeze_embeddings:
         encoder.get_input_embeddings().weight.requires_grad_(False)

@@ -1,6 +1,7 @@
 """Every shipped config parses; run resolution and offline errors behave."""
 
 import contextlib
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import yaml
 
 from goemo.cli import default_precision, main
+from goemo.errors import GoemoError
 from goemo.runs import rewrite_args
 from tests.conftest import REPO, run_main
 
@@ -125,6 +127,45 @@ def test_hub_offline_reads_huggingface_hubs_true_values(value, offline, monkeypa
     finally:
         hub_reachable.cache_clear()
 
+
+
+def test_model_names_that_are_no_folder_and_no_hub_id_say_what_they_are(tmp_path, monkeypatch):
+    from goemo.hub import hub_reachable, resolve_model_path
+
+    (tmp_path / "afile.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for name, said in [
+        ("afile.txt", "model 'afile.txt' is a file; give the model's folder (config.json and weights) or a Hub id"),
+        ("my model", "model 'my model': no such folder, and not a Hub id (such as bert-base-uncased or org/model)"),
+        ("pkg:goemo/../../x", "model 'pkg:goemo/../../x': '../../x' leaves the package; name a folder inside it, or give a plain path"),
+        ("pkg:goemo//etc", "model 'pkg:goemo//etc': '/etc' leaves the package; name a folder inside it, or give a plain path"),
+        ("pkg:os/x", "model 'pkg:os/x': 'os' is a module, not a package with folders; write pkg:PACKAGE/SUBDIR"),
+        ("pkg:xml.etree/x", "model 'pkg:xml.etree/x': 'xml.etree' is not a top-level package name; write pkg:PACKAGE/SUBDIR"),
+    ]:  # fmt: skip
+        with pytest.raises(GoemoError) as e:
+            resolve_model_path(name)
+        assert str(e.value) == said
+    assert resolve_model_path("org/model-1.5_b") == "org/model-1.5_b"  # a Hub id passes through
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf.example:abc")
+    hub_reachable.cache_clear()
+    try:
+        with pytest.raises(GoemoError, match=r"^HF_ENDPOINT 'https://hf.example:abc' is not a URL \(its port\); unset it"):
+            hub_reachable()
+    finally:
+        hub_reachable.cache_clear()
+
+
+def test_a_model_folder_with_unreadable_weights_is_one_line(tiny_model, tmp_path):
+    import shutil
+
+    from goemo.model import build_encoder
+
+    bad = tmp_path / "bad-weights"
+    shutil.copytree(tiny_model, bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")  # a download cut short, a disk error
+    with pytest.raises(GoemoError, match=rf"^cannot load model from folder {re.escape(str(bad))}: "):
+        build_encoder(str(bad), True, None, False, False)
 
 @pytest.mark.slow
 def test_unreachable_hub_model_is_one_line(tmp_path):
