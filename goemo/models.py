@@ -164,9 +164,7 @@ def remove_dead_work(repo: Path) -> None:
     for old in repo.glob(".partial-*"):
         try:
             os.kill(int(old.name.split("-")[1]), 0)
-        except ProcessLookupError:  # that get is gone
-            shutil.rmtree(old, ignore_errors=True)
-        except ValueError:  # named by a goemo before the pid was in the name
+        except (ProcessLookupError, ValueError):  # that get is gone, or a goemo before the pid was in the name
             shutil.rmtree(old, ignore_errors=True)
         except OSError:  # a live process of another user
             pass
