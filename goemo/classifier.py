@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
@@ -12,7 +13,7 @@ import torch
 
 from goemo.errors import GoemoError
 from goemo.hub import load_tokenizer, resolve_model_path
-from goemo.model import EmotionClassifier
+from goemo.model import EmotionClassifier, max_positions
 from goemo.predict import encode_batches, label_thresholds, to_records
 from goemo.runs import RUNS_DIR, load_lightning_checkpoint, resolve_checkpoint
 
@@ -32,10 +33,14 @@ class Classifier:
             max_length: Truncate texts to this many tokens (the data module's `max_length` at training).
             batch_size: Texts per forward pass.
         """
-        if batch_size < 1:
-            raise GoemoError(f"batch_size must be at least 1, got {batch_size}")
+        for name, value, least in (("batch_size", batch_size, 1), ("max_length", max_length, 2)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:  # numpy's too
+                raise GoemoError(f"{name} must be a whole number of at least {least}, got {value!r}")
+        limit = max_positions(model.encoder.config)
+        if limit is not None and max_length > limit:  # past it the position embeddings have no row
+            raise GoemoError(f"max_length {max_length} is more than the model takes ({limit} positions); give {limit} or less")
         self.model = model.eval()
-        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, int(max_length), int(batch_size)
         self.label_names: list[str] = list(model.label_names)
         self.thresholds: np.ndarray = label_thresholds(model).numpy()  # (L,)
         # (input_ids, attention_mask) (B, T) -> logits (B, L); goemo.onnx_backend swaps in onnxruntime's.

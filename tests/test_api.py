@@ -98,6 +98,21 @@ def test_user_errors(clf, tmp_path):
             load(tmp_path / "nope", device="cuda")
 
 
+
+def test_a_classifier_built_by_hand_checks_its_batch_size_and_max_length(clf):
+    from goemo.classifier import Classifier
+
+    for kwargs, message in (
+        ({"batch_size": 2.5}, "batch_size must be a whole number of at least 1, got 2.5"),
+        ({"batch_size": "4"}, "batch_size must be a whole number of at least 1, got '4'"),
+        ({"max_length": -1}, "max_length must be a whole number of at least 2, got -1"),
+        ({"max_length": 1000}, "max_length 1000 is more than the model takes (128 positions); give 128 or less"),
+    ):
+        with pytest.raises(GoemoError, match="^" + re.escape(message)):
+            Classifier(clf.model, clf.tokenizer, **kwargs)
+    ok = Classifier(clf.model, clf.tokenizer, max_length=np.int64(128), batch_size=np.int32(3))  # numpy's integers too
+    assert (ok.max_length, ok.batch_size) == (128, 3) and type(ok.batch_size) is int
+
 def test_a_list_of_runs_looks_for_best_in_runs_dir_and_folders_may_start_with_a_tilde(tiny_run, learned_run, clf, tmp_path, monkeypatch):
     from goemo.ensemble import ENSEMBLE_FILE, stamp
     from goemo.runs import best_checkpoint
