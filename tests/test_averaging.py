@@ -199,7 +199,8 @@ def test_updates_per_epoch_averages_the_weights_after_evenly_spaced_batches():
         after_batch(1, batch_idx, w)
     after_batch(1, 3, 200.0)  # the same batch again (a resumed fit): counted once
     cb.on_validation_epoch_start(trainer(1), m)
-    assert m.layer.weight.eq(2.0).all() and cb.state_dict() == {"count": 2, "last_epoch": 1, "last_batch": 3}
+    assert m.layer.weight.eq(2.0).all() and cb.state_dict() == {"count": 2, "last_epoch": 1, "last_batch": 3,
+                                                                "start_epoch": 1, "updates_per_epoch": 2}
     cb.on_validation_epoch_end(trainer(1), m)
     # A state saved before updates_per_epoch existed (epoch ends only) resumes after that epoch's end.
     old = EpochAveraging(start_epoch=1, updates_per_epoch=2)
@@ -307,7 +308,8 @@ def test_updates_per_epoch_averages_inside_epochs_and_resumes_after_a_kill(avera
     r = run_main(*fit_args(learned_run, tiny_model), *QUARTERS, cwd=whole, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     last, by_epoch = load_checkpoint(whole / LAST), load_checkpoint(averaged_run / LAST)
-    assert averaging_state(last) == {"count": 6, "last_epoch": 1, "last_batch": 11}  # 12 batches: after 4, 8 and 12
+    assert averaging_state(last) == {"count": 6, "last_epoch": 1, "last_batch": 11, "start_epoch": 0,
+                                     "updates_per_epoch": 3}  # 12 batches: after 4, 8 and 12
     weights = lambda state: {k: v for k, v in state.items() if k != "thresholds"}
     assert_state_close(weights(last["current_model_state"]), weights(by_epoch["current_model_state"]))  # same training
     assert not torch.allclose(last["state_dict"]["head.weight"], by_epoch["state_dict"]["head.weight"])  # another mean
