@@ -25,6 +25,8 @@ def evaluation_batches(lengths: torch.Tensor, batch_size: int) -> list[torch.Ten
     (GoEmotions' dev split at 128: 49 batches, 1.9% padding, against 43 and 3.3% when cut every 128 rows;
     evaluation ran 5% faster, 548 vs 523 samples/s, MiniLM-L6 on the 2-core dev machine.)
     """
+    if batch_size < 1:
+        raise GoemoError(f"batch size {batch_size}: give a whole number of at least 1")
     order = torch.argsort(lengths, descending=True, stable=True)
     counts = torch.unique_consecutive(lengths[order], return_counts=True)[1].tolist()  # rows of each length
     batches, start, end = [], 0, 0  # the batch being filled is order[start:end]
@@ -81,6 +83,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise GoemoError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if batch_size < 1 or pool_batches < 1:
+            raise GoemoError(f"batch_size {batch_size}, pool_batches {pool_batches}: give whole numbers of at least 1")
         self.lengths = torch.as_tensor(lengths)
         self.batch_size, self.shuffle, self.seed, self.pool_batches = batch_size, shuffle, seed, pool_batches
         self.num_replicas, self.rank = num_replicas, rank
@@ -125,7 +129,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             return [b.tolist() for b in self._evaluation]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = []
-        for pool in torch.randperm(n, generator=g).split(bs * self.pool_batches):
+        for pool in torch.randperm(n, generator=g).split(bs * self.pool_batches) if n else ():  # no rows: no batches
             pool = pool[torch.argsort(self.lengths[pool], descending=True, stable=True)]
             batches.extend(pool.split(bs))
         batches = [batches[i].tolist() for i in torch.randperm(len(batches), generator=g).tolist()]

@@ -215,3 +215,18 @@ def test_every_rank_gets_as_many_training_batches_as_it_promises(rows, batch_siz
     samplers = [LengthGroupedBatchSampler(lengths, batch_size, seed=1, num_replicas=ranks, rank=r) for r in range(ranks)]
     assert [len(list(s)) for s in samplers] == [len(s) for s in samplers] == [-(-(-(-rows // batch_size)) // ranks)] * ranks
     assert sorted({i for s in samplers for b in s for i in b}) == list(range(rows))  # every row trained on
+
+
+def test_no_rows_make_no_batches_and_a_batch_size_under_one_is_refused():
+    """Not reachable from the CLI (the data module checks its splits and batch sizes first), but a sampler built by
+    hand with no rows yielded one empty batch, and evaluation_batches(lengths, 0) never returned."""
+    from goemo.batching import LengthGroupedBatchSampler
+
+    for shuffle in (True, False):
+        empty = LengthGroupedBatchSampler([], batch_size=4, shuffle=shuffle)
+        assert list(empty) == [] and len(empty) == 0
+    assert evaluation_batches(torch.tensor([], dtype=torch.long), 4) == []
+    with pytest.raises(GoemoError, match="batch size 0: give a whole number of at least 1"):
+        evaluation_batches(torch.tensor([3, 2]), 0)
+    with pytest.raises(GoemoError, match="batch_size 0, pool_batches 64: give whole numbers"):
+        LengthGroupedBatchSampler([3, 2], batch_size=0)
