@@ -87,7 +87,7 @@ def read_teacher_file(
             fmt, probs, saved, digest = int(z["format"]), z["probs"], [str(s) for s in z["labels"]], str(z["digest"])
             keys = z["keys"] if fmt >= 3 else None
             teachers = [str(t) for t in z["teachers"]] if "teachers" in z.files else []
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a 0-d `labels`, ...
         raise GoemoError(f"{option} {name!r}: not a goemo teacher file ({e}); write one with `python -m goemo.distill`") from None
     if fmt not in READ_FORMATS:
         raise GoemoError(f"{option} {name!r}: format {fmt}, this goemo reads {READ_FORMATS[0]}-{READ_FORMATS[-1]}; write it again with `python -m goemo.distill`")
@@ -98,10 +98,13 @@ def read_teacher_file(
     if probs.dtype != np.uint8 or probs.shape[1:] != (len(labels),):  # a hand-made file: floats, or a wrong width
         raise GoemoError(f"{option} {name!r}: probs must be (rows, {len(labels)}) uint8 (probability x 255), got "
                          f"{probs.shape} {probs.dtype}; write it with `python -m goemo.distill`")  # fmt: skip
+    if keys is not None and keys.shape != probs.shape[:1]:
+        raise GoemoError(f"{option} {name!r}: {keys.shape} keys for {probs.shape[0]} rows of probabilities, a damaged "
+                         "or hand-made file; write it again with `python -m goemo.distill`")  # fmt: skip
     if probs.shape[0] == len(texts) and digest == texts_digest(texts):  # the teacher's own split, row for row
         return probs.astype(np.float32) / 255, teachers
     rows = None
-    if keys is not None and keys.shape == probs.shape[:1]:
+    if keys is not None:
         first = {k: i for i, k in reversed(list(enumerate(keys.tolist())))}  # a repeated text: its first row
         rows = [first.get(k) for k in text_keys(texts).tolist()]
     missing = len(texts) if rows is None else sum(r is None for r in rows)

@@ -68,6 +68,17 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
         with pytest.raises(GoemoError, match=f"probs must be \\(rows, 2\\) uint8 \\(probability x 255\\), got {re.escape(got)}"):
             teacher_file.read_teacher(str(tmp_path / "hand.npz"), labels, texts)
     assert teacher_file.texts_digest(["ab", "c"]) != teacher_file.texts_digest(["a", "bc"])  # rows are delimited
+    with np.load(path) as z:  # damaged files: 0-d arrays where lists belong, keys that do not match the rows
+        whole = {k: z[k] for k in z.files}
+    for key, bad, why in (("labels", np.array("x"), "iteration over a 0-d array"),
+                          ("teachers", np.array("m"), "iteration over a 0-d array"),
+                          ("format", np.array([3, 3]), "only 0-dimensional arrays")):  # fmt: skip
+        np.savez(tmp_path / "damaged.npz", **{**whole, key: bad})
+        with pytest.raises(GoemoError, match=f"not a goemo teacher file \\({why}"):
+            teacher_file.read_teacher(str(tmp_path / "damaged.npz"), labels, texts)
+    np.savez(tmp_path / "damaged.npz", **{**whole, "keys": whole["keys"][:2]})
+    with pytest.raises(GoemoError, match=r"damaged.npz': \(2,\) keys for 3 rows of probabilities, a damaged or hand-made file"):
+        teacher_file.read_teacher(str(tmp_path / "damaged.npz"), labels, ["c", "a"])
 
 
 def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_run, learned_run, tmp_path, capsys):
@@ -123,6 +134,9 @@ def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_mo
     class Look(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 0:
+                # What training_step returned (and Lightning backpropagated) is the blended loss, not the labels' BCE.
+                returned, logged = outputs["loss"].detach(), trainer.callback_metrics
+                seen["returned"] = (returned, logged["train/distill_loss"].clone(), logged["train/loss"].clone())
                 pl_module.eval()
                 with torch.no_grad():
                     logits = pl_module(batch["input_ids"], batch["attention_mask"])
@@ -140,6 +154,8 @@ def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_mo
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
     )  # fmt: skip
     trainer.fit(model, dm)
+    returned, distill_loss, label_loss = seen["returned"]
+    assert returned == distill_loss and returned != label_loss
     batch, logits, loss = seen["check"]
     p = torch.from_numpy(np.round(teacher * 255).astype(np.float32) / 255)[batch["row"]]  # as stored
     target = 0.3 * batch["labels"] + 0.7 * p
