@@ -24,10 +24,7 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 2.0, alpha: Optional[float] = None) -> None:
         super().__init__()
-        if not 0 <= gamma < math.inf:  # NaN gives a NaN loss, inf a loss of 0
-            raise GoemoError(f"model.focal_gamma must be a number >= 0, got {gamma}")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise GoemoError(f"model.focal_alpha must be within 0..1 or null, got {alpha}")
+        check_focal(gamma, alpha)
         self.gamma, self.alpha = gamma, alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,8 +56,9 @@ class WeightedBCE(nn.Module):
         self.register_buffer("pos_weight", torch.ones(num_labels))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        shift = self.pos_weight.clamp(min=1e-12).log()  # (L,); a label positive in every row has weight 0
-        return F.binary_cross_entropy_with_logits(logits + shift, targets, pos_weight=self.pos_weight)
+        w = self.pos_weight.float()  # (L,); bf16 under precision bf16-true, like every buffer
+        shift = w.clamp(min=1e-12).log()  # a label positive in every row has weight 0
+        return F.binary_cross_entropy_with_logits(logits.float() + shift, targets.float(), pos_weight=w)
 
 
 def pos_weight_from_frequencies(frequencies: torch.Tensor, max_weight: float) -> torch.Tensor:
@@ -76,8 +74,18 @@ def pos_weight_from_frequencies(frequencies: torch.Tensor, max_weight: float) ->
     return ratio.clamp(max=max_weight).float()
 
 
+def check_focal(gamma: float, alpha: float | None) -> None:
+    """One-line errors for focal settings out of range."""
+    if not 0 <= gamma < math.inf:  # NaN gives a NaN loss, inf a loss of 0
+        raise GoemoError(f"model.focal_gamma must be a number >= 0, got {gamma}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise GoemoError(f"model.focal_alpha must be within 0..1 or null, got {alpha}")
+
+
 def build_loss(name: Loss, num_labels: int, focal_gamma: float, focal_alpha: Optional[float]) -> nn.Module:
-    """The loss module for `model.loss`; `bce_pos_weight` starts at weight 1, filled in at fit."""
+    """The loss module for `model.loss`; `bce_pos_weight` starts at weight 1, filled in at fit. The focal settings
+    are checked whatever the loss: they are saved with the run, and a sweep may switch the loss to focal."""
+    check_focal(focal_gamma, focal_alpha)
     if name == "bce":
         return nn.BCEWithLogitsLoss()
     if name == "bce_pos_weight":

@@ -163,7 +163,10 @@ def build_encoder(name: str, pretrained: bool, attention_dropout: Optional[float
 def build_head(cfg, pooling: str, num_labels: int) -> tuple[nn.Dropout, nn.Linear]:
     """BertForSequenceClassification's head: dropout, then one linear layer initialised as HF does."""
     width = cfg.hidden_size * (2 if pooling == "cls+mean" else 1)
-    dropout = nn.Dropout(getattr(cfg, "classifier_dropout", None) or getattr(cfg, "hidden_dropout_prob", 0.1))
+    # The rate each family's own ...ForSequenceClassification head uses: classifier_dropout where set (0.0 included:
+    # ModernBERT's default), DistilBERT's seq_classif_dropout, else the hidden dropout.
+    rates = (getattr(cfg, key, None) for key in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob"))
+    dropout = nn.Dropout(next((p for p in rates if p is not None), 0.1))
     head = nn.Linear(width, num_labels)
     nn.init.normal_(head.weight, std=getattr(cfg, "initializer_range", 0.02))
     nn.init.zeros_(head.bias)
@@ -444,7 +447,9 @@ class EmotionClassifier(L.LightningModule):
         """The main loss, the logits (B, L) and the heads' input features (B, H)."""
         features = self.features(batch["input_ids"], batch["attention_mask"])
         logits = self.head(features)
-        return self.loss_fn(logits, batch["labels"]), logits, features
+        # The loss in float32 whatever the precision (a no-op in float32): under bf16-true the logits and labels are
+        # bf16, and BCE in bf16 is off by ~0.3% (its gradients ~0.7%); focal and the soft targets do the same.
+        return self.loss_fn(logits.float(), batch["labels"].float()), logits, features
 
     def _checkpointable_layers(self) -> list[nn.Module]:
         """The encoder's layers with activation checkpointing set up (off until a long batch turns it on)."""
@@ -616,15 +621,22 @@ class EmotionClassifier(L.LightningModule):
         if self.schedule_steps is not None:
             checkpoint["schedule_steps"] = self.schedule_steps
 
-    def _check_resumed_teacher(self, checkpoint: dict) -> None:
-        """A resumed fit goes on with the teacher, weight and table it started with (test and predict need none)."""
+    def _check_resumed_targets(self, checkpoint: dict) -> None:
+        """A resumed fit goes on with the soft targets it started with: model.self_distill's share, the teacher, its
+        weight and table (test and predict need none)."""
         saved_hp = checkpoint.get("hyper_parameters", {})
-        if "teacher" not in saved_hp:  # a checkpoint from before model.teacher
+        if not saved_hp:  # nothing to compare with
             return
         try:
             if self.trainer.state.fn != "fit":  # test, predict
                 return
         except RuntimeError:  # no trainer: load_from_checkpoint
+            return
+        was_sd, now_sd = saved_hp.get("self_distill", 0.0), self.hparams.self_distill
+        if was_sd != now_sd:  # 0 -> x: epoch e's targets would be an empty table; x -> 0: the rest on labels alone
+            raise GoemoError(f"this fit started with model.self_distill {was_sd}, now {now_sd}; resume with the "
+                             "settings it started with, or start a new fit")  # fmt: skip
+        if "teacher" not in saved_hp:  # a checkpoint from before model.teacher
             return
         was, now = saved_hp["teacher"], self.hparams.teacher
         was_w, now_w = saved_hp.get("teacher_weight", self.hparams.teacher_weight), self.hparams.teacher_weight
@@ -639,10 +651,10 @@ class EmotionClassifier(L.LightningModule):
                              "restore that file to resume, or start a new fit")  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_resumed_targets(checkpoint)
         if self.distill_targets is not None and "self_distill" in checkpoint:
             self.distill_targets.load_state_dict(checkpoint["self_distill"])
         self.schedule_steps = checkpoint.get("schedule_steps")  # compared at configure_optimizers, which comes after
-        self._check_resumed_teacher(checkpoint)
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
             rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")

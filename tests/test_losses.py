@@ -3,6 +3,7 @@ import math
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from goemo.data import GoEmotionsDataModule
 from goemo.errors import GoemoError
@@ -125,6 +126,17 @@ def test_fit_fills_pos_weight_from_training_frequencies(tiny_data, tiny_model, t
 def test_model_builds_each_loss(tiny_model):
     for name, cls in (("bce", torch.nn.BCEWithLogitsLoss), ("bce_pos_weight", WeightedBCE), ("focal", FocalLoss)):
         assert isinstance(EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=name).loss_fn, cls)
+    focal = EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss="focal", focal_gamma=0.5, focal_alpha=0.3)
+    assert (focal.loss_fn.gamma, focal.loss_fn.alpha) == (0.5, 0.3)  # the settings reach the loss
+
+
+@pytest.mark.parametrize("loss", ["bce", "bce_pos_weight"])
+def test_focal_settings_out_of_range_are_refused_whatever_the_loss(tiny_model, loss):
+    """They are saved with the run (and a sweep may switch the loss to focal): checked like every other setting."""
+    with pytest.raises(GoemoError, match=r"model.focal_gamma must be a number >= 0, got -3.0"):
+        EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=loss, focal_gamma=-3.0)
+    with pytest.raises(GoemoError, match=r"model.focal_alpha must be within 0..1 or null, got 7.0"):
+        EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=loss, focal_alpha=7.0)
 
 
 def test_head_bias_prior_starts_from_the_training_log_odds_and_a_resumed_fit_keeps_its_own(tiny_data, tiny_model, tmp_path):
@@ -266,3 +278,19 @@ def test_self_distill_trains_on_soft_targets_from_the_epoch_before(tmp_path, tin
         EmotionClassifier(str(tiny_model), self_distill=0.5, loss="focal")
     with pytest.raises(GoemoError, match=r"model.self_distill must be within \[0, 1\)"):
         EmotionClassifier(str(tiny_model), self_distill=1.0)
+
+
+@pytest.mark.parametrize("loss", ["bce", "bce_pos_weight"])
+def test_the_main_loss_is_float32_under_bf16_true(tiny_model, loss):
+    """precision bf16-true casts the model (pos_weight included) to bf16: the loss is still computed in float32."""
+    model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=loss)
+    if loss == "bce_pos_weight":
+        model.loss_fn.pos_weight.copy_(torch.tensor([559.0, 3.7]))
+    model = model.bfloat16()
+    batch = {"input_ids": torch.tensor([[101, 2023, 102], [101, 2008, 102]]), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0]]).bfloat16()}  # fmt: skip
+    got, logits, _ = model.model_step(batch)
+    assert logits.dtype == torch.bfloat16 and got.dtype == torch.float32
+    w = model.loss_fn.pos_weight.float() if loss == "bce_pos_weight" else torch.ones(2)
+    want = F.binary_cross_entropy_with_logits(logits.float() + w.log(), batch["labels"].float(), pos_weight=w)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

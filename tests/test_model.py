@@ -367,3 +367,19 @@ def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_
     # at the tuned thresholds: a (0.3 > 0.2) and b (only 0.9 > 0.8) exactly right; at 0.3 b would take row 1 too
     assert logged["test/exact_match_tuned"] == pytest.approx(1.0)
     assert model.test_predictions[0].shape == (2, 4)
+
+
+def test_the_heads_dropout_is_the_rate_each_familys_own_head_uses():
+    """classifier_dropout 0.0 (ModernBERT's default) is a rate, not "unset"; DistilBERT names its own."""
+    from transformers import BertConfig, DistilBertConfig, ModernBertConfig
+
+    from goemo.model import build_head
+
+    def rate(cfg) -> float:
+        return build_head(cfg, "mean", 3)[0].p
+
+    assert rate(BertConfig(hidden_dropout_prob=0.15)) == 0.15  # classifier_dropout None: the hidden dropout
+    assert rate(BertConfig(classifier_dropout=0.0, hidden_dropout_prob=0.15)) == 0.0
+    assert rate(BertConfig(classifier_dropout=0.3)) == 0.3
+    assert rate(ModernBertConfig()) == ModernBertConfig().classifier_dropout == 0.0
+    assert rate(DistilBertConfig(seq_classif_dropout=0.2)) == 0.2
