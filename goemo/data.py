@@ -232,6 +232,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         self.label_names = taxonomy_labels(taxonomy, self.source_labels)
         self.datasets: dict = {}
         self._tokenizer = None
+        self._training_digest: str | None = None  # `training_digest`, computed at the first checkpoint
 
     @property
     def num_labels(self) -> int:
@@ -353,6 +354,35 @@ class GoEmotionsDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if not self.datasets and not self._predicting_file():
             self.datasets = {split: self._tokenized(split, raw) for split, raw in self._raw_splits().items()}
+
+    # -- resuming --------------------------------------------------------------------------
+    def training_digest(self) -> str:
+        """sha256 of the training rows (texts and multi-hot labels, in order): what a fit trains on, after
+        data.holdout_fold and data.taxonomy. Saved in checkpoints, so a resumed fit goes on with the same rows."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        train = self.datasets["train"]
+        h = hashlib.sha256()
+        for text in train.with_format(None)["text"]:
+            h.update(text.encode("utf-8") + b"\0")
+        h.update(np.ascontiguousarray(train.with_format("numpy", columns=["labels"])[:]["labels"], dtype=np.uint8).tobytes())
+        return h.hexdigest()
+
+    def state_dict(self) -> dict:
+        if "train" not in self.datasets:  # test/predict, or a predict file: no training rows
+            return {}
+        if self._training_digest is None:  # once per process: the rows do not change
+            self._training_digest = self.training_digest()
+        return {"training_digest": self._training_digest}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning calls this after `setup`, at every start from a checkpoint; only a fit trains on the rows.
+        if self.trainer is None or self.trainer.state.fn != "fit" or "training_digest" not in state:
+            return  # test and predict read other splits; checkpoints from before the digest are taken as they are
+        if self.state_dict()["training_digest"] != state["training_digest"]:
+            raise GoemoError("this fit started on other training rows (another data folder, data.holdout_fold, "
+                             "data.num_folds, data.fold_seed or data.taxonomy); resume with the data it started with, "
+                             "or start a new fit")  # fmt: skip
 
     def label_frequencies(self, groups: Optional[np.ndarray] = None) -> torch.Tensor:
         """Fraction of training rows carrying each label, (L,) float64 (after the taxonomy's mapping).

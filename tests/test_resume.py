@@ -318,3 +318,27 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(tiny_run, tmp_path):
     r = run_main("fit", "--ckpt_path", "last", "--model.pooling", "cls+mean", "--data.max_length", "16", cwd=work, env=ONE_THREAD)
     assert r.returncode == 2 and "error: " in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
     assert config.read_bytes() == before
+
+
+def test_a_resume_on_other_training_rows_or_another_self_distill_is_refused(tiny_run, tmp_path):
+    """The checkpoint carries a digest of the training rows: a resume on another data folder (here one text changed,
+    the same number of rows, which the batch sampler's own check lets through) or another data.holdout_fold would
+    go on training other rows, and a self_distill table would give each row another text's predictions."""
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run, work)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run / "data", data)
+    train = (data / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    train[0] = "changed " + train[0]
+    (data / "train.tsv").write_text("".join(train), encoding="utf-8")
+    refused = "error: this fit started on other training rows (another data folder, data.holdout_fold"
+    for args in (["--data.data_dir", str(data)], ["--data.holdout_fold", "0"]):
+        r = run_main("fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", *args, cwd=work, env=ONE_THREAD)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(refused), r.stderr[-3000:]
+    r = run_main("fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", "--model.self_distill", "0.5", cwd=work, env=ONE_THREAD)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == ("error: this fit started with model.self_distill 0.0, now 0.5; resume "
+                                                 "with the settings it started with, or start a new fit")  # fmt: skip
+    assert not list((work / "lightning_logs/version_0/checkpoints").glob("epoch02*"))  # nothing trained
