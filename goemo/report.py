@@ -240,4 +240,4 @@ class TestReport(Callback):
         print(f"test report: {js} and {md}", flush=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_pr_curve"):  # a TensorBoard SummaryWriter
-            log_tensorboard(experiment, rep, probs, targets, trainer.global_step)
+            log_tensorboard(experiment, rep, probs, targets, step)  # at the scored checkpoint's step, as the report

@@ -33,5 +33,13 @@ def test_fit_then_test_best_in_a_new_process(tiny_data, tiny_model, tmp_path):
     assert report["thresholds"]["tuned"] == pytest.approx(best["state_dict"]["thresholds"].tolist())
     # which checkpoint was scored (goemo.compare checks it is still the run's best)
     assert report["checkpoint"] == {"file": best_checkpoint(run).name, "global_step": best["global_step"]} and best["global_step"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = set()  # the PR curves sit at the scored checkpoint's step too (a test run's own step is 0)
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        curves |= {(tag, e.step) for tag in acc.Tags()["tensors"] if tag.startswith("test_pr/") for e in acc.Tensors(tag)}
+    assert curves == {(f"test_pr/{name}", best["global_step"]) for name in LABELS4}
     model = yaml.safe_load((run / "config.yaml").read_text())["model"]  # every key is saved, defaults included
     assert (model["loss"], model["focal_alpha"]) == ("focal", 0.25)
