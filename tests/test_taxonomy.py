@@ -83,3 +83,7 @@ def test_coarse_taxonomy_needs_goemotions_labels(tiny_data):
     with pytest.raises(GoemoError, match=r"data\.taxonomy 'ekman' maps GoEmotions' 28 labels, but the data has 4"):
         GoEmotionsDataModule(data_dir=str(tiny_data), taxonomy="ekman")
     assert GoEmotionsDataModule(data_dir=str(tiny_data), taxonomy="original").num_labels == 4
+    # 28 labels that are not GoEmotions' (or not in its order) are refused too, not mapped by position
+    for other in ([f"label{i}" for i in range(28)], GOEMOTIONS_LABELS[::-1]):
+        with pytest.raises(GoemoError, match=r"maps GoEmotions' 28 labels, but the data has 28 others"):
+            taxonomy_matrix("sentiment", other)
