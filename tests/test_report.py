@@ -68,6 +68,10 @@ def test_bootstrap_is_deterministic_and_brackets_the_estimate(arrays):
     assert a["f1_micro"][0] < micro < a["f1_micro"][1]
     assert a["f1_macro"][0] < macro < a["f1_macro"][1]
     assert 0 < a["f1_micro"][1] - a["f1_micro"][0] < 0.2  # a real spread, not degenerate
+    # the report's intervals are those of the seed (and resamples) it names
+    tuned = np.full(probs.shape[1], 0.4)
+    rep = build_report(probs, targets, NAMES, 0.5, tuned, resamples=1000, seed=7)
+    assert rep["bootstrap"]["seed"] == 7 and (rep["fixed"]["micro"]["ci"], rep["fixed"]["macro"]["ci"]) == (a["f1_micro"], a["f1_macro"])
 
 
 def test_bootstrap_matches_a_plain_loop(arrays):
