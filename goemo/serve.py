@@ -8,7 +8,8 @@ records `goemo.load(RUN).predict` returns; `GET /health` says "ok" once the mode
 in the HTTP server before they join a batch, so a bad one gets its own 4xx JSON error, `{"error": "one line"}`,
 and never fails the requests batched with it: 400 for a body that is not JSON, a missing or non-string text, an
 empty list, unknown fields or invalid Unicode; 413 for more than `--max-texts` texts, a text longer than
-`--max-chars` characters, or a body over `--max-body` bytes. Requests that arrive within `--batch-timeout` seconds
+`--max-chars` characters, or a body over `--max-body` bytes; 415 for a body sent as another type than JSON
+(`curl -d` without the Content-Type header sends a form's). Requests that arrive within `--batch-timeout` seconds
 of each other are predicted in one forward pass, up to `--max-batch` requests (LitServe's batching queue).
 """
 
@@ -16,6 +17,7 @@ of each other are predicted in one forward pass, up to `--max-batch` requests (L
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
 import argparse
 import os
+import socket
 from typing import Any, Optional
 
 import litserve as ls
@@ -23,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 # The request limits, as environment variables: `main` sets them, and the HTTP server processes it starts inherit them.
 MAX_TEXTS, MAX_CHARS = "GOEMO_SERVE_MAX_TEXTS", "GOEMO_SERVE_MAX_CHARS"
+
+
+REQUEST_TIMEOUT = 60  # seconds a request waits for its answer (LitServer's timeout)
 
 
 def limits() -> tuple[int, int]:
@@ -108,7 +113,7 @@ class GoemoAPI(ls.LitAPI):
 
 
 def one_line_errors(app, max_body: int) -> None:
-    """FastAPI's validation errors (a list of dicts, 422) as `{"error": "one line"}` with 400 or 413, and the HTTP
+    """FastAPI's validation errors (a list of dicts, 422) as `{"error": "one line"}` with 400, 413 or 415, and the HTTP
     errors LitServe raises (`{"detail": ...}`: a body over `max_body` bytes, 413) as `{"error": "one line"}` too."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -123,6 +128,11 @@ def one_line_errors(app, max_body: int) -> None:
     async def handler(request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if isinstance(first.get("input"), bytes):  # FastAPI parses a body as JSON only when it is sent as JSON
+            ctype = (request.headers.get("content-type") or "").split(";")[0].strip()
+            sent = f"as {ctype}" if ctype else "without a Content-Type"  # curl -d sends a form's
+            return JSONResponse({"error": f"the body is sent {sent}: send JSON with the header "
+                                          "Content-Type: application/json"}, status_code=415)  # fmt: skip
         if first.get("type") == "json_invalid":
             return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
         cause = (first.get("ctx") or {}).get("error")
@@ -131,6 +141,26 @@ def one_line_errors(app, max_body: int) -> None:
         return JSONResponse({"error": " ".join(message.split())}, status_code=code)
 
     app.add_exception_handler(RequestValidationError, handler)
+
+
+def check_address(host: str, port: int) -> None:
+    """One line now if the server could not listen on host:port, rather than uvicorn's error once the model has
+    loaded (minutes for a large one). Another process may still take the port in between: uvicorn's error then."""
+    from goemo.errors import GoemoError
+
+    if not 1 <= port <= 65535:
+        raise GoemoError(f"--port must be within 1..65535, got {port}")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise GoemoError(f"--host {host!r} is no address of this machine ({e.strerror}); use 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise GoemoError(f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or pick another "
+                             "--port") from None  # fmt: skip
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -157,13 +187,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                             ("--max-chars", a.max_chars), ("--max-body", a.max_body)):  # fmt: skip
             if value < 1:
                 raise GoemoError(f"{flag} must be at least 1, got {value}")
-        if not a.batch_timeout >= 0:
-            raise GoemoError(f"--batch-timeout must be 0 or more seconds, got {a.batch_timeout}")
+        if not 0 <= a.batch_timeout < REQUEST_TIMEOUT:  # LitServer refuses a batch timeout over the request timeout
+            raise GoemoError(f"--batch-timeout must be at least 0 and under {REQUEST_TIMEOUT} seconds (a request's time "
+                             f"to its answer), got {a.batch_timeout}")  # fmt: skip
+        check_address(a.host, a.port)
         # Loaded once here, and again in LitServe's worker: an error there is two tracebacks and a stop minutes later.
         load(a.run, backend=a.backend)
     os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)
     api = GoemoAPI(a.run, a.backend, a.max_batch, a.batch_timeout, a.stats)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=60,
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, max_payload_size=a.max_body, timeout=REQUEST_TIMEOUT,
                           fast_queue=a.fast_queue)
     one_line_errors(server.app, a.max_body)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

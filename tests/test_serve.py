@@ -25,8 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, object]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+def post(url: str, body: bytes, timeout: float = 60, content_type: str = "application/json") -> tuple[int, object]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -165,7 +165,12 @@ def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tiny_ru
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--batch-timeout", "-1"], "--batch-timeout must be 0 or more seconds, got -1.0"),
+        (["--batch-timeout", "-1"], "--batch-timeout must be at least 0 and under 60 seconds (a request's time to its answer), got -1.0"),
+        (["--batch-timeout", "60"], "--batch-timeout must be at least 0 and under 60 seconds"),  # LitServer's traceback
+        (["--batch-timeout", "nan"], "--batch-timeout must be at least 0 and under 60 seconds"),
+        (["--api-servers", "0"], "--api-servers must be at least 1, got 0"),
+        (["--port", "70000"], "--port must be within 1..65535, got 70000"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is no address of this machine"),
         (["--max-texts", "0"], "--max-texts must be at least 1, got 0"),
         (["--max-chars", "-5"], "--max-chars must be at least 1, got -5"),
         (["--max-body", "0"], "--max-body must be at least 1, got 0"),
@@ -185,3 +190,42 @@ def test_bad_flags_and_an_unloadable_model_are_one_line_before_any_worker(tmp_pa
             serve.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_requests_at_the_limits_pass_and_a_body_not_sent_as_json_says_so(server):
+    url, _ = server
+    assert post(url + "/predict", json.dumps({"texts": ["x"] * 100}).encode())[0] == 200  # --max-texts 100
+    assert post(url + "/predict", json.dumps({"text": "x" * 5000}).encode())[0] == 200  # --max-chars 5000
+    assert post(url + "/predict", json.dumps({"texts": ["x"] * 101}).encode())[0] == 413
+    body = b'{"text": "I love it"}'
+    got, answer = post(url + "/predict", body, content_type="application/json; charset=utf-8")
+    assert got == 200 and answer["text"] == "I love it", answer
+    import http.client  # no Content-Type at all (urllib would add a form's)
+
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    conn.request("POST", "/predict", body=body)
+    r = conn.getresponse()
+    assert (r.status, json.loads(r.read())) == (415, {"error": "the body is sent without a Content-Type: send JSON "
+                                                                "with the header Content-Type: application/json"})  # fmt: skip
+    conn.close()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d's, and a plain one
+        got, answer = post(url + "/predict", body, content_type=content_type)
+        assert (got, answer) == (415, {"error": f"the body is sent as {content_type}: send JSON with the header "
+                                                "Content-Type: application/json"})  # fmt: skip
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """uvicorn's own error came after the model had loaded (minutes for a large one), and the process lingered."""
+    from goemo import serve
+
+    monkeypatch.setattr("goemo.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            serve.main([str(tmp_path / "run"), "--port", str(port)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what "
+                                       "holds the port or pick another --port\n")  # fmt: skip
