@@ -28,6 +28,7 @@ MAX_TEXTS, MAX_CHARS = "GOEMO_SERVE_MAX_TEXTS", "GOEMO_SERVE_MAX_CHARS"
 
 
 REQUEST_TIMEOUT = 60  # seconds a request waits for its answer (LitServer's timeout)
+LISTEN_HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the hosts LitServer.run listens on (litserve 0.2)
 
 
 def limits() -> tuple[int, int]:
@@ -144,30 +145,29 @@ def one_line_errors(app, max_body: int) -> None:
 
 
 def check_address(host: str, port: int) -> None:
-    """One line now if the server could not listen on host:port, rather than uvicorn's error once the model has
-    loaded (minutes for a large one). Another process may still take the port in between: uvicorn's error then."""
+    """One line now if the server could not listen on host:port, rather than LitServe's or uvicorn's error once the
+    model has loaded (minutes for a large one). Another process may still take the port in between: uvicorn's error then."""
     from goemo.errors import GoemoError
 
-    if not 1 <= port <= 65535:
-        raise GoemoError(f"--port must be within 1..65535, got {port}")
-    try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise GoemoError(f"--host {host!r} is no address of this machine ({e.strerror}); use 127.0.0.1 or 0.0.0.0") from None
+    if host not in LISTEN_HOSTS:  # LitServer.run refuses any other (a name, a LAN address, ::1)
+        raise GoemoError(f"--host must be one of {', '.join(LISTEN_HOSTS)} (every interface: 0.0.0.0 or ::), got {host!r}")
+    if not 1024 <= port <= 65535:  # LitServer.run's range
+        raise GoemoError(f"--port must be within 1024..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
         try:
-            s.bind(address)
+            s.bind((host, port))
         except OSError as e:
-            raise GoemoError(f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or pick another "
-                             "--port") from None  # fmt: skip
+            raise GoemoError(f"cannot listen on {host} port {port} ({e.strerror}); stop what holds the port or pick "
+                             "another --port") from None  # fmt: skip
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m goemo.serve", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder, .ckpt file, best, last or an ensemble folder (as goemo.load takes)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on: 127.0.0.1 (this machine), 0.0.0.0 or :: (every interface)")
     p.add_argument("--backend", choices=("torch", "onnx", "int8"), default="torch", help="what runs the model (see goemo.load)")
     p.add_argument("--max-batch", type=int, default=32, help="requests predicted together at most (1: batching off)")
     p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits for more requests")

@@ -169,8 +169,9 @@ def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tiny_ru
         (["--batch-timeout", "60"], "--batch-timeout must be at least 0 and under 60 seconds"),  # LitServer's traceback
         (["--batch-timeout", "nan"], "--batch-timeout must be at least 0 and under 60 seconds"),
         (["--api-servers", "0"], "--api-servers must be at least 1, got 0"),
-        (["--port", "70000"], "--port must be within 1..65535, got 70000"),
-        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is no address of this machine"),
+        (["--port", "70000"], "--port must be within 1024..65535, got 70000"),
+        (["--port", "80"], "--port must be within 1024..65535, got 80"),  # LitServe's range: bind would work as root
+        (["--host", "localhost"], "--host must be one of 127.0.0.1, 0.0.0.0, :: (every interface: 0.0.0.0 or ::), got 'localhost'"),
         (["--max-texts", "0"], "--max-texts must be at least 1, got 0"),
         (["--max-chars", "-5"], "--max-chars must be at least 1, got -5"),
         (["--max-body", "0"], "--max-body must be at least 1, got 0"),
@@ -209,9 +210,10 @@ def test_requests_at_the_limits_pass_and_a_body_not_sent_as_json_says_so(server)
     assert (r.status, json.loads(r.read())) == (415, {"error": "the body is sent without a Content-Type: send JSON "
                                                                 "with the header Content-Type: application/json"})  # fmt: skip
     conn.close()
-    for content_type in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d's, and a plain one
+    for content_type, media in (("application/x-www-form-urlencoded", "application/x-www-form-urlencoded"),  # curl -d's
+                                ("text/plain; charset=utf-8", "text/plain")):  # fmt: skip
         got, answer = post(url + "/predict", body, content_type=content_type)
-        assert (got, answer) == (415, {"error": f"the body is sent as {content_type}: send JSON with the header "
+        assert (got, answer) == (415, {"error": f"the body is sent as {media}: send JSON with the header "
                                                 "Content-Type: application/json"})  # fmt: skip
 
 
@@ -227,5 +229,19 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch,
         with pytest.raises(SystemExit) as e:
             serve.main([str(tmp_path / "run"), "--port", str(port)])
     assert e.value.code == 2
-    assert capsys.readouterr().err == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what "
-                                       "holds the port or pick another --port\n")  # fmt: skip
+    assert capsys.readouterr().err == (f"error: cannot listen on 127.0.0.1 port {port} (Address already in use); stop "
+                                       "what holds the port or pick another --port\n")  # fmt: skip
+    # a port just closed by a server (uvicorn's socket, SO_REUSEADDR, its connection in TIME_WAIT) is free, as
+    # uvicorn binds it again
+    from goemo.serve import check_address
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()
+        client.close()
+    check_address("127.0.0.1", port)
