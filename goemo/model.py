@@ -164,8 +164,10 @@ def build_head(cfg, pooling: str, num_labels: int) -> tuple[nn.Dropout, nn.Linea
     """BertForSequenceClassification's head: dropout, then one linear layer initialised as HF does."""
     width = cfg.hidden_size * (2 if pooling == "cls+mean" else 1)
     # The rate each family's own ...ForSequenceClassification head uses: classifier_dropout where set (0.0 included:
-    # ModernBERT's default), DistilBERT's seq_classif_dropout, else the hidden dropout.
-    rates = (getattr(cfg, key, None) for key in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob"))
+    # ModernBERT's default), ALBERT's classifier_dropout_prob, DistilBERT's seq_classif_dropout, DeBERTa's cls_dropout,
+    # else the hidden dropout (BERT, MiniLM, MPNet: 0.1).
+    keys = ("classifier_dropout", "classifier_dropout_prob", "seq_classif_dropout", "cls_dropout", "hidden_dropout_prob")
+    rates = (getattr(cfg, key, None) for key in keys)
     dropout = nn.Dropout(next((p for p in rates if p is not None), 0.1))
     head = nn.Linear(width, num_labels)
     nn.init.normal_(head.weight, std=getattr(cfg, "initializer_range", 0.02))

@@ -371,7 +371,7 @@ def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_
 
 def test_the_heads_dropout_is_the_rate_each_familys_own_head_uses():
     """classifier_dropout 0.0 (ModernBERT's default) is a rate, not "unset"; DistilBERT names its own."""
-    from transformers import BertConfig, DistilBertConfig, ModernBertConfig
+    from transformers import AlbertConfig, BertConfig, DebertaV2Config, DistilBertConfig, ModernBertConfig, MPNetConfig
 
     from goemo.model import build_head
 
@@ -383,3 +383,20 @@ def test_the_heads_dropout_is_the_rate_each_familys_own_head_uses():
     assert rate(BertConfig(classifier_dropout=0.3)) == 0.3
     assert rate(ModernBertConfig()) == ModernBertConfig().classifier_dropout == 0.0
     assert rate(DistilBertConfig(seq_classif_dropout=0.2)) == 0.2
+    assert rate(AlbertConfig(classifier_dropout_prob=0.1, hidden_dropout_prob=0.0)) == 0.1
+    assert rate(DebertaV2Config(cls_dropout=0.3, hidden_dropout_prob=0.1)) == 0.3
+    assert rate(DebertaV2Config(hidden_dropout_prob=0.1)) == 0.1  # no cls_dropout: the hidden dropout, as its pooler
+    assert rate(MPNetConfig()) == 0.1  # configs/mpnet.yaml's, unchanged
+
+
+@pytest.mark.parametrize("was,now", [(0.5, 0.0), (0.0, 0.5), (0.5, 0.3)])
+def test_a_resumed_fit_keeps_its_self_distill_share(tiny_model, was, now):
+    """0 -> x would read an empty table as last epoch's predictions; x -> 0 would train the rest on the labels alone."""
+    from types import SimpleNamespace
+
+    model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], self_distill=now)
+    model._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    with pytest.raises(GoemoError, match=f"^this fit started with model.self_distill {was}, now {now}; resume with the settings"):
+        model._check_resumed_targets({"hyper_parameters": {"self_distill": was, "teacher": None}})
+    model._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"))  # test and predict need no targets
+    model._check_resumed_targets({"hyper_parameters": {"self_distill": was, "teacher": None}})
