@@ -105,7 +105,9 @@ def test_a_classifier_built_by_hand_checks_its_batch_size_and_max_length(clf):
     for kwargs, message in (
         ({"batch_size": 2.5}, "batch_size must be a whole number of at least 1, got 2.5"),
         ({"batch_size": "4"}, "batch_size must be a whole number of at least 1, got '4'"),
+        ({"batch_size": True}, "batch_size must be a whole number of at least 1, got True"),  # bool is an int in Python
         ({"max_length": -1}, "max_length must be a whole number of at least 2, got -1"),
+        ({"max_length": 1}, "max_length must be a whole number of at least 2, got 1"),  # room for [CLS] and [SEP]
         ({"max_length": 1000}, "max_length 1000 is more than the model takes (128 positions); give 128 or less"),
     ):
         with pytest.raises(GoemoError, match="^" + re.escape(message)):

@@ -230,3 +230,25 @@ def test_no_rows_make_no_batches_and_a_batch_size_under_one_is_refused():
         evaluation_batches(torch.tensor([3, 2]), 0)
     with pytest.raises(GoemoError, match="batch_size 0, pool_batches 64: give whole numbers"):
         LengthGroupedBatchSampler([3, 2], batch_size=0)
+    with pytest.raises(GoemoError, match="batch_size 2, pool_batches 0: give whole numbers"):
+        LengthGroupedBatchSampler([3, 2], batch_size=2, pool_batches=0)
+
+
+def test_the_training_digest_changes_with_a_text_a_label_or_the_fold(tiny_data, tiny_model, tmp_path):
+    """What a resumed fit compares with its checkpoint's (test_resume.py runs the refusal end to end)."""
+    kw = {"tokenizer_name": str(tiny_model), "cache_dir": str(tmp_path / "cache")}
+
+    def digest(d, **more) -> str:
+        return GoEmotionsDataModule(data_dir=str(d), **kw, **more).training_digest()
+
+    base = digest(tiny_data)
+    assert digest(tiny_data) == base and digest(tiny_data, holdout_fold=0) != base
+    lines = (tiny_data / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    text, labels, rid = lines[1].rstrip("\n").split("\t")  # 'mad mad angry chair table', '1,3'
+    for name, row in (("text", f"{text} again\t{labels}\t{rid}\n"), ("label", f"{text}\t1\t{rid}\n")):
+        other = tmp_path / name
+        other.mkdir()
+        for f in ("labels.txt", "dev.tsv", "test.tsv"):
+            (other / f).write_bytes((tiny_data / f).read_bytes())
+        (other / "train.tsv").write_text(lines[0] + row + "".join(lines[2:]), encoding="utf-8")
+        assert digest(other) != base, name

@@ -91,6 +91,10 @@ def test_a_study_refuses_trials_of_another_recipe(tmp_path):
             sweep.check_recipe(study, argparse.Namespace(**{**vars(a), key: value}), space)
     with pytest.raises(GoemoError, match=r"\(its --space/--seeds differs\)"):
         sweep.check_recipe(study, a, {**space, "seed_everything": {"kind": "grid", "values": [1, 2]}})
+    with pytest.raises(GoemoError) as e:  # a server URL is named without its password
+        sweep.check_recipe(study, argparse.Namespace(**{**vars(a), "metric": "val/f1_micro",
+                                                        "storage": "postgresql://goemo:s3cret@db.example/goemo"}), space)  # fmt: skip
+    assert "in postgresql://goemo:***@db.example/goemo searches another recipe" in str(e.value) and "s3cret" not in str(e.value)
 
 
 def test_a_space_file_that_is_not_utf8_is_one_line(tmp_path):
