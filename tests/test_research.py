@@ -768,11 +768,29 @@ def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
     assert other["members"][0] == 1.0 and other["ensemble"] < 0.5 and other["gain"] < 0
 
 
+def test_ensemble_cv_can_shrink_each_labels_threshold_toward_one_global_threshold():
+    from benchmarks.ensemble_cv import cross_validate, heldout_macro, macro_f1, shrunk
+
+    probs = np.array([[0.9, 0.35], [0.6, 0.3], [0.2, 0.9], [0.1, 0.2]], dtype=np.float32)
+    targets = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=np.uint8)
+    # one threshold for both labels: 0.35 <= g < 0.6 separates label a and keeps b's negatives out; the lowest is 0.35
+    assert macro_f1(probs, targets, np.full(2, 0.35, np.float32)) == 1.0
+    got = shrunk(np.array([0.1, 0.8], np.float32), probs, targets, k=2)  # a: 2 positives, w 1/2; b: 1 positive, w 1/3
+    np.testing.assert_allclose(got, [0.5 * 0.1 + 0.5 * 0.35, 0.8 / 3 + 0.35 * 2 / 3], rtol=1e-6)
+    rows = np.arange(4)
+    assert heldout_macro(probs, targets, rows, rows, shrink=1e9) == 1.0  # all on the global threshold
+    rng = np.random.default_rng(0)
+    p, y = rng.random((200, 3)).astype(np.float32), (rng.random((200, 3)) < 0.3).astype(np.uint8)
+    assert cross_validate([p], y, repeats=1, shrink=1e-9)["members"] == cross_validate([p], y, repeats=1)["members"]
+    assert cross_validate([p], y, repeats=1, shrink=10)["shrink"] == 10
+
+
 def test_ensemble_cv_command_errors_are_one_line(tmp_path, capsys):
     from benchmarks import ensemble_cv
 
     for argv, message in (
         ([str(tmp_path / "run"), "--repeats", "0"], "--repeats must be at least 1 and --threshold-resamples at least 0, got 0 and None"),
+        ([str(tmp_path / "run"), "--shrink", "0"], "--shrink must be a number above 0, got 0.0"),
         ([str(tmp_path / "nope"), "--out", str(tmp_path)], f"--ckpt_path '{tmp_path / 'nope'}': no such file or run folder"),
     ):
         with pytest.raises(SystemExit) as e:
