@@ -219,9 +219,10 @@ def test_requests_at_the_limits_pass_and_a_body_not_sent_as_json_says_so(server)
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """uvicorn's own error came after the model had loaded (minutes for a large one), and the process lingered."""
+    import goemo.api  # (not goemo.load: undoing a patch of the lazy attribute would leave it a real one)
     from goemo import serve
 
-    monkeypatch.setattr("goemo.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(goemo.api, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
