@@ -58,7 +58,7 @@ class WeightedBCE(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         w = self.pos_weight.float()  # (L,); bf16 under precision bf16-true, like every buffer
         shift = w.clamp(min=1e-12).log()  # a label positive in every row has weight 0
-        return F.binary_cross_entropy_with_logits(logits.float() + shift, targets.float(), pos_weight=w)
+        return F.binary_cross_entropy_with_logits(logits + shift, targets, pos_weight=w)  # float32: model_step casts
 
 
 def pos_weight_from_frequencies(frequencies: torch.Tensor, max_weight: float) -> torch.Tensor:

@@ -163,18 +163,21 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
 STALE_WORK_S = 24 * 3600  # another machine's work folder untouched this long is a killed get's
 
 
+def this_host() -> str:
+    return socket.gethostname().replace("/", "_") or "host"
+
+
 def work_prefix() -> str:
     """The name a get's work folder starts with: `.partial-PID@HOST-`, so a get on a cache shared between machines
     (a job array on a network file system) tells its own machine's work from another's."""
-    host = socket.gethostname().replace("/", "_") or "host"
-    return f".partial-{os.getpid()}@{host}-"
+    return f".partial-{os.getpid()}@{this_host()}-"
 
 
 def remove_dead_work(repo: Path) -> None:
     """Remove the work folders that killed gets left: this machine's whose process is gone, another machine's
     untouched for a day, and those of goemo versions before the names said whose they were. A get still running
     beside this one (another shell, a job array) keeps its own."""
-    here = socket.gethostname().replace("/", "_") or "host"
+    here = this_host()
     for old in repo.glob(".partial-*"):
         owner = old.name[len(".partial-"):].rsplit("-", 1)[0]  # PID@HOST, or (older names) PID or nothing
         pid, _, host = owner.partition("@")
