@@ -166,11 +166,11 @@ def check_address(host: str, port: int) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m goemo.serve", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder, .ckpt file, best, last or an ensemble folder (as goemo.load takes)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="1024..65535")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on: 127.0.0.1 (this machine), 0.0.0.0 or :: (every interface)")
     p.add_argument("--backend", choices=("torch", "onnx", "int8"), default="torch", help="what runs the model (see goemo.load)")
     p.add_argument("--max-batch", type=int, default=32, help="requests predicted together at most (1: batching off)")
-    p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits for more requests")
+    p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds a batch waits for more requests (0 to under 60)")
     p.add_argument("--max-texts", type=int, default=1000, help="texts a request may hold")
     p.add_argument("--max-chars", type=int, default=10_000, help="characters a text may have")
     p.add_argument("--max-body", type=int, default=2_000_000, help="largest request body in bytes (413 above it)")
