@@ -133,8 +133,24 @@ def load_error(what: str, name: str, err: Exception) -> GoemoError:
             f"which goemo never runs (trust_remote_code stays off); use a model of a family transformers knows"
         )
     if Path(name).is_dir():
-        return GoemoError(f"cannot load {what} from folder {name}: {_first_line(err)}")
+        return GoemoError(f"cannot load {what} from folder {name}: {_missing_files(what, Path(name)) or _first_line(err)}")
     return unreachable(what, name, err)
+
+
+# The files a tokenizer is read from: a fast tokenizer's one file, or a slow one's vocabulary (WordPiece vocab.txt,
+# BPE vocab.json, SentencePiece spiece.model, spm.model, ...). tokenizer_config.json alone holds no vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "vocab*", "*.model")
+
+
+def _missing_files(what: str, folder: Path) -> str:
+    """Why a model/tokenizer folder cannot load when the reason is a missing file (transformers' own first line
+    names a missing key or a backend instead); "" when the expected files are there."""
+    if not (folder / "config.json").is_file() and what == "model":
+        return "it has no config.json; give the folder that save_pretrained wrote (config.json, weights, tokenizer files)"
+    if what == "tokenizer" and not any(f.is_file() for pattern in TOKENIZER_FILES for f in folder.glob(pattern)):
+        return ("it has no tokenizer files (tokenizer.json, or a vocabulary such as vocab.txt or spiece.model); "
+                "save the tokenizer into it (tokenizer.save_pretrained)")
+    return ""
 
 
 def unreachable(what: str, name: str, err: Exception) -> GoemoError:

@@ -167,6 +167,20 @@ def test_a_model_folder_with_unreadable_weights_is_one_line(tiny_model, tmp_path
     with pytest.raises(GoemoError, match=rf"^cannot load model from folder {re.escape(str(bad))}: "):
         build_encoder(str(bad), True, None, False, False)
 
+
+def test_a_folder_without_tokenizer_files_says_so(tiny_model, tmp_path):
+    import shutil
+
+    from goemo.hub import load_tokenizer
+
+    bare = tmp_path / "bare"  # transformers' own first line: "Couldn't instantiate the backend tokenizer from one of:"
+    bare.mkdir()
+    with pytest.raises(GoemoError, match=rf"^cannot load tokenizer from folder {re.escape(str(bare))}: it has no "
+                                         r"tokenizer files \(tokenizer.json, or a vocabulary such as vocab.txt"):
+        load_tokenizer(str(bare))
+    shutil.copytree(tiny_model, tmp_path / "whole")  # the same check lets a complete folder through
+    assert load_tokenizer(str(tmp_path / "whole")).pad_token_id is not None
+
 @pytest.mark.slow
 def test_unreachable_hub_model_is_one_line(tmp_path):
     r = run_main("fit", "--trainer.fast_dev_run", "1", cwd=tmp_path, env={**HUB_DOWN, "HF_HOME": str(tmp_path / "hf")},
