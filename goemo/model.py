@@ -478,8 +478,9 @@ class EmotionClassifier(L.LightningModule):
             loss = self._soft_target_loss(batch, logits)
         if self.aux_head is None:
             return loss
-        groups = (batch["labels"] @ self.aux_groups.type_as(batch["labels"])).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
-        aux = F.binary_cross_entropy_with_logits(self.aux_head(features), groups)
+        labels = batch["labels"].float()  # float32, as the main loss: bf16 BCE is ~0.3% off under bf16-true
+        groups = (labels @ self.aux_groups.float()).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
+        aux = F.binary_cross_entropy_with_logits(self.aux_head(features).float(), groups)
         self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
         return loss + self.hparams.aux_weight * aux
 
