@@ -291,7 +291,9 @@ def test_the_main_loss_is_float32_under_bf16_true(tiny_model, loss):
              "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0]]).bfloat16()}  # fmt: skip
     got, logits, _ = model.model_step(batch)
     assert logits.dtype == torch.bfloat16 and got.dtype == torch.float32
-    w = model.loss_fn.pos_weight.float() if loss == "bce_pos_weight" else torch.ones(2)
+    if loss == "bce_pos_weight":  # kept float32 by the cast: 559, not bf16's 560
+        assert model.loss_fn.pos_weight.dtype == torch.float32
+    w = torch.tensor([559.0, 3.7]) if loss == "bce_pos_weight" else torch.ones(2)
     want = F.binary_cross_entropy_with_logits(logits.float() + w.log(), batch["labels"].float(), pos_weight=w)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
