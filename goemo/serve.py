@@ -16,6 +16,7 @@ of each other are predicted in one forward pass, up to `--max-batch` requests (L
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
 import argparse
+import errno
 import os
 import socket
 from typing import Any, Optional
@@ -154,13 +155,14 @@ def check_address(host: str, port: int) -> None:
     if not 1024 <= port <= 65535:  # LitServer.run's range
         raise GoemoError(f"--port must be within 1024..65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
-        try:
+    try:  # the socket too: on a machine with IPv6 off, `::` fails there (EAFNOSUPPORT)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
             s.bind((host, port))
-        except OSError as e:
-            raise GoemoError(f"cannot listen on {host} port {port} ({e.strerror}); stop what holds the port or pick "
-                             "another --port") from None  # fmt: skip
+    except OSError as e:
+        what = ("stop what holds the port or pick another --port" if e.errno == errno.EADDRINUSE
+                else "this machine cannot listen there; pick another --host")  # fmt: skip
+        raise GoemoError(f"cannot listen on {host} port {port} ({e.strerror}); {what}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -187,7 +189,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                             ("--max-chars", a.max_chars), ("--max-body", a.max_body)):  # fmt: skip
             if value < 1:
                 raise GoemoError(f"{flag} must be at least 1, got {value}")
-        if not 0 <= a.batch_timeout < REQUEST_TIMEOUT:  # LitServer refuses a batch timeout over the request timeout
+        # LitServer refuses a batch timeout over the request timeout; goemo also refuses one equal to it, with which a
+        # request could wait its whole time for its batch.
+        if not 0 <= a.batch_timeout < REQUEST_TIMEOUT:
             raise GoemoError(f"--batch-timeout must be at least 0 and under {REQUEST_TIMEOUT} seconds (a request's time "
                              f"to its answer), got {a.batch_timeout}")  # fmt: skip
         check_address(a.host, a.port)

@@ -166,7 +166,7 @@ def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tiny_ru
     "flags,message",
     [
         (["--batch-timeout", "-1"], "--batch-timeout must be at least 0 and under 60 seconds (a request's time to its answer), got -1.0"),
-        (["--batch-timeout", "60"], "--batch-timeout must be at least 0 and under 60 seconds"),  # LitServer's traceback
+        (["--batch-timeout", "60"], "--batch-timeout must be at least 0 and under 60 seconds"),  # stricter than LitServer
         (["--batch-timeout", "nan"], "--batch-timeout must be at least 0 and under 60 seconds"),
         (["--api-servers", "0"], "--api-servers must be at least 1, got 0"),
         (["--port", "70000"], "--port must be within 1024..65535, got 70000"),
@@ -246,3 +246,20 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch,
         conn.close()
         client.close()
     check_address("127.0.0.1", port)
+
+
+def test_a_host_this_machine_cannot_listen_on_is_one_line(monkeypatch):
+    """`::` on a machine with IPv6 off fails at the socket itself (EAFNOSUPPORT): it was a traceback."""
+    import errno
+
+    from goemo import serve
+    from goemo.errors import GoemoError
+
+    def no_ipv6(family, *a, **k):
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(serve.socket, "socket", no_ipv6)
+    with pytest.raises(GoemoError) as e:
+        serve.check_address("::", 8765)
+    assert str(e.value) == ("cannot listen on :: port 8765 (Address family not supported by protocol); this machine "
+                            "cannot listen there; pick another --host")  # fmt: skip
