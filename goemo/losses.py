@@ -53,7 +53,7 @@ class WeightedBCE(nn.Module):
     def __init__(self, num_labels: int) -> None:
         super().__init__()
         # A buffer, so checkpoints carry it (state key loss_fn.pos_weight); 1 until fit fills it in.
-        self.register_buffer("pos_weight", torch.ones(num_labels))
+        self.register_buffer("pos_weight", torch.ones(num_labels, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
         """As nn.Module's, except that pos_weight keeps float32 under a dtype cast (`precision: bf16-true`): in bf16 a
