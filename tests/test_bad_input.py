@@ -297,9 +297,9 @@ def test_model_folders(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
         shutil.copy(Path(tiny_model) / f, no_vocab / f)
     cases = {
         "missing model folder": (tmp_path / "nope" / "model", "error: model '{p}': no such folder"),
-        "model folder without config.json": (empty, "error: cannot load model from folder {p}: it has no config.json; "
-                                                    "give the folder that save_pretrained wrote (config.json, weights, "
-                                                    "tokenizer files)"),
+        "model folder without config.json": (empty, ("error: cannot load model from folder {p}: it has no config.json; "
+                                                     "give the folder that save_pretrained wrote (config.json, weights, "
+                                                     "tokenizer files)")),
         "broken config.json": (broken, "error: cannot load model from folder {p}: "),
         "tokenizer without a pad token": (no_pad, "error: tokenizer '{p}' has no pad token, and goemo pads each batch "
                                                   "to its longest text; use an encoder's tokenizer (BERT, RoBERTa, "
