@@ -2,7 +2,7 @@
 
     python benchmarks/ensemble_cv.py RUN RUN RUN [--repeats 10] [--threshold-resamples N]
     python benchmarks/ensemble_cv.py RUN            # one run's held-out score alone, on the same halves
-    python benchmarks/ensemble_cv.py RUN RUN RUN --shrink 10   # each label's threshold pulled toward one global one
+    python benchmarks/ensemble_cv.py RUN RUN RUN --shrink 0    # each label's threshold on its own (no pull)
 
 A test macro-F1 at tuned thresholds moves by about 0.01 between seeds of one recipe (docs/results.md), so one test
 figure cannot say whether averaging members helps. This splits the validation rows in two at random, tunes goemo's
@@ -12,7 +12,7 @@ each member and for the average of the members' probabilities. Prints mean ± st
 std, ddof 0) over the 2 x repeats held-out halves and the ensemble's gain over the members' mean on the same halves;
 JSON to benchmarks/out/.
 
-`--shrink K` (an experiment, not what goemo's runs do): each label's tuned threshold t_j becomes
+`--shrink K` (default: the first run's `model.threshold_shrink`): each label's tuned threshold t_j becomes
 `w t_j + (1 - w) g`, w = n_j / (n_j + K), n_j the label's positives among the tuning rows and g the one grid threshold
 with the best macro-F1 there: a label with few positives leans on the threshold all labels share (docs/results.md).
 """
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from goemo.errors import GoemoError  # noqa: E402
-from goemo.thresholds import GRID, apply_thresholds, prf, tune_thresholds  # noqa: E402
+from goemo.thresholds import apply_thresholds, prf, tune_thresholds  # noqa: E402
 
 
 def macro_f1(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> float:
@@ -40,30 +40,19 @@ def macro_f1(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> 
     return float(prf((pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0))[2].mean())
 
 
-def shrunk(thresholds: np.ndarray, probs: np.ndarray, targets: np.ndarray, k: float) -> np.ndarray:
-    """(L,) `thresholds` pulled toward the one grid threshold best for macro-F1 on (probs, targets), label j with
-    weight n_j / (n_j + k) on its own (n_j its positives)."""
-    grid = GRID.numpy()
-    best = grid[int(np.argmax([macro_f1(probs, targets, np.full(probs.shape[1], g, np.float32)) for g in grid]))]
-    w = targets.sum(0) / (targets.sum(0) + k)
-    return (w * thresholds + (1 - w) * best).astype(np.float32)
-
-
 def heldout_macro(
     probs: np.ndarray, targets: np.ndarray, tune_rows: np.ndarray, score_rows: np.ndarray, resamples: int = 0,
-    fallback: float = 0.5, shrink: float | None = None,
+    fallback: float = 0.5, shrink: float = 0.0,
 ) -> float:
-    """Macro-F1 on `score_rows` at the thresholds tuned on `tune_rows` (`resamples`, `fallback`: see
-    tune_thresholds; the runs tune with their model.threshold as the fallback; `shrink`: K of `shrunk`); (N, L)."""
-    t = tune_thresholds(probs[tune_rows], targets[tune_rows], fallback=fallback, resamples=resamples).numpy()
-    if shrink is not None:
-        t = shrunk(t, probs[tune_rows], targets[tune_rows], shrink)
+    """Macro-F1 on `score_rows` at the thresholds tuned on `tune_rows` (`resamples`, `fallback`, `shrink`: see
+    tune_thresholds; the runs tune with their model.threshold as the fallback); (N, L)."""
+    t = tune_thresholds(probs[tune_rows], targets[tune_rows], fallback=fallback, resamples=resamples, shrink=shrink).numpy()
     return macro_f1(probs[score_rows], targets[score_rows], t)
 
 
 def cross_validate(
     members: list[np.ndarray], targets: np.ndarray, repeats: int = 10, seed: int = 0, resamples: int = 0,
-    fallback: float = 0.5, shrink: float | None = None,
+    fallback: float = 0.5, shrink: float = 0.0,
 ) -> dict:
     """Held-out macro-F1 of each member and of their mean probability over 2 x `repeats` random halves."""
     rng = np.random.default_rng(seed)
@@ -89,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threshold-resamples", type=int, default=None, metavar="N",
                         help="bootstrap resamples per threshold tuning (default: the first run's model.threshold_resamples)")
     parser.add_argument("--shrink", type=float, default=None, metavar="K",
-                        help="pull each label's threshold toward one global threshold, by K / (positives + K)")
+                        help="pull each label's threshold toward one shared threshold, by K / (positives + K); 0: none "
+                        "(default: the first run's model.threshold_shrink)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
     try:
@@ -106,8 +96,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     if args.repeats < 1 or (args.threshold_resamples is not None and args.threshold_resamples < 0):
         raise GoemoError(f"--repeats must be at least 1 and --threshold-resamples at least 0, got {args.repeats} and {args.threshold_resamples}")
-    if args.shrink is not None and not 0 < args.shrink < float("inf"):
-        raise GoemoError(f"--shrink must be a number above 0, got {args.shrink}")
+    if args.shrink is not None and not 0 <= args.shrink < float("inf"):
+        raise GoemoError(f"--shrink must be a number >= 0 (0: none), got {args.shrink}")
     check_writable(args.out, "--out")  # before any model is loaded
     # An ensemble's load checks that the members share one label set.
     runs = goemo.load(args.runs).members if len(args.runs) > 1 else [goemo.load(args.runs[0])]
@@ -118,20 +108,24 @@ def measure(args: argparse.Namespace) -> dict:
     resamples = args.threshold_resamples
     if resamples is None:
         resamples = int(runs[0].model.hparams.threshold_resamples)
+    shrink = args.shrink
+    if shrink is None:
+        shrink = float(getattr(runs[0].model.hparams, "threshold_shrink", 0.0))  # 0 for runs from before the option
     fallback = float(runs[0].model.hparams.threshold)  # as the runs' own tuning and goemo.ensemble
     keys = ["threshold"] + (["threshold_resamples"] if args.threshold_resamples is None else [])
-    differ = [k for k in keys if len({float(m.model.hparams[k]) for m in runs}) > 1]
+    keys += ["threshold_shrink"] if args.shrink is None else []
+    differ = [k for k in keys if len({float(getattr(m.model.hparams, k, 0.0)) for m in runs}) > 1]
     if differ:  # then a run's row here is not its score alone, and the order of the runs moves the figures
         print(f"note: the runs' model.{' and model.'.join(differ)} differ: every run and the ensemble are tuned with "
-              f"the first run's ({', '.join(f'{k} {runs[0].model.hparams[k]}' for k in differ)})", file=sys.stderr)
-    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback, shrink=args.shrink)
+              f"the first run's ({', '.join(f'{k} {getattr(runs[0].model.hparams, k, 0.0)}' for k in differ)})", file=sys.stderr)
+    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback, shrink=shrink)
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]
     if len(args.runs) > 1:
         lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
                   f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
-    shrink = f", thresholds shrunk with K {args.shrink:g}" if args.shrink is not None else ""
-    print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples{shrink}\n" + "\n".join(lines))
+    pulled = f", thresholds shrunk with K {shrink:g}" if shrink else ""
+    print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples{pulled}\n" + "\n".join(lines))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     (args.out / f"ensemble-cv-{stamp}.json").write_text(json.dumps({"runs": args.runs, **r}, indent=2) + "\n")
     return r

@@ -55,12 +55,14 @@ class Ensemble:
             self.tune()
         return to_records(texts, self.predict_proba(texts), self.label_names, self.thresholds)
 
-    def tune(self, resamples: Optional[int] = None) -> dict:
+    def tune(self, resamples: Optional[int] = None, shrink: Optional[float] = None) -> dict:
         """Tune the thresholds on the averaged validation probabilities; returns the split data it used.
 
         Args:
             resamples: Bootstrap resamples the thresholds are averaged over (goemo.thresholds.tune_thresholds);
                 unset: the first member's `model.threshold_resamples`.
+            shrink: K of the pull toward one shared threshold (tune_thresholds' `shrink`); unset: the first member's
+                `model.threshold_shrink` (0 for runs from before it).
         """
         from goemo.thresholds import tune_thresholds
 
@@ -68,7 +70,9 @@ class Ensemble:
         probs = self.predict_proba(data["validation"]["text"])
         hp = self.members[0].model.hparams
         self.resamples = int(hp.threshold_resamples if resamples is None else resamples)
-        self.thresholds = tune_thresholds(probs, data["validation"]["targets"], float(hp.threshold), self.resamples).numpy()
+        self.shrink = float(getattr(hp, "threshold_shrink", 0.0) if shrink is None else shrink)
+        targets = data["validation"]["targets"]
+        self.thresholds = tune_thresholds(probs, targets, float(hp.threshold), self.resamples, shrink=self.shrink).numpy()
         return {**data, "validation_probs": probs}
 
 
@@ -156,8 +160,12 @@ def check_distinct(runs: list, runs_dir: Union[str, Path] = RUNS_DIR) -> None:
         seen[path] = str(r)
 
 
-def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples: Optional[int] = None) -> dict:
-    """Average, tune on validation (`threshold_resamples`: see Ensemble.tune), write the report into `out`."""
+def build(
+    runs: list[str], out: Path, resamples: int = 1000, threshold_resamples: Optional[int] = None,
+    threshold_shrink: Optional[float] = None,
+) -> dict:
+    """Average, tune on validation (`threshold_resamples`, `threshold_shrink`: see Ensemble.tune), write the report
+    into `out`."""
     from goemo import report
     from goemo.files import AtomicFile, check_writable, write_text
     from goemo.runs import resolve_checkpoint
@@ -165,6 +173,8 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     out = Path(out)
     if resamples < 1:
         raise GoemoError(f"--resamples must be at least 1 (bootstrap resamples for the intervals), got {resamples}")
+    if threshold_shrink is not None and not 0 <= threshold_shrink < float("inf"):
+        raise GoemoError(f"--threshold-shrink must be a number >= 0 (0: none), got {threshold_shrink}")
     if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():  # its reports would become the ensemble's
         raise GoemoError(f"--out {out}: a run's folder; give the ensemble a folder of its own (e.g. --out ens)")
     check_writable(out, "--out")  # before any model is loaded
@@ -174,7 +184,7 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
     members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
     stamps = [stamp(m) for m in members]
     ens = load_ensemble(members)
-    data = ens.tune(threshold_resamples)
+    data = ens.tune(threshold_resamples, threshold_shrink)
     test_probs = ens.predict_proba(data["test"]["text"])
     fixed = float(ens.members[0].model.hparams.threshold)
     rep = report.build_report(test_probs, data["test"]["targets"], ens.label_names, fixed, ens.thresholds, resamples)
@@ -185,7 +195,7 @@ def build(runs: list[str], out: Path, resamples: int = 1000, threshold_resamples
         with AtomicFile(out / name, "wb") as f:
             np.save(f, probs)
     spec = {"members": members, "thresholds": [float(t) for t in ens.thresholds],
-            "threshold_resamples": ens.resamples, "labels": ens.label_names, "stamps": stamps}
+            "threshold_resamples": ens.resamples, "threshold_shrink": ens.shrink, "labels": ens.label_names, "stamps": stamps}
     write_text(out / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
     report.print_report(rep)
     return rep
@@ -199,9 +209,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threshold-resamples", type=int, default=None, metavar="N",
                         help="bootstrap resamples the tuned thresholds are averaged over; 0: none "
                         "(default: the first run's model.threshold_resamples)")  # fmt: skip
+    parser.add_argument("--threshold-shrink", type=float, default=None, metavar="K",
+                        help="pull each label's threshold toward one shared threshold, by K / (positives + K); 0: none "
+                        "(default: the first run's model.threshold_shrink)")  # fmt: skip
     args = parser.parse_args(argv)
     with exit_on_error():
-        build(args.runs, args.out, args.resamples, args.threshold_resamples)
+        build(args.runs, args.out, args.resamples, args.threshold_resamples, args.threshold_shrink)
     print(f"ensemble of {len(args.runs)} runs: {args.out / 'test_report.json'}, {args.out / 'test_report.md'}")
 
 

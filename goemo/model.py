@@ -104,7 +104,7 @@ def max_positions(config) -> Optional[int]:
 def _check_hparams(
     learning_rate: float, head_learning_rate: Optional[float], threshold: float, warmup_ratio: float,
     weight_decay: float, attention_dropout: Optional[float], pos_weight_max: float, checkpoint_tokens: Optional[int],
-    threshold_resamples: int, layer_decay: float, aux_weight: float,
+    threshold_resamples: int, layer_decay: float, aux_weight: float, threshold_shrink: float,
 ) -> None:
     """One-line errors for settings out of range, before anything is loaded."""
     if not (0 < learning_rate < math.inf) or (head_learning_rate is not None and not (0 < head_learning_rate < math.inf)):
@@ -113,6 +113,8 @@ def _check_hparams(
         raise GoemoError(f"model.threshold must be within 0..1, got {threshold}")
     if threshold_resamples < 0:
         raise GoemoError(f"model.threshold_resamples must be >= 0 (0: tune once on the validation rows), got {threshold_resamples}")
+    if not 0 <= threshold_shrink < math.inf:
+        raise GoemoError(f"model.threshold_shrink must be a number >= 0 (0: no pull toward one shared threshold), got {threshold_shrink}")
     if not 0.0 <= warmup_ratio < 1.0:
         raise GoemoError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio}")
     if not (0 <= weight_decay < math.inf):
@@ -192,6 +194,7 @@ class EmotionClassifier(L.LightningModule):
         warmup_ratio: float = 0.0,
         threshold: float = 0.5,
         threshold_resamples: int = 100,
+        threshold_shrink: float = 0.0,
         pretrained: bool = True,
         loss: Loss = "bce",
         focal_gamma: float = 2.0,
@@ -248,6 +251,9 @@ class EmotionClassifier(L.LightningModule):
                 resamples of the validation rows (a fixed seed of its own); 0: the best one on the rows themselves.
                 Averaging steadies the rare labels' thresholds: held-out macro-F1 +0.006 for single runs, +0.004 for
                 ensembles, measured on halves of the validation split (docs/results.md).
+            threshold_shrink: K: each label's tuned threshold t_j is pulled toward g, the one threshold with the
+                best macro-F1 on the validation rows, as `w t_j + (1 - w) g` with `w = n_j / (n_j + K)` and n_j the
+                label's validation positives; so a rare label leans on the threshold all labels share. 0: no pull.
             loss: `bce`: binary cross-entropy; `bce_pos_weight`: BCE whose positives of each label weigh
                 negatives/positives of that label in the training data (capped at `pos_weight_max`), on the
                 logits shifted by the log of that weight, so the outputs stay the label's probabilities;
@@ -292,7 +298,8 @@ class EmotionClassifier(L.LightningModule):
         """
         super().__init__()
         _check_hparams(learning_rate, head_learning_rate, threshold, warmup_ratio, weight_decay, attention_dropout,
-                       pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay, aux_weight)  # fmt: skip
+                       pos_weight_max, checkpoint_tokens, threshold_resamples, layer_decay, aux_weight,
+                       threshold_shrink)  # fmt: skip
         if pooling not in get_args(Pooling):  # the CLI checks it; a checkpoint's hparams or Python may not
             raise GoemoError(f"model.pooling {pooling!r}: use one of {', '.join(get_args(Pooling))}")
         if not 0.0 <= self_distill < 1.0:
@@ -542,8 +549,8 @@ class EmotionClassifier(L.LightningModule):
         self.val_outputs.reset()
         if self.trainer.sanity_checking:  # a couple of batches: don't let them set the thresholds
             return
-        resamples = self.hparams.threshold_resamples
-        self.thresholds.copy_(tune_thresholds(probs, targets, fallback=self.hparams.threshold, resamples=resamples))
+        hp = self.hparams
+        self.thresholds.copy_(tune_thresholds(probs, targets, hp.threshold, hp.threshold_resamples, shrink=hp.threshold_shrink))
         tuned = thresholded_metrics(probs, targets, self.thresholds)
         # Every rank computed the same values from the gathered outputs; sync_dist only averages equal numbers
         # (once an epoch), and keeps Lightning from warning about unsynced epoch-level logs under DDP.

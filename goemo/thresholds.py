@@ -34,7 +34,9 @@ def prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.
     return _div(tp, tp + fp), _div(tp, tp + fn), _div(2 * tp, 2 * tp + fp + fn)
 
 
-def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resamples: int = 0, seed: int = 0) -> torch.Tensor:
+def tune_thresholds(
+    probs: Array, targets: Array, fallback: float = 0.5, resamples: int = 0, seed: int = 0, shrink: float = 0.0
+) -> torch.Tensor:
     """For each label, the grid threshold with the highest F1 on (probs, targets); ties -> the lowest.
 
     With `resamples`, that choice is made on each of that many bootstrap resamples of the rows (of each label's
@@ -50,6 +52,10 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
             predict nearly every row. Resamples where it is 0 for a label do not count in that label's mean.
         resamples: Bootstrap resamples to average over; 0: tune once on the rows as given.
         seed: Seed of the resampling's own generator (the global random state is neither used nor advanced).
+        shrink: Pull each label's threshold toward g, the one grid threshold with the best macro-F1 on the rows:
+            label j's becomes `w t_j + (1 - w) g`, `w = n_j / (n_j + shrink)`, n_j its positives among the rows.
+            A label with a few dozen positives leans on the threshold all labels share (docs/results.md).
+            0: no pull.
 
     Returns:
         (L,) float32 thresholds, on the device of `probs`.
@@ -62,6 +68,8 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
         )
     if resamples < 0:
         raise GoemoError(f"threshold resamples must be >= 0 (0: no resampling), got {resamples}")
+    if not 0 <= shrink < float("inf"):
+        raise GoemoError(f"threshold shrink must be a number >= 0 (0: none), got {shrink}")
     # On the CPU in float64 (exact weighted counts; MPS has no float64): the (N, L) outputs of an epoch are small.
     device, probs, y = probs.device, probs.detach().cpu().float(), targets.cpu().bool().double()
     n, num_labels = probs.shape
@@ -77,6 +85,8 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
         probs, y = probs.gather(0, order), y.gather(0, order)
         rows = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))  # (B, N)
         weights = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, rows, torch.ones_like(rows, dtype=torch.float64))
+    if shrink and resamples:  # the rows themselves as one more "resample" (last), for the shared threshold g
+        weights = torch.cat([weights, torch.ones(1, n, dtype=torch.float64)])
     pos = weights @ y  # (B, L) tp + fn, the same at every threshold; weighted counts are whole numbers
     tp = torch.empty(len(GRID), len(weights), num_labels, dtype=torch.float64)  # (G, B, L)
     predicted = torch.empty_like(tp)  # (G, B, L) tp + fp
@@ -84,13 +94,21 @@ def tune_thresholds(probs: Array, targets: Array, fallback: float = 0.5, resampl
         pred = apply_thresholds(probs, t.expand(num_labels)).double()  # (N, L)
         tp[g], predicted[g] = weights @ (pred * y), weights @ pred
     f1 = torch.from_numpy(prf(tp.numpy(), (predicted - tp).numpy(), (pos - tp).numpy())[2])  # (G, B, L), as in the report
+    if shrink:
+        shared = GRID[f1[:, -1].mean(1).argmax()]  # the rows' best macro-F1 at one threshold; ties -> the lowest
+        if resamples:
+            f1 = f1[:, :-1]
     chosen = GRID[f1.argmax(0)]  # (B, L) the first maximum, i.e. the lowest threshold among ties
     # A resample where a label's best F1 is 0 (it drew none of a rare label's few positives) has nothing to say
     # about its threshold: the mean is over the others, and the fallback only where no resample had any F1.
     found = f1.max(0).values > 0  # (B, L)
     count = found.sum(0)  # (L,)
     mean = (chosen.double() * found).sum(0) / count.clamp(min=1)
-    return torch.where(count > 0, mean, torch.full_like(mean, fallback)).float().to(device)
+    tuned = torch.where(count > 0, mean, torch.full_like(mean, fallback)).float()  # (L,)
+    if shrink:  # in float64 from the float32 thresholds, as benchmarks/ensemble_cv.py measured it
+        w = y.sum(0) / (y.sum(0) + shrink)  # (L,) each label's positives among the rows
+        tuned = (w * tuned.double() + (1 - w) * shared.double()).float()
+    return tuned.to(device)
 
 
 def apply_thresholds(probs: Array, thresholds: Array) -> Array:

@@ -624,6 +624,14 @@ def test_ensemble_averages_and_tunes_on_the_averaged_validation(monkeypatch):
     ens.tune(resamples=5)  # averaged over bootstrap resamples of the averaged validation rows
     np.testing.assert_array_equal(ens.thresholds, tune_thresholds(avg, targets, resamples=5).numpy())
     assert ens.resamples == 5 and not np.allclose(ens.thresholds, [0.38, 0.13])
+    ens.tune(resamples=0, shrink=4)  # pulled toward the one threshold best for both: 0.38 (macro-F1 1), 1 and 2 positives
+    np.testing.assert_allclose(ens.thresholds, [0.38, 0.13 / 3 + 0.38 * 2 / 3], atol=1e-6)
+    assert ens.shrink == 4
+    ens.members[0].model.hparams.threshold_shrink = 4.0  # unset: the first member's model.threshold_shrink
+    ens.tune(resamples=0)
+    np.testing.assert_allclose(ens.thresholds, [0.38, 0.13 / 3 + 0.38 * 2 / 3], atol=1e-6)
+    ens.tune(resamples=0, shrink=0)
+    np.testing.assert_allclose(ens.thresholds, [0.38, 0.13], atol=1e-6)
 
 
 def test_ensemble_tunes_on_validation_only_with_the_members_fallback(monkeypatch):
@@ -655,6 +663,8 @@ def test_ensemble_refuses_a_member_named_twice_and_bad_resamples(tmp_path):
         distill.teacher_probs(twice)
     with pytest.raises(GoemoError, match="--resamples must be at least 1"):
         ensemble.build([str(run), str(run)], tmp_path / "ens", resamples=0)
+    with pytest.raises(GoemoError, match=r"--threshold-shrink must be a number >= 0 \(0: none\), got -1"):
+        ensemble.build([str(run), str(run)], tmp_path / "ens", threshold_shrink=-1)
     assert not (tmp_path / "ens").exists()  # refused before any folder is made
     before = sorted(p.name for p in run.iterdir())
     with pytest.raises(GoemoError, match=f"--out {run}: a run's folder; give the ensemble a folder of its own"):
@@ -727,6 +737,7 @@ def test_ensemble_command_and_load_agree(tiny_run, learned_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ens").iterdir()) == [
         "ensemble.json", "test_probs.npy", "test_report.json", "test_report.md", "validation_probs.npy"]  # fmt: skip
     assert spec["threshold_resamples"] == load(runs[0]).model.hparams.threshold_resamples
+    assert spec["threshold_shrink"] == load(runs[0]).model.hparams.threshold_shrink == 0
 
 
 def test_ensemble_cv_tunes_with_the_runs_fallback_and_refuses_an_ensemble_folder(tmp_path, monkeypatch, capsys):
@@ -769,19 +780,16 @@ def test_ensemble_cv_tunes_on_one_half_and_scores_the_other():
 
 
 def test_ensemble_cv_can_shrink_each_labels_threshold_toward_one_global_threshold():
-    from benchmarks.ensemble_cv import cross_validate, heldout_macro, macro_f1, shrunk
+    from benchmarks.ensemble_cv import cross_validate, heldout_macro
 
     probs = np.array([[0.9, 0.35], [0.6, 0.3], [0.2, 0.9], [0.1, 0.2]], dtype=np.float32)
     targets = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=np.uint8)
-    # one threshold for both labels: 0.35 <= g < 0.6 separates label a and keeps b's negatives out; the lowest is 0.35
-    assert macro_f1(probs, targets, np.full(2, 0.35, np.float32)) == 1.0
-    got = shrunk(np.array([0.1, 0.8], np.float32), probs, targets, k=2)  # a: 2 positives, w 1/2; b: 1 positive, w 1/3
-    np.testing.assert_allclose(got, [0.5 * 0.1 + 0.5 * 0.35, 0.8 / 3 + 0.35 * 2 / 3], rtol=1e-6)
     rows = np.arange(4)
-    assert heldout_macro(probs, targets, rows, rows, shrink=1e9) == 1.0  # all on the global threshold
+    assert heldout_macro(probs, targets, rows, rows, shrink=1e9) == 1.0  # all on the global threshold (0.35)
     rng = np.random.default_rng(0)
     p, y = rng.random((200, 3)).astype(np.float32), (rng.random((200, 3)) < 0.3).astype(np.uint8)
     assert cross_validate([p], y, repeats=1, shrink=1e-9)["members"] == cross_validate([p], y, repeats=1)["members"]
+    assert cross_validate([p], y, repeats=1, shrink=10)["members"] != cross_validate([p], y, repeats=1)["members"]
     assert cross_validate([p], y, repeats=1, shrink=10)["shrink"] == 10
 
 
@@ -790,7 +798,7 @@ def test_ensemble_cv_command_errors_are_one_line(tmp_path, capsys):
 
     for argv, message in (
         ([str(tmp_path / "run"), "--repeats", "0"], "--repeats must be at least 1 and --threshold-resamples at least 0, got 0 and None"),
-        ([str(tmp_path / "run"), "--shrink", "0"], "--shrink must be a number above 0, got 0.0"),
+        ([str(tmp_path / "run"), "--shrink", "-1"], "--shrink must be a number >= 0 (0: none), got -1.0"),
         ([str(tmp_path / "nope"), "--out", str(tmp_path)], f"--ckpt_path '{tmp_path / 'nope'}': no such file or run folder"),
     ):
         with pytest.raises(SystemExit) as e:

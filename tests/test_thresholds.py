@@ -88,6 +88,33 @@ def test_resamples_that_drew_none_of_a_rare_labels_positives_do_not_pull_its_thr
     assert got[0].item() == pytest.approx(tune_thresholds(probs, targets)[0].item())
 
 
+def test_shrink_pulls_each_labels_threshold_toward_one_shared_threshold():
+    probs = np.array([[0.9, 0.35], [0.6, 0.3], [0.2, 0.9], [0.1, 0.2]], dtype=np.float32)
+    targets = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=np.uint8)
+    # by hand: each label alone, a is separated from 0.20 up (the lowest: 0.20) and b from 0.35 up (0.35); one
+    # threshold for both: 0.35 <= g < 0.6 separates both (macro-F1 1), so g = 0.35. K = 2: a has 2 positives, w 1/2;
+    # b has 1, w 1/3.
+    np.testing.assert_allclose(tune_thresholds(probs, targets).numpy(), [0.2, 0.35], rtol=0, atol=1e-7)
+    got = tune_thresholds(probs, targets, shrink=2)
+    np.testing.assert_allclose(got.numpy(), [0.5 * 0.2 + 0.5 * 0.35, 0.35 / 3 + 0.35 * 2 / 3], rtol=0, atol=1e-7)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(tune_thresholds(probs, targets, shrink=0).numpy(), tune_thresholds(probs, targets).numpy())
+
+
+def test_shrink_with_resamples_pulls_the_bagged_thresholds_toward_the_rows_own_shared_one(arrays):
+    probs, targets = arrays
+    bagged = tune_thresholds(probs, targets, fallback=0.5, resamples=20).double()
+    macro = [np.mean([f1_score(targets[:, j], probs[:, j] > g, zero_division=0) for j in range(6)]) for g in GRID.numpy()]
+    g = float(GRID[int(np.argmax(macro))])  # the first maximum: the lowest among ties
+    n = targets.sum(0)
+    want = (n / (n + 10.0) * bagged.numpy() + 10.0 / (n + 10.0) * g).astype(np.float32)
+    got = tune_thresholds(probs, targets, fallback=0.5, resamples=20, shrink=10)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
+    assert got[5] == pytest.approx(g)  # no positives: all on the shared threshold, not the fallback
+    with pytest.raises(GoemoError, match="threshold shrink must be a number >= 0"):
+        tune_thresholds(probs, targets, shrink=-1)
+
+
 def test_resampled_thresholds_do_not_depend_on_the_rows_order(arrays):
     # Two DDP ranks' outputs arrive rank by rank, not in the dataset's order: the thresholds must be the same.
     probs, targets = arrays
@@ -193,16 +220,18 @@ def test_validation_tunes_with_the_models_threshold_resamples(learned_run, tiny_
     dm = GoEmotionsDataModule(data_dir=str(learned_run / "data"), tokenizer_name=str(tiny_model),
                               cache_dir=str(learned_run / "cache"))  # fmt: skip
     got = {}
-    for k in (0, 5):
-        model = EmotionClassifier.load_from_checkpoint(best, threshold_resamples=k)
+    for k, shrink in ((0, 0.0), (5, 0.0), (5, 10.0)):
+        model = EmotionClassifier.load_from_checkpoint(best, threshold_resamples=k, threshold_shrink=shrink)
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, dm, verbose=False)
-        got[k] = model.thresholds.clone()
+        got[k, shrink] = model.thresholds.clone()
     model.eval()  # validate() leaves it in training mode, as it found it
     with torch.no_grad():  # the same model's validation outputs, batch by batch
         outputs = [(torch.sigmoid(model.model_step(b)[1]), b["labels"]) for b in dm.val_dataloader()]
     probs, targets = (torch.cat(x) for x in zip(*outputs))
-    for k in (0, 5):
-        torch.testing.assert_close(got[k], tune_thresholds(probs, targets, fallback=0.5, resamples=k), rtol=0, atol=0)
-    assert not torch.equal(got[0], got[5])
+    for (k, shrink), thresholds in got.items():
+        torch.testing.assert_close(thresholds, tune_thresholds(probs, targets, 0.5, k, shrink=shrink), rtol=0, atol=0)
+    assert not torch.equal(got[0, 0.0], got[5, 0.0]) and not torch.equal(got[5, 0.0], got[5, 10.0])
     with pytest.raises(GoemoError, match="threshold_resamples must be >= 0"):
         EmotionClassifier(str(tiny_model), label_names=["a", "b"], threshold_resamples=-1)
+    with pytest.raises(GoemoError, match=r"model.threshold_shrink must be a number >= 0 \(0: no pull"):
+        EmotionClassifier(str(tiny_model), label_names=["a", "b"], threshold_shrink=float("nan"))
