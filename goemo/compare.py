@@ -29,6 +29,8 @@ from goemo.errors import GoemoError, exit_on_error
 # Keys that name where things are, not what the run did.
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
+# Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
+BEFORE = {"model.threshold_shrink": 0.0}
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),
@@ -62,6 +64,9 @@ def run_config(run: Path) -> dict[str, Any]:
         keep = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") == SWEEP_REPORT)]
         config["trainer"]["callbacks"] = keep
     flat = flatten(config)
+    for key, value in BEFORE.items():
+        if isinstance(config.get(key.split(".")[0]), dict):
+            flat.setdefault(key, value)
     if "model.teacher" in flat:
         if flat["model.teacher"] is None:  # no teacher: its weight did nothing, so it does not split the runs
             flat.pop("model.teacher_weight", None)
