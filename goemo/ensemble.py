@@ -55,7 +55,7 @@ class Ensemble:
             self.tune()
         return to_records(texts, self.predict_proba(texts), self.label_names, self.thresholds)
 
-    def tune(self, resamples: Optional[int] = None, shrink: Optional[float] = None) -> dict:
+    def tune(self, resamples: Optional[int] = None, shrink: float | None = None) -> dict:
         """Tune the thresholds on the averaged validation probabilities; returns the split data it used.
 
         Args:
@@ -162,7 +162,7 @@ def check_distinct(runs: list, runs_dir: Union[str, Path] = RUNS_DIR) -> None:
 
 def build(
     runs: list[str], out: Path, resamples: int = 1000, threshold_resamples: Optional[int] = None,
-    threshold_shrink: Optional[float] = None,
+    threshold_shrink: float | None = None,
 ) -> dict:
     """Average, tune on validation (`threshold_resamples`, `threshold_shrink`: see Ensemble.tune), write the report
     into `out`."""
