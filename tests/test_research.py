@@ -588,6 +588,20 @@ def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path):
     assert header[1] == "model.threshold_shrink" and [row[1] for row in body] == ["0.0", "10.0"]
 
 
+def test_compare_groups_a_resumed_fit_with_its_seeds(tmp_path):
+    """A resumed fit rewrites its config.yaml with ckpt_path and model.pretrained false (the checkpoint holds the
+    weights): the same recipe as a fit that ran in one go."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+    whole, resumed = fake_run(tmp_path / "a", 1e-4, 7, val, t), fake_run(tmp_path / "b", 1e-4, 1, val, t)
+    for folder, pretrained, ckpt in ((whole, True, None), (resumed, False, "lightning_logs/version_0/checkpoints/last.ckpt")):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["model"]["pretrained"], config["ckpt_path"] = pretrained, ckpt
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    header, body = compare.table([whole, resumed])
+    assert header[1] == "seed" and len(body) == 1 and body[0][1:3] == ["7, 1", "2"]
+
+
 def test_compare_counts_a_run_named_twice_once(tmp_path):
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
