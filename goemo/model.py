@@ -253,7 +253,8 @@ class EmotionClassifier(L.LightningModule):
                 ensembles, measured on halves of the validation split (docs/results.md).
             threshold_shrink: K: each label's tuned threshold t_j is pulled toward g, the one threshold with the
                 best macro-F1 on the validation rows, as `w t_j + (1 - w) g` with `w = n_j / (n_j + K)` and n_j the
-                label's validation positives; so a rare label leans on the threshold all labels share. 0: no pull.
+                label's validation positives; so a rare label leans on the threshold all labels share (one without
+                validation positives takes it instead of `threshold`). 0: no pull. configs/minilm.yaml sets 10.
             loss: `bce`: binary cross-entropy; `bce_pos_weight`: BCE whose positives of each label weigh
                 negatives/positives of that label in the training data (capped at `pos_weight_max`), on the
                 logits shifted by the log of that weight, so the outputs stay the label's probabilities;

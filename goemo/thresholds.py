@@ -54,8 +54,8 @@ def tune_thresholds(
         seed: Seed of the resampling's own generator (the global random state is neither used nor advanced).
         shrink: Pull each label's threshold toward g, the one grid threshold with the best macro-F1 on the rows:
             label j's becomes `w t_j + (1 - w) g`, `w = n_j / (n_j + shrink)`, n_j its positives among the rows.
-            A label with a few dozen positives leans on the threshold all labels share (docs/results.md).
-            0: no pull.
+            A label with a few dozen positives leans on the threshold all labels share (docs/results.md), one
+            without positives takes g (not `fallback`). 0: no pull.
 
     Returns:
         (L,) float32 thresholds, on the device of `probs`.
