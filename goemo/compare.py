@@ -26,9 +26,8 @@ import yaml
 
 from goemo.errors import GoemoError, exit_on_error
 
-# Keys that name where things are, not what the run did.
-# Not what a run did: where it was loaded from and wrote to. model.pretrained says whether the encoder's weights
-# came from its model folder or a checkpoint: a resumed fit's config.yaml has false (the CLI sets it with --ckpt_path).
+# Keys that name where things are, not what the run did. model.pretrained says whether the encoder's weights came
+# from its model folder or a checkpoint: a resumed fit's config.yaml has false (the CLI sets it with --ckpt_path).
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir",
            "model.pretrained")  # fmt: skip
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
