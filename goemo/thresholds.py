@@ -55,7 +55,7 @@ def tune_thresholds(
         shrink: Pull each label's threshold toward g, the one grid threshold with the best macro-F1 on the rows:
             label j's becomes `w t_j + (1 - w) g`, `w = n_j / (n_j + shrink)`, n_j its positives among the rows.
             A label with a few dozen positives leans on the threshold all labels share (docs/results.md), one
-            without positives takes g (not `fallback`). 0: no pull.
+            without positives takes g (not `fallback`; g is `fallback` where no threshold gives any F1). 0: no pull.
 
     Returns:
         (L,) float32 thresholds, on the device of `probs`.
@@ -95,7 +95,9 @@ def tune_thresholds(
         tp[g], predicted[g] = weights @ (pred * y), weights @ pred
     f1 = torch.from_numpy(prf(tp.numpy(), (predicted - tp).numpy(), (pos - tp).numpy())[2])  # (G, B, L), as in the report
     if shrink:
-        shared = GRID[f1[:, -1].mean(1).argmax()]  # the rows' best macro-F1 at one threshold; ties -> the lowest
+        macro = f1[:, -1].mean(1)  # (G,) the rows' macro-F1 at each single threshold
+        # the best, ties -> the lowest; with no F1 at any threshold (no positives), the fallback, as for each label
+        shared = GRID[macro.argmax()] if macro.max() > 0 else torch.tensor(fallback)
         if resamples:
             f1 = f1[:, :-1]
     chosen = GRID[f1.argmax(0)]  # (B, L) the first maximum, i.e. the lowest threshold among ties

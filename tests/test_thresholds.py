@@ -113,6 +113,11 @@ def test_shrink_with_resamples_pulls_the_bagged_thresholds_toward_the_rows_own_s
     assert got[5] == pytest.approx(g)  # no positives: all on the shared threshold, not the fallback
     with pytest.raises(GoemoError, match="threshold shrink must be a number >= 0"):
         tune_thresholds(probs, targets, shrink=-1)
+    # no positives at all: every single threshold has macro-F1 0, and the lowest (0.01) would predict every label
+    # for every row; the shared threshold is the fallback then, as each label's own
+    for resamples in (0, 20):
+        got = tune_thresholds(probs, np.zeros_like(targets), fallback=0.5, resamples=resamples, shrink=10)
+        np.testing.assert_array_equal(got.numpy(), np.full(6, 0.5, np.float32))
 
 
 def test_resampled_thresholds_do_not_depend_on_the_rows_order(arrays):
