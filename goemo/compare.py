@@ -26,10 +26,8 @@ import yaml
 
 from goemo.errors import GoemoError, exit_on_error
 
-# Keys that name where things are, not what the run did. model.pretrained says whether the encoder's weights came
-# from its model folder or a checkpoint: a resumed fit's config.yaml has false (the CLI sets it with --ckpt_path).
-IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir",
-           "model.pretrained")  # fmt: skip
+# Keys that name where things are, not what the run did.
+IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
 BEFORE = {"model.threshold_shrink": 0.0}
@@ -66,6 +64,10 @@ def run_config(run: Path) -> dict[str, Any]:
         keep = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") == SWEEP_REPORT)]
         config["trainer"]["callbacks"] = keep
     flat = flatten(config)
+    if flat.get("ckpt_path") and flat.get("model.pretrained") is False:
+        # A resumed fit's config.yaml: the CLI sets pretrained false with --ckpt_path (the checkpoint holds the
+        # weights), whatever the fit started from; as the encoder's pretrained weights are the usual start, that.
+        flat["model.pretrained"] = True
     for key, value in BEFORE.items():
         if isinstance(config.get(key.split(".")[0]), dict):
             flat.setdefault(key, value)

@@ -600,6 +600,11 @@ def test_compare_groups_a_resumed_fit_with_its_seeds(tmp_path):
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
     header, body = compare.table([whole, resumed])
     assert header[1] == "seed" and len(body) == 1 and body[0][1:3] == ["7, 1", "2"]
+    config = yaml.safe_load((resumed / "config.yaml").read_text())
+    config["ckpt_path"] = None  # a fresh fit with random encoder weights: another recipe
+    (resumed / "config.yaml").write_text(yaml.safe_dump(config))
+    header, body = compare.table([whole, resumed])
+    assert header[1] == "model.pretrained" and [row[1] for row in body] == ["True", "False"]
 
 
 def test_compare_counts_a_run_named_twice_once(tmp_path):
