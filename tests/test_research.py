@@ -879,6 +879,16 @@ def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_p
     ensemble_cv.main([runs[0], str(other), "--repeats", "2", "--out", str(tmp_path)])
     assert capsys.readouterr().err == ("note: the runs' model.threshold differ: every run and the ensemble are tuned "
                                        "with the first run's (threshold 0.5)\n")
+    # A run of model.threshold_shrink 10 first: --shrink defaults to its setting, and the note names it.
+    ckpt["hyper_parameters"].update(threshold=0.5, threshold_shrink=10.0)
+    torch.save(ckpt, best)
+    pulled = ensemble_cv.main([str(other), runs[0], "--repeats", "2", "--out", str(tmp_path)])
+    assert pulled["shrink"] == 10.0 and pulled["members"][0] == ensemble_cv.main(
+        [str(other), "--repeats", "2", "--shrink", "10", "--out", str(tmp_path)])["members"][0]
+    out, err = capsys.readouterr()
+    assert "thresholds shrunk with K 10" in out
+    assert err == ("note: the runs' model.threshold_shrink differ: every run and the ensemble are tuned with the first "
+                   "run's (threshold_shrink 10.0)\n")
 
 
 @pytest.mark.slow
