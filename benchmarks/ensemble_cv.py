@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     import goemo
-    from goemo.ensemble import Ensemble, splits_of
+    from goemo.ensemble import Ensemble, note_differing, splits_of
     from goemo.files import check_writable
 
     if args.repeats < 1 or (args.threshold_resamples is not None and args.threshold_resamples < 0):
@@ -114,10 +114,8 @@ def measure(args: argparse.Namespace) -> dict:
     fallback = float(runs[0].model.hparams.threshold)  # as the runs' own tuning and goemo.ensemble
     keys = ["threshold"] + (["threshold_resamples"] if args.threshold_resamples is None else [])
     keys += ["threshold_shrink"] if args.shrink is None else []
-    differ = [k for k in keys if len({float(getattr(m.model.hparams, k, 0.0)) for m in runs}) > 1]
-    if differ:  # then a run's row here is not its score alone, and the order of the runs moves the figures
-        print(f"note: the runs' model.{' and model.'.join(differ)} differ: every run and the ensemble are tuned with "
-              f"the first run's ({', '.join(f'{k} {getattr(runs[0].model.hparams, k, 0.0)}' for k in differ)})", file=sys.stderr)
+    # then a run's row here is not its score alone, and the order of the runs moves the figures
+    note_differing(runs, keys, "every run and the ensemble are")
     r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback, shrink=shrink)
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]

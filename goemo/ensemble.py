@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -69,11 +70,23 @@ class Ensemble:
         data = splits_of(self.members[0])
         probs = self.predict_proba(data["validation"]["text"])
         hp = self.members[0].model.hparams
+        keys = ["threshold"] + (["threshold_resamples"] if resamples is None else []) + (["threshold_shrink"] if shrink is None else [])
+        note_differing(self.members, keys, "the ensemble is")
         self.resamples = int(hp.threshold_resamples if resamples is None else resamples)
         self.shrink = float(getattr(hp, "threshold_shrink", 0.0) if shrink is None else shrink)
         targets = data["validation"]["targets"]
         self.thresholds = tune_thresholds(probs, targets, float(hp.threshold), self.resamples, shrink=self.shrink).numpy()
         return {**data, "validation_probs": probs}
+
+
+def note_differing(members: list, keys: list[str], what: str) -> None:
+    """A note on stderr when the members' threshold settings `keys` (model hparams) differ: `what` (e.g. "the
+    ensemble is") tuned with the first member's, so the members' order moves the result."""
+    differ = [k for k in keys if len({float(getattr(m.model.hparams, k, 0.0)) for m in members}) > 1]
+    if differ:
+        first = ", ".join(f"{k} {getattr(members[0].model.hparams, k, 0.0)}" for k in differ)
+        print(f"note: the runs' model.{' and model.'.join(differ)} differ: {what} tuned with the first run's ({first})",
+              file=sys.stderr)
 
 
 def splits_of(member, splits: tuple[str, ...] = ("validation", "test")) -> dict:

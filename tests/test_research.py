@@ -672,7 +672,7 @@ def test_ensemble_averages_and_tunes_on_the_averaged_validation(monkeypatch):
     np.testing.assert_allclose(ens.thresholds, [0.38, 0.13], atol=1e-6)
 
 
-def test_ensemble_tunes_on_validation_only_with_the_members_fallback(monkeypatch):
+def test_ensemble_tunes_on_validation_only_with_the_members_fallback(monkeypatch, capsys):
     val_p = np.array([[0.9, 0.2], [0.1, 0.3]], dtype=np.float32)  # texts "0", "1": validation
     test_p = np.array([[0.4, 0.2], [0.6, 0.3]], dtype=np.float32)  # texts "2", "3": test
     probs = np.concatenate([val_p, test_p])
@@ -685,6 +685,8 @@ def test_ensemble_tunes_on_validation_only_with_the_members_fallback(monkeypatch
                                                           "test": {"text": ["2", "3"], "targets": test_y}})
     data = ens.tune()  # the test rows would give a 0.40 and b 0.20
     np.testing.assert_allclose(ens.thresholds, [0.10, 0.30], atol=1e-6)  # a: 0.9 vs 0.1 on validation; b: fallback
+    assert capsys.readouterr().err == ("note: the runs' model.threshold differ: the ensemble is tuned with the first "
+                                       "run's (threshold 0.3)\n")  # fmt: skip
     np.testing.assert_array_equal(data["validation_probs"], val_p)
 
 
