@@ -53,17 +53,8 @@ class WeightedBCE(nn.Module):
     def __init__(self, num_labels: int) -> None:
         super().__init__()
         # A buffer, so checkpoints carry it (state key loss_fn.pos_weight); 1 until fit fills it in.
+        # float32 under precision bf16-true too (EmotionClassifier._apply): in bf16, 559 would be 560.
         self.register_buffer("pos_weight", torch.ones(num_labels, dtype=torch.float32))
-
-    def _apply(self, fn, recurse=True):
-        """As nn.Module's, except that pos_weight keeps float32 under a dtype cast (`precision: bf16-true`): in bf16 a
-        weight is rounded to 3 significant digits (559 -> 560). nn.Module has no public way to keep a buffer's dtype
-        (pytorch/pytorch#139429), hence this private hook, as the model's thresholds."""
-        weight = self.pos_weight
-        super()._apply(fn, recurse)
-        if self.pos_weight.dtype != weight.dtype:
-            self.pos_weight = weight.to(self.pos_weight.device)
-        return self
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         w = self.pos_weight.float()  # (L,) float32

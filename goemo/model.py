@@ -353,16 +353,22 @@ class EmotionClassifier(L.LightningModule):
         self.val_outputs = ProbsAndTargets()
         self.test_outputs = ProbsAndTargets()
 
+    # Buffers that keep float32 under a dtype cast: the tuned thresholds (probabilities are float32, and a bf16
+    # threshold is the tuned one rounded to 1/256 of its power of two, 0.37 -> 0.3691, which flips the rows in
+    # between) and bce_pos_weight's weights (559 -> 560 in bf16).
+    FLOAT32_BUFFERS = ("thresholds", "loss_fn.pos_weight")
+
     def _apply(self, fn, recurse=True):
-        """Casts and moves as nn.Module does, except that the tuned thresholds keep float32 under a dtype cast
-        (`precision: bf16-true`, `.half()`): probabilities are float32, and a bf16 threshold is the tuned one rounded
-        to 1/256 of its power of two (0.37 -> 0.3691), which flips the rows in between. Device moves still apply.
-        nn.Module has no public way to keep a buffer's dtype (pytorch/pytorch#139429), hence this private hook."""
-        thresholds = self._buffers.get("thresholds")
+        """Casts and moves as nn.Module does, except that FLOAT32_BUFFERS keep float32 under a dtype cast
+        (`precision: bf16-true`, `.half()`); device moves still apply. nn.Module has no public way to keep a buffer's
+        dtype (pytorch/pytorch#139429), hence this private hook."""
+        kept = {name: b for name, b in self.named_buffers() if name in self.FLOAT32_BUFFERS}
         super()._apply(fn, recurse)
-        moved = self._buffers.get("thresholds")
-        if thresholds is not None and moved.dtype != thresholds.dtype:
-            self._buffers["thresholds"] = thresholds.to(moved.device)
+        for name, before in kept.items():
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner)
+            if module._buffers[leaf].dtype != before.dtype:
+                module._buffers[leaf] = before.to(module._buffers[leaf].device)
         return self
 
     # -- forward -----------------------------------------------------------------------------
