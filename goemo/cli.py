@@ -296,7 +296,15 @@ class GoemoCLI(LightningCLI):
             trainer = {k: v for k, v in cfg.trainer.as_dict().items() if isinstance(v, (int, float, str, bool))}
             logger.run_config = {"seed_everything": cfg.seed_everything, "trainer": trainer}
 
-    before_fit = before_validate = before_test = before_predict = _before_run
+    before_validate = before_test = before_predict = _before_run
+
+    def before_fit(self) -> None:
+        self._before_run()
+        teacher = getattr(self.model.hparams, "teacher", None)
+        if teacher is not None:  # the file and its labels now, before the data module tokenizes every split
+            from goemo.teacher import check_teacher
+
+            check_teacher(teacher, self.model.label_names)
 
     def predict(
         self,

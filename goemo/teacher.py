@@ -73,28 +73,45 @@ def teacher_path(name: str, option: str = "model.teacher") -> Path:
     return path
 
 
-def read_teacher_file(
-    name: str, labels: list[str], texts: list[str], option: str = "model.teacher"
-) -> tuple[np.ndarray, list[str]]:
-    """read_teacher's table and the file's `teachers` (what it was distilled from); errors name `option`."""
-    null = option == "model.teacher"  # a student's fit can drop its teacher
+def _fields(name: str, labels: list[str], option: str, labels_only: bool = False) -> dict:
+    """The file's arrays (only `format` and `labels` with `labels_only`), checked against the data's `labels`; errors
+    are one line naming `option`."""
     path = teacher_path(name, option)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise ValueError("one array, not an .npz archive")
         with z:
-            fmt, probs, saved, digest = int(z["format"]), z["probs"], [str(s) for s in z["labels"]], str(z["digest"])
-            keys = z["keys"] if fmt >= 3 else None
-            teachers = [str(t) for t in z["teachers"]] if "teachers" in z.files else []
+            f = {"format": int(z["format"]), "labels": [str(s) for s in z["labels"]]}
+            if not labels_only:
+                f.update(probs=z["probs"], digest=str(z["digest"]), keys=z["keys"] if f["format"] >= 3 else None,
+                         teachers=[str(t) for t in z["teachers"]] if "teachers" in z.files else [])  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a 0-d `labels`, ...
         raise GoemoError(f"{option} {name!r}: not a goemo teacher file ({e}); write one with `python -m goemo.distill`") from None
-    if fmt not in READ_FORMATS:
-        raise GoemoError(f"{option} {name!r}: format {fmt}, this goemo reads {READ_FORMATS[0]}-{READ_FORMATS[-1]}; write it again with `python -m goemo.distill`")
-    if saved != list(labels):
+    null = option == "model.teacher"  # a student's fit can drop its teacher
+    if f["format"] not in READ_FORMATS:
+        raise GoemoError(f"{option} {name!r}: format {f['format']}, this goemo reads {READ_FORMATS[0]}-{READ_FORMATS[-1]}; write it again with `python -m goemo.distill`")
+    if f["labels"] != list(labels):
+        saved = f["labels"]
         raise GoemoError(f"{option} {name!r} has {len(saved)} labels ({', '.join(saved[:3])}, ...), the data "
                          f"{len(labels)} ({', '.join(labels[:3])}, ...); use a teacher of the same labels"
                          + (", or --model.teacher null" if null else ""))  # fmt: skip
+    return f
+
+
+def check_teacher(name: str, labels: list[str], option: str = "model.teacher") -> None:
+    """read_teacher_file's checks that need no training texts (the file, its format, its labels), without reading
+    the table: a fit makes them before its data module tokenizes, so a wrong file fails at once."""
+    _fields(name, labels, option, labels_only=True)
+
+
+def read_teacher_file(
+    name: str, labels: list[str], texts: list[str], option: str = "model.teacher"
+) -> tuple[np.ndarray, list[str]]:
+    """read_teacher's table and the file's `teachers` (what it was distilled from); errors name `option`."""
+    null = option == "model.teacher"  # a student's fit can drop its teacher
+    f = _fields(name, labels, option)
+    probs, digest, keys, teachers = f["probs"], f["digest"], f["keys"], f["teachers"]
     if probs.dtype != np.uint8 or probs.shape[1:] != (len(labels),):  # a hand-made file: floats, or a wrong width
         raise GoemoError(f"{option} {name!r}: probs must be (rows, {len(labels)}) uint8 (probability x 255), got "
                          f"{probs.shape} {probs.dtype}; write it with `python -m goemo.distill`")  # fmt: skip

@@ -240,6 +240,23 @@ def test_a_teacher_for_other_rows_or_with_other_options_is_a_one_line_error(tmp_
             weightless, dm)  # at fit: a checkpoint of such a run (once allowed) still loads, tests and predicts
 
 
+def test_a_teacher_of_other_labels_stops_a_fit_before_the_data_is_tokenized(
+    tmp_path, tiny_model, tiny_data, monkeypatch, capsys
+):
+    from goemo.cli import main
+
+    teacher_file.write_teacher(tmp_path / "t.npz", np.zeros((2, 2), np.float32), ["x", "y"], ["a", "b"], ["m"])
+    tokenized = []
+    monkeypatch.setattr(GoEmotionsDataModule, "prepare_data", lambda self: tokenized.append(1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
+              "--data.cache_dir", str(tmp_path / "c"), "--model.teacher", str(tmp_path / "t.npz")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has 2 labels (x, y, ...), the data 4 (joy, anger, fear, ...)" in err, err
+    assert tokenized == []  # before the data module's prepare_data, which tokenizes every split
+
+
 def test_folds_partition_the_training_split_and_a_fold_run_trains_on_the_others(tmp_path, tiny_model, tiny_data):
     from goemo.data import fold_ids
 
