@@ -164,7 +164,13 @@ STALE_WORK_S = 24 * 3600  # another machine's work folder untouched this long is
 
 
 def this_host() -> str:
-    return socket.gethostname().replace("/", "_") or "host"
+    """This machine as a get's work folder names it: the host name, and on Linux the PID namespace's number, since two
+    containers may share a host name while each has PIDs of its own."""
+    host = socket.gethostname().replace("/", "_").replace("@", "_") or "host"
+    try:
+        return f"{host}@{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux
+        return host
 
 
 def work_prefix() -> str:
@@ -174,14 +180,14 @@ def work_prefix() -> str:
 
 
 def remove_dead_work(repo: Path) -> None:
-    """Remove the work folders that killed gets left: this machine's whose process is gone, another machine's
-    untouched for a day, and those of goemo versions before the names said whose they were. A get still running
-    beside this one (another shell, a job array) keeps its own."""
+    """Remove the work folders that killed gets left: this machine's whose process is gone, and others untouched for a
+    day (another machine's or container's, or one of a goemo version whose names did not say whose they were). A get
+    still running beside this one (another shell, a job array) keeps its own."""
     here = this_host()
     for old in repo.glob(".partial-*"):
-        owner = old.name[len(".partial-"):].rsplit("-", 1)[0]  # PID@HOST, or (older names) PID or nothing
+        owner = old.name[len(".partial-"):].rsplit("-", 1)[0]  # PID@HOST, or (older names) PID@NAME, PID or nothing
         pid, _, host = owner.partition("@")
-        if host and host != here:
+        if host != here:  # its PID means nothing here
             try:
                 stale = time.time() - old.stat().st_mtime > STALE_WORK_S
             except OSError:
@@ -191,7 +197,7 @@ def remove_dead_work(repo: Path) -> None:
             continue
         try:
             os.kill(int(pid), 0)
-        except (ProcessLookupError, ValueError):  # that get is gone, or a goemo before the pid was in the name
+        except (ProcessLookupError, ValueError):  # that get is gone (or a name no get wrote)
             shutil.rmtree(old, ignore_errors=True)
         except OSError:  # a live process of another user
             pass

@@ -126,15 +126,20 @@ def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(
     import socket
     import time
 
-    host = socket.gethostname()
-    live, fresh = f".partial-{os.getpid()}@{host}-live", f".partial-{gone.pid}@other-node-fresh"  # kept
-    for name in (live, f".partial-{gone.pid}@{host}-dead", fresh, f".partial-{gone.pid}@other-node-stale",
-                 f".partial-{gone.pid}-dead", ".partial-qp5_ikmz"):  # the last two: older goemos' names  # fmt: skip
+    here, host = models.this_host(), socket.gethostname()
+    live = f".partial-{os.getpid()}@{here}-live"  # this get's: kept
+    # Not this machine's (another machine; a container of the same host name with PIDs of its own; a goemo whose names
+    # gave no namespace, or no host at all): their PIDs mean nothing here, so they go only once untouched for a day.
+    others = [f"{gone.pid}@other-node", f"{gone.pid}@{host}@1", f"{gone.pid}@{host}", f"{gone.pid}", ""]
+    fresh = [f".partial-{o}{'-' if o else ''}fresh" for o in others]
+    stale = [f".partial-{o}{'-' if o else ''}stale" for o in others]
+    for name in (live, f".partial-{gone.pid}@{here}-dead", *fresh, *stale):
         (repo / name).mkdir(parents=True)
-    # Another machine's work (a cache shared over the network) is never judged by this machine's pids: it goes
-    # only once it has been untouched for a day.
     day_ago = time.time() - models.STALE_WORK_S - 60
-    os.utime(repo / f".partial-{gone.pid}@other-node-stale", (day_ago, day_ago))
+    for name in stale:
+        os.utime(repo / name, (day_ago, day_ago))
+    if Path("/proc/self/ns/pid").exists():
+        assert here == f"{host}@{os.stat('/proc/self/ns/pid').st_ino}"
     # Another get (alive) finished its snapshot but has not written refs/main yet: it stays, byte for byte.
     snapshot = repo / "snapshots" / spec.sha256[:40]
     snapshot.mkdir(parents=True)
@@ -142,7 +147,7 @@ def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(
     marker.write_bytes(b"the other get's verified weights")
     assert models.get("tiny", wheels, cache) == snapshot
     assert marker.read_bytes() == b"the other get's verified weights"
-    assert sorted(p.name for p in repo.glob(".partial-*")) == sorted([live, fresh])
+    assert sorted(p.name for p in repo.glob(".partial-*")) == sorted([live, *fresh])
     # `~` in --cache and --wheels is the home folder, as a shell would expand it; a file is not a wheels folder
     monkeypatch.setenv("HOME", str(tmp_path))
     assert models.get("tiny", Path("~") / wheels.name, Path("~/hub2")).is_relative_to(tmp_path / "hub2")
