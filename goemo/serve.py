@@ -160,8 +160,12 @@ def check_address(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
             s.bind((host, port))
     except OSError as e:
-        what = ("stop what holds the port or pick another --port" if e.errno == errno.EADDRINUSE
-                else "this machine cannot listen there; pick another --host")  # fmt: skip
+        if e.errno == errno.EADDRINUSE:
+            what = "stop what holds the port or pick another --port"
+        elif e.errno == errno.EACCES:  # a port reserved here (Windows' excluded ranges, SELinux, a raised unprivileged start)
+            what = "this machine does not let goemo listen on that port; pick another --port"
+        else:  # IPv6 off (EAFNOSUPPORT), an address not on this machine
+            what = "this machine cannot listen there; pick another --host"
         raise GoemoError(f"cannot listen on {host} port {port} ({e.strerror}); {what}") from None
 
 

@@ -263,3 +263,20 @@ def test_a_host_this_machine_cannot_listen_on_is_one_line(monkeypatch):
         serve.check_address("::", 8765)
     assert str(e.value) == ("cannot listen on :: port 8765 (Address family not supported by protocol); this machine "
                             "cannot listen there; pick another --host")  # fmt: skip
+
+
+def test_a_port_this_machine_reserves_says_pick_another_port(monkeypatch):
+    """A forbidden port (EACCES: Windows' excluded ranges, SELinux port labels) is not fixed by another --host."""
+    import errno
+
+    from goemo import serve
+    from goemo.errors import GoemoError
+
+    def reserved(self, address):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(serve.socket.socket, "bind", reserved)
+    with pytest.raises(GoemoError) as e:
+        serve.check_address("0.0.0.0", 8000)
+    assert str(e.value) == ("cannot listen on 0.0.0.0 port 8000 (Permission denied); this machine does not let goemo "
+                            "listen on that port; pick another --port")  # fmt: skip
