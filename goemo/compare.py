@@ -30,7 +30,7 @@ from goemo.errors import GoemoError, exit_on_error
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
-BEFORE = {"model.threshold_shrink": 0.0}
+BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0}
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),
@@ -66,8 +66,9 @@ def run_config(run: Path) -> dict[str, Any]:
     flat = flatten(config)
     if flat.get("ckpt_path") and flat.get("model.pretrained") is False:
         # A resumed fit's config.yaml: the CLI sets pretrained false with --ckpt_path (the checkpoint holds the
-        # weights), whatever the fit started from; as the encoder's pretrained weights are the usual start, that.
-        flat["model.pretrained"] = True
+        # weights), whatever the fit started from. Its checkpoints say what that was; those from before they did:
+        # the encoder's pretrained weights, the usual start.
+        flat["model.pretrained"] = encoder_start(run) != "random"
     for key, value in BEFORE.items():
         if isinstance(config.get(key.split(".")[0]), dict):
             flat.setdefault(key, value)
@@ -90,6 +91,16 @@ def shipped_name(value: Any) -> Any:
         if shipped.stat().st_size == path.stat().st_size and shipped.read_bytes() == path.read_bytes():
             return f"pkg:goemo/teachers/{shipped.name}"
     return value
+
+
+def encoder_start(run: Path) -> str | None:
+    """What the encoder of the run's best checkpoint started from ("pretrained", "random"), or None if it does not say."""
+    from goemo.runs import best_checkpoint, load_checkpoint
+
+    try:
+        return load_checkpoint(best_checkpoint(run), mmap=True).get("encoder_start")
+    except (GoemoError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def best_point(run: Path) -> tuple[Optional[int], Optional[int]]:

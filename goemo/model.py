@@ -344,6 +344,9 @@ class EmotionClassifier(L.LightningModule):
         self.teacher_probs: Optional[torch.Tensor] = None  # teacher: (N, L) on the CPU, read at fit; not saved
         self.teacher_sha256: Optional[str] = None  # of that table; saved, so a resumed fit trains on the same one
         self.schedule_steps: Optional[int] = None  # the learning-rate schedule's length; saved in checkpoints
+        # What the encoder's weights started from, saved in checkpoints and kept through resumes (a resumed fit is built
+        # with pretrained false, as the checkpoint holds every weight): goemo.compare groups runs by it. None: unknown.
+        self.encoder_start: str | None = "pretrained" if pretrained else "random"
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
@@ -637,6 +640,8 @@ class EmotionClassifier(L.LightningModule):
             checkpoint["teacher_sha256"] = self.teacher_sha256
         if self.schedule_steps is not None:
             checkpoint["schedule_steps"] = self.schedule_steps
+        if self.encoder_start is not None:
+            checkpoint["encoder_start"] = self.encoder_start
 
     def _check_resumed_targets(self, checkpoint: dict) -> None:
         """A resumed fit goes on with the soft targets it started with: model.self_distill's share, the teacher, its
@@ -672,6 +677,7 @@ class EmotionClassifier(L.LightningModule):
         if self.distill_targets is not None and "self_distill" in checkpoint:
             self.distill_targets.load_state_dict(checkpoint["self_distill"])
         self.schedule_steps = checkpoint.get("schedule_steps")  # compared at configure_optimizers, which comes after
+        self.encoder_start = checkpoint.get("encoder_start")  # a checkpoint from before it: unknown
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
             rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")

@@ -400,3 +400,20 @@ def test_a_resumed_fit_keeps_its_self_distill_share(tiny_model, was, now):
         model._check_resumed_targets({"hyper_parameters": {"self_distill": was, "teacher": None}})
     model._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"))  # test and predict need no targets
     model._check_resumed_targets({"hyper_parameters": {"self_distill": was, "teacher": None}})
+
+
+def test_checkpoints_say_what_the_encoder_started_from_and_a_resume_keeps_it(tiny_model):
+    scratch = EmotionClassifier(str(tiny_model), pretrained=False)
+    ckpt = {"state_dict": scratch.state_dict()}
+    scratch.on_save_checkpoint(ckpt)
+    assert ckpt["encoder_start"] == "random"
+    resumed = EmotionClassifier(str(tiny_model), pretrained=False)  # as the CLI builds a resumed fit
+    resumed.on_load_checkpoint({**ckpt, "encoder_start": "pretrained"})
+    out = {}
+    resumed.on_save_checkpoint(out)
+    assert out["encoder_start"] == "pretrained"
+    old = {k: v for k, v in ckpt.items() if k != "encoder_start"}  # a checkpoint from before the key: unknown, not guessed
+    resumed.on_load_checkpoint(old)
+    out = {}
+    resumed.on_save_checkpoint(out)
+    assert "encoder_start" not in out

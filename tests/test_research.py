@@ -605,6 +605,18 @@ def test_compare_groups_a_resumed_fit_with_its_seeds(tmp_path):
     (resumed / "config.yaml").write_text(yaml.safe_dump(config))
     header, body = compare.table([whole, resumed])
     assert header[1] == "model.pretrained" and [row[1] for row in body] == ["True", "False"]
+    # A fit from random weights, resumed: its config.yaml reads as the pretrained one's, its checkpoints say otherwise.
+    config["ckpt_path"] = "lightning_logs/version_0/checkpoints/last.ckpt"
+    (resumed / "config.yaml").write_text(yaml.safe_dump(config))
+    best = resumed / "checkpoints" / "epoch01-step21.ckpt"
+    torch.save({**torch.load(best), "encoder_start": "random"}, best)
+    header, body = compare.table([whole, resumed])
+    assert header[1] == "model.pretrained" and [row[1] for row in body] == ["True", "False"]
+    torch.save({**torch.load(best), "encoder_start": "pretrained"}, best)
+    assert len(compare.table([whole, resumed])[1]) == 1
+    config["model"].pop("pretrained")  # a run from before the setting: the pretrained encoder, as goemo always did
+    (resumed / "config.yaml").write_text(yaml.safe_dump(config))
+    assert len(compare.table([whole, resumed])[1]) == 1
 
 
 def test_compare_counts_a_run_named_twice_once(tmp_path):

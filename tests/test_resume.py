@@ -305,6 +305,9 @@ def test_a_run_resumed_from_another_folder_keeps_its_checkpoint_ranking(learned_
     want = next(v for k, v in load_checkpoint(learned_run / LAST)["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert Path(state["best_model_path"]).name == Path(want["best_model_path"]).name
     assert state["best_model_score"] == want["best_model_score"]
+    # The CLI built the resumed model with pretrained false (the checkpoint holds the weights): its saves still say
+    # the encoder started from the pretrained weights, for goemo.compare.
+    assert load_checkpoint(work / LAST)["encoder_start"] == load_checkpoint(learned_run / LAST)["encoder_start"] == "pretrained"
 
 
 def test_a_refused_resume_leaves_the_runs_config_as_it_was(tiny_run, tmp_path):
