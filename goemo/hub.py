@@ -143,14 +143,38 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab*", "*.model")
 
 
 def _missing_files(what: str, folder: Path) -> str:
-    """Why a model/tokenizer folder cannot load when the reason is a missing file (transformers' own first line
-    names a missing key or a backend instead); "" when the expected files are there."""
+    """Why a model/tokenizer folder cannot load when the reason is a missing file or an unknown tokenizer class
+    (transformers' own first line names a missing key or a backend instead); "" when goemo cannot tell."""
     if not (folder / "config.json").is_file() and what == "model":
         return "it has no config.json; give the folder that save_pretrained wrote (config.json, weights, tokenizer files)"
-    if what == "tokenizer" and not any(f.is_file() for pattern in TOKENIZER_FILES for f in folder.glob(pattern)):
+    if what != "tokenizer":
+        return ""
+    import transformers
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    name = _tokenizer_class(folder)
+    cls = tokenizer_class_from_name(name) if name else None
+    if name and cls is None:
+        return (f"its tokenizer_config.json names tokenizer_class {name!r}, which transformers {transformers.__version__} "
+                "does not have; save the tokenizer with this transformers (tokenizer.save_pretrained) or install the one it "
+                "was saved with")  # fmt: skip
+    reads_files = cls is None or bool(getattr(cls, "vocab_files_names", None))  # byte/character-level ones read none
+    if reads_files and not any(f.is_file() for pattern in TOKENIZER_FILES for f in folder.glob(pattern)):
         return ("it has no tokenizer files (tokenizer.json, or a vocabulary such as vocab.txt or spiece.model); "
                 "save the tokenizer into it (tokenizer.save_pretrained)")
     return ""
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    """The tokenizer_class its tokenizer_config.json names, or None (none there: transformers goes by config.json's
+    model type)."""
+    import json
+
+    try:
+        name = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def unreachable(what: str, name: str, err: Exception) -> GoemoError:

@@ -1,6 +1,7 @@
 """Every shipped config parses; run resolution and offline errors behave."""
 
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def test_a_model_folder_with_unreadable_weights_is_one_line(tiny_model, tmp_path
 def test_a_folder_without_tokenizer_files_says_so(tiny_model, tmp_path):
     import shutil
 
-    from goemo.hub import load_tokenizer
+    from goemo.hub import _missing_files, load_tokenizer
 
     bare = tmp_path / "bare"  # transformers' own first line: "Couldn't instantiate the backend tokenizer from one of:"
     bare.mkdir()
@@ -180,6 +181,16 @@ def test_a_folder_without_tokenizer_files_says_so(tiny_model, tmp_path):
         load_tokenizer(str(bare))
     shutil.copytree(tiny_model, tmp_path / "whole")  # the same check lets a complete folder through
     assert load_tokenizer(str(tmp_path / "whole")).pad_token_id is not None
+    # A tokenizer class this transformers does not have, or one that reads no vocabulary (byte- or character-level):
+    # a missing file is not why it failed.
+    (bare / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizer"}))  # was "no files"
+    with pytest.raises(GoemoError, match=r"folder .*bare: its tokenizer_config.json names tokenizer_class "
+                                         r"'NoSuchTokenizer', which transformers \S+ does not have; "):
+        load_tokenizer(str(bare))
+    for cls, reason in (("CanineTokenizer", ""), ("ByT5Tokenizer", ""), ("BertTokenizer", "it has no tokenizer files")):
+        (bare / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}))  # the first two read no file
+        assert _missing_files("tokenizer", bare).startswith(reason) and bool(_missing_files("tokenizer", bare)) is bool(reason)
+
 
 @pytest.mark.slow
 def test_unreachable_hub_model_is_one_line(tmp_path):
