@@ -347,6 +347,7 @@ class EmotionClassifier(L.LightningModule):
         # What the encoder's weights started from, saved in checkpoints and kept through resumes (a resumed fit is built
         # with pretrained false, as the checkpoint holds every weight): goemo.compare groups runs by it. None: unknown.
         self.encoder_start: str | None = "pretrained" if pretrained else "random"
+        self.loaded_step: int | None = None  # the global step of the checkpoint loaded last
         self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
         self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
@@ -575,7 +576,14 @@ class EmotionClassifier(L.LightningModule):
         self.test_outputs.reset()
         tuned = thresholded_metrics(probs, targets, self.thresholds)
         self.log_dict({f"test/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)  # equal on every rank
+        # Lightning logs a test run's metrics at step 0 (it restores no loops); a metric named "step" sets the step
+        # they are logged at (LoggerConnector.log_metrics): the tested checkpoint's, as the report's PR curves.
+        self.log("step", float(self.tested_step()), sync_dist=True)
         self.test_predictions = (probs, targets)  # for goemo.report.TestReport, which writes the report
+
+    def tested_step(self) -> int:
+        """The global step of the weights under test: the checkpoint's (`test --ckpt_path`), else the trainer's."""
+        return self.loaded_step if self.trainer.ckpt_path and self.loaded_step is not None else self.trainer.global_step
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Label probabilities (B, L); `goemo.predict` turns them into labels with the tuned `thresholds`."""
@@ -678,6 +686,7 @@ class EmotionClassifier(L.LightningModule):
             self.distill_targets.load_state_dict(checkpoint["self_distill"])
         self.schedule_steps = checkpoint.get("schedule_steps")  # compared at configure_optimizers, which comes after
         self.encoder_start = checkpoint.get("encoder_start")  # a checkpoint from before it: unknown
+        self.loaded_step = checkpoint.get("global_step")  # test logs its metrics at this step
         state = checkpoint.get("state_dict", {})
         if "thresholds" not in state:  # a checkpoint from before per-label thresholds: use the fixed one
             rank_zero_warn("the checkpoint has no tuned per-label thresholds: the *_tuned metrics use model.threshold")

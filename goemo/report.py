@@ -227,13 +227,8 @@ class TestReport(Callback):
         probs, targets = (x.cpu().numpy() for x in outputs)
         tuned = pl_module.thresholds.cpu().numpy()
         rep = build_report(probs, targets, pl_module.label_names, pl_module.hparams.threshold, tuned, self.resamples)
-        # What was scored: goemo.compare puts these figures beside the best checkpoint's only if they are its. A test
-        # run does not restore the loops, so trainer.global_step is 0 there: the step is the checkpoint's own.
-        step = trainer.global_step
-        if trainer.ckpt_path:
-            from goemo.runs import load_checkpoint
-
-            step = int(load_checkpoint(trainer.ckpt_path, mmap=True).get("global_step", step))
+        # What was scored: goemo.compare puts these figures beside the best checkpoint's only if they are its.
+        step = pl_module.tested_step()
         rep["checkpoint"] = {"file": Path(trainer.ckpt_path).name if trainer.ckpt_path else None, "global_step": step}
         js, md = write_report(rep, trainer.log_dir or ".")
         print_report(rep)

@@ -41,5 +41,12 @@ def test_fit_then_test_best_in_a_new_process(tiny_data, tiny_model, tmp_path):
         acc.Reload()
         curves |= {(tag, e.step) for tag in acc.Tags()["tensors"] if tag.startswith("test_pr/") for e in acc.Tensors(tag)}
     assert curves == {(f"test_pr/{name}", best["global_step"]) for name in LABELS4}
+    scalars = set()  # and the test metrics with them (Lightning logs a test run's at step 0)
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        scalars |= {(tag, e.step) for tag in acc.Tags()["scalars"] if tag.startswith("test/") for e in acc.Scalars(tag)}
+    tags = {tag for tag, _ in scalars}
+    assert {"test/f1_macro", "test/f1_macro_tuned", "test/loss"} <= tags and scalars == {(t, best["global_step"]) for t in tags}
     model = yaml.safe_load((run / "config.yaml").read_text())["model"]  # every key is saved, defaults included
     assert (model["loss"], model["focal_alpha"]) == ("focal", 0.25)

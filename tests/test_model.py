@@ -352,9 +352,11 @@ def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_
     from types import SimpleNamespace
 
     model = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c", "d"], threshold=0.3, threshold_resamples=0)
-    model._trainer = SimpleNamespace(sanity_checking=False)  # only what the hooks read
+    model._trainer = SimpleNamespace(sanity_checking=False, ckpt_path="epoch01-step21.ckpt", global_step=0)  # what the hooks read
+    model.loaded_step = 21  # as on_load_checkpoint sets it
     logged = {}
     monkeypatch.setattr(model, "log_dict", lambda d, **kw: logged.update({k: float(v) for k, v in d.items()}))
+    monkeypatch.setattr(model, "log", lambda k, v, **kw: logged.update({k: float(v)}))
     probs = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.1, 0.8, 0.4, 0.2]])  # (N, L)
     targets = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]])  # label d: no positive
     model.val_outputs.update(probs, targets)
@@ -367,6 +369,7 @@ def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_
     # at the tuned thresholds: a (0.3 > 0.2) and b (only 0.9 > 0.8) exactly right; at 0.3 b would take row 1 too
     assert logged["test/exact_match_tuned"] == pytest.approx(1.0)
     assert model.test_predictions[0].shape == (2, 4)
+    assert logged["step"] == 21  # test metrics at the tested checkpoint's step (Lightning's would be 0)
 
 
 def test_the_heads_dropout_is_the_rate_each_familys_own_head_uses():
