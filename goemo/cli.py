@@ -242,7 +242,14 @@ class GoemoCLI(LightningCLI):
             # several devices or nodes.
             print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
             trainer.strategy = "ddp_find_unused_parameters_true"
-        trainer.precision = default_precision(trainer.precision, trainer.accelerator)
+        typed = any(a == "--trainer.precision" or a.startswith("--trainer.precision=") for a in self._args or [])
+        if self.subcommand != "fit" and self.run_dir is not None and "16" in str(trainer.precision) and not typed:
+            # The run's config.yaml holds the precision it trained in (bf16-mixed by default on a GPU); its checkpoint
+            # is evaluated in float32, as goemo.load, serve and the ONNX export do, so predictions agree everywhere.
+            note(f"trainer.precision 32-true: the run trained in {trainer.precision}; {self.subcommand} runs in float32, "
+                 f"as goemo.load (--trainer.precision {trainer.precision} to keep it)")  # fmt: skip
+            trainer.precision = "32-true"
+        trainer.precision = default_precision(trainer.precision, trainer.accelerator, self.subcommand)
         logger = trainer.logger
         if self.run_dir is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", "")):
             args = logger.init_args
@@ -349,15 +356,16 @@ def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-def default_precision(precision: Any, accelerator: Any) -> Any:
+def default_precision(precision: Any, accelerator: Any, subcommand: Optional[str] = "fit") -> Any:
     """The trainer's precision: as given, except 16-mixed without a CUDA device (configs/base.yaml on a CPU) falls
-    back to 32-true; when unset, `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and newer; the matmuls run
-    on tensor cores, no loss scaling needed). Unset elsewhere stays Lightning's 32-true: on the 2-core dev CPU
-    (AVX512-BF16, no AMX) bf16-mixed was slower (README, Benchmark)."""
+    back to 32-true; when unset, a fit runs in `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and newer; the
+    matmuls run on tensor cores, no loss scaling needed). Unset elsewhere stays Lightning's 32-true: on the 2-core dev
+    CPU (AVX512-BF16, no AMX) bf16-mixed was slower (README, Benchmark); validate, test and predict stay in float32,
+    as goemo.load predicts."""
     if str(precision) in ("16-mixed", "16") and not torch.cuda.is_available():
         print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
         return "32-true"
-    if precision is not None or str(accelerator) not in ("auto", "gpu", "cuda"):
+    if precision is not None or str(accelerator) not in ("auto", "gpu", "cuda") or subcommand != "fit":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         print("note: precision bf16-mixed on this CUDA device (--trainer.precision 32-true for full precision)", file=sys.stderr)

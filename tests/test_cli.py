@@ -97,6 +97,8 @@ def test_unset_precision_is_bf16_mixed_on_gpus_that_have_it(monkeypatch, precisi
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert default_precision(precision, accelerator) == expected
+    for evaluation in ("validate", "test", "predict"):  # float32 unless asked, as goemo.load predicts
+        assert default_precision(precision, accelerator, evaluation) == (None if precision is None else expected)
 
 
 def test_rewrite_args_puts_run_config_first(tmp_path):
