@@ -356,7 +356,7 @@ def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-def default_precision(precision: Any, accelerator: Any, subcommand: Optional[str] = "fit") -> Any:
+def default_precision(precision: Any, accelerator: Any, subcommand: str | None = "fit") -> Any:
     """The trainer's precision: as given, except 16-mixed without a CUDA device (configs/base.yaml on a CPU) falls
     back to 32-true; when unset, a fit runs in `bf16-mixed` on a CUDA device that has bfloat16 (Ampere and newer; the
     matmuls run on tensor cores, no loss scaling needed). Unset elsewhere stays Lightning's 32-true: on the 2-core dev
