@@ -219,3 +219,9 @@ def predict_file(clf, path: Path, output: Path, chunk: int = 2048) -> int:
         signal.signal(signal.SIGTERM, previous)
     print(f"wrote {count} predictions to {output} ({clf.backend})", file=sys.stdout)
     return count
+
+
+if __name__ == "__main__":  # a tempting name, but the command is the CLI's: say so instead of exiting 0 silently
+    print("error: python -m goemo.predict is not a command; use python main.py predict --ckpt_path RUN "
+          "--data.predict_file FILE (or python -m goemo.cli predict ...), or goemo.load(RUN).predict(texts)", file=sys.stderr)  # fmt: skip
+    sys.exit(2)

@@ -249,3 +249,7 @@ def test_python_m_goemo_cli_is_main_py(tmp_path):
     r = subprocess.run([sys.executable, "-m", "goemo.cli", "--help"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300, check=False)  # fmt: skip
     assert r.returncode == 0 and all(sub in r.stdout for sub in ("fit", "test", "predict")), r.stderr[-2000:]
+    # goemo.predict holds the prediction code, not a command: it says which one to use instead of exiting 0 silently
+    r = subprocess.run([sys.executable, "-m", "goemo.predict", "run", "texts.txt"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("error: python -m goemo.predict is not a command; use python main.py predict")
