@@ -119,3 +119,16 @@ def test_mean_pooling_exports_goemo_class_and_onnx(tmp_path, tiny_model, pooling
     with pytest.raises(ValueError, match="trust_remote_code"):
         pipeline("text-classification", model=str(out))
     assert onnx_vs_torch(out / "model.onnx", clf, TEXTS) <= 1e-4
+    # The README's recipe for model.onnx alone: PreTrainedTokenizerFast (AutoTokenizer would read config.json and ask,
+    # on stdin, whether to run the custom code), onnxruntime, a sigmoid and thresholds.json.
+    import onnxruntime as ort
+    from transformers import PreTrainedTokenizerFast
+
+    enc = PreTrainedTokenizerFast.from_pretrained(str(out))(TEXTS, padding=True, truncation=True, return_tensors="np")
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    logits = session.run(["logits"], {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})[0]
+    probs = 1 / (1 + np.exp(-logits))
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert np.abs(probs - clf.predict_proba(TEXTS)).max() <= 1e-4
+    labels = [{n for n, p in zip(thresholds, row) if p > thresholds[n]} for row in probs]
+    assert labels == [set(r["labels"]) for r in clf.predict(TEXTS)]
