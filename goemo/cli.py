@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
@@ -242,8 +243,8 @@ class GoemoCLI(LightningCLI):
             # several devices or nodes.
             print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
             trainer.strategy = "ddp_find_unused_parameters_true"
-        typed = any(a == "--trainer.precision" or a.startswith("--trainer.precision=") for a in self._args or [])
-        if self.subcommand != "fit" and self.run_dir is not None and "16" in str(trainer.precision) and not typed:
+        from_run = self.subcommand != "fit" and self.run_dir is not None and self._args is not None
+        if from_run and "16" in str(trainer.precision) and not precision_given(self._args, self.run_dir):
             # The run's config.yaml holds the precision it trained in (bf16-mixed by default on a GPU); its checkpoint
             # is evaluated in float32, as goemo.load, serve and the ONNX export do, so predictions agree everywhere.
             note(f"trainer.precision 32-true: the run trained in {trainer.precision}; {self.subcommand} runs in float32, "
@@ -354,6 +355,26 @@ def device_count(trainer) -> int:
 def note(text: str) -> None:
     """A value changed between parsing and instantiation, said on stderr (and kept in the saved config)."""
     print(f"note: {text}", file=sys.stderr)
+
+
+def precision_given(args: list[str], run_dir: Path) -> bool:
+    """Whether the command line chooses trainer.precision itself: a --trainer.precision flag, a --trainer dict, or a
+    config file other than the run's own config.yaml that sets it (the run's holds the precision it trained in)."""
+    own = (run_dir / "config.yaml").resolve()
+    for i, a in enumerate(args):
+        key, _, value = a.partition("=")
+        if not value and i + 1 < len(args):
+            value = args[i + 1]
+        if key == "--trainer.precision" or (key == "--trainer" and "precision" in value):
+            return True
+        if key == "--config" and value and Path(value).expanduser().resolve() != own:
+            try:
+                config = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # the parser has read it already; a config it could not read never gets this far
+            if isinstance(config, dict) and isinstance(config.get("trainer"), dict) and "precision" in config["trainer"]:
+                return True
+    return False
 
 
 def default_precision(precision: Any, accelerator: Any, subcommand: str | None = "fit") -> Any:

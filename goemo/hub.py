@@ -158,7 +158,8 @@ def _missing_files(what: str, folder: Path) -> str:
         return (f"its tokenizer_config.json names tokenizer_class {name!r}, which transformers {transformers.__version__} "
                 "does not have; save the tokenizer with this transformers (tokenizer.save_pretrained) or install the one it "
                 "was saved with")  # fmt: skip
-    reads_files = cls is None or bool(getattr(cls, "vocab_files_names", None))  # byte/character-level ones read none
+    files = getattr(cls, "vocab_files_names", None)  # {} for byte/character-level ones; None for AutoTokenizer itself
+    reads_files = files is None or bool(files)
     if reads_files and not any(f.is_file() for pattern in TOKENIZER_FILES for f in folder.glob(pattern)):
         return ("it has no tokenizer files (tokenizer.json, or a vocabulary such as vocab.txt or spiece.model); "
                 "save the tokenizer into it (tokenizer.save_pretrained)")

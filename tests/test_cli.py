@@ -189,7 +189,8 @@ def test_a_folder_without_tokenizer_files_says_so(tiny_model, tmp_path):
     with pytest.raises(GoemoError, match=r"folder .*bare: its tokenizer_config.json names tokenizer_class "
                                          r"'NoSuchTokenizer', which transformers \S+ does not have; "):
         load_tokenizer(str(bare))
-    for cls, reason in (("CanineTokenizer", ""), ("ByT5Tokenizer", ""), ("BertTokenizer", "it has no tokenizer files")):
+    for cls, reason in (("CanineTokenizer", ""), ("ByT5Tokenizer", ""), ("BertTokenizer", "it has no tokenizer files"),
+                        ("AutoTokenizer", "it has no tokenizer files")):  # a class that says nothing of its files
         (bare / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}))  # the first two read no file
         assert _missing_files("tokenizer", bare).startswith(reason) and bool(_missing_files("tokenizer", bare)) is bool(reason)
 
@@ -253,3 +254,20 @@ def test_python_m_goemo_cli_is_main_py(tmp_path):
     r = subprocess.run([sys.executable, "-m", "goemo.predict", "run", "texts.txt"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("error: python -m goemo.predict is not a command; use python main.py predict")
+
+
+def test_precision_given_on_the_command_line_or_in_a_users_config(tmp_path):
+    """`test/predict` from a run evaluate in float32 unless the command line chooses a precision itself."""
+    from goemo.cli import precision_given
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer:\n  precision: bf16-mixed\n")
+    (tmp_path / "mine.yaml").write_text("trainer:\n  precision: bf16-mixed\n")
+    (tmp_path / "other.yaml").write_text("data:\n  eval_batch_size: 8\n")
+    own = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", "x.ckpt"]  # as rewrite_args writes it
+    assert not precision_given(own, run)
+    assert not precision_given([*own, "--config", str(tmp_path / "other.yaml")], run)
+    for extra in (["--trainer.precision", "bf16-mixed"], ["--trainer.precision=bf16-mixed"], ["--config", str(tmp_path / "mine.yaml")],
+                  [f"--config={tmp_path / 'mine.yaml'}"], ["--trainer", '{"precision": "bf16-mixed"}']):
+        assert precision_given([*own, *extra], run), extra
