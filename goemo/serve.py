@@ -162,7 +162,8 @@ def check_address(host: str, port: int) -> None:
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             what = "stop what holds the port or pick another --port"
-        elif e.errno == errno.EACCES:  # a port reserved here (Windows' excluded ranges, SELinux, a raised unprivileged start)
+        elif isinstance(e, PermissionError) or e.errno in (errno.EACCES, 10013):  # 10013: Windows' WSAEACCES
+            # a port reserved here (Windows' excluded ranges, SELinux port labels, a raised unprivileged start)
             what = "this machine does not let goemo listen on that port; pick another --port"
         else:  # IPv6 off (EAFNOSUPPORT), an address not on this machine
             what = "this machine cannot listen there; pick another --host"

@@ -280,3 +280,10 @@ def test_a_port_this_machine_reserves_says_pick_another_port(monkeypatch):
         serve.check_address("0.0.0.0", 8000)
     assert str(e.value) == ("cannot listen on 0.0.0.0 port 8000 (Permission denied); this machine does not let goemo "
                             "listen on that port; pick another --port")  # fmt: skip
+
+    def reserved_on_windows(self, address):  # WSAEACCES: Windows' excluded port ranges
+        raise OSError(10013, "An attempt was made to access a socket in a way forbidden by its access permissions")
+
+    monkeypatch.setattr(serve.socket.socket, "bind", reserved_on_windows)
+    with pytest.raises(GoemoError, match="pick another --port$"):
+        serve.check_address("0.0.0.0", 8000)
