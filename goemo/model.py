@@ -582,8 +582,12 @@ class EmotionClassifier(L.LightningModule):
         self.test_predictions = (probs, targets)  # for goemo.report.TestReport, which writes the report
 
     def tested_step(self) -> int:
-        """The global step of the weights under test: the checkpoint's (`test --ckpt_path`), else the trainer's."""
-        return self.loaded_step if self.trainer.ckpt_path and self.loaded_step is not None else self.trainer.global_step
+        """The global step of the weights under test: the checkpoint's last loaded (`test --ckpt_path`), else the
+        trainer's (a fit's own weights)."""
+        return self.loaded_step if self.loaded_step is not None else self.trainer.global_step
+
+    def on_fit_end(self) -> None:
+        self.loaded_step = None  # trained since that load: the weights are the fit's
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Label probabilities (B, L); `goemo.predict` turns them into labels with the tuned `thresholds`."""

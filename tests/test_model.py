@@ -370,6 +370,9 @@ def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_
     assert logged["test/exact_match_tuned"] == pytest.approx(1.0)
     assert model.test_predictions[0].shape == (2, 4)
     assert logged["step"] == 21  # test metrics at the tested checkpoint's step (Lightning's would be 0)
+    model.on_fit_end()  # then trained on: the fit's own weights, at the trainer's step
+    model._trainer.global_step = 30
+    assert model.tested_step() == 30
 
 
 def test_the_heads_dropout_is_the_rate_each_familys_own_head_uses():
