@@ -164,11 +164,13 @@ STALE_WORK_S = 24 * 3600  # another machine's work folder untouched this long is
 
 
 def this_host() -> str:
-    """This machine as a get's work folder names it: the host name, and on Linux the PID namespace's number, since two
-    containers may share a host name while each has PIDs of its own."""
+    """This machine as a get's work folder names it: the host name, and on Linux this boot's id and the PID namespace's
+    number, since two machines (or containers on two machines) may share a host name, and two containers on one machine
+    each have PIDs of their own (the initial namespace's number is the same on every machine)."""
     host = socket.gethostname().replace("/", "_").replace("@", "_") or "host"
     try:
-        return f"{host}@{os.stat('/proc/self/ns/pid').st_ino}"
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+        return f"{host}@{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:  # not Linux
         return host
 

@@ -130,7 +130,7 @@ def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(
     live = f".partial-{os.getpid()}@{here}-live"  # this get's: kept
     # Not this machine's (another machine; a container of the same host name with PIDs of its own; a goemo whose names
     # gave no namespace, or no host at all): their PIDs mean nothing here, so they go only once untouched for a day.
-    others = [f"{gone.pid}@other-node", f"{gone.pid}@{host}@1", f"{gone.pid}@{host}", f"{gone.pid}", ""]
+    others = [f"{gone.pid}@other-node", f"{gone.pid}@{host}@0.1", f"{gone.pid}@{host}", f"{gone.pid}", ""]
     fresh = [f".partial-{o}{'-' if o else ''}fresh" for o in others]
     stale = [f".partial-{o}{'-' if o else ''}stale" for o in others]
     for name in (live, f".partial-{gone.pid}@{here}-dead", *fresh, *stale):
@@ -138,8 +138,9 @@ def test_a_get_beside_another_keeps_its_work_and_snapshot_and_home_paths_expand(
     day_ago = time.time() - models.STALE_WORK_S - 60
     for name in stale:
         os.utime(repo / name, (day_ago, day_ago))
-    if Path("/proc/self/ns/pid").exists():
-        assert here == f"{host}@{os.stat('/proc/self/ns/pid').st_ino}"
+    if Path("/proc/self/ns/pid").exists():  # Linux: the boot and the PID namespace
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+        assert here == f"{host}@{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
     # Another get (alive) finished its snapshot but has not written refs/main yet: it stays, byte for byte.
     snapshot = repo / "snapshots" / spec.sha256[:40]
     snapshot.mkdir(parents=True)
