@@ -352,7 +352,7 @@ def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_
     from types import SimpleNamespace
 
     model = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c", "d"], threshold=0.3, threshold_resamples=0)
-    model._trainer = SimpleNamespace(sanity_checking=False, ckpt_path="epoch01-step21.ckpt", global_step=0)  # what the hooks read
+    model._trainer = SimpleNamespace(sanity_checking=False, global_step=0)  # what the hooks read
     model.loaded_step = 21  # as on_load_checkpoint sets it
     logged = {}
     monkeypatch.setattr(model, "log_dict", lambda d, **kw: logged.update({k: float(v) for k, v in d.items()}))
