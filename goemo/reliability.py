@@ -251,7 +251,8 @@ class Interrupts(Callback):
 
     Both stop training at the end of the current batch, so the saved state is that of a finished step (what a
     step checkpoint holds) and resuming from it gives the same result as never stopping; at an epoch's last
-    batch, once the epoch's validation and checkpoints are done (Ctrl-C after the next batch). A second Ctrl-C stops
+    batch, once the epoch's validation and checkpoints are done (Ctrl-C after the next batch; SIGTERM meets the
+    validation, whose loop Lightning stops at once, so the last saved checkpoint is kept). A second Ctrl-C stops
     at once and saves nothing. Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch
     (each batch under DDP, where it broadcasts the signal); here it is raised at the next batch end. Lightning
     then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
@@ -291,7 +292,7 @@ class Interrupts(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         # At an epoch's last batch the epoch ends first (its weight-averaging update, validation and checkpoints):
         # a save from before them resumes as a finished epoch that never validated. Ctrl-C then stops after the
-        # next batch; SIGTERM when Lightning's loop raises it, once the epoch is complete.
+        # next batch; SIGTERM when Lightning's validation loop raises it (keeping the last saved checkpoint).
         self._epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
         if stop:
             self._sigint = True
