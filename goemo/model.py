@@ -30,7 +30,7 @@ from goemo.errors import GoemoError
 from goemo.hub import hub_kwargs, load_error, resolve_model_path
 from goemo.teacher import read_teacher
 from goemo.losses import Loss, SelfDistillTargets, build_loss, pos_weight_from_frequencies
-from goemo.thresholds import ProbsAndTargets, thresholded_metrics, tune_thresholds
+from goemo.thresholds import ProbsAndTargets, apply_thresholds, thresholded_metrics, tune_thresholds
 
 Pooling = Literal["cls", "mean", "cls+mean"]
 HeadBias = Literal["zero", "prior"]
@@ -38,9 +38,12 @@ HeadInit = Literal["random", "label_names"]
 AuxTaxonomy = Literal["ekman", "sentiment"]
 
 
-def multilabel_metrics(num_labels: int, threshold: float, prefix: str) -> MetricCollection:
-    """F1 (micro, macro) and exact match over sigmoid probabilities at a fixed threshold."""
-    kw = dict(num_labels=num_labels, threshold=threshold)
+def multilabel_metrics(num_labels: int, prefix: str) -> MetricCollection:
+    """F1 (micro, macro) and exact match over (B, L) 0/1 predictions (`apply_thresholds`, goemo's one decision rule).
+
+    Not over probabilities: torchmetrics applies a sigmoid to a whole batch where any value lies outside 0..1, and
+    a NaN does, so one NaN row would turn every row of its batch positive (`*_tuned` counts NaN as negative)."""
+    kw = dict(num_labels=num_labels, threshold=0.5)
     return MetricCollection(
         {
             "f1_micro": MultilabelF1Score(average="micro", zero_division=0, **kw),
@@ -348,8 +351,8 @@ class EmotionClassifier(L.LightningModule):
         # with pretrained false, as the checkpoint holds every weight): goemo.compare groups runs by it. None: unknown.
         self.encoder_start: str | None = "pretrained" if pretrained else "random"
         self.loaded_step: int | None = None  # the global step of the checkpoint loaded last
-        self.val_metrics = multilabel_metrics(num_labels, threshold, "val/")
-        self.test_metrics = multilabel_metrics(num_labels, threshold, "test/")
+        self.val_metrics = multilabel_metrics(num_labels, "val/")  # at `threshold`, fed 0/1 predictions
+        self.test_metrics = multilabel_metrics(num_labels, "test/")
         # Per-label thresholds (L,), tuned at the end of each validation epoch; a buffer, so each checkpoint
         # carries those of the validation that preceded it. Untuned, they equal the fixed threshold.
         self.register_buffer("thresholds", torch.full((num_labels,), float(threshold), dtype=torch.float32))
@@ -535,7 +538,7 @@ class EmotionClassifier(L.LightningModule):
         loss, logits, _ = self.model_step(batch)
         metrics = getattr(self, f"{stage}_metrics")
         probs = torch.sigmoid(logits.float())  # bf16 logits under autocast: probabilities in 1/256 steps otherwise
-        metrics.update(probs, batch["labels"].int())
+        metrics.update(apply_thresholds(probs, self.hparams.threshold).float(), batch["labels"].int())
         getattr(self, f"{stage}_outputs").update(probs, batch["labels"])
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["labels"]), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")

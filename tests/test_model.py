@@ -38,6 +38,22 @@ def test_probabilities_are_float32_under_bf16_autocast(tiny_model):
     assert probs.dtype == torch.float32
 
 
+def test_a_nan_row_does_not_turn_its_batch_positive(tiny_model):
+    """torchmetrics sigmoids a batch of probabilities with any value outside 0..1, NaN included: the fixed-threshold
+    metrics would count the batch's clear negatives as positives, and disagree with `*_tuned` (NaN > t is False)."""
+    from goemo.thresholds import thresholded_metrics
+
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c"]).eval()
+    logits = torch.tensor([[-3.0, -2.0, 2.0], [-4.0, 3.0, -1.0], [float("nan"), -2.0, -3.0]])  # (B, L)
+    labels = torch.tensor([[0.0, 0, 1], [0, 1, 0], [0, 0, 0]])
+    m.model_step = lambda batch: (torch.tensor(0.5), logits, None)
+    m._eval_step({"labels": labels}, "val")  # no trainer: its self.log calls are skipped
+    fixed = {k.removeprefix("val/"): float(v) for k, v in m.val_metrics.compute().items()}
+    probs, targets = m.val_outputs.compute()
+    tuned = {k: float(v) for k, v in thresholded_metrics(probs, targets, torch.full((3,), 0.5)).items()}
+    assert fixed == tuned and fixed["exact_match"] == 1.0  # every row right: the NaN counts as a negative
+
+
 def test_thresholds_stay_float32_when_the_model_is_cast(tiny_data, tiny_model, tmp_path):
     """precision bf16-true casts every floating buffer: a bf16 threshold is the tuned one rounded (0.37 -> 0.3691)."""
     import lightning as L
