@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,10 +68,15 @@ def _jsonl(path: Path) -> Iterator[str]:
         yield text
 
 
+LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # the point after a CR that no LF follows
+
+
 def _csv(path: Path) -> Iterator[str]:
     csv.field_size_limit(2**31 - 1)  # texts of any length (the csv module's default stops at 128 KiB)
-    lines = _lines(path)
-    reader = csv.reader((line for _, line in lines), strict=True)  # a stray or unclosed quote: an error, not rows lost
+    # Rows end at LF, CRLF or a lone CR, as .txt lines (and the csv module reading a file opened with newline='');
+    # a lone CR inside a quoted field stays in its text.
+    pieces = (piece for _, line in _lines(path) for piece in LONE_CR.split(line))
+    reader = csv.reader(pieces, strict=True)  # a stray or unclosed quote: an error, not rows lost
     try:
         header = next(reader, None)
         if header is None or "text" not in header:

@@ -58,6 +58,15 @@ def test_txt_keeps_empty_lines_and_strips_bom_and_crlf(tmp_path):
     assert list(read_texts(path)) == ["a", "", "b"]
 
 
+def test_csv_rows_end_at_a_lone_cr_as_txt_lines_do(tmp_path):
+    """Files saved with classic Mac line ends (CR alone); a CR inside quotes stays in its text, as csv reads it."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'id,text\r1,hello\r2,"two\rlines"\r3,world\r')
+    assert list(read_texts(path)) == ["hello", "two\rlines", "world"]
+    (tmp_path / "in.txt").write_bytes(b"hello\rworld\r")
+    assert list(read_texts(tmp_path / "in.txt")) == ["hello", "world"]
+
+
 def test_jsonl_skips_blank_lines(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"text": "a"}\n\n   \n{"text": ""}\n', encoding="utf-8")
