@@ -105,16 +105,21 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _evaluation_batches(self) -> list[torch.Tensor]:
-        """`evaluation_batches`, with the largest halved until their number is a multiple of num_replicas."""
+        """`evaluation_batches`, with the largest halved until their number is a multiple of num_replicas; where
+        halving ends at one row a batch first, neighbouring rows joined in pairs (a tiny split: N rows, N % w != 0)."""
         batches, w = evaluation_batches(self.lengths, self.batch_size), self.num_replicas
         while len(batches) % w:
             i = max(range(len(batches)), key=lambda j: len(batches[j]))  # the first of the largest
-            if len(batches[i]) < 2:
+            if len(batches[i]) >= 2:
+                batches[i : i + 1] = batches[i].tensor_split(2)  # both halves stay sorted, longest first
+                continue
+            r = len(batches) % w  # every batch holds one row: join r pairs of neighbours (of near lengths)
+            if self.batch_size < 2 or len(batches) - r < w:
                 raise GoemoError(
                     f"{len(self.lengths)} evaluation rows cannot be cut into equal numbers of batches for {w} "
-                    f"processes; use fewer devices"
+                    f"processes; use fewer devices" + (" or an evaluation batch size above 1" if self.batch_size < 2 else "")
                 )
-            batches[i : i + 1] = batches[i].tensor_split(2)  # both halves stay sorted, longest first
+            batches[: 2 * r] = [torch.cat(batches[k : k + 2]) for k in range(0, 2 * r, 2)]
         return batches
 
     def __len__(self) -> int:

@@ -111,7 +111,16 @@ def test_device_count_reads_the_parsed_devices_as_lightning_does():
 
 def test_too_few_evaluation_rows_for_the_processes():
     with pytest.raises(GoemoError, match="3 evaluation rows cannot be cut into equal numbers of batches for 4 processes"):
-        LengthGroupedBatchSampler([5, 6, 7], 1, shuffle=False, num_replicas=4, rank=0)
+        LengthGroupedBatchSampler([5, 6, 7], 2, shuffle=False, num_replicas=4, rank=0)
+    with pytest.raises(GoemoError, match="5 evaluation rows .* 2 processes; use fewer devices or an evaluation batch size above 1"):
+        LengthGroupedBatchSampler([5, 6, 7, 8, 9], 1, shuffle=False, num_replicas=2, rank=0)
+
+
+def test_one_row_batches_are_joined_in_pairs_when_halving_cannot_divide():
+    """Rows of four lengths at batch size 2 are four one-row batches (a length change ends a half-full batch):
+    three processes get three batches, the two longest rows joined."""
+    ranks = [batches(LengthGroupedBatchSampler([1, 6, 5, 3], 2, shuffle=False, num_replicas=3, rank=r)) for r in range(3)]
+    assert ranks == [[[1, 2]], [[3]], [[0]]]
 
 
 # -- DDP on the CPU ----------------------------------------------------------------------------------
