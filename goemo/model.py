@@ -569,8 +569,6 @@ class EmotionClassifier(L.LightningModule):
         # Every rank computed the same values from the gathered outputs; sync_dist only averages equal numbers
         # (once an epoch), and keeps Lightning from warning about unsynced epoch-level logs under DDP.
         self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)
-        if self.trainer.state.fn == "validate":  # `validate --ckpt_path`: at the checkpoint's step, as test's below
-            self.log("step", float(self.tested_step()), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         """Log `test/*_tuned` (the thresholds tuned on validation, never on test); keep the epoch's (N, L)
