@@ -50,3 +50,11 @@ def test_fit_then_test_best_in_a_new_process(tiny_data, tiny_model, tmp_path):
     assert {"test/f1_macro", "test/f1_macro_tuned", "test/loss"} <= tags and scalars == {(t, best["global_step"]) for t in tags}
     model = yaml.safe_load((run / "config.yaml").read_text())["model"]  # every key is saved, defaults included
     assert (model["loss"], model["focal_alpha"]) == ("focal", 0.25)
+    # a later `validate` of other settings logs into the run folder too; goemo.compare keeps showing the fit's validation
+    from goemo.compare import VAL, run_row
+
+    fit_row = {tag: run_row(run)[tag] for tag in VAL}
+    validate = run_main("validate", "--ckpt_path", "best", "--model.threshold", "0.999", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert fit_row["val/f1_micro"] > 0 and "val/f1_micro │ 0.0 " in " ".join(validate.stdout.split())  # differ: the check can fail
+    assert {tag: run_row(run)[tag] for tag in VAL} == fit_row
