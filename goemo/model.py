@@ -569,6 +569,8 @@ class EmotionClassifier(L.LightningModule):
         # Every rank computed the same values from the gathered outputs; sync_dist only averages equal numbers
         # (once an epoch), and keeps Lightning from warning about unsynced epoch-level logs under DDP.
         self.log_dict({f"val/{k}_tuned": v for k, v in tuned.items()}, sync_dist=True)
+        # `validate --ckpt_path` stays at Lightning's step 0, unlike test: at the checkpoint's step its figures (of other
+        # settings, perhaps) would stand in goemo.compare for the fit's validation at that checkpoint.
 
     def on_test_epoch_end(self) -> None:
         """Log `test/*_tuned` (the thresholds tuned on validation, never on test); keep the epoch's (N, L)
