@@ -74,8 +74,8 @@ LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # the point after a CR that no LF follow
 def _csv(path: Path) -> Iterator[str]:
     csv.field_size_limit(2**31 - 1)  # texts of any length (the csv module's default stops at 128 KiB)
     # Rows end at LF, CRLF or a lone CR, as .txt lines (and the csv module reading a file opened with newline='');
-    # a lone CR inside a quoted field stays in its text.
-    pieces = (piece for _, line in _lines(path) for piece in LONE_CR.split(line))
+    # a lone CR inside a quoted field stays in its text. (A file of lone CRs alone is one "line" to _lines, read whole.)
+    pieces = (piece for _, line in _lines(path) for piece in (LONE_CR.split(line) if "\r" in line else [line]) if piece)
     reader = csv.reader(pieces, strict=True)  # a stray or unclosed quote: an error, not rows lost
     try:
         header = next(reader, None)
