@@ -117,7 +117,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             if self.batch_size < 2 or len(batches) - r < w:
                 raise GoemoError(
                     f"{len(self.lengths)} evaluation rows cannot be cut into equal numbers of batches for {w} "
-                    f"processes; use fewer devices" + (" or an evaluation batch size above 1" if self.batch_size < 2 else "")
+                    f"processes; use fewer devices" + (" or an evaluation batch size above 1" if len(batches) >= w else "")
                 )
             batches[: 2 * r] = [torch.cat(batches[k : k + 2]) for k in range(0, 2 * r, 2)]
         return batches

