@@ -237,10 +237,10 @@ def _step_of(path: Path) -> Optional[int]:
 
 def resume_hint(run_dir: Path) -> str:
     """The command that resumes the fit logged in `run_dir`: `--ckpt_path last` when it is the newest run."""
-    from goemo.runs import RUNS_DIR, newest_run
+    from goemo.runs import RUNS_DIR, resolve_checkpoint
 
     try:
-        newest = newest_run(RUNS_DIR).resolve() == run_dir.resolve()
+        newest = resolve_checkpoint("last", RUNS_DIR, resume=True)[1].resolve() == run_dir.resolve()
     except GoemoError:
         newest = False
     return f"python main.py fit --ckpt_path {'last' if newest else run_dir / 'checkpoints' / 'last.ckpt'}"

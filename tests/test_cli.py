@@ -114,6 +114,40 @@ def test_rewrite_args_puts_run_config_first(tmp_path):
     assert rewrite_args(["fit", "--trainer.max_epochs", "1"]) == (["fit", "--trainer.max_epochs", "1"], None)
 
 
+def test_fit_last_refuses_to_resume_an_older_run_when_the_newest_fit_saved_nothing(tmp_path):
+    """A fit killed before its first save leaves a version_N with its config.yaml and no checkpoint: `fit --ckpt_path
+    last` must not quietly go on with an older run; test/predict still take the newest run with checkpoints, and a
+    folder without config.yaml (not a fit's) is no newer fit."""
+    root = tmp_path / "lightning_logs"
+    for version, checkpoint, config in ((4, True, True), (5, False, True), (6, False, False)):
+        (root / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        if config:
+            (root / f"version_{version}" / "config.yaml").write_text("{}")
+        if checkpoint:
+            (root / f"version_{version}" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(GoemoError, match=r"version_5, the newest run, has no checkpoint .* \(--ckpt_path .*version_4\)$"):
+        rewrite_args(["fit", "--ckpt_path", "last"], root)
+    assert rewrite_args(["predict", "--ckpt_path", "last"], root)[1] == root / "version_4"
+    assert rewrite_args(["fit", "--ckpt_path", str(root / "version_4")], root)[1] == root / "version_4"
+    (root / "version_5" / "config.yaml").unlink()  # now no fit is newer than version_4
+    assert rewrite_args(["fit", "--ckpt_path", "last"], root)[1] == root / "version_4"
+
+
+def test_an_interrupted_runs_resume_hint_names_it_when_last_would_not(tmp_path, monkeypatch):
+    from goemo import runs
+    from goemo.reliability import resume_hint
+
+    root = tmp_path / "lightning_logs"
+    monkeypatch.setattr(runs, "RUNS_DIR", root)
+    for version in (4, 5):
+        (root / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        (root / f"version_{version}" / "config.yaml").write_text("{}")
+    (root / "version_4" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resume_hint(root / "version_4") == f"python main.py fit --ckpt_path {root / 'version_4' / 'checkpoints' / 'last.ckpt'}"
+    (root / "version_5" / "config.yaml").unlink()
+    assert resume_hint(root / "version_4") == "python main.py fit --ckpt_path last"
+
+
 HUB_DOWN = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: refused at once
 
 
