@@ -215,7 +215,7 @@ def table(runs: list[Path]) -> tuple[list[str], list[list[str]]]:
         cells = [first["run"] if len(group) == 1 else f"{first['run']} (+{len(group) - 1})"]
         cells += [str(first["config"].get(k, "-")) for k in keys]
         cells += [", ".join(str(r["seed"]) for r in group), str(len(group))]
-        cells.append(", ".join(sorted({str(r["epochs"]) for r in group})))
+        cells.append(", ".join(sorted({"-" if r["epochs"] is None else str(r["epochs"]) for r in group})))  # as fmt's
         for _, src in COLUMNS:
             ci = first.get(f"{src}/ci") if len(group) == 1 else None
             cells.append(fmt([r.get(src) for r in group], ci))

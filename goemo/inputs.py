@@ -81,6 +81,8 @@ def _csv(path: Path) -> Iterator[str]:
         header = next(reader, None)
         if header is None or "text" not in header:
             raise GoemoError(f"{path}:1: the header row has no \"text\" column (found: {', '.join(header or []) or 'nothing'})")
+        if header.count("text") > 1:  # which one holds the texts is anyone's guess
+            raise GoemoError(f"{path}:1: the header row has {header.count('text')} \"text\" columns; keep one (rename the others)")
         col = header.index("text")
         for row in reader:
             if not row:

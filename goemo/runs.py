@@ -99,7 +99,7 @@ def last_checkpoint(run: Path) -> Path:
         raise GoemoError(f"{run}: an ensemble's folder, not a run: its test report is {run / 'test_report.md'}, "
                          f"and goemo.load({str(run)!r}) predicts with it")  # fmt: skip
     if not files:
-        raise GoemoError(f"{ckpts}: no checkpoint files")
+        raise GoemoError(f"{ckpts}: no checkpoint files (the fit stopped before its first save?); give a run that has them, or a .ckpt file")
     return files[-1]
 
 

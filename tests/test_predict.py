@@ -82,6 +82,7 @@ def test_jsonl_skips_blank_lines(tmp_path):
         ("in.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', r"in\.jsonl:2: not valid UTF-8 \(byte 0xff\)"),
         ("in.csv", b"id,body\n1,hello\n", r'in\.csv:1: the header row has no "text" column \(found: id, body\)'),
         ("in.csv", b"", r'in\.csv:1: the header row has no "text" column'),
+        ("in.csv", b"text,id,text\nx,1,y\n", r'in\.csv:1: the header row has 2 "text" columns; keep one'),
         ("in.csv", b"id,text\n1,a\n2\n", r'in\.csv:3: 1 columns, so no "text" value'),
         ("in.csv", b"text\nfine\nbad \xe9 latin-1\n", r"in\.csv:3: not valid UTF-8"),
         ("in.csv", b'text\n"a"b\nc\n', r"in\.csv:2: bad CSV"),  # not the text 'ab'

@@ -488,6 +488,10 @@ def test_compare_shows_differing_keys_only_and_collapses_seed_groups(tmp_path):
     assert single[1:5] == ["0.0002", "42", "1", "2"] and single[tuned_macro] == "0.500 [0.400, 0.600]"
     md = compare.to_markdown(header, body)
     assert md.count("\n") == 4 and "| 0.0002 |" in md
+    for f in (c / "checkpoints").iterdir():  # a run without checkpoints: its epochs unknown, shown as the other gaps
+        f.unlink()
+    single = compare.table([a, b, c])[1][1]
+    assert single[4] == "-" and single[header.index("val macro-F1")] == "-"
     assert compare.to_csv(header, body).splitlines()[0].startswith("run,model.learning_rate,seed")
 
 
