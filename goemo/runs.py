@@ -128,9 +128,9 @@ def resolve_checkpoint(value: str, root: Path = RUNS_DIR, resume: bool = False) 
     """
     if value in ALIASES:
         run = newest_run(root)
-        fits = [p for p in root.glob("version_*") if (p / "config.yaml").is_file()]  # folders a fit started
+        fits = [p for p in root.glob("version_*") if (p / "config.yaml").is_file()] if resume else []  # fits started
         started = max(fits, key=_version, default=run)
-        if resume and _version(started) > _version(run):  # a fit that stopped before its first save: not the older run
+        if _version(started) > _version(run):  # a fit that stopped before its first save: not the older run
             raise GoemoError(
                 f"{started}, the newest run, has no checkpoint (it stopped before its first save), so there is nothing "
                 f"of it to resume: start it again, or resume an older run by its folder (--ckpt_path {run})"
