@@ -35,6 +35,7 @@ from goemo.thresholds import ProbsAndTargets, apply_thresholds, thresholded_metr
 Pooling = Literal["cls", "mean", "cls+mean"]
 HeadBias = Literal["zero", "prior"]
 HeadInit = Literal["random", "label_names"]
+LrSchedule = Literal["linear", "cosine", "constant"]
 AuxTaxonomy = Literal["ekman", "sentiment"]
 
 
@@ -195,6 +196,7 @@ class EmotionClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         layer_decay: float = 1.0,
         warmup_ratio: float = 0.0,
+        lr_schedule: LrSchedule = "linear",
         threshold: float = 0.5,
         threshold_resamples: int = 100,
         threshold_shrink: float = 0.0,
@@ -242,7 +244,10 @@ class EmotionClassifier(L.LightningModule):
                 BERT, RoBERTa, MPNet), layer i (0 = the lowest) trains at `learning_rate * layer_decay^(n-1-i)` and
                 the embeddings at `learning_rate * layer_decay^n`; the rest of the encoder (pooler) and the head
                 keep theirs. 1 (default): one learning rate for the whole encoder.
-            warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then linear decay to 0.
+            warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then `lr_schedule`.
+            lr_schedule: The learning rates after the warmup: `linear`: down to 0 at the last step (as the Hugging Face
+                `Trainer`); `cosine`: down to 0 along a half cosine; `constant`: held at their peaks (stochastic weight
+                averaging's schedule: with `weight_averaging`, the averaged points are taken at the same rate).
             pretrained: Load the encoder's pretrained weights. False: build it from its config alone
                 (random weights), for when a checkpoint supplies every weight (the CLI sets this when
                 `--ckpt_path` is given, `goemo.load` always). Not saved as a hyperparameter.
@@ -306,6 +311,8 @@ class EmotionClassifier(L.LightningModule):
                        threshold_shrink)  # fmt: skip
         if pooling not in get_args(Pooling):  # the CLI checks it; a checkpoint's hparams or Python may not
             raise GoemoError(f"model.pooling {pooling!r}: use one of {', '.join(get_args(Pooling))}")
+        if lr_schedule not in get_args(LrSchedule):
+            raise GoemoError(f"model.lr_schedule {lr_schedule!r}: use one of {', '.join(get_args(LrSchedule))}")
         if not 0.0 <= self_distill < 1.0:
             raise GoemoError(f"model.self_distill must be within [0, 1) (0: off), got {self_distill}")
         if self_distill and loss != "bce":
@@ -600,7 +607,7 @@ class EmotionClassifier(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
         hp = self.hparams
         head_lr = hp.head_learning_rate or hp.learning_rate
@@ -626,14 +633,22 @@ class EmotionClassifier(L.LightningModule):
         clipped = bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, fused=self.device.type in ("cpu", "cuda") and not clipped)
         total = self.trainer.estimated_stepping_batches
-        if math.isinf(total):  # max_epochs -1 and no max_steps: the linear decay has no end to reach 0 at
-            raise GoemoError("the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps")
-        saved, self.schedule_steps = self.schedule_steps, int(total)  # saved: a resumed fit's, read at on_load_checkpoint
-        if saved is not None and saved != self.schedule_steps and self.trainer.is_global_zero:
+        endless = math.isinf(total)  # max_epochs -1 and no max_steps
+        if endless and (hp.lr_schedule != "constant" or hp.warmup_ratio):
+            what, other = (f"the {hp.lr_schedule} learning-rate schedule", "") if hp.lr_schedule != "constant" else \
+                ("model.warmup_ratio (a fraction of all steps)", ", or model.warmup_ratio 0")
+            raise GoemoError(f"{what} needs an end: set trainer.max_epochs >= 1 or trainer.max_steps{other}")
+        saved, self.schedule_steps = self.schedule_steps, None if endless else int(total)  # saved: a resumed fit's
+        if saved is not None and saved != self.schedule_steps and hp.lr_schedule != "constant" and self.trainer.is_global_zero:
             # transformers' schedule saves no length: a resume with another max_epochs/max_steps redraws the line.
             print(f"note: the learning-rate schedule now ends at step {self.schedule_steps}, not at the {saved} this fit "
                   "started with (another trainer.max_epochs or max_steps): the rate jumps to the new line", file=sys.stderr)  # fmt: skip
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
+        warmup = 0 if endless else int(hp.warmup_ratio * total)
+        if hp.lr_schedule == "constant":
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        else:
+            schedule = get_cosine_schedule_with_warmup if hp.lr_schedule == "cosine" else get_linear_schedule_with_warmup
+            scheduler = schedule(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

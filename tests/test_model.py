@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -95,6 +97,7 @@ def test_labels_default_to_goemotions(tiny_model):
         ({"warmup_ratio": 1.0}, "warmup_ratio"),
         ({"attention_dropout": 1.0}, "attention_dropout must be within"),
         ({"pooling": "max"}, "model.pooling 'max': use one of cls, mean, cls\\+mean"),  # e.g. a newer goemo's checkpoint
+        ({"lr_schedule": "step"}, "model.lr_schedule 'step': use one of linear, cosine, constant"),
     ],
 )
 def test_nonsense_values_are_refused(tiny_model, kw, msg):
@@ -124,6 +127,38 @@ def test_optimizer_groups(tiny_model):
         lrs.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
         opt.step(), sched.step()
     assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.02
+
+
+def _rates(model, steps):
+    """The first parameter group's rate over `steps` optimizer steps, as fractions of its peak."""
+    opt, sched = (lambda c: (c["optimizer"], c["lr_scheduler"]["scheduler"]))(model.configure_optimizers())
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
+        opt.step(), sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedules_after_the_warmup(tiny_model, schedule):
+    """cosine: half a cosine down to 0; constant: the peak until the end (and with no end at all: max_epochs -1)."""
+    from types import SimpleNamespace
+
+    def model(steps, warmup=0.1):
+        m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], warmup_ratio=warmup, lr_schedule=schedule)
+        m._trainer = SimpleNamespace(estimated_stepping_batches=steps, gradient_clip_val=None, precision_plugin=None, is_global_zero=True)
+        return m
+
+    lrs = _rates(model(100), 100)
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    if schedule == "cosine":  # 0.5 * (1 + cos(pi * progress)), progress over the 90 steps after the warmup
+        assert lrs[55] == pytest.approx(0.5) and lrs[32] == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 90)))
+        assert lrs[-1] < 0.001
+    else:
+        assert lrs[10:] == pytest.approx([1.0] * 90)
+        assert _rates(model(math.inf, warmup=0.0), 5) == [1.0] * 5
+        with pytest.raises(GoemoError, match="model.warmup_ratio .* needs an end: .*, or model.warmup_ratio 0"):
+            model(math.inf).configure_optimizers()
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
