@@ -106,14 +106,19 @@ class RunConfigCallback(SaveConfigCallback):
     """Saves `config.yaml` at fit; `validate`/`test`/`predict` in the same run save `config_<stage>.yaml`.
 
     The stock callback refuses to overwrite `config.yaml`, which a later `test` in the run folder would hit.
+    `config_<stage>.yaml` is written once the stage has finished: one interrupted or failed leaves the file beside
+    the report it describes (test_report.json, predictions.jsonl) as it was.
     """
 
     _resumed = False  # a resumed fit: config.yaml is written once the checkpoint has been restored
+    _stage = None  # validate/test/predict: written at that stage's end
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             self.config_filename, self.overwrite = f"config_{getattr(stage, 'value', stage)}.yaml", True
-        elif self.config.get("ckpt_path") and not self.already_saved:
+            self._stage = stage
+            return
+        if self.config.get("ckpt_path") and not self.already_saved:
             # Written at train start instead: a resume refused while restoring (weights of another shape, another
             # teacher table) must leave the run's config.yaml as it was, or a later `test` would read its flags.
             self._resumed = True
@@ -124,6 +129,20 @@ class RunConfigCallback(SaveConfigCallback):
         if self._resumed:
             self._resumed = False
             super().setup(trainer, pl_module, "fit")
+
+    def _stage_end(self, trainer, pl_module, stage: str) -> None:
+        if self._stage == stage and not trainer.sanity_checking:
+            self._stage = None
+            super().setup(trainer, pl_module, stage)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._stage_end(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._stage_end(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._stage_end(trainer, pl_module, "predict")
 
 
 class GoemoCLI(LightningCLI):

@@ -96,6 +96,8 @@ def test_sigterm_stops_every_evaluation_subcommand(run_copy, sub):
     if sub == "predict":
         (run_copy / "many.txt").write_text("happy glad\nangry mad\n" * 100, encoding="utf-8")
         args += ["--data.predict_file", "many.txt"]
+    run = run_copy / "lightning_logs" / "version_0"
+    (run / f"config_{sub}.yaml").write_text("# an earlier finished run's\n")  # beside its report: kept as it was
     proc = start(args, run_copy)
     wait_for(run_copy / "started", proc)
     proc.send_signal(signal.SIGTERM)
@@ -103,9 +105,9 @@ def test_sigterm_stops_every_evaluation_subcommand(run_copy, sub):
     assert proc.returncode == 143, err[-3000:]
     kept = "predictions" if sub == "predict" else "metrics or report"
     assert last_line(err) == f"error: interrupted by SIGTERM during {sub}: stopped before the end, so no {kept} were written"
-    run = run_copy / "lightning_logs" / "version_0"
     assert not (run / "predictions.jsonl").exists() and not (run / "test_report.json").exists()
     assert not list(run.glob(".*.partial"))
+    assert (run / f"config_{sub}.yaml").read_text() == "# an earlier finished run's\n"
 
 
 @pytest.mark.slow
