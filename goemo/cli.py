@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -421,8 +422,22 @@ def _class_of(callback: Any) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+class _OutsideLoopsSIGTERM(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way swallows it
+    """SIGTERM while Lightning's loops do not hold the signal: parsing, loading the model, tokenizing, restoring."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Lightning's loops chain the handler they find after their own (signal_connector) and stop at a batch end
+    # themselves: while theirs is installed, this one leaves it to them.
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while this one unwinds ends the process
+        raise _OutsideLoopsSIGTERM
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         args, run_dir = rewrite_args(argv)
         if run_dir is not None:
@@ -451,11 +466,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (parsing, loading, tokenizing), which handle theirs
         print("error: interrupted by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except _OutsideLoopsSIGTERM:  # the default action would end the process without a word, partial files left
+        print("error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): "
+              "nothing more was saved", file=sys.stderr)  # fmt: skip
+        sys.exit(128 + signal.SIGTERM)
     except (GoemoError, ArgumentError, MisconfigurationException) as e:
         if os.environ.get("GOEMO_DEBUG"):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) in (_on_sigterm, signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, previous)  # main() called from Python (tests, notebooks) leaves it as it was
 
 
 def one_line(e: BaseException) -> str:

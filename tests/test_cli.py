@@ -273,6 +273,36 @@ def test_ctrl_c_before_training_is_one_line_and_status_130(monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted by Ctrl-C\n"
 
 
+def test_sigterm_before_lightnings_loops_is_one_line_and_status_143(monkeypatch, capsys):
+    """SIGTERM while parsing, loading or tokenizing: Lightning's handler is not installed yet, and the default action
+    would end the process without a word (and without the cleanup of files being written)."""
+    import os
+    import signal
+    import time
+
+    import goemo.cli
+
+    def terminated(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode: never reached
+        raise AssertionError("SIGTERM was not handled")
+
+    def outer(signum, frame):  # the caller's own handler (a regression lands here, not in pytest's death)
+        pass
+
+    monkeypatch.setattr(goemo.cli, "rewrite_args", terminated)
+    original = signal.signal(signal.SIGTERM, outer)
+    try:
+        with pytest.raises(SystemExit) as e:
+            goemo.cli.main(["fit"])
+        assert signal.getsignal(signal.SIGTERM) is outer  # main() from Python leaves the handler as it found it
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert e.value.code == 143 and capsys.readouterr().err == (
+        "error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): nothing more was saved\n"
+    )
+
+
 @pytest.mark.slow
 def test_python_m_goemo_cli_is_main_py(tmp_path):
     """An installed goemo without its repository has no main.py: `python -m goemo.cli` is the same command line."""
