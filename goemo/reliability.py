@@ -253,7 +253,7 @@ class Interrupts(Callback):
     step checkpoint holds) and resuming from it gives the same result as never stopping; at an epoch's last
     batch, once the epoch's validation and checkpoints are done (Ctrl-C after the next batch; SIGTERM meets the
     validation, whose loop Lightning stops at once, so the last saved checkpoint is kept). A second Ctrl-C stops
-    at once and saves nothing. Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch
+    at once and saves nothing (landing in the save, it leaves the previous last.ckpt whole and the message names it). Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch
     (each batch under DDP, where it broadcasts the signal); here it is raised at the next batch end. Lightning
     then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
     `goemo.cli.main`). An interrupt during validation or before training keeps the last saved checkpoint: half
@@ -328,7 +328,10 @@ class Interrupts(Callback):
         if saveable and trainer.global_step > 0:  # with no step taken there is nothing to resume
             saved = folder / "last.ckpt"
             if _last_saved_step(trainer) != trainer.global_step:  # else saved at this very step already
-                trainer.save_checkpoint(saved, weights_only=False)  # through SafeCheckpointIO: atomic
+                try:
+                    trainer.save_checkpoint(saved, weights_only=False)  # through SafeCheckpointIO: atomic
+                except KeyboardInterrupt:  # Ctrl-C while saving: SafeCheckpointIO kept the previous file whole
+                    saved, where = None, f"{where}, then by Ctrl-C while saving"
         if not trainer.is_global_zero:
             return
         last = folder / "last.ckpt" if folder is not None else None

@@ -345,3 +345,39 @@ def test_a_resume_on_other_training_rows_or_another_self_distill_is_refused(tiny
     assert r.stderr.strip().splitlines()[-1] == ("error: this fit started with model.self_distill 0.0, now 0.5; resume "
                                                  "with the settings it started with, or start a new fit")  # fmt: skip
     assert not list((work / "lightning_logs/version_0/checkpoints").glob("epoch02*"))  # nothing trained
+
+
+def test_ctrl_c_again_while_saving_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C saves last.ckpt at the batch end; a second one landing in that save stops it (the previous
+    file stays whole, SafeCheckpointIO) and the message names the kept checkpoint, not a save that never finished."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+
+    from goemo.reliability import Interrupts
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / LAST.parent
+    folder.mkdir(parents=True)
+    torch.save({"global_step": 3}, folder / "last.ckpt")
+
+    def save_checkpoint(path, weights_only=False):
+        raise KeyboardInterrupt  # the second Ctrl-C, mid-save
+
+    checkpoint = ModelCheckpoint(dirpath=folder)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING, stage=RunningStage.TRAINING),
+                              checkpoint_callbacks=[checkpoint], global_step=5, current_epoch=0, is_global_zero=True,
+                              save_checkpoint=save_checkpoint)  # fmt: skip
+    stop = Interrupts()
+    stop._sigint = True  # the first Ctrl-C, seen at the batch end
+    try:
+        stop.on_exception(trainer, None, KeyboardInterrupt())
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped with the generic message")
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: interrupted by Ctrl-C at step 5 (epoch 0), then by Ctrl-C while saving: kept the last checkpoint, "
+        f"{folder / 'last.ckpt'} (step 3); resume with: "
+    ), err
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == 3
