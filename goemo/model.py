@@ -607,7 +607,9 @@ class EmotionClassifier(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+        import transformers
+
+        schedules = {"linear": transformers.get_linear_schedule_with_warmup, "cosine": transformers.get_cosine_schedule_with_warmup}
 
         hp = self.hparams
         head_lr = hp.head_learning_rate or hp.learning_rate
@@ -645,10 +647,9 @@ class EmotionClassifier(L.LightningModule):
                   "started with (another trainer.max_epochs or max_steps): the rate jumps to the new line", file=sys.stderr)  # fmt: skip
         warmup = 0 if endless else int(hp.warmup_ratio * total)
         if hp.lr_schedule == "constant":
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+            scheduler = transformers.get_constant_schedule_with_warmup(optimizer, warmup)
         else:
-            schedule = get_cosine_schedule_with_warmup if hp.lr_schedule == "cosine" else get_linear_schedule_with_warmup
-            scheduler = schedule(optimizer, warmup, total)
+            scheduler = schedules[hp.lr_schedule](optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

@@ -131,7 +131,8 @@ def test_optimizer_groups(tiny_model):
 
 def _rates(model, steps):
     """The first parameter group's rate over `steps` optimizer steps, as fractions of its peak."""
-    opt, sched = (lambda c: (c["optimizer"], c["lr_scheduler"]["scheduler"]))(model.configure_optimizers())
+    cfg = model.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
