@@ -353,7 +353,10 @@ class GoemoCLI(LightningCLI):
             clf.max_length = datamodule.hparams.max_length  # as the torch path: --data.max_length, else the run's
             output = Path(cfg.get("output") or Path(self.trainer.log_dir or ".") / "predictions.jsonl")
             return predict_file(clf, Path(datamodule.hparams.predict_file), output)
-        self.trainer.callbacks.append(PredictionWriter(cfg.get("output")))
+        # Before RunConfigCallback: config_predict.yaml is written once the predictions file is (both at predict end).
+        callbacks = self.trainer.callbacks
+        at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, RunConfigCallback)), len(callbacks))
+        callbacks.insert(at, PredictionWriter(cfg.get("output")))
         return_predictions = False  # written batch by batch; keeping them too would grow with the file
         self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
 

@@ -30,7 +30,7 @@ from goemo.errors import GoemoError, exit_on_error
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
-BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0}
+BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear"}
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),

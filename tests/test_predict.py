@@ -264,3 +264,32 @@ def test_a_run_trained_in_bf16_predicts_in_float32_as_goemo_load_unless_told(tin
             assert not noted and np.abs(got - want).max() > 5e-6
         else:
             assert noted and np.abs(got - want).max() < 1e-6, r.stderr[-2000:]
+
+
+def test_predict_writes_its_config_after_the_predictions_file(tiny_run, tmp_path, monkeypatch):
+    """Both happen at predict's end: the writer commits predictions.jsonl first, so a failed commit (a full disk)
+    leaves config_predict.yaml beside the earlier predictions it describes."""
+    import functools
+    import shutil
+    import sys
+
+    from lightning.pytorch import Trainer
+
+    from goemo.cli import RunConfigCallback, main
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run, work, ignore=shutil.ignore_patterns("*.jsonl", "texts.*", "config_*.yaml"))
+    (work / "texts.txt").write_text("happy\n", encoding="utf-8")
+    seen = []
+
+    @functools.wraps(Trainer.predict)  # LightningCLI reads the subcommand's arguments off its signature
+    def predict(self, *args, **kwargs):
+        seen.extend(type(cb) for cb in self.callbacks if isinstance(cb, (PredictionWriter, RunConfigCallback)))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(Trainer, "predict", predict)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    with pytest.raises(SystemExit):
+        main(["predict", "--ckpt_path", "last", "--data.predict_file", "texts.txt"])
+    assert seen == [PredictionWriter, RunConfigCallback]

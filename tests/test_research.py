@@ -573,23 +573,25 @@ def test_compare_groups_runs_that_name_one_teacher_two_ways_or_have_no_teacher(t
     assert header[1] == "model.teacher_weight" and [row[1] for row in body] == ["0.5", "0.75"]
 
 
-def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path):
-    """model.threshold_shrink came later: a run without it tuned with no pull, the recipe of a run with 0."""
+@pytest.mark.parametrize("key, then, other", [("threshold_shrink", 0.0, 10.0), ("lr_schedule", "linear", "constant")])
+def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key, then, other):
+    """model.threshold_shrink and model.lr_schedule came later: a run without one did what its value `then` does."""
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
 
-    def run(name, seed, shrink):
+    def run(name, seed, value):
         folder = fake_run(tmp_path / name, 1e-4, seed, val, t)
-        if shrink is not None:
-            config = yaml.safe_load((folder / "config.yaml").read_text())
-            config["model"]["threshold_shrink"] = shrink
-            (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["model"].pop(key, None)
+        if value is not None:
+            config["model"][key] = value
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
         return folder
 
-    header, body = compare.table([run("a", 42, None), run("b", 1, 0.0)])
+    header, body = compare.table([run("a", 42, None), run("b", 1, then)])
     assert header[1] == "seed" and len(body) == 1
-    header, body = compare.table([run("c", 42, None), run("d", 1, 10.0)])
-    assert header[1] == "model.threshold_shrink" and [row[1] for row in body] == ["0.0", "10.0"]
+    header, body = compare.table([run("c", 42, None), run("d", 1, other)])
+    assert header[1] == f"model.{key}" and [row[1] for row in body] == [str(then), str(other)]
 
 
 def test_compare_groups_a_resumed_fit_with_its_seeds(tmp_path):
