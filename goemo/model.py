@@ -354,6 +354,7 @@ class EmotionClassifier(L.LightningModule):
         self.teacher_probs: Optional[torch.Tensor] = None  # teacher: (N, L) on the CPU, read at fit; not saved
         self.teacher_sha256: Optional[str] = None  # of that table; saved, so a resumed fit trains on the same one
         self.schedule_steps: Optional[int] = None  # the learning-rate schedule's length; saved in checkpoints
+        self._redrawn = False  # a resume redrew the schedule (another length): on_train_start moves the rates
         # What the encoder's weights started from, saved in checkpoints and kept through resumes (a resumed fit is built
         # with pretrained false, as the checkpoint holds every weight): goemo.compare groups runs by it. None: unknown.
         self.encoder_start: str | None = "pretrained" if pretrained else "random"
@@ -641,16 +642,26 @@ class EmotionClassifier(L.LightningModule):
                 ("model.warmup_ratio (a fraction of all steps)", ", or model.warmup_ratio 0")
             raise GoemoError(f"{what} needs an end: set trainer.max_epochs >= 1 or trainer.max_steps{other}")
         saved, self.schedule_steps = self.schedule_steps, None if endless else int(total)  # saved: a resumed fit's
-        if saved is not None and saved != self.schedule_steps and hp.lr_schedule != "constant" and self.trainer.is_global_zero:
-            # transformers' schedule saves no length: a resume with another max_epochs/max_steps redraws the line.
+        warmup = 0 if endless else int(hp.warmup_ratio * total)
+        # transformers' schedule saves no length: a resume with another max_epochs/max_steps redraws the line
+        # (for `constant`, only its warmup), and on_train_start moves the restored rates onto it.
+        self._redrawn = saved is not None and saved != self.schedule_steps and (
+            hp.lr_schedule != "constant" or int(hp.warmup_ratio * saved) != warmup)
+        if self._redrawn and self.trainer.is_global_zero:
             print(f"note: the learning-rate schedule now ends at step {self.schedule_steps}, not at the {saved} this fit "
                   "started with (another trainer.max_epochs or max_steps): the rate jumps to the new line", file=sys.stderr)  # fmt: skip
-        warmup = 0 if endless else int(hp.warmup_ratio * total)
         if hp.lr_schedule == "constant":
             scheduler = transformers.get_constant_schedule_with_warmup(optimizer, warmup)
         else:
             scheduler = schedules[hp.lr_schedule](optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        if self._redrawn:  # the rates restored from the checkpoint are the old line's
+            self._redrawn = False
+            scheduler = self.lr_schedulers()
+            for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * rate(scheduler.last_epoch)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients are freed rather than kept until the next backward pass.

@@ -372,30 +372,45 @@ def test_gradients_are_freed_after_each_optimizer_step(tiny_data, tiny_model, tm
     assert seen["batch_start"] == [False] * 4  # and none survived into the next batch
 
 
-def test_a_resume_with_another_schedule_length_says_so(tiny_model, capsys):
-    """transformers' linear schedule saves no length: resumed with another max_epochs, its rate would jump silently."""
+@pytest.mark.parametrize("schedule, warmup", [("linear", 0.0), ("cosine", 0.1), ("constant", 0.1)])
+def test_a_resume_with_another_schedule_length_says_so_and_trains_on_the_new_line(tiny_model, capsys, schedule, warmup):
+    """transformers' schedules save no length: resumed with another max_epochs, the rate would jump silently, and the
+    first resumed step would still train at the rate the checkpoint's optimizer holds (the old line's)."""
     from types import SimpleNamespace
 
     def model(steps):
-        m = EmotionClassifier(str(tiny_model), label_names=["a", "b"])
-        m._trainer = SimpleNamespace(estimated_stepping_batches=steps, gradient_clip_val=None, precision_plugin=None, is_global_zero=True)
+        m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], lr_schedule=schedule, warmup_ratio=warmup)
+        m._trainer = SimpleNamespace(estimated_stepping_batches=steps, gradient_clip_val=None, precision_plugin=None,
+                                     is_global_zero=True, lr_scheduler_configs=[])  # fmt: skip
         return m
 
+    def configure(m):
+        cfg = m.configure_optimizers()
+        m._trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=cfg["lr_scheduler"]["scheduler"])]
+        return cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+
     first, same, longer = model(100), model(100), model(150)
-    first.configure_optimizers()
+    opt, sched = configure(first)
+    for _ in range(5):  # stopped at step 5: inside the warmup of 10 steps (15 for the longer run)
+        opt.step(), sched.step()
     ckpt = {"state_dict": first.state_dict()}
     first.on_save_checkpoint(ckpt)
     assert ckpt["schedule_steps"] == 100
     capsys.readouterr()  # the models' loading bars
     same.on_load_checkpoint(ckpt)
-    same.configure_optimizers()
+    configure(same)
     assert capsys.readouterr().err == ""
     longer.on_load_checkpoint(ckpt)
-    longer.configure_optimizers()
+    opt2, sched2 = configure(longer)
     assert capsys.readouterr().err == (
         "note: the learning-rate schedule now ends at step 150, not at the 100 this fit started with "
         "(another trainer.max_epochs or max_steps): the rate jumps to the new line\n"
     )
+    opt2.load_state_dict(opt.state_dict()), sched2.load_state_dict(sched.state_dict())  # as Lightning restores them
+    longer.on_train_start()
+    expected = sched2.lr_lambdas[0](5) * sched2.base_lrs[0]  # the new line at step 5
+    assert expected != pytest.approx(opt.param_groups[0]["lr"])  # the old line's rate there differs
+    assert opt2.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_validation_tunes_with_the_models_threshold_as_fallback_and_test_scores_at_the_tuned_ones(tiny_model, monkeypatch):
