@@ -246,6 +246,13 @@ class GoemoCLI(LightningCLI):
         self._check_outputs(cfg)
         if cfg.get("weights_only") is False:
             raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
+        # LightningCLI's own --optimizer/--lr_scheduler would replace EmotionClassifier.configure_optimizers with a
+        # warning only: no head learning rate, no weight-decay groups, no frozen embeddings' exclusion, no schedule.
+        # The flags stay parsed (every run's config.yaml holds `optimizer: null`) and are refused when set.
+        given = [key for key in ("optimizer", "lr_scheduler") if cfg.get(key) is not None]
+        if given and self.subcommand == "fit":
+            raise GoemoError(f"--{given[0]}: goemo trains with its own AdamW and schedule; set model.learning_rate, "
+                             "model.head_learning_rate, model.weight_decay, model.warmup_ratio or model.lr_schedule instead")  # fmt: skip
         if cfg.get("ckpt_path") and cfg.model.pretrained:
             note("model.pretrained false: the checkpoint holds every weight, so none are loaded (or fetched) twice")
             cfg.model.pretrained = False
