@@ -359,7 +359,12 @@ class GoemoCLI(LightningCLI):
             clf = load_backend(ckpt_path, batch_size=datamodule.hparams.eval_batch_size, backend=cfg.backend)
             clf.max_length = datamodule.hparams.max_length  # as the torch path: --data.max_length, else the run's
             output = Path(cfg.get("output") or Path(self.trainer.log_dir or ".") / "predictions.jsonl")
-            return predict_file(clf, Path(datamodule.hparams.predict_file), output)
+            written = predict_file(clf, Path(datamodule.hparams.predict_file), output)
+            saver = next((cb for cb in self.trainer.callbacks if isinstance(cb, RunConfigCallback)), None)
+            if saver is not None:  # config_predict.yaml as the trainer's predict writes it, once the file is
+                saver.setup(self.trainer, model, "predict")
+                saver.on_predict_end(self.trainer, model)
+            return written
         # Before RunConfigCallback: config_predict.yaml is written once the predictions file is (both at predict end).
         callbacks = self.trainer.callbacks
         at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, RunConfigCallback)), len(callbacks))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from goemo.errors import GoemoError
@@ -209,6 +210,8 @@ def test_cli_predict_of_a_bare_checkpoint_cuts_texts_as_goemo_load_does(learned_
     assert np.allclose(got, load(tmp_path / "short.ckpt").predict_proba(texts), atol=1e-5)
     whole = load(learned_run / "lightning_logs" / "version_0").predict_proba(texts)  # max_length 128
     assert np.abs(np.array(got) - whole).max() > 0.05  # so the line above tells 4 from 128
+    saved = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config_predict.yaml").read_text())
+    assert saved["backend"] == backend and saved["data"]["predict_file"] == "texts.txt"  # either path saves its config
 
 
 def test_predict_file_reads_and_writes_tilde_paths_and_refuses_an_empty_file(tmp_path, monkeypatch, capsys):
