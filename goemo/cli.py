@@ -451,8 +451,11 @@ def _on_sigterm(signum, frame) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM's default action (the handler a command starts with) ends the process without a word; a handler of the
+    # caller's (main() called from Python) stays, and Lightning's loops chain it after their own.
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    default = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if default else None
     try:
         args, run_dir = rewrite_args(argv)
         if run_dir is not None:

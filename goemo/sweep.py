@@ -570,7 +570,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_sweep(parse_args(argv))
         except (KeyboardInterrupt, Interrupted) as e:  # KeyboardInterrupt: outside a trial, only the worker to stop
             what = "SIGTERM" if _SIGTERM_SEEN else "Ctrl-C"
-            print(f"{what}: {e or 'the sweep stopped'}", file=sys.stderr)
+            print(f"{what}: {str(e) or 'the sweep stopped'}", file=sys.stderr)  # an exception is true even when empty
             sys.exit(143 if _SIGTERM_SEEN else 130)
 
 

@@ -273,34 +273,55 @@ def test_ctrl_c_before_training_is_one_line_and_status_130(monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted by Ctrl-C\n"
 
 
-def test_sigterm_before_lightnings_loops_is_one_line_and_status_143(monkeypatch, capsys):
+def test_sigterm_before_lightnings_loops_is_one_line_and_status_143(tmp_path):
     """SIGTERM while parsing, loading or tokenizing: Lightning's handler is not installed yet, and the default action
     would end the process without a word (and without the cleanup of files being written)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import goemo.cli\n"
+        "def terminated(argv):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)  # the handler runs at the next bytecode: never reached\n"
+        "    raise SystemExit('SIGTERM was not handled')\n"
+        "goemo.cli.rewrite_args = terminated\n"
+        "goemo.cli.main(['fit'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # -15 where the signal's default action ended it
+    assert r.stderr == (
+        "error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): nothing more was saved\n"
+    )
+
+
+def test_main_from_python_keeps_the_callers_sigterm_handler(monkeypatch, capsys):
+    """main() called from Python under a SIGTERM handler of the caller's leaves it in charge (Lightning's loops chain
+    it after their own), and installs nothing of its own."""
     import os
     import signal
-    import time
 
     import goemo.cli
 
+    seen = []
+
     def terminated(argv):
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler runs at the next bytecode: never reached
-        raise AssertionError("SIGTERM was not handled")
-
-    def outer(signum, frame):  # the caller's own handler (a regression lands here, not in pytest's death)
-        pass
+        raise GoemoError("stopped by the test")
 
     monkeypatch.setattr(goemo.cli, "rewrite_args", terminated)
-    original = signal.signal(signal.SIGTERM, outer)
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
+        outer = signal.getsignal(signal.SIGTERM)
         with pytest.raises(SystemExit) as e:
             goemo.cli.main(["fit"])
-        assert signal.getsignal(signal.SIGTERM) is outer  # main() from Python leaves the handler as it found it
+        assert signal.getsignal(signal.SIGTERM) is outer
     finally:
         signal.signal(signal.SIGTERM, original)
-    assert e.value.code == 143 and capsys.readouterr().err == (
-        "error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): nothing more was saved\n"
-    )
+    assert e.value.code == 2 and seen == [signal.SIGTERM]
+    assert capsys.readouterr().err == "error: stopped by the test\n"
 
 
 @pytest.mark.slow

@@ -185,6 +185,26 @@ def test_tiny_sweep_trials_are_ordinary_runs_and_a_failed_trial_is_recorded(tmp_
     assert (best / "test_report.json").is_file()
 
 
+def test_an_interrupt_outside_a_trial_says_the_sweep_stopped(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, raised as it) before a trial has started: a KeyboardInterrupt without a message."""
+    import signal
+
+    from goemo import sweep
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "parse_args", lambda argv: None)
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    original = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            sweep.main([])
+    finally:
+        signal.signal(signal.SIGTERM, original)  # main() installs the sweep's own
+    assert e.value.code == 130 and capsys.readouterr().err == "Ctrl-C: the sweep stopped\n"
+
+
 @pytest.mark.slow
 def test_sigterm_stops_the_sweep_after_its_trials_fit_saved(tmp_path, tiny_model):
     import os
