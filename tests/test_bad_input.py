@@ -249,6 +249,8 @@ def test_config_errors(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
         assert line.startswith(expected), (case, line)
 
 
+OWN_OPTIMIZER = ("goemo trains with its own AdamW and schedule; set model.learning_rate, model.head_learning_rate, "
+                 "model.weight_decay, model.warmup_ratio or model.lr_schedule instead")
 VALUE_CASES = {
     "negative learning rate": (("--model.learning_rate", "-0.001"),
                                "error: model.learning_rate and model.head_learning_rate must be finite and > 0, got -0.001, None"),
@@ -264,10 +266,8 @@ VALUE_CASES = {
     "negative step-checkpoint interval": (("--last_checkpoint.every_n_train_steps", "-5"),
                                           "error: last_checkpoint.every_n_train_steps must be >= 0 (0 = off), got -5"),
     "negative val examples": (("--val_examples.num_examples", "-1"), "error: val_examples.num_examples must be >= 0, got -1"),
-    "LightningCLI's optimizer": (("--optimizer", "SGD"), "error: --optimizer: goemo trains with its own AdamW and schedule; set "
-                                 "model.learning_rate, model.head_learning_rate, model.weight_decay, model.warmup_ratio or model.lr_schedule instead"),
-    "LightningCLI's scheduler": (("--lr_scheduler", "ConstantLR"), "error: --lr_scheduler: goemo trains with its own AdamW and schedule; set "
-                                 "model.learning_rate, model.head_learning_rate, model.weight_decay, model.warmup_ratio or model.lr_schedule instead"),
+    "LightningCLI's optimizer": (("--optimizer", "SGD"), "error: --optimizer: " + OWN_OPTIMIZER),
+    "LightningCLI's scheduler": (("--lr_scheduler", "ConstantLR"), "error: --lr_scheduler: " + OWN_OPTIMIZER),
     "endless epochs": (("--trainer.max_epochs", "-1"),
                        "error: the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps"),
     "devices -3 on a CPU": (("--trainer.devices", "-3"), "error: trainer settings: `devices` selected with `CPUAccelerator` should be an int > 0."),
