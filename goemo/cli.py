@@ -264,12 +264,13 @@ class GoemoCLI(LightningCLI):
             cfg.checkpoint.enable_version_counter = False
         trainer.callbacks = self._callbacks(trainer)
         auto_ddp = trainer.strategy == "auto" and (device_count(trainer) > 1 or trainer.num_nodes > 1)
-        if (trainer.strategy == "ddp" or auto_ddp) and cfg.model.pooling == "mean":
+        if (trainer.strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook") or auto_ddp) and cfg.model.pooling == "mean":
             # The encoder's pooler (over [CLS]) gets no gradient when pooling by the mean, and DDP stops at the
             # second step over parameters without one unless told to look for them. `auto` picks DDP for
             # several devices or nodes.
-            print("note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true", file=sys.stderr)
-            trainer.strategy = "ddp_find_unused_parameters_true"
+            strategy = f"{'ddp' if auto_ddp else trainer.strategy}_find_unused_parameters_true"  # each registered
+            print(f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {strategy}", file=sys.stderr)
+            trainer.strategy = strategy
         from_run = self.subcommand != "fit" and self.run_dir is not None and self._args is not None
         if from_run and "16" in str(trainer.precision) and not precision_given(self._args, self.run_dir):
             # The run's config.yaml holds the precision it trained in (bf16-mixed by default on a GPU); its checkpoint

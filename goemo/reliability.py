@@ -62,6 +62,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if weights_only is False:
             raise GoemoError("weights_only=False: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
+        if Path(path).name == ".temp.ckpt":  # ddp_spawn/ddp_notebook: the trained weights alone, from rank 0 (Lightning's
+            return load_checkpoint(Path(path), map_location=map_location or "cpu")  # _MultiProcessingLauncher)
         return load_lightning_checkpoint(Path(path), map_location=map_location or "cpu")
 
 

@@ -157,15 +157,18 @@ def test_two_process_validation_scores_like_one(learned_run, tiny_model, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_process_fit_trains_and_rank_zero_saves(learned_run, tiny_model, tmp_path):
+@pytest.mark.parametrize("strategy, runs_as", [("auto", "ddp"), ("ddp_spawn", "ddp_spawn")])
+def test_two_process_fit_trains_and_rank_zero_saves(learned_run, tiny_model, tmp_path, strategy, runs_as):
+    """ddp_spawn: rank 0 hands the trained weights to the main process in a file of the state dict alone."""
     r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
                  "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "1",
-                 "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+                 "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", strategy, cwd=tmp_path,
+                 env=ONE_THREAD, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     # strategy `auto` picks DDP for two devices; mean pooling (LEARNING_ARGS) needs it to look for unused parameters
-    assert "note: mean pooling leaves the encoder's pooler unused, so DDP runs as ddp_find_unused_parameters_true" in r.stderr
+    assert f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {runs_as}_find_unused_parameters_true" in r.stderr
     cfg = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
-    assert cfg["trainer"]["strategy"] == "ddp_find_unused_parameters_true"  # said in the run's config
+    assert cfg["trainer"]["strategy"] == f"{runs_as}_find_unused_parameters_true"  # said in the run's config
     run = tmp_path / "lightning_logs" / "version_0"
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["epoch00-step6.ckpt", "last.ckpt"]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6  # 12 batches over 2 ranks
