@@ -33,7 +33,7 @@ from goemo.inputs import check_file
 from goemo.model import EmotionClassifier
 from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter, check_not_the_input
-from goemo.reliability import Interrupts, LastCheckpoint
+from goemo.reliability import Interrupts, LastCheckpoint, OutsideLoopsSIGTERM
 from goemo.runs import load_lightning_checkpoint, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
@@ -438,16 +438,12 @@ def _class_of(callback: Any) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-class _OutsideLoopsSIGTERM(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way swallows it
-    """SIGTERM while Lightning's loops do not hold the signal: parsing, loading the model, tokenizing, restoring."""
-
-
 def _on_sigterm(signum, frame) -> None:
     # Lightning's loops chain the handler they find after their own (signal_connector) and stop at a batch end
     # themselves: while theirs is installed, this one leaves it to them.
     if signal.getsignal(signal.SIGTERM) is _on_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while this one unwinds ends the process
-        raise _OutsideLoopsSIGTERM
+        raise OutsideLoopsSIGTERM
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -485,7 +481,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (parsing, loading, tokenizing), which handle theirs
         print("error: interrupted by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    except _OutsideLoopsSIGTERM:  # the default action would end the process without a word, partial files left
+    except OutsideLoopsSIGTERM:  # the default action would end the process without a word, partial files left
         print("error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): "
               "nothing more was saved", file=sys.stderr)  # fmt: skip
         sys.exit(128 + signal.SIGTERM)

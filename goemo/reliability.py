@@ -248,6 +248,11 @@ def resume_hint(run_dir: Path) -> str:
     return f"python main.py fit --ckpt_path {'last' if newest else run_dir / 'checkpoints' / 'last.ckpt'}"
 
 
+class OutsideLoopsSIGTERM(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way swallows it
+    """SIGTERM while Lightning's loops do not hold the signal: parsing, loading the model, tokenizing, restoring
+    (raised by goemo.cli.main's handler)."""
+
+
 class Interrupts(Callback):
     """Ctrl-C and SIGTERM during `fit` save `last.ckpt` and stop with a one-line message saying how to resume.
 
@@ -314,6 +319,11 @@ class Interrupts(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
+        if isinstance(exception, OutsideLoopsSIGTERM):  # in setup: under DDP the other ranks wait at a collective
+            launcher = getattr(trainer.strategy, "launcher", None)
+            if trainer.is_global_zero and hasattr(launcher, "kill"):  # as Lightning does after a Ctrl-C
+                launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+            return
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             return
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"

@@ -188,3 +188,16 @@ def test_two_process_self_distill_reads_both_ranks_predictions(learned_run, tiny
     assert not state["prev"].isnan().any()  # epoch 0's predictions from both ranks
     # epoch 1's from both ranks too: the file is rank 0's, and a fit resumed from it must not lose rank 1's rows
     assert not state["next"].isnan().any()
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_zero_before_the_loops_is_one_line(learned_run, tiny_model, tmp_path):
+    """Rank 0 stops with its one line; the other rank, waiting at a collective, is ended with it (no traceback)."""
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
+                 "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "1",
+                 *ddp("--trainer.callbacks+=tests.helpers.TermRank0InSetup"), cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): nothing more was saved"
+    )
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
