@@ -608,9 +608,7 @@ class EmotionClassifier(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
-        import transformers
-
-        schedules = {"linear": transformers.get_linear_schedule_with_warmup, "cosine": transformers.get_cosine_schedule_with_warmup}
+        from transformers import get_scheduler
 
         hp = self.hparams
         head_lr = hp.head_learning_rate or hp.learning_rate
@@ -650,10 +648,8 @@ class EmotionClassifier(L.LightningModule):
         if self._redrawn and self.trainer.is_global_zero:
             print(f"note: the learning-rate schedule now ends at step {self.schedule_steps}, not at the {saved} this fit "
                   "started with (another trainer.max_epochs or max_steps): the rate jumps to the new line", file=sys.stderr)  # fmt: skip
-        if hp.lr_schedule == "constant":
-            scheduler = transformers.get_constant_schedule_with_warmup(optimizer, warmup)
-        else:
-            scheduler = schedules[hp.lr_schedule](optimizer, warmup, total)
+        name = "constant_with_warmup" if hp.lr_schedule == "constant" else hp.lr_schedule  # transformers' names
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=None if endless else int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:

@@ -260,8 +260,9 @@ class Interrupts(Callback):
     step checkpoint holds) and resuming from it gives the same result as never stopping; at an epoch's last
     batch, once the epoch's validation and checkpoints are done (Ctrl-C after the next batch; SIGTERM meets the
     validation, whose loop Lightning stops at once, so the last saved checkpoint is kept). A second Ctrl-C stops
-    at once and saves nothing (landing in the save, it leaves the previous last.ckpt whole and the message names it). Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch
-    (each batch under DDP, where it broadcasts the signal); here it is raised at the next batch end. Lightning
+    at once and saves nothing (landing in the save, it leaves the previous last.ckpt whole and the message names
+    it). Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch (each batch under DDP,
+    where it broadcasts the signal); here it is raised at the next batch end. Lightning
     then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
     `goemo.cli.main`). An interrupt during validation or before training keeps the last saved checkpoint: half
     a validation epoch would not resume cleanly. Under DDP, Ctrl-C is shared between the processes each step,
