@@ -30,7 +30,7 @@ from goemo.errors import GoemoError, exit_on_error
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
-BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear"}
+BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear", "model.teacher_temperature": 1.0}
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),
@@ -75,6 +75,7 @@ def run_config(run: Path) -> dict[str, Any]:
     if "model.teacher" in flat:
         if flat["model.teacher"] is None:  # no teacher: its weight did nothing, so it does not split the runs
             flat.pop("model.teacher_weight", None)
+            flat.pop("model.teacher_temperature", None)
         else:
             flat["model.teacher"] = shipped_name(flat["model.teacher"])
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}

@@ -181,6 +181,14 @@ def build_head(cfg, pooling: str, num_labels: int) -> tuple[nn.Dropout, nn.Linea
     return dropout, head
 
 
+def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`sigmoid(logit(p) / T)` of probabilities (N, L), p clipped to 1/510..509/510 (a uint8 file's resolution)."""
+    if temperature == 1:
+        return probs
+    p = probs.clamp(1 / 510, 509 / 510)
+    return torch.sigmoid(torch.logit(p) / temperature)
+
+
 class EmotionClassifier(L.LightningModule):
     def __init__(
         self,
@@ -208,6 +216,7 @@ class EmotionClassifier(L.LightningModule):
         self_distill: float = 0.0,
         teacher: Optional[str] = None,
         teacher_weight: float = 0.5,
+        teacher_temperature: float = 1.0,
         freeze_embeddings: bool = False,
         checkpoint_tokens: Optional[int] = None,
         attention_dropout: Optional[float] = None,
@@ -282,6 +291,9 @@ class EmotionClassifier(L.LightningModule):
                 only (predict, test and exports do not need it); `train/loss` stays the BCE against the labels,
                 `train/distill_loss` is the one trained on. Unset (default): the labels alone.
             teacher_weight: The teacher's share of the targets, within 0..1 (a fit with a teacher needs more than 0).
+            teacher_temperature: T: the teacher's logits are divided by T before its sigmoid, `p_teacher =
+                sigmoid(logit(p) / T)` (p clipped to 1/510..509/510, the file's resolution). A teacher that saw the
+                training rows is surer of them than of new ones; T > 1 softens it toward 0.5. 1 (default): as it is.
             freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
@@ -319,6 +331,8 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.self_distill needs model.loss bce, got {loss!r}; set one of them back")
         if not 0.0 <= teacher_weight <= 1.0:
             raise GoemoError(f"model.teacher_weight must be within 0..1, got {teacher_weight}")
+        if not 0 < teacher_temperature < math.inf:
+            raise GoemoError(f"model.teacher_temperature must be a number > 0 (1: the teacher as it is), got {teacher_temperature}")
         if teacher is not None and loss != "bce":
             raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back (--model.teacher null "
                              "drops the teacher configs/minilm.yaml sets)")  # fmt: skip
@@ -428,6 +442,7 @@ class EmotionClassifier(L.LightningModule):
             texts = self._training_rows(dm, "model.teacher").with_format(None)["text"]
             self.teacher_probs = torch.from_numpy(read_teacher(self.hparams.teacher, self.label_names, texts))
             self.teacher_sha256 = hashlib.sha256(self.teacher_probs.numpy().tobytes()).hexdigest()  # checked on resume
+            self.teacher_probs = temper(self.teacher_probs, self.hparams.teacher_temperature)
         pos_weight, prior = self.hparams.loss == "bce_pos_weight", self.hparams.head_bias == "prior"
         if stage != "fit" or not (pos_weight or prior):
             return
@@ -702,11 +717,12 @@ class EmotionClassifier(L.LightningModule):
             return
         was, now = saved_hp["teacher"], self.hparams.teacher
         was_w, now_w = saved_hp.get("teacher_weight", self.hparams.teacher_weight), self.hparams.teacher_weight
-        if (was is None) != (now is None) or (now is not None and was_w != now_w):
-            def show(t, w):
-                return "no teacher" if t is None else f"model.teacher {t!r} at weight {w}"
-            raise GoemoError(f"this fit started with {show(was, was_w)}, now {show(now, now_w)}; resume with the "
-                             "settings it started with, or start a new fit")  # fmt: skip
+        was_t, now_t = saved_hp.get("teacher_temperature", 1.0), self.hparams.teacher_temperature
+        if (was is None) != (now is None) or (now is not None and (was_w, was_t) != (now_w, now_t)):
+            def show(t, w, temp):
+                return "no teacher" if t is None else f"model.teacher {t!r} at weight {w}" + (f", temperature {temp}" if temp != 1 else "")
+            raise GoemoError(f"this fit started with {show(was, was_w, was_t)}, now {show(now, now_w, now_t)}; resume with "
+                             "the settings it started with, or start a new fit")  # fmt: skip
         saved_table = checkpoint.get("teacher_sha256")  # Lightning restores a resumed fit after `setup` read the file
         if self.teacher_sha256 is not None and saved_table is not None and saved_table != self.teacher_sha256:
             raise GoemoError(f"model.teacher {now!r} is another table than the one this fit started with (from {was!r}); "

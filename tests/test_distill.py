@@ -1,6 +1,7 @@
 """Knowledge distillation: `python -m goemo.distill` writes a teacher's training-split probabilities; a student fit
 with `model.teacher` trains on `(1 - w) * labels + w * p_teacher`."""
 
+import math
 import re
 from pathlib import Path
 
@@ -170,6 +171,30 @@ def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_mo
     trainer.test(loaded, dm, verbose=False)
 
 
+def test_a_teacher_temperature_softens_its_probabilities_through_their_logits(tmp_path, tiny_model, tiny_data):
+    """T divides the teacher's logits: sigmoid(logit(p) / T), p clipped to the file's resolution; T 1 leaves them."""
+    from goemo.model import temper
+
+    p = torch.tensor([[0.9, 0.5, 0.0, 1.0]])
+    assert temper(p, 1.0) is p
+    logit = torch.tensor([math.log(9), 0.0, -math.log(509), math.log(509)])  # 0 and 1 clipped to 1/510, 509/510
+    torch.testing.assert_close(temper(p, 2.0), torch.sigmoid(logit / 2)[None])
+    assert temper(p, 2.0)[0, 0].item() == pytest.approx(0.75)  # 9:1 odds become 3:1
+    with pytest.raises(GoemoError, match="model.teacher_temperature must be a number > 0"):
+        EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_temperature=0.0)
+    # At fit the table is read, then softened: the targets blend the softened probabilities.
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    texts = dm.datasets["train"].with_format(None)["text"]
+    teacher = np.random.default_rng(0).uniform(size=(len(texts), 4)).astype(np.float32)
+    teacher_file.write_teacher(tmp_path / "t.npz", teacher, LABELS, texts, ["m"])
+    model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"), teacher_temperature=2.0)
+    L.Trainer(max_steps=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0).fit(model, dm)  # fmt: skip
+    stored = torch.from_numpy(np.round(teacher * 255).astype(np.float32) / 255)
+    torch.testing.assert_close(model.teacher_probs, temper(stored, 2.0))
+
+
 def test_the_blend_is_float32_under_bf16_true(tiny_model):
     """precision bf16-true hands the loss bf16 labels and logits: the blend and its BCE are still float32."""
     model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher="t.npz", teacher_weight=0.7)
@@ -197,10 +222,10 @@ def test_a_resumed_student_refuses_another_teacher_weight_or_table(tmp_path, tin
         return L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
 
-    def fit(epochs, ckpt_path=None, teacher=table, weight=0.5):
+    def fit(epochs, ckpt_path=None, teacher=table, weight=0.5, temperature=1.0):
         t = trainer(epochs)
-        t.fit(EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=teacher, teacher_weight=weight), dm,
-              ckpt_path=ckpt_path)  # fmt: skip
+        t.fit(EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=teacher, teacher_weight=weight,
+                                teacher_temperature=temperature), dm, ckpt_path=ckpt_path)  # fmt: skip
         return t
 
     ckpt = fit(1).checkpoint_callback.best_model_path
@@ -211,6 +236,8 @@ def test_a_resumed_student_refuses_another_teacher_weight_or_table(tmp_path, tin
         fit(2, ckpt, teacher=None)
     with pytest.raises(GoemoError, match="at weight 0.5, now model.teacher .* at weight 0.7; resume with"):
         fit(2, ckpt, weight=0.7)
+    with pytest.raises(GoemoError, match="at weight 0.5, now model.teacher .* at weight 0.5, temperature 2.0; resume with"):
+        fit(2, ckpt, temperature=2.0)
     trainer(1).test(EmotionClassifier(str(tiny_model), label_names=LABELS), dm, ckpt_path=ckpt, verbose=False)
     plain = fit(1, teacher=None).checkpoint_callback.best_model_path
     with pytest.raises(GoemoError, match="this fit started with no teacher, now model.teacher .* at weight 0.5"):

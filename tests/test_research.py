@@ -593,9 +593,10 @@ def test_compare_groups_runs_that_name_one_teacher_two_ways_or_have_no_teacher(t
     assert header[1] == "model.teacher_weight" and [row[1] for row in body] == ["0.5", "0.75"]
 
 
-@pytest.mark.parametrize("key, then, other", [("threshold_shrink", 0.0, 10.0), ("lr_schedule", "linear", "constant")])
+@pytest.mark.parametrize("key, then, other", [("threshold_shrink", 0.0, 10.0), ("lr_schedule", "linear", "constant"),
+                                             ("teacher_temperature", 1.0, 2.0)])
 def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key, then, other):
-    """model.threshold_shrink and model.lr_schedule came later: a run without one did what its value `then` does."""
+    """model.threshold_shrink, lr_schedule, teacher_temperature came later: a run without one did what `then` does."""
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
 
