@@ -6,8 +6,9 @@ runs of its trials).
 A row holds the config keys that differ between the runs (only those), the seed, the epochs trained up to the best
 checkpoint, validation micro/macro-F1 and exact match there (from its TensorBoard events), and the test figures of its
 `test_report.json` at the fixed and the tuned thresholds, with their bootstrap intervals. Runs whose configs differ
-only in `seed_everything` are one seed group: one row of mean ± standard deviation over its n runs (a teacher_weight
-without a teacher, and a shipped teacher named by its `pkg:` name or a copy's path, do not split a group). Printed as
+only in `seed_everything` are one seed group: one row of mean ± standard deviation over its n runs (a teacher_weight or
+teacher_temperature without a teacher, and a shipped teacher named by its `pkg:` name or a copy's path, do not split a
+group). Printed as
 Markdown; `--md FILE` and `--csv FILE` write it too. The results tables of goemo's documents come from here.
 """
 
@@ -30,7 +31,8 @@ from goemo.errors import GoemoError, exit_on_error
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
-BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear", "model.teacher_temperature": 1.0}
+BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear", "model.teacher": None,
+          "model.teacher_temperature": 1.0}
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),

@@ -37,7 +37,9 @@ def teacher_name(hparams) -> str:
     """A teacher run's model, and the file it was distilled from if it was a student (a file records its lineage)."""
     name = str(hparams["model_name_or_path"])
     if hparams.get("teacher") is not None:
-        name += f" (distilled from {hparams['teacher']} at weight {hparams.get('teacher_weight')})"
+        temperature = hparams.get("teacher_temperature", 1.0)
+        name += f" (distilled from {hparams['teacher']} at weight {hparams.get('teacher_weight')}"
+        name += f" and temperature {temperature})" if temperature != 1 else ")"
     return name
 
 

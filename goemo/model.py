@@ -291,9 +291,11 @@ class EmotionClassifier(L.LightningModule):
                 only (predict, test and exports do not need it); `train/loss` stays the BCE against the labels,
                 `train/distill_loss` is the one trained on. Unset (default): the labels alone.
             teacher_weight: The teacher's share of the targets, within 0..1 (a fit with a teacher needs more than 0).
-            teacher_temperature: T: the teacher's logits are divided by T before its sigmoid, `p_teacher =
-                sigmoid(logit(p) / T)` (p clipped to 1/510..509/510, the file's resolution). A teacher that saw the
-                training rows is surer of them than of new ones; T > 1 softens it toward 0.5. 1 (default): as it is.
+            teacher_temperature: With `teacher`: T tempers the file's probabilities p through their log-odds,
+                `p_teacher = sigmoid(logit(p) / T)` (p first kept within 1/510..509/510, half the file's 1/255 step, so 0
+                and 1 have log-odds). A teacher that saw the training rows is surer of them than of new ones: T > 1
+                softens it toward 0.5, T < 1 sharpens it. Only the targets change (the student's BCE stays at its own
+                logits, with no T^2 factor as in Hinton et al.'s softmax distillation). 1 (default): p as it is.
             freeze_embeddings: Keep the encoder's token embedding matrix as pretrained. It is the largest
                 tensor (MiniLM-L6: 30522 x 384, half the weights) yet a batch touches a few hundred of its
                 rows; frozen, it needs no dense gradient and no AdamW state, which saves memory and step time.
@@ -333,6 +335,9 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.teacher_weight must be within 0..1, got {teacher_weight}")
         if not 0 < teacher_temperature < math.inf:
             raise GoemoError(f"model.teacher_temperature must be a number > 0 (1: the teacher as it is), got {teacher_temperature}")
+        if teacher is None and teacher_temperature != 1:
+            raise GoemoError(f"model.teacher_temperature {teacher_temperature} tempers a teacher's probabilities; set model.teacher "
+                             "or leave the temperature at 1")  # fmt: skip
         if teacher is not None and loss != "bce":
             raise GoemoError(f"model.teacher needs model.loss bce, got {loss!r}; set one of them back (--model.teacher null "
                              "drops the teacher configs/minilm.yaml sets)")  # fmt: skip
@@ -366,7 +371,7 @@ class EmotionClassifier(L.LightningModule):
         self.loss_fn = build_loss(loss, num_labels, focal_gamma, focal_alpha)
         self.distill_targets: Optional[SelfDistillTargets] = None  # self_distill: built at fit, when the rows are known
         self.teacher_probs: Optional[torch.Tensor] = None  # teacher: (N, L) on the CPU, read at fit; not saved
-        self.teacher_sha256: Optional[str] = None  # of that table; saved, so a resumed fit trains on the same one
+        self.teacher_sha256: Optional[str] = None  # of the file's table (before tempering); saved, so a resumed fit trains on the same one
         self.schedule_steps: Optional[int] = None  # the learning-rate schedule's length; saved in checkpoints
         self._redrawn = False  # a resume redrew the schedule (another length): on_train_start moves the rates
         # What the encoder's weights started from, saved in checkpoints and kept through resumes (a resumed fit is built
@@ -700,7 +705,7 @@ class EmotionClassifier(L.LightningModule):
 
     def _check_resumed_targets(self, checkpoint: dict) -> None:
         """A resumed fit goes on with the soft targets it started with: model.self_distill's share, the teacher, its
-        weight and table (test and predict need none)."""
+        weight, temperature and table (test and predict need none)."""
         saved_hp = checkpoint.get("hyper_parameters", {})
         if not saved_hp:  # nothing to compare with
             return
@@ -719,8 +724,10 @@ class EmotionClassifier(L.LightningModule):
         was_w, now_w = saved_hp.get("teacher_weight", self.hparams.teacher_weight), self.hparams.teacher_weight
         was_t, now_t = saved_hp.get("teacher_temperature", 1.0), self.hparams.teacher_temperature
         if (was is None) != (now is None) or (now is not None and (was_w, was_t) != (now_w, now_t)):
+            tempered = was_t != 1 or now_t != 1  # name the temperature on both sides once either is not 1
+
             def show(t, w, temp):
-                return "no teacher" if t is None else f"model.teacher {t!r} at weight {w}" + (f", temperature {temp}" if temp != 1 else "")
+                return "no teacher" if t is None else f"model.teacher {t!r} at weight {w}" + (f" and temperature {temp}" if tempered else "")
             raise GoemoError(f"this fit started with {show(was, was_w, was_t)}, now {show(now, now_w, now_t)}; resume with "
                              "the settings it started with, or start a new fit")  # fmt: skip
         saved_table = checkpoint.get("teacher_sha256")  # Lightning restores a resumed fit after `setup` read the file

@@ -122,6 +122,9 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
     student = {"model_name_or_path": "m", "teacher": "pkg:goemo/teachers/t.npz", "teacher_weight": 0.75}
     assert distill.teacher_name(student) == "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75)"
     assert distill.teacher_name({**student, "teacher": None}) == "m"
+    assert distill.teacher_name({**student, "teacher_temperature": 2.0}) == (
+        "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75 and temperature 2.0)"
+    )
     with pytest.raises(SystemExit) as e:  # a folder for --out: one line, before any model is loaded
         distill.main([runs[0], "--out", str(tmp_path)])
     assert e.value.code == 2 and "is a folder" in capsys.readouterr().err
@@ -182,6 +185,8 @@ def test_a_teacher_temperature_softens_its_probabilities_through_their_logits(tm
     assert temper(p, 2.0)[0, 0].item() == pytest.approx(0.75)  # 9:1 odds become 3:1
     with pytest.raises(GoemoError, match="model.teacher_temperature must be a number > 0"):
         EmotionClassifier(str(tiny_model), teacher="t.npz", teacher_temperature=0.0)
+    with pytest.raises(GoemoError, match="model.teacher_temperature 2.0 tempers a teacher's probabilities; set model.teacher"):
+        EmotionClassifier(str(tiny_model), teacher_temperature=2.0)  # nothing to temper: it would do nothing
     # At fit the table is read, then softened: the targets blend the softened probabilities.
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
     dm.setup("fit")
@@ -236,7 +241,7 @@ def test_a_resumed_student_refuses_another_teacher_weight_or_table(tmp_path, tin
         fit(2, ckpt, teacher=None)
     with pytest.raises(GoemoError, match="at weight 0.5, now model.teacher .* at weight 0.7; resume with"):
         fit(2, ckpt, weight=0.7)
-    with pytest.raises(GoemoError, match="at weight 0.5, now model.teacher .* at weight 0.5, temperature 2.0; resume with"):
+    with pytest.raises(GoemoError, match="at weight 0.5 and temperature 1.0, now model.teacher .* at weight 0.5 and temperature 2.0; resume with"):
         fit(2, ckpt, temperature=2.0)
     trainer(1).test(EmotionClassifier(str(tiny_model), label_names=LABELS), dm, ckpt_path=ckpt, verbose=False)
     plain = fit(1, teacher=None).checkpoint_callback.best_model_path

@@ -606,6 +606,8 @@ def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key,
         config["model"].pop(key, None)
         if value is not None:
             config["model"][key] = value
+        if key == "teacher_temperature":  # a temperature tempers a teacher: without one it splits nothing
+            config["model"]["teacher"] = "t.npz"
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
         return folder
 
@@ -613,6 +615,27 @@ def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key,
     assert header[1] == "seed" and len(body) == 1
     header, body = compare.table([run("c", 42, None), run("d", 1, other)])
     assert header[1] == f"model.{key}" and [row[1] for row in body] == [str(then), str(other)]
+
+
+def test_compare_groups_runs_without_a_teacher_from_before_and_after_its_options(tmp_path):
+    """A run from before model.teacher, one with teacher null from before teacher_temperature, and one of today with
+    neither teacher nor temperature are one recipe: one row, no teacher column."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+
+    def run(name, seed, model_keys):
+        folder = fake_run(tmp_path / name, 1e-4, seed, val, t)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        for key in ("teacher", "teacher_weight", "teacher_temperature"):
+            config["model"].pop(key, None)
+        config["model"].update(model_keys)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        return folder
+
+    runs = [run("before_teacher", 1, {}), run("before_temperature", 2, {"teacher": None, "teacher_weight": 0.5}),
+            run("now", 3, {"teacher": None, "teacher_weight": 0.5, "teacher_temperature": 1.0})]  # fmt: skip
+    header, body = compare.table(runs)
+    assert header[1] == "seed" and len(body) == 1 and not any("teacher" in h for h in header)
 
 
 def test_compare_groups_a_resumed_fit_with_its_seeds(tmp_path):
