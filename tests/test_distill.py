@@ -130,6 +130,16 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
     assert e.value.code == 2 and "is a folder" in capsys.readouterr().err
 
 
+def random_teacher(tmp_path, tiny_model, tiny_data) -> tuple[GoEmotionsDataModule, np.ndarray]:
+    """The tiny data set up for fit, and tmp_path/t.npz: uniform random probabilities (rows, 4) for its training rows."""
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    texts = dm.datasets["train"].with_format(None)["text"]
+    teacher = np.random.default_rng(0).uniform(size=(len(texts), 4)).astype(np.float32)
+    teacher_file.write_teacher(tmp_path / "t.npz", teacher, LABELS, texts, ["m"])
+    return dm, teacher
+
+
 def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_model, tiny_data):
     """model.teacher in a tiny fit: the loss trained on is BCE against (1 - w) y + w p_teacher[row] (a batch checked by
     hand), `train/loss` stays the labels' BCE, and the checkpoint loads and tests without the teacher file."""
@@ -147,11 +157,7 @@ def test_a_student_trains_on_targets_blended_with_the_teachers(tmp_path, tiny_mo
                     seen["check"] = (batch, logits, pl_module._soft_target_loss(batch, logits))
                 pl_module.train()
 
-    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
-    dm.setup("fit")
-    texts = dm.datasets["train"].with_format(None)["text"]
-    teacher = np.random.default_rng(0).uniform(size=(len(texts), 4)).astype(np.float32)
-    teacher_file.write_teacher(tmp_path / "t.npz", teacher, LABELS, texts, ["m"])
+    dm, teacher = random_teacher(tmp_path, tiny_model, tiny_data)
     model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"), teacher_weight=0.7)
     trainer = L.Trainer(
         max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
@@ -188,11 +194,7 @@ def test_a_teacher_temperature_softens_its_probabilities_through_their_logits(tm
     with pytest.raises(GoemoError, match="model.teacher_temperature 2.0 tempers a teacher's probabilities; set model.teacher"):
         EmotionClassifier(str(tiny_model), teacher_temperature=2.0)  # nothing to temper: it would do nothing
     # At fit the table is read, then softened: the targets blend the softened probabilities.
-    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
-    dm.setup("fit")
-    texts = dm.datasets["train"].with_format(None)["text"]
-    teacher = np.random.default_rng(0).uniform(size=(len(texts), 4)).astype(np.float32)
-    teacher_file.write_teacher(tmp_path / "t.npz", teacher, LABELS, texts, ["m"])
+    dm, teacher = random_teacher(tmp_path, tiny_model, tiny_data)
     model = EmotionClassifier(str(tiny_model), label_names=LABELS, teacher=str(tmp_path / "t.npz"), teacher_temperature=2.0)
     L.Trainer(max_steps=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0).fit(model, dm)  # fmt: skip
