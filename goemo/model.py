@@ -669,7 +669,7 @@ class EmotionClassifier(L.LightningModule):
             print(f"note: the learning-rate schedule now ends at step {self.schedule_steps}, not at the {saved} this fit "
                   "started with (another trainer.max_epochs or max_steps): the rate jumps to the new line", file=sys.stderr)  # fmt: skip
         name = "constant_with_warmup" if hp.lr_schedule == "constant" else hp.lr_schedule  # transformers' names
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=None if endless else int(total))
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=self.schedule_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
