@@ -220,6 +220,7 @@ class EmotionClassifier(L.LightningModule):
         freeze_embeddings: bool = False,
         checkpoint_tokens: Optional[int] = None,
         attention_dropout: Optional[float] = None,
+        token_cutoff: float = 0.0,
         fast_dropout: bool = False,
         compile: bool = False,
     ) -> None:
@@ -309,6 +310,11 @@ class EmotionClassifier(L.LightningModule):
                 attention kernel runs in training too (with dropout on, SDPA falls back to its unfused math
                 path), which saves one random mask and two (B, heads, T, T) tensors per layer. The other
                 dropouts (hidden states, head) stay.
+            token_cutoff: Training only: each token of a row, except its first and last ([CLS], [SEP]), is hidden
+                with this probability from attention and from the pooling (token cutoff, Shen et al. 2020), so the
+                model learns from texts with words missing; with `teacher`, the targets still come from the whole
+                texts, as a noised student learns from a clean teacher in Noisy Student (Xie et al. 2020). 0 (default):
+                off. Validation, test, predict and exports see whole texts.
             fast_dropout: When training on a CPU, draw the dropout masks of the encoder's and the head's dropout
                 modules four at a time from 64-bit random words and keep them as bool for backward
                 (`goemo.dropout`): same dropout (p rounded to a multiple of 1/65536), masks ~2.5x cheaper to
@@ -327,6 +333,8 @@ class EmotionClassifier(L.LightningModule):
             raise GoemoError(f"model.pooling {pooling!r}: use one of {', '.join(get_args(Pooling))}")
         if lr_schedule not in get_args(LrSchedule):
             raise GoemoError(f"model.lr_schedule {lr_schedule!r}: use one of {', '.join(get_args(LrSchedule))}")
+        if not 0.0 <= token_cutoff < 1.0:
+            raise GoemoError(f"model.token_cutoff must be within [0, 1) (0: off), got {token_cutoff}")
         if not 0.0 <= self_distill < 1.0:
             raise GoemoError(f"model.self_distill must be within [0, 1) (0: off), got {self_distill}")
         if self_distill and loss != "bce":
@@ -521,6 +529,8 @@ class EmotionClassifier(L.LightningModule):
             long = batch["input_ids"].numel() > self.hparams.checkpoint_tokens
             for layer in self._checkpointed:
                 layer.gradient_checkpointing = long
+        if self.hparams.token_cutoff > 0:
+            batch = {**batch, "attention_mask": self._cut_tokens(batch["attention_mask"])}
         loss, logits, features = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))  # the main head's, comparable across runs
         if self.distill_targets is not None or self.teacher_probs is not None:
@@ -532,6 +542,16 @@ class EmotionClassifier(L.LightningModule):
         aux = F.binary_cross_entropy_with_logits(self.aux_head(features).float(), groups)
         self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
         return loss + self.hparams.aux_weight * aux
+
+    def _cut_tokens(self, mask: torch.Tensor) -> torch.Tensor:
+        """The (B, T) attention mask with each real token but a row's first and last hidden with p token_cutoff."""
+        positions = torch.arange(mask.shape[1], device=mask.device)  # (T,)
+        real = mask.bool()
+        first = torch.where(real, positions, mask.shape[1]).amin(dim=1, keepdim=True)  # (B, 1); any padding side
+        last = torch.where(real, positions, -1).amax(dim=1, keepdim=True)
+        inner = real & (positions > first) & (positions < last)
+        hide = inner & (torch.rand(mask.shape, device=mask.device) < self.hparams.token_cutoff)
+        return mask.masked_fill(hide, 0)
 
     def _soft_target_loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         """BCE of the logits (B, L) against the labels blended with the teacher's or the last epoch's probabilities."""

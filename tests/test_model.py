@@ -98,11 +98,51 @@ def test_labels_default_to_goemotions(tiny_model):
         ({"attention_dropout": 1.0}, "attention_dropout must be within"),
         ({"pooling": "max"}, "model.pooling 'max': use one of cls, mean, cls\\+mean"),  # e.g. a newer goemo's checkpoint
         ({"lr_schedule": "step"}, "model.lr_schedule 'step': use one of linear, cosine, constant"),
+        ({"token_cutoff": 1.0}, "model.token_cutoff must be within"),
+        ({"token_cutoff": -0.1}, "model.token_cutoff must be within"),
     ],
 )
 def test_nonsense_values_are_refused(tiny_model, kw, msg):
     with pytest.raises(GoemoError, match=msg):
         EmotionClassifier(str(tiny_model), **kw)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_cutoff_hides_only_inner_real_tokens(tiny_model, side):
+    m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], token_cutoff=0.3)
+    lengths = torch.randint(1, 41, (500,))
+    pads = (torch.arange(40)[None, :] < lengths[:, None]).long()  # (B, T), right padding
+    mask = pads if side == "right" else pads.flip(1)
+    torch.manual_seed(0)
+    cut = m._cut_tokens(mask)
+    real = mask.bool()
+    positions = torch.arange(40).expand_as(mask)
+    first = torch.where(real, positions, 99).amin(1)
+    last = torch.where(real, positions, -1).amax(1)
+    rows = torch.arange(500)
+    assert (cut <= mask).all()  # padding stays hidden
+    assert (cut[rows, first] == 1).all() and (cut[rows, last] == 1).all()  # [CLS] and [SEP] always seen
+    inner = real.clone()
+    inner[rows, first] = False
+    inner[rows, last] = False
+    hidden = (mask - cut)[inner].float().mean().item()
+    assert abs(hidden - 0.3) < 0.02  # ~8,000 inner tokens
+
+
+def test_token_cutoff_changes_training_only(tiny_model):
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([[1.0, 0.0]] * 4)}  # fmt: skip
+    losses, outputs = {}, {}
+    for p in (0.0, 0.5):
+        torch.manual_seed(0)  # the same weights for both
+        m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], token_cutoff=p)
+        m.log = lambda *a, **k: None  # no trainer attached
+        torch.manual_seed(1)
+        losses[p] = m.training_step(batch, 0).item()
+        with torch.no_grad():
+            outputs[p] = m.eval()(batch["input_ids"], batch["attention_mask"])
+    assert losses[0.0] != losses[0.5]
+    assert torch.equal(outputs[0.0], outputs[0.5])  # evaluation sees whole texts
 
 
 def test_optimizer_groups(tiny_model):
