@@ -31,8 +31,9 @@ from goemo.errors import GoemoError, exit_on_error
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
+# A new model or data option goes here too (tests/test_research.py checks the signatures against this list).
 BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear", "model.teacher": None,
-          "model.teacher_temperature": 1.0}
+          "model.teacher_temperature": 1.0, "model.token_cutoff": 0.0}
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),

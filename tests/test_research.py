@@ -594,9 +594,10 @@ def test_compare_groups_runs_that_name_one_teacher_two_ways_or_have_no_teacher(t
 
 
 @pytest.mark.parametrize("key, then, other", [("threshold_shrink", 0.0, 10.0), ("lr_schedule", "linear", "constant"),
-                                             ("teacher_temperature", 1.0, 2.0)])
+                                             ("teacher_temperature", 1.0, 2.0), ("token_cutoff", 0.0, 0.1)])
 def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key, then, other):
-    """model.threshold_shrink, lr_schedule, teacher_temperature came later: a run without one did what `then` does."""
+    """model.threshold_shrink, lr_schedule, teacher_temperature, token_cutoff came later: a run without one did what
+    `then` does."""
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
 
@@ -615,6 +616,35 @@ def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key,
     assert header[1] == "seed" and len(body) == 1
     header, body = compare.table([run("c", 42, None), run("d", 1, other)])
     assert header[1] == f"model.{key}" and [row[1] for row in body] == [str(then), str(other)]
+
+
+# The model's and data module's options when goemo.compare was written: their runs' config.yaml holds them all.
+FIRST_OPTIONS = {
+    "model": {"model_name_or_path", "label_names", "pooling", "head_bias", "head_init", "aux_taxonomy", "aux_weight",
+              "learning_rate", "head_learning_rate", "weight_decay", "layer_decay", "warmup_ratio", "threshold",
+              "threshold_resamples", "loss", "focal_gamma", "focal_alpha", "pos_weight_max", "self_distill",
+              "teacher_weight", "freeze_embeddings", "checkpoint_tokens", "attention_dropout", "fast_dropout", "compile"},
+    "data": {"cache_dir", "data_dir", "eval_batch_size", "fold_seed", "group_by_length", "holdout_fold", "hub_config",
+             "hub_dataset", "max_length", "num_folds", "num_workers", "predict_file", "taxonomy", "tokenizer_name",
+             "train_batch_size"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("section", ["model", "data"])
+def test_compare_knows_the_default_of_every_later_option(section):
+    """An option added since is missing from older runs' configs: compare.BEFORE must read it as its default (what
+    those runs did), or a new run of an unchanged recipe splits from the old ones."""
+    import inspect
+
+    from goemo.data import GoEmotionsDataModule
+    from goemo.model import EmotionClassifier
+
+    cls = {"model": EmotionClassifier, "data": GoEmotionsDataModule}[section]
+    params = inspect.signature(cls.__init__).parameters
+    later = {name for name in params if name != "self"} - FIRST_OPTIONS[section]
+    assert {f"{section}.{name}": params[name].default for name in later} == {
+        k: v for k, v in compare.BEFORE.items() if k.startswith(f"{section}.")
+    }
 
 
 def test_compare_groups_runs_without_a_teacher_from_before_and_after_its_options(tmp_path):
