@@ -357,6 +357,7 @@ class GoemoCLI(LightningCLI):
             from goemo.onnx_backend import load_backend
             from goemo.predict import predict_file
 
+            model.check_max_length(datamodule.hparams.max_length)  # as setup does for the torch path
             clf = load_backend(ckpt_path, batch_size=datamodule.hparams.eval_batch_size, backend=cfg.backend)
             clf.max_length = datamodule.hparams.max_length  # as the torch path: --data.max_length, else the run's
             output = Path(cfg.get("output") or Path(self.trainer.log_dir or ".") / "predictions.jsonl")

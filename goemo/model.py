@@ -427,12 +427,8 @@ class EmotionClassifier(L.LightningModule):
         """Logits (B, L)."""
         return self.head(self.features(input_ids, attention_mask))
 
-    def setup(self, stage: str) -> None:
-        """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names,
-        `self_distill` sizes its tables by the training rows, `teacher` reads its table, and `bce_pos_weight` and
-        `head_bias prior` read the label frequencies."""
-        dm = self.trainer.datamodule
-        max_length = getattr(getattr(dm, "hparams", None), "max_length", None)
+    def check_max_length(self, max_length: Optional[int]) -> None:
+        """A one-line error where `data.max_length` is more than the encoder's position embeddings take."""
         limit = max_positions(self.encoder.config)
         if max_length is not None and limit is not None and max_length > limit:
             # Past it the position embeddings have no row: an IndexError deep inside the first long batch.
@@ -440,6 +436,13 @@ class EmotionClassifier(L.LightningModule):
                 f"data.max_length {max_length} is more than model {self.hparams.model_name_or_path!r} "
                 f"takes ({limit} positions); use --data.max_length {limit} or less"
             )
+
+    def setup(self, stage: str) -> None:
+        """Checks the data's max_length against the encoder; at fit, `head_init label_names` encodes the label names,
+        `self_distill` sizes its tables by the training rows, `teacher` reads its table, and `bce_pos_weight` and
+        `head_bias prior` read the label frequencies."""
+        dm = self.trainer.datamodule
+        self.check_max_length(getattr(getattr(dm, "hparams", None), "max_length", None))
         if stage == "fit" and self.hparams.head_init == "label_names":
             self._init_head_from_label_names(getattr(dm, "tokenizer", None))
         if stage == "fit" and self.hparams.self_distill:

@@ -383,6 +383,19 @@ def test_predict_needs_a_file_of_texts(tiny_model, tiny_data, tmp_path, capsys, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_predict_refuses_a_max_length_past_the_model_on_every_backend(tiny_run, tiny_model, tmp_path, capsys, monkeypatch, backend):
+    from goemo.runs import best_checkpoint
+
+    shutil.copy(best_checkpoint(tiny_run / "lightning_logs" / "version_0"), tmp_path / "model.ckpt")
+    (tmp_path / "texts.txt").write_text("happy glad\n", encoding="utf-8")
+    line = cli_error(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "model.ckpt", "--data.predict_file", "texts.txt",
+                     "--data.max_length", "1000", "--backend", backend)  # fmt: skip
+    assert line == f"error: data.max_length 1000 is more than model '{tiny_model}' takes (128 positions); use --data.max_length 128 or less"
+    assert not list(tmp_path.glob("**/predictions.jsonl")) and not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.slow
 def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a_file(tiny_run, tmp_path, capsys, monkeypatch):
     from goemo.predict import predict_file
     from goemo.runs import best_checkpoint
