@@ -24,6 +24,7 @@ import torch
 
 from goemo.classifier import Classifier, load_run
 from goemo.errors import GoemoError
+from goemo.files import no_space
 from goemo.runs import RUNS_DIR, resolve_checkpoint
 
 Backend = Literal["torch", "onnx", "int8"]
@@ -39,12 +40,20 @@ def _atomic(target: Path, make: Callable[[Path], None]) -> Path:
     """`make(tmp)` writes a file, renamed to `target` when complete; skipped when `target` exists."""
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    except OSError as e:
+        raise GoemoError(f"{target.parent}: cannot write the ONNX model there ({e.strerror or e}); make it a writable "
+                         "folder, or copy the run folder to one")  # fmt: skip
     os.close(fd)
     try:
         make(Path(tmp))
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as e:  # torch.onnx's writer may wrap the OSError in a RuntimeError
+        if not no_space(e):
+            raise
+        raise GoemoError(f"no space left on device while writing {target}; free space and run again") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target

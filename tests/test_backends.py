@@ -68,6 +68,28 @@ def test_a_rewritten_checkpoint_gets_a_new_export(run, tmp_path):
     assert [p.name.split("-")[0] for p in (work / "onnx").glob("last-*.onnx")] == ["last"]  # the stale export is gone
 
 
+def test_an_onnx_model_that_cannot_be_written_is_one_line(run, tmp_path, monkeypatch):
+    import errno
+
+    from goemo import load, onnx_backend
+
+    work = tmp_path / "run"
+    shutil.copytree(run, work, ignore=shutil.ignore_patterns("onnx"))
+    (work / "onnx").write_text("")  # a file where the folder goes (as root, permissions would not stop a write)
+    with pytest.raises(GoemoError, match=f"^{work / 'onnx'}: cannot write the ONNX model there \\(File exists\\); "):
+        load(work, backend="onnx")
+    (work / "onnx").unlink()
+
+    def full(clf, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("goemo.export.export_onnx", full)
+    with pytest.raises(GoemoError, match="^no space left on device while writing .*; free space and run again$"):
+        load(work, backend="onnx")
+    assert not list((work / "onnx").iterdir())  # no partial file left
+    assert onnx_backend.cache_dir(work / "checkpoints" / "x.ckpt") == work / "onnx"
+
+
 def test_unknown_backend_is_one_line(run):
     from goemo import load
 
