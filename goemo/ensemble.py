@@ -186,6 +186,8 @@ def build(
     out = Path(out)
     if resamples < 1:
         raise GoemoError(f"--resamples must be at least 1 (bootstrap resamples for the intervals), got {resamples}")
+    if threshold_resamples is not None and threshold_resamples < 0:
+        raise GoemoError(f"--threshold-resamples must be >= 0 (0: tune once on the validation rows), got {threshold_resamples}")
     if threshold_shrink is not None and not 0 <= threshold_shrink < float("inf"):
         raise GoemoError(f"--threshold-shrink must be a number >= 0 (0: none), got {threshold_shrink}")
     if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():  # its reports would become the ensemble's

@@ -797,6 +797,8 @@ def test_ensemble_refuses_a_member_named_twice_and_bad_resamples(tmp_path):
         ensemble.build([str(run), str(run)], tmp_path / "ens", resamples=0)
     with pytest.raises(GoemoError, match=r"--threshold-shrink must be a number >= 0 \(0: none\), got -1"):
         ensemble.build([str(run), str(run)], tmp_path / "ens", threshold_shrink=-1)
+    with pytest.raises(GoemoError, match=r"^--threshold-resamples must be >= 0 \(0: tune once on the validation rows\), got -1$"):
+        ensemble.build([str(run), str(run)], tmp_path / "ens", threshold_resamples=-1)  # before loading and predicting
     assert not (tmp_path / "ens").exists()  # refused before any folder is made
     before = sorted(p.name for p in run.iterdir())
     with pytest.raises(GoemoError, match=f"--out {run}: a run's folder; give the ensemble a folder of its own"):
