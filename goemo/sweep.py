@@ -1,7 +1,7 @@
 """`python -m goemo.sweep --config C --space S --trials N`: a hyperparameter search on Optuna; every trial an
 ordinary run.
 
-Each trial is `python main.py fit --config C --KEY VALUE ...` in a child process: its own
+Each trial is `python -m goemo.cli fit --config C --KEY VALUE ...` (main.py's command) in a child process: its own
 `lightning_logs/version_N/` with its full config and checkpoints, so `test --ckpt_path lightning_logs/version_N`,
 the reports and `goemo.compare` work on any trial. The objective is a logged validation metric (default
 `val/f1_macro`), its best value over the run's validations. The trial's validations are reported to Optuna as they
@@ -50,7 +50,18 @@ from lightning.pytorch.callbacks import Callback
 from goemo.errors import GoemoError, exit_on_error
 
 KINDS = ("float", "int", "categorical", "grid")
-MAIN = Path(__file__).resolve().parent.parent / "main.py"
+# Each trial's fit, and the space check's --print_config: goemo's CLI as a module, so a goemo installed without its
+# repository (no main.py beside it) sweeps too.
+CLI = [sys.executable, "-m", "goemo.cli"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a trial's process: this one's, with this goemo first on the path, so the trial runs the
+    goemo the sweep runs (a checkout, not whichever one is installed)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+# The validation metrics goemo logs: an objective must be one, and a loss is minimized, an F1 or exact match maximized.
+METRICS = ("val/loss", *(f"val/{m}{s}" for m in ("f1_micro", "f1_macro", "exact_match") for s in ("", "_tuned")))
 
 
 # -- the space file --------------------------------------------------------------------------------------------
@@ -84,6 +95,10 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
     extra = set(spec) - {kind, "log", "step"}
     if extra:
         raise GoemoError(f"{where}: unknown setting {sorted(extra)[0]!r} (a distribution takes log and step)")
+    if kind in ("categorical", "grid") and set(spec) - {kind}:
+        raise GoemoError(f"{where}: {kind} takes its list of values only ({sorted(set(spec) - {kind})[0]} is for float and int)")
+    if "log" in spec and not isinstance(spec["log"], bool):
+        raise GoemoError(f"{where}: log must be true or false, got {spec['log']!r}")
     if kind in ("categorical", "grid"):
         if not isinstance(value, list) or not value:
             raise GoemoError(f"{where}: {kind} needs a non-empty list of values")
@@ -103,7 +118,7 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
         raise GoemoError(f"{where}: {kind} bounds must be {'integers' if kind == 'int' else 'numbers'}, got {low!r} and {high!r}")
     if not low < high:
         raise GoemoError(f"{where}: empty or inverted range [{low}, {high}]: low must be below high")
-    log, step = bool(spec.get("log", False)), spec.get("step")
+    log, step = spec.get("log", False), spec.get("step")
     if log and low <= 0:
         raise GoemoError(f"{where}: a log range must be above 0, got low {low}")
     if step is not None and (log or not isinstance(step, num) or step <= 0):
@@ -112,19 +127,21 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
 
 
 def config_keys(config: Optional[Path], extra: list[str]) -> dict[str, Any]:
-    """Every key of the full fit config (`main.py fit --config C --print_config`), flattened."""
+    """Every key of the full fit config (`fit --config C --print_config`), flattened."""
     from goemo.compare import flatten
 
-    args = [sys.executable, str(MAIN), "fit", *(["--config", str(config)] if config else []), *extra, "--print_config"]
-    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=CHILD_SETUP)
+    args = [*CLI, "fit", *(["--config", str(config)] if config else []), *extra, "--print_config"]
+    r = subprocess.run(args, capture_output=True, text=True, env=child_env(), preexec_fn=CHILD_SETUP)
     if r.returncode != 0:
-        raise GoemoError((r.stderr.strip().splitlines() or ["main.py fit --print_config failed"])[-1].removeprefix("error: "))
+        raise GoemoError((r.stderr.strip().splitlines() or ["fit --print_config failed"])[-1].removeprefix("error: "))
     return flatten(yaml.safe_load(r.stdout))
 
 
 def check_space(space: dict[str, dict], config: Optional[Path], extra: list[str]) -> None:
-    """Every key exists in the config, and the parser takes each bound or choice (types and ranges checked by the
-    same code as a run's), before the first trial."""
+    """Every key exists in the config, and the config parser takes each bound or choice (its types and choices, as a
+    run's parser checks them), before the first trial. Ranges that only a model or data module checks when it is
+    built (e.g. model.teacher_weight within 0..1) are not probed: a trial given such a value fails with its one-line
+    reason and the study goes on."""
     keys = config_keys(config, extra)
     for key in space:
         if key not in keys:
@@ -276,7 +293,7 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
     # The run keeps its best checkpoint by the study's metric, so the trial's score and its run's `best` are one
     # epoch (the config's own monitor, val/f1_micro by default, could keep another); flags after `--` still win.
     keep = ["--checkpoint.monitor", a.metric, "--checkpoint.mode", "max" if a.direction == "maximize" else "min"]
-    args = [sys.executable, str(MAIN), "fit", *(["--config", str(a.config)] if a.config else []), *keep, *a.fit_args]
+    args = [*CLI, "fit", *(["--config", str(a.config)] if a.config else []), *keep, *a.fit_args]
     for key, value in params.items():
         args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
     args += ["--trainer.callbacks+=goemo.sweep.OptunaReport", "--trainer.callbacks.storage", storage_url,
@@ -284,7 +301,7 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
              "--trainer.callbacks.metric", a.metric, "--trainer.callbacks.prune", str(a.prune).lower()]  # fmt: skip
     log = a.sweep_dir / f"trial_{trial.number}.log"
     with log.open("w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=CHILD_SETUP)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=CHILD_SETUP)
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one)
@@ -540,6 +557,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         if not seeds or len(set(seeds)) < len(seeds):
             raise GoemoError(f"--seeds {a.seeds!r}: give different integers separated by commas, e.g. 42,1,7")
         a.seeds = seeds
+    if a.metric not in METRICS:
+        raise GoemoError(f"--metric {a.metric!r} is not a validation metric goemo logs; use one of {', '.join(METRICS)}")
+    best = "minimize" if a.metric == "val/loss" else "maximize"
+    if a.direction != best:
+        raise GoemoError(f"--metric {a.metric} with --direction {a.direction} would look for the worst run; use --direction {best}")
     if a.trials is not None and a.trials < 1:
         raise GoemoError(f"--trials must be at least 1, got {a.trials}")
     for flag, value, least in (("--max-failures", a.max_failures, 1), ("--heartbeat", a.heartbeat, 0), ("--retries", a.retries, 0)):
