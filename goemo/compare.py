@@ -156,6 +156,11 @@ def run_row(run: Path) -> dict[str, Any]:
                       f"checkpoint (step {step}): its test figures are left out; run `python main.py test --ckpt_path "
                       f"{run}` again", file=sys.stderr)  # fmt: skip
                 return row
+            limit = tested_part(run)
+            if limit is not None:  # the report's own config (config_test.yaml, beside it) limited the test batches
+                print(f"note: {report} scored part of the test split (trainer.limit_test_batches {limit}): its test "
+                      f"figures are left out; run `python main.py test --ckpt_path {run}` again", file=sys.stderr)  # fmt: skip
+                return row
             for kind in ("fixed", "tuned"):
                 for avg in ("micro", "macro"):
                     row[f"{kind}/{avg}"] = float(rep[kind][avg]["f1"])
@@ -165,6 +170,18 @@ def run_row(run: Path) -> dict[str, Any]:
             raise GoemoError(f"{report}: not a test report goemo wrote ({type(e).__name__}: {str(e)[:80]}); "
                              "run `python main.py test --ckpt_path RUN` again, or remove it") from None  # fmt: skip
     return row
+
+
+def tested_part(run: Path) -> Any:
+    """The trainer.limit_test_batches of the run's last test (config_test.yaml) where it scored part of the split:
+    a whole number of batches, or a fraction under 1; None for the whole split or without that file."""
+    try:
+        limit = ((yaml.safe_load((run / "config_test.yaml").read_text(encoding="utf-8")) or {}).get("trainer") or {}).get(
+            "limit_test_batches")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None
+    whole = limit is None or (isinstance(limit, float) and limit >= 1.0)  # Lightning: int = batches, float = fraction
+    return None if whole else limit
 
 
 def differing_keys(rows: list[dict]) -> list[str]:
@@ -248,10 +265,17 @@ def expand(paths: list[Path]) -> list[Path]:
         if (p / "config.yaml").is_file():
             runs.append(p)
         elif (p / "summary.json").is_file():  # lightning_logs/sweeps/NAME, written by goemo.sweep
-            trials = json.loads((p / "summary.json").read_text(encoding="utf-8")).get("runs", [])
-            runs += [Path(t["run"]) for t in trials if t["state"] != "fail" and (Path(t["run"]) / "config.yaml").is_file()]
+            try:
+                trials = json.loads((p / "summary.json").read_text(encoding="utf-8")).get("runs", [])
+                runs += [Path(t["run"]) for t in trials if t["state"] != "fail" and (Path(t["run"]) / "config.yaml").is_file()]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise GoemoError(f"{p / 'summary.json'}: not a sweep summary goemo wrote ({type(e).__name__}: {str(e)[:80]}); "
+                                 "give the trials' run folders instead") from None  # fmt: skip
         elif p.is_dir():
-            runs += sorted((q.parent for q in p.rglob("config.yaml")), key=str)
+            found = sorted((q.parent for q in p.rglob("config.yaml")), key=str)
+            if not found:
+                raise GoemoError(f"{p}: holds no run folders (none with a config.yaml)")
+            runs += found
         else:
             raise GoemoError(f"{p}: no such run folder")
     unique: dict[Path, Path] = {}

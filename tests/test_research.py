@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,9 @@ model.loss: {grid: [bce, 1e5x]}
         ("- not a mapping", "a space file maps config keys to distributions"),
         ("seed_everything: {grid: [42, 1, 42]}", "seed_everything: grid lists 42 twice (each value is one trial"),
         ("model.loss: {categorical: [bce, focal, bce]}", "model.loss: categorical lists 'bce' twice"),
+        ("model.learning_rate: {float: [1.0e-5, 1.0e-4], log: 'false'}", "model.learning_rate: log must be true or false, got 'false'"),
+        ("model.loss: {categorical: [bce, focal], log: true}", "model.loss: categorical takes its list of values only (log is for"),
+        ("seed_everything: {grid: [1, 2], step: 1}", "seed_everything: grid takes its list of values only (step is for"),
     ],
 )
 def test_bad_space_files_are_one_line_errors_naming_the_key(tmp_path, text, message):
@@ -113,6 +118,28 @@ def test_a_seed_group_is_never_pruned_and_never_runs_a_seed_twice(tmp_path, caps
         sweep.run_sweep(a)
     assert not a.prune  # ... but a seed is never cut short: a pruned seed would enter its group's mean
     assert "note: a sweep over seed_everything is not pruned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--metric", "val/f1_macro_tune"], "--metric 'val/f1_macro_tune' is not a validation metric goemo logs; use one of "
+                                            "val/loss, val/f1_micro, val/f1_micro_tuned, val/f1_macro, val/f1_macro_tuned"),
+        (["--metric", "val/loss"], "--metric val/loss with --direction maximize would look for the worst run; use --direction minimize"),
+        (["--direction", "minimize"], "--metric val/f1_macro with --direction minimize would look for the worst run; use --direction maximize"),
+    ],
+)  # fmt: skip
+def test_the_objective_is_checked_before_any_trial(flags, message):
+    """A misspelt metric failed each trial after its first epoch; a loss maximized picked the worst trial as best."""
+    with pytest.raises(GoemoError, match="^" + re.escape(message)):
+        sweep.parse_args(["--seeds", "1,2", *flags])
+    assert sweep.parse_args(["--seeds", "1,2", "--metric", "val/loss", "--direction", "minimize"]).metric == "val/loss"
+
+
+def test_trials_run_goemos_cli_module_with_this_goemo_on_the_path():
+    """A goemo installed without its repository has no main.py: trials run `python -m goemo.cli`, on this goemo."""
+    assert sweep.CLI == [sys.executable, "-m", "goemo.cli"]
+    assert sweep.child_env()["PYTHONPATH"].split(os.pathsep)[0] == str(Path(sweep.__file__).resolve().parent.parent)
 
 
 @pytest.mark.parametrize("seeds", ["", "1,x", "1,1", ","])
@@ -527,6 +554,32 @@ def test_compare_stops_on_a_broken_config_or_report_with_one_line(tmp_path):
     (run / "config.yaml").write_text("model: [\n")
     with pytest.raises(GoemoError, match=r"config.yaml: cannot read the run's config \(while parsing"):
         compare.table([run])
+
+
+@pytest.mark.parametrize("limit, kept", [(None, True), (1.0, True), (5, False), (0.25, False), (1, False)])
+def test_compare_leaves_out_a_test_report_of_part_of_the_split(tmp_path, capsys, limit, kept):
+    """`test --trainer.limit_test_batches` scores part of the test split; its own config (config_test.yaml) says so."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "a", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": 0.5})
+    (run / "config_test.yaml").write_text(yaml.safe_dump({"trainer": {"limit_test_batches": limit}}))
+    assert (compare.run_row(run).get("tuned/macro") == 0.5) is kept
+    err = capsys.readouterr().err
+    assert err == ("" if kept else f"note: {run / 'test_report.json'} scored part of the test split (trainer.limit_test_batches "
+                                   f"{limit}): its test figures are left out; run `python main.py test --ckpt_path {run}` again\n")  # fmt: skip
+
+
+def test_compare_refuses_an_empty_folder_and_a_broken_sweep_summary(tmp_path):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "runs" / "version_0", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GoemoError, match=f"^{re.escape(str(tmp_path / 'empty'))}: holds no run folders"):
+        compare.expand([run, tmp_path / "empty"])  # was left out without a word
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    for text in ("{", '{"runs": [{"state": "complete"}]}', "[1]"):
+        (sweep_dir / "summary.json").write_text(text)
+        with pytest.raises(GoemoError, match="summary.json: not a sweep summary goemo wrote"):
+            compare.expand([sweep_dir])
 
 
 def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
