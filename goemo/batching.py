@@ -7,6 +7,7 @@ pads a batch to its longest row: `{"input_ids": (B, T), "attention_mask": (B, T)
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 
@@ -152,7 +153,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         # What the epoch's order depends on, with the position: a resume with other values would go on from the
         # same batch count in another order, training some rows twice and skipping others (checked on load).
         return {"epoch": self.epoch, "consumed": self.consumed, "batch_size": self.batch_size,
-                "rows": len(self.lengths), "seed": self.seed, "pool_batches": self.pool_batches}  # fmt: skip
+                "rows": len(self.lengths), "seed": self.seed, "pool_batches": self.pool_batches,
+                "lengths": self._lengths_digest()}  # fmt: skip
+
+    def _lengths_digest(self) -> str:
+        """Of the rows' token counts, which sort each pool: another data.max_length (or tokenizer) regroups them."""
+        return hashlib.sha256(self.lengths.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict) -> None:
         now = {"batch_size": self.batch_size, "rows": len(self.lengths), "pool_batches": self.pool_batches}
@@ -161,6 +167,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             what = ", ".join(f"{k} {state[k]} -> {now[k]}" for k in changed)
             raise GoemoError(f"the checkpoint's epoch was cut into batches otherwise ({what}): resume with the run's "
                              "data, data.train_batch_size and data.group_by_length, or start a new fit")  # fmt: skip
+        if "lengths" in state and state["lengths"] != self._lengths_digest() and int(state["consumed"]) > 0:
+            raise GoemoError("the checkpoint's epoch was cut into batches of other token lengths (another "
+                             "data.max_length or tokenizer), and it stopped mid-epoch: resume with the run's "
+                             "data.max_length, or start a new fit")  # fmt: skip
         if "seed" in state and int(state["seed"]) != self.seed and int(state["consumed"]) > 0:
             # seed_everything false (a new seed each process): the rest of the epoch is drawn in another order.
             print(f"note: the seed changed since the checkpoint ({state['seed']} -> {self.seed}): the rest of the "

@@ -203,6 +203,12 @@ def test_a_resume_with_other_batches_is_refused():
         LengthGroupedBatchSampler(list(range(1, 40)), batch_size=8, seed=3).load_state_dict(state)
     old = {"epoch": 0, "consumed": 2}  # a checkpoint from before these were saved: taken as it is
     LengthGroupedBatchSampler(list(range(1, 41)), batch_size=16, seed=3).load_state_dict(old)
+    cut = [min(n, 20) for n in range(1, 41)]  # another data.max_length: the pools sort into other batches
+    assert LengthGroupedBatchSampler(cut, batch_size=8, seed=3).epoch_batches() != saved.epoch_batches()
+    with pytest.raises(GoemoError, match=r"^the checkpoint's epoch was cut into batches of other token lengths .* resume with "
+                                         r"the run's data.max_length, or start a new fit$"):  # fmt: skip
+        LengthGroupedBatchSampler(cut, batch_size=8, seed=3).load_state_dict(state)
+    LengthGroupedBatchSampler(cut, batch_size=8, seed=3).load_state_dict({**state, "consumed": 0})  # at an epoch's start
 
 
 @pytest.mark.parametrize("rows,batch_size,ranks", [(10, 32, 5), (10, 32, 8), (20, 8, 16), (101, 8, 3)])
