@@ -427,7 +427,7 @@ class EmotionClassifier(L.LightningModule):
         """Logits (B, L)."""
         return self.head(self.features(input_ids, attention_mask))
 
-    def check_max_length(self, max_length: Optional[int]) -> None:
+    def check_max_length(self, max_length: int | None) -> None:
         """A one-line error where `data.max_length` is more than the encoder's position embeddings take."""
         limit = max_positions(self.encoder.config)
         if max_length is not None and limit is not None and max_length > limit:

@@ -96,7 +96,7 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
     if extra:
         raise GoemoError(f"{where}: unknown setting {sorted(extra)[0]!r} (a distribution takes log and step)")
     if kind in ("categorical", "grid") and set(spec) - {kind}:
-        raise GoemoError(f"{where}: {kind} takes its list of values only ({sorted(set(spec) - {kind})[0]} is for float and int)")
+        raise GoemoError(f"{where}: {kind} takes its list of values only ({min(set(spec) - {kind})} is for float and int)")
     if "log" in spec and not isinstance(spec["log"], bool):
         raise GoemoError(f"{where}: log must be true or false, got {spec['log']!r}")
     if kind in ("categorical", "grid"):

@@ -123,8 +123,8 @@ def test_a_seed_group_is_never_pruned_and_never_runs_a_seed_twice(tmp_path, caps
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--metric", "val/f1_macro_tune"], "--metric 'val/f1_macro_tune' is not a validation metric goemo logs; use one of "
-                                            "val/loss, val/f1_micro, val/f1_micro_tuned, val/f1_macro, val/f1_macro_tuned"),
+        (["--metric", "val/f1_macro_tune"], ("--metric 'val/f1_macro_tune' is not a validation metric goemo logs; use one of "
+                                             "val/loss, val/f1_micro, val/f1_micro_tuned, val/f1_macro, val/f1_macro_tuned")),
         (["--metric", "val/loss"], "--metric val/loss with --direction maximize would look for the worst run; use --direction minimize"),
         (["--direction", "minimize"], "--metric val/f1_macro with --direction minimize would look for the worst run; use --direction maximize"),
     ],
