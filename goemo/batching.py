@@ -167,11 +167,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             what = ", ".join(f"{k} {state[k]} -> {now[k]}" for k in changed)
             raise GoemoError(f"the checkpoint's epoch was cut into batches otherwise ({what}): resume with the run's "
                              "data, data.train_batch_size and data.group_by_length, or start a new fit")  # fmt: skip
-        if "lengths" in state and state["lengths"] != self._lengths_digest() and int(state["consumed"]) > 0:
+        # Mid-epoch: some of the epoch's batches trained, some not (a checkpoint saved at the epoch's end has consumed
+        # them all, and the next epoch is drawn afresh). Lengths matter only where a pool sorts several batches' rows.
+        mid_epoch = 0 < int(state["consumed"]) < len(self.epoch_batches())
+        if "lengths" in state and state["lengths"] != self._lengths_digest() and mid_epoch and self.pool_batches > 1:
             raise GoemoError("the checkpoint's epoch was cut into batches of other token lengths (another "
                              "data.max_length or tokenizer), and it stopped mid-epoch: resume with the run's "
                              "data.max_length, or start a new fit")  # fmt: skip
-        if "seed" in state and int(state["seed"]) != self.seed and int(state["consumed"]) > 0:
+        if "seed" in state and int(state["seed"]) != self.seed and mid_epoch:
             # seed_everything false (a new seed each process): the rest of the epoch is drawn in another order.
             print(f"note: the seed changed since the checkpoint ({state['seed']} -> {self.seed}): the rest of the "
                   "interrupted epoch is another order of its rows (set seed_everything to resume exactly)", file=sys.stderr)  # fmt: skip

@@ -209,6 +209,11 @@ def test_a_resume_with_other_batches_is_refused():
                                          r"the run's data.max_length, or start a new fit$"):  # fmt: skip
         LengthGroupedBatchSampler(cut, batch_size=8, seed=3).load_state_dict(state)
     LengthGroupedBatchSampler(cut, batch_size=8, seed=3).load_state_dict({**state, "consumed": 0})  # at an epoch's start
+    done = {**state, "consumed": len(saved.epoch_batches())}  # saved at the epoch's end: the next is drawn afresh
+    LengthGroupedBatchSampler(cut, batch_size=8, seed=3).load_state_dict(done)
+    ungrouped = LengthGroupedBatchSampler(list(range(1, 41)), batch_size=8, seed=3, pool_batches=1)
+    ungrouped.consumed = 2  # one batch a pool: the lengths order rows within a batch only, so its rows stay the same
+    LengthGroupedBatchSampler(cut, batch_size=8, seed=3, pool_batches=1).load_state_dict(ungrouped.state_dict())
 
 
 @pytest.mark.parametrize("rows,batch_size,ranks", [(10, 32, 5), (10, 32, 8), (20, 8, 16), (101, 8, 3)])
