@@ -31,9 +31,19 @@ from goemo.errors import GoemoError, exit_on_error
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
-# A new model or data option goes here too (tests/test_research.py checks the signatures against this list).
-BEFORE = {"model.pretrained": True, "model.threshold_shrink": 0.0, "model.lr_schedule": "linear", "model.teacher": None,
-          "model.teacher_temperature": 1.0, "model.token_cutoff": 0.0}
+# A new model, data or weight-averaging option goes here too (tests/test_research.py checks the signatures against it).
+BEFORE = {
+    "model.pretrained": True,  # an old resumed fit's config says false: what its checkpoints say (run_config)
+    "model.head_bias": "zero", "model.head_init": "random", "model.aux_taxonomy": None, "model.aux_weight": 0.5,
+    "model.layer_decay": 1.0, "model.lr_schedule": "linear",
+    "model.threshold_resamples": 0,  # before bagging, thresholds were tuned on the validation rows themselves
+    "model.threshold_shrink": 0.0, "model.self_distill": 0.0, "model.teacher": None, "model.teacher_weight": 0.5,
+    "model.teacher_temperature": 1.0, "model.token_cutoff": 0.0,
+    "data.holdout_fold": None, "data.num_folds": 2, "data.fold_seed": 0,
+    "weight_averaging.start_epoch": None, "weight_averaging.updates_per_epoch": 1,
+}  # fmt: skip
+# Sections added after runs were made: their keys are filled in where the section is missing too.
+LATER_SECTIONS = ("weight_averaging",)
 VAL = ("val/f1_micro", "val/f1_macro", "val/exact_match")
 COLUMNS = [  # (column, where it comes from)
     ("val micro-F1", "val/f1_micro"), ("val macro-F1", "val/f1_macro"), ("val exact", "val/exact_match"),
@@ -73,7 +83,8 @@ def run_config(run: Path) -> dict[str, Any]:
         # the encoder's pretrained weights, the usual start.
         flat["model.pretrained"] = encoder_start(run) != "random"
     for key, value in BEFORE.items():
-        if isinstance(config.get(key.split(".")[0]), dict):
+        section = key.split(".")[0]
+        if isinstance(config.get(section), dict) or (section in LATER_SECTIONS and config.get(section) is None):
             flat.setdefault(key, value)
     if "model.teacher" in flat:
         if flat["model.teacher"] is None:  # no teacher: its weight did nothing, so it does not split the runs

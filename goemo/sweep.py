@@ -1,7 +1,7 @@
 """`python -m goemo.sweep --config C --space S --trials N`: a hyperparameter search on Optuna; every trial an
 ordinary run.
 
-Each trial is `python -m goemo.cli fit --config C --KEY VALUE ...` (main.py's command) in a child process: its own
+Each trial is `python main.py fit --config C --KEY VALUE ...` (goemo.cli's main) in a child process: its own
 `lightning_logs/version_N/` with its full config and checkpoints, so `test --ckpt_path lightning_logs/version_N`,
 the reports and `goemo.compare` work on any trial. The objective is a logged validation metric (default
 `val/f1_macro`), its best value over the run's validations. The trial's validations are reported to Optuna as they
@@ -50,16 +50,13 @@ from lightning.pytorch.callbacks import Callback
 from goemo.errors import GoemoError, exit_on_error
 
 KINDS = ("float", "int", "categorical", "grid")
-# Each trial's fit, and the space check's --print_config: goemo's CLI as a module, so a goemo installed without its
-# repository (no main.py beside it) sweeps too.
-CLI = [sys.executable, "-m", "goemo.cli"]
-
-
-def child_env() -> dict[str, str]:
-    """The environment of a trial's process: this one's, with this goemo first on the path, so the trial runs the
-    goemo the sweep runs (a checkout, not whichever one is installed)."""
-    here = str(Path(__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+# Each trial's fit, and the space check's --print_config: goemo's CLI from a one-line launcher (a goemo installed
+# without its repository has no main.py; `-m goemo.cli` would run a __main__ copy of the module). From a checkout
+# (pyproject.toml beside goemo/) that checkout goes first on the path, so the trials run the goemo the sweep runs,
+# not whichever one is installed or sits in the working folder.
+_ROOT = Path(__file__).resolve().parent.parent
+_PATH = [str(_ROOT)] if (_ROOT / "pyproject.toml").is_file() else []
+CLI = [sys.executable, "-c", f"import sys; sys.path[:0] = {_PATH!r}; from goemo.cli import main; main()"]
 # The validation metrics goemo logs: an objective must be one, and a loss is minimized, an F1 or exact match maximized.
 METRICS = ("val/loss", *(f"val/{m}{s}" for m in ("f1_micro", "f1_macro", "exact_match") for s in ("", "_tuned")))
 
@@ -131,7 +128,7 @@ def config_keys(config: Optional[Path], extra: list[str]) -> dict[str, Any]:
     from goemo.compare import flatten
 
     args = [*CLI, "fit", *(["--config", str(config)] if config else []), *extra, "--print_config"]
-    r = subprocess.run(args, capture_output=True, text=True, env=child_env(), preexec_fn=CHILD_SETUP)
+    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=CHILD_SETUP)
     if r.returncode != 0:
         raise GoemoError((r.stderr.strip().splitlines() or ["fit --print_config failed"])[-1].removeprefix("error: "))
     return flatten(yaml.safe_load(r.stdout))
@@ -301,7 +298,7 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
              "--trainer.callbacks.metric", a.metric, "--trainer.callbacks.prune", str(a.prune).lower()]  # fmt: skip
     log = a.sweep_dir / f"trial_{trial.number}.log"
     with log.open("w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=child_env(), preexec_fn=CHILD_SETUP)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, preexec_fn=CHILD_SETUP)
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one)

@@ -136,10 +136,18 @@ def test_the_objective_is_checked_before_any_trial(flags, message):
     assert sweep.parse_args(["--seeds", "1,2", "--metric", "val/loss", "--direction", "minimize"]).metric == "val/loss"
 
 
-def test_trials_run_goemos_cli_module_with_this_goemo_on_the_path():
-    """A goemo installed without its repository has no main.py: trials run `python -m goemo.cli`, on this goemo."""
-    assert sweep.CLI == [sys.executable, "-m", "goemo.cli"]
-    assert sweep.child_env()["PYTHONPATH"].split(os.pathsep)[0] == str(Path(sweep.__file__).resolve().parent.parent)
+def test_trials_run_goemos_cli_from_this_checkout(tmp_path):
+    """A goemo installed without its repository has no main.py: trials run goemo.cli's main from a launcher that
+    puts this checkout first, ahead of a `goemo` folder in the working directory or an installed one."""
+    import subprocess
+
+    assert sweep.CLI[:2] == [sys.executable, "-c"] and sweep.CLI[2].endswith("from goemo.cli import main; main()")
+    (tmp_path / "goemo").mkdir()
+    (tmp_path / "goemo" / "__init__.py").write_text("")  # a decoy
+    probe = sweep.CLI[2].replace("from goemo.cli import main; main()", "import goemo; print(goemo.__file__)")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == Path(sweep.__file__).resolve().parent / "__init__.py"
 
 
 @pytest.mark.parametrize("seeds", ["", "1,x", "1,1", ","])
@@ -671,33 +679,46 @@ def test_compare_takes_a_run_from_before_a_setting_as_what_it_did(tmp_path, key,
     assert header[1] == f"model.{key}" and [row[1] for row in body] == [str(then), str(other)]
 
 
-# The model's and data module's options when goemo.compare was written: their runs' config.yaml holds them all.
+# The options of the model and data module when goemo.compare was written (commit 3d04228); weight_averaging came later.
 FIRST_OPTIONS = {
-    "model": {"model_name_or_path", "label_names", "pooling", "head_bias", "head_init", "aux_taxonomy", "aux_weight",
-              "learning_rate", "head_learning_rate", "weight_decay", "layer_decay", "warmup_ratio", "threshold",
-              "threshold_resamples", "loss", "focal_gamma", "focal_alpha", "pos_weight_max", "self_distill",
-              "teacher_weight", "freeze_embeddings", "checkpoint_tokens", "attention_dropout", "fast_dropout", "compile"},
-    "data": {"cache_dir", "data_dir", "eval_batch_size", "fold_seed", "group_by_length", "holdout_fold", "hub_config",
-             "hub_dataset", "max_length", "num_folds", "num_workers", "predict_file", "taxonomy", "tokenizer_name",
-             "train_batch_size"},
+    "model": {"model_name_or_path", "label_names", "pooling", "learning_rate", "head_learning_rate", "weight_decay",
+              "warmup_ratio", "threshold", "pretrained", "loss", "focal_gamma", "focal_alpha", "pos_weight_max",
+              "freeze_embeddings", "checkpoint_tokens", "attention_dropout", "fast_dropout", "compile"},
+    "data": {"data_dir", "tokenizer_name", "hub_dataset", "hub_config", "max_length", "train_batch_size",
+             "eval_batch_size", "group_by_length", "num_workers", "cache_dir", "predict_file", "taxonomy"},
+    "weight_averaging": set(),
 }  # fmt: skip
+# Where the runs from before an option did something else than its default does now.
+OLD_BEHAVIOUR = {"model.threshold_resamples": 0}  # thresholds tuned on the validation rows themselves, before bagging
 
 
-@pytest.mark.parametrize("section", ["model", "data"])
-def test_compare_knows_the_default_of_every_later_option(section):
-    """An option added since is missing from older runs' configs: compare.BEFORE must read it as its default (what
-    those runs did), or a new run of an unchanged recipe splits from the old ones."""
+@pytest.mark.parametrize("section", ["model", "data", "weight_averaging"])
+def test_compare_knows_what_runs_did_before_each_later_option(section):
+    """An option added since is missing from older runs' configs: compare.BEFORE must read it as what those runs did
+    (its default, unless OLD_BEHAVIOUR says otherwise), or a new run of an unchanged recipe splits from the old ones."""
     import inspect
 
+    from goemo.averaging import EpochAveraging
     from goemo.data import GoEmotionsDataModule
     from goemo.model import EmotionClassifier
 
-    cls = {"model": EmotionClassifier, "data": GoEmotionsDataModule}[section]
+    cls = {"model": EmotionClassifier, "data": GoEmotionsDataModule, "weight_averaging": EpochAveraging}[section]
     params = inspect.signature(cls.__init__).parameters
-    later = {name for name in params if name != "self"} - FIRST_OPTIONS[section]
-    assert {f"{section}.{name}": params[name].default for name in later} == {
-        k: v for k, v in compare.BEFORE.items() if k.startswith(f"{section}.")
-    }
+    later = {f"{section}.{name}" for name in params if name != "self"} - {f"{section}.{n}" for n in FIRST_OPTIONS[section]}
+    expected = {key: OLD_BEHAVIOUR.get(key, params[key.split(".", 1)[1]].default) for key in later}
+    given = {k: v for k, v in compare.BEFORE.items() if k.startswith(f"{section}.") and k != "model.pretrained"}
+    assert given == expected
+
+
+def test_compare_groups_a_run_from_before_weight_averaging_with_one_that_does_not_average(tmp_path):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+    old, new = fake_run(tmp_path / "a", 1e-4, 42, val, t), fake_run(tmp_path / "b", 1e-4, 1, val, t)
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    config["weight_averaging"] = {"start_epoch": None, "updates_per_epoch": 1}
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    header, body = compare.table([old, new])
+    assert header[1] == "seed" and len(body) == 1
 
 
 def test_compare_groups_runs_without_a_teacher_from_before_and_after_its_options(tmp_path):
