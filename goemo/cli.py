@@ -513,4 +513,8 @@ def one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":  # `python -m goemo.cli`: main.py for a goemo installed without its repository
-    main()
+    # This file runs as __main__, a copy of the module whose classes are not those the config names
+    # (goemo.cli.HParamsTensorBoardLogger): run goemo.cli's own main, so isinstance checks see one class.
+    from goemo.cli import main as cli_main
+
+    cli_main()

@@ -1,5 +1,8 @@
 """A tiny random BERT through `fit`, then `test --ckpt_path best` in a new process, read back from TensorBoard."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from tests.conftest import run_main
+from tests.conftest import REPO, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +58,21 @@ def fitted(tmp_path_factory, tiny_model):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return cwd
+
+
+@pytest.mark.slow
+def test_python_m_goemo_cli_fits_as_main_py_does(tmp_path, tiny_model, tiny_data):
+    """`python -m goemo.cli` (a goemo installed without main.py, and the sweep's trials): the run's hparams.yaml
+    holds the seed and trainer settings, which the CLI hands to goemo.cli's logger class (not a __main__ copy's)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "goemo.cli", "fit", "--model.model_name_or_path", str(tiny_model),
+                        "--data.data_dir", str(tiny_data), "--data.cache_dir", str(tmp_path / "cache"),
+                        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                        "--trainer.enable_progress_bar", "false", "--seed_everything", "7"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    hparams = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["seed_everything"] == 7 and hparams["trainer"]["max_epochs"] == 1
 
 
 def test_fit_writes_run_folder(fitted):
