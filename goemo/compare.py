@@ -170,7 +170,8 @@ def run_row(run: Path) -> dict[str, Any]:
             limit = tested_part(run)
             if limit is not None:  # the report's own config (config_test.yaml, beside it) limited the test batches
                 print(f"note: {report} scored part of the test split (trainer.limit_test_batches {limit}): its test "
-                      f"figures are left out; run `python main.py test --ckpt_path {run}` again", file=sys.stderr)  # fmt: skip
+                      f"figures are left out; run `python main.py test --ckpt_path {run} --trainer.limit_test_batches 1.0` "
+                      "again", file=sys.stderr)  # fmt: skip
                 return row
             for kind in ("fixed", "tuned"):
                 for avg in ("micro", "macro"):

@@ -313,8 +313,9 @@ class EmotionClassifier(L.LightningModule):
             token_cutoff: Training only: each token of a row, except its first and last ([CLS], [SEP]), is hidden
                 with this probability from attention and from the pooling (token cutoff, Shen et al. 2020), so the
                 model learns from texts with words missing; with `teacher`, the targets still come from the whole
-                texts, as a noised student learns from a clean teacher in Noisy Student (Xie et al. 2020). 0 (default):
-                off. Validation, test, predict and exports see whole texts.
+                texts, as a noised student learns from a clean teacher in Noisy Student (Xie et al. 2020); with
+                `self_distill`, the predictions it records are of the cut texts, as they are of dropout-noised passes.
+                0 (default): off. Validation, test, predict and exports see whole texts.
             fast_dropout: When training on a CPU, draw the dropout masks of the encoder's and the head's dropout
                 modules four at a time from 64-bit random words and keep them as bool for backward
                 (`goemo.dropout`): same dropout (p rounded to a multiple of 1/65536), masks ~2.5x cheaper to

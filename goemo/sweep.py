@@ -92,8 +92,9 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
     extra = set(spec) - {kind, "log", "step"}
     if extra:
         raise GoemoError(f"{where}: unknown setting {sorted(extra)[0]!r} (a distribution takes log and step)")
-    if kind in ("categorical", "grid") and set(spec) - {kind}:
-        raise GoemoError(f"{where}: {kind} takes its list of values only ({min(set(spec) - {kind})} is for float and int)")
+    used = {k for k in set(spec) - {kind} if not (k == "log" and spec[k] is False or k == "step" and spec[k] is None)}
+    if kind in ("categorical", "grid") and used:  # `log: false` and `step: null` say nothing: allowed
+        raise GoemoError(f"{where}: {kind} takes its list of values only ({min(used)} is for float and int)")
     if "log" in spec and not isinstance(spec["log"], bool):
         raise GoemoError(f"{where}: log must be true or false, got {spec['log']!r}")
     if kind in ("categorical", "grid"):

@@ -38,6 +38,11 @@ data.train_batch_size: {categorical: [16, 32, 64]}
     assert space["data.train_batch_size"] == {"kind": "categorical", "values": [16, 32, 64]}
 
 
+def test_a_categorical_entry_may_say_log_false_or_step_null(tmp_path):
+    space = sweep.read_space(space_file(tmp_path, "model.loss: {categorical: [bce, focal], log: false, step: null}"))
+    assert space["model.loss"] == {"kind": "categorical", "values": ["bce", "focal"]}
+
+
 def test_space_numbers_read_as_yaml_1_2_reads_them(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-5 as a string; the space file, like the CLI's configs, takes it as a float
     space = sweep.read_space(space_file(tmp_path, """
@@ -573,7 +578,8 @@ def test_compare_leaves_out_a_test_report_of_part_of_the_split(tmp_path, capsys,
     assert (compare.run_row(run).get("tuned/macro") == 0.5) is kept
     err = capsys.readouterr().err
     assert err == ("" if kept else f"note: {run / 'test_report.json'} scored part of the test split (trainer.limit_test_batches "
-                                   f"{limit}): its test figures are left out; run `python main.py test --ckpt_path {run}` again\n")  # fmt: skip
+                                   f"{limit}): its test figures are left out; run `python main.py test --ckpt_path {run} --trainer.limit_test_batches 1.0` "
+                                   "again\n")  # fmt: skip
 
 
 def test_compare_refuses_an_empty_folder_and_a_broken_sweep_summary(tmp_path):
