@@ -135,11 +135,14 @@ def check_output_file(path: Path, what: str, example: str = "predictions.jsonl")
     check_writable(path.parent, f"{what} {path}: its folder")
 
 
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # the disk, or the user's quota on it, is full
+
+
 def no_space(e: BaseException | None) -> bool:
     """Whether a write failed because the disk is full. torch.save's zip writer raises a RuntimeError ("unexpected
     pos ...") while handling the file's OSError, so the cause is looked for along the exception's context too."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno in _FULL:
             return True
         e = e.__cause__ or e.__context__
     return False

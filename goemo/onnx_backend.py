@@ -44,8 +44,10 @@ def _atomic(target: Path, make: Callable[[Path], None]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     except OSError as e:
+        if no_space(e):
+            raise GoemoError(f"no space left on device while writing {target}; free space and run again") from None
         raise GoemoError(f"{target.parent}: cannot write the ONNX model there ({e.strerror or e}); make it a writable "
-                         "folder, or copy the run folder to one")  # fmt: skip
+                         "folder, or copy the run folder to one") from None  # fmt: skip
     os.close(fd)
     try:
         make(Path(tmp))

@@ -87,6 +87,13 @@ def test_an_onnx_model_that_cannot_be_written_is_one_line(run, tmp_path, monkeyp
     with pytest.raises(GoemoError, match="^no space left on device while writing .*; free space and run again$"):
         load(work, backend="onnx")
     assert not list((work / "onnx").iterdir())  # no partial file left
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr("goemo.onnx_backend.tempfile.mkstemp", no_room)  # full before the export starts
+    with pytest.raises(GoemoError, match="^no space left on device while writing .*; free space and run again$"):
+        load(work, backend="onnx")
     assert onnx_backend.cache_dir(work / "checkpoints" / "x.ckpt") == work / "onnx"
 
 
