@@ -279,10 +279,17 @@ def expand(paths: list[Path]) -> list[Path]:
         elif (p / "summary.json").is_file():  # lightning_logs/sweeps/NAME, written by goemo.sweep
             try:
                 trials = json.loads((p / "summary.json").read_text(encoding="utf-8")).get("runs", [])
-                runs += [Path(t["run"]) for t in trials if t["state"] != "fail" and (Path(t["run"]) / "config.yaml").is_file()]
+                done = [Path(t["run"]) for t in trials if t["state"] != "fail"]
+            except OSError as e:
+                raise GoemoError(f"{p / 'summary.json'}: cannot read it ({e.strerror or e}); check its permissions") from None
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise GoemoError(f"{p / 'summary.json'}: not a sweep summary goemo wrote ({type(e).__name__}: {str(e)[:80]}); "
                                  "give the trials' run folders instead") from None  # fmt: skip
+            found = [r for r in done if (r / "config.yaml").is_file()]
+            if done and not found:  # the summary names its trials' folders as the sweep saw them
+                raise GoemoError(f"{p / 'summary.json'}: none of the trials' run folders it names is there (first: {done[0]}); "
+                                 "give the trials' run folders where they are now")  # fmt: skip
+            runs += found
         elif p.is_dir():
             found = sorted((q.parent for q in p.rglob("config.yaml")), key=str)
             if not found:

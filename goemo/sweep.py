@@ -119,7 +119,7 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
     log, step = spec.get("log", False), spec.get("step")
     if log and low <= 0:
         raise GoemoError(f"{where}: a log range must be above 0, got low {low}")
-    if step is not None and (log or not isinstance(step, num) or step <= 0):
+    if step is not None and (log or isinstance(step, bool) or not isinstance(step, num) or step <= 0):
         raise GoemoError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'} and cannot go with log")
     return {"kind": kind, "low": low, "high": high, "log": log, "step": step}
 

@@ -71,6 +71,8 @@ model.loss: {grid: [bce, 1e5x]}
         ("model.learning_rate: {float: [1.0e-5, 1.0e-4], log: 'false'}", "model.learning_rate: log must be true or false, got 'false'"),
         ("model.loss: {categorical: [bce, focal], log: true}", "model.loss: categorical takes its list of values only (log is for"),
         ("seed_everything: {grid: [1, 2], step: 1}", "seed_everything: grid takes its list of values only (step is for"),
+        ("trainer.max_epochs: {int: [1, 4], step: true}", "trainer.max_epochs: step must be a positive integer"),  # true is 1 to Python
+        ("model.learning_rate: {float: [0.1, 0.5], step: -0.1}", "model.learning_rate: step must be a positive number"),
     ],
 )
 def test_bad_space_files_are_one_line_errors_naming_the_key(tmp_path, text, message):
@@ -593,6 +595,25 @@ def test_compare_refuses_an_empty_folder_and_a_broken_sweep_summary(tmp_path):
         (sweep_dir / "summary.json").write_text(text)
         with pytest.raises(GoemoError, match="summary.json: not a sweep summary goemo wrote"):
             compare.expand([sweep_dir])
+    moved = str(tmp_path / "gone" / "version_3")  # the trials' folders were moved after the sweep
+    (sweep_dir / "summary.json").write_text(json.dumps({"runs": [{"state": "complete", "run": moved}]}))
+    with pytest.raises(GoemoError, match=f"none of the trials' run folders it names is there \\(first: {re.escape(moved)}\\)"):
+        compare.expand([sweep_dir])  # was "no runs to compare", not saying why
+    (sweep_dir / "summary.json").write_text(json.dumps({"runs": [{"state": "complete", "run": str(run)}]}))
+    assert compare.expand([sweep_dir]) == [run]
+
+
+def test_compare_says_when_a_sweep_summary_cannot_be_read(tmp_path, monkeypatch):
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "summary.json").write_text("{}")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # root reads any file: a chmod would not stop this test
+    with pytest.raises(GoemoError, match=r"summary\.json: cannot read it \(Permission denied\); check its permissions$"):
+        compare.expand([sweep_dir])
 
 
 def test_compare_command_writes_markdown_and_csv(tmp_path, capsys):
