@@ -130,6 +130,26 @@ def read_release_text(path: Path) -> str:
         raise GoemoError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
 
 
+def check_hub_split(name: str, split: str, ds, num_labels: int) -> None:
+    """What `read_split` checks of a release file, for a split loaded with `datasets`: its columns, that it has
+    rows, and that every row has label ids within the label set (numpy would read an id of -1, `datasets`'
+    "no label", as the last label)."""
+    import pyarrow.compute as pc
+
+    missing = [c for c in ("text", "labels") if c not in ds.column_names]
+    if missing:
+        raise GoemoError(f"dataset {name!r}: its {split} split has no {missing[0]!r} column (it has {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise GoemoError(f"dataset {name!r}: its {split} split is empty")
+    labels = ds.data.column("labels")  # (rows,) lists of ids
+    if pc.min(pc.list_value_length(labels)).as_py() == 0:
+        raise GoemoError(f"dataset {name!r}: its {split} split has rows without label ids (GoEmotions gives each row one or more)")
+    ids = pc.min_max(pc.list_flatten(labels)).as_py()
+    if ids["min"] < 0 or ids["max"] >= num_labels:
+        bad = ids["min"] if ids["min"] < 0 else ids["max"]
+        raise GoemoError(f"dataset {name!r}: its {split} split has label id {bad}, outside its labels (ids 0..{num_labels - 1})")
+
+
 def folder_digest(folder: Path) -> str:
     """A short hash of every file under `folder`: names and bytes."""
     h = hashlib.sha256()
@@ -224,7 +244,12 @@ class GoEmotionsDataModule(L.LightningDataModule):
             raise GoemoError(f"data.num_workers must be >= 0 (0 = load in the main process), got {num_workers}")
         if num_folds < 2 or (holdout_fold is not None and not 0 <= holdout_fold < num_folds):
             raise GoemoError(f"data.holdout_fold must be within 0..{num_folds - 1} and data.num_folds at least 2, got {holdout_fold} and {num_folds}")
-        self.data_dir = resolve_data_dir(data_dir) if data_dir else None
+        if data_dir == "":
+            raise GoemoError("data.data_dir is empty; give a folder, pkg:goemo/goemotions (the shipped release) or null (the Hub)")
+        if data_dir is not None and (hub_dataset, hub_config) != ("google-research-datasets/go_emotions", "simplified"):
+            raise GoemoError(f"data.hub_dataset and data.hub_config are read only with data.data_dir null (now {data_dir}); "
+                             "add --data.data_dir null to load that dataset")  # fmt: skip
+        self.data_dir = resolve_data_dir(data_dir) if data_dir is not None else None
         # The labels of the files (or the Hub), and those after the taxonomy's mapping: the one source of
         # truth for the model, which gets them through a CLI link.
         self.source_labels = read_labels(release_file(self.data_dir, "labels.txt")) if self.data_dir else list(GOEMOTIONS_LABELS)
@@ -278,6 +303,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
         names = getattr(getattr(feature, "feature", None), "names", None)  # Sequence(ClassLabel(names=...))
         if names != self.source_labels:
             raise GoemoError(f"dataset {name!r}: its labels {(names or [])[:3]}... differ from GoEmotions' 28 labels")
+        for _, hub in SPLITS.values():
+            check_hub_split(name, hub, ds[hub], len(self.source_labels))
         return {split: ds[hub] for split, (_, hub) in SPLITS.items()}
 
     def _fingerprint(self, split: str, raw) -> str:
@@ -334,6 +361,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
         )
         hp = self.hparams
         if split == "train" and hp.holdout_fold is not None:  # cross-fitting: the rows outside the held-out fold
+            if len(out) < hp.num_folds:
+                raise GoemoError(f"data.num_folds {hp.num_folds} is more than the {len(out)} training rows: some folds would be empty")
             out = out.select(np.flatnonzero(fold_ids(len(out), hp.num_folds, hp.fold_seed) != hp.holdout_fold))
         # Each row's index within its (training) split travels with it (`row`): model.self_distill and model.teacher
         # keep tables over the rows.

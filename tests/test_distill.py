@@ -317,6 +317,10 @@ def test_folds_partition_the_training_split_and_a_fold_run_trains_on_the_others(
     for bad in ({"holdout_fold": 2}, {"holdout_fold": -1}, {"num_folds": 1}):
         with pytest.raises(GoemoError, match="data.holdout_fold must be within 0..\\d+ and data.num_folds at least 2"):
             GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), **bad)
+    many = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"),
+                                num_folds=97, holdout_fold=96)  # fmt: skip
+    with pytest.raises(GoemoError, match="^data.num_folds 97 is more than the 96 training rows: some folds would be empty$"):
+        many.setup("fit")  # fold 96 was empty: the run trained on every row
 
 
 def test_a_cross_fitted_teacher_gives_each_row_the_probabilities_of_the_runs_that_held_it_out(tmp_path, tiny_model, tiny_data, tiny_run):

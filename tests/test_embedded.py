@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,55 @@ def test_hub_folder_with_other_label_names_is_one_line(tmp_path, monkeypatch):
     dm = GoEmotionsDataModule(data_dir=None, hub_dataset=str(hub), tokenizer_name="unused")
     with pytest.raises(GoemoError, match=r"its labels \['l0', 'l1', 'l2'\]\.\.\. differ from GoEmotions' 28 labels"):
         dm._raw_splits()
+
+
+def test_hub_folder_with_a_label_id_of_minus_one_is_one_line(tmp_path, monkeypatch):
+    """-1 is `datasets`' "no label": numpy's indexing read it as the last label (neutral), silently."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    hub = write_hub_folder(tmp_path / "go_emotions", rows=10)
+    path = hub / "simplified" / "validation-00000-of-00001.parquet"
+    table = pq.read_table(path).to_pydict()
+    table["labels"][3] = [-1]
+    pq.write_table(pa.Table.from_pydict(table, schema=pq.read_schema(path)), path)
+    dm = GoEmotionsDataModule(data_dir=None, hub_dataset=str(hub), tokenizer_name="unused")
+    with pytest.raises(GoemoError, match=r"^dataset '.*go_emotions': its validation split has label id -1, outside its labels \(ids 0\.\.27\)$"):
+        dm._raw_splits()
+
+
+@pytest.mark.parametrize(
+    "columns,message",
+    [
+        ({"comment": ["a"], "labels": [[0]]}, "its train split has no 'text' column (it has comment, labels)"),
+        ({"text": [], "labels": []}, "its train split is empty"),
+        ({"text": ["a", "b"], "labels": [[0], []]}, "its train split has rows without label ids"),
+        ({"text": ["a"], "labels": [[3, 28]]}, "its train split has label id 28, outside its labels (ids 0..27)"),
+    ],
+)  # fmt: skip
+def test_hub_splits_are_checked_like_release_files(columns, message):
+    import datasets
+
+    from goemo.data import check_hub_split
+
+    ds = datasets.Dataset.from_dict(columns, features=None if columns["labels"] else datasets.Features(
+        {"text": datasets.Value("string"), "labels": datasets.Sequence(datasets.Value("int64"))}))  # fmt: skip
+    with pytest.raises(GoemoError, match="^dataset 'x': " + re.escape(message)):
+        check_hub_split("x", "train", ds, 28)
+    check_hub_split("x", "train", datasets.Dataset.from_dict({"text": ["a"], "labels": [[0, 27]]}), 28)  # fine
+
+
+def test_hub_dataset_without_data_dir_null_and_an_empty_data_dir_are_refused():
+    """The shipped release was read and the Hub flag ignored, silently; an empty data_dir (an unset shell variable)
+    loaded the Hub."""
+    with pytest.raises(GoemoError, match=r"^data.hub_dataset and data.hub_config are read only with data.data_dir null \(now pkg:goemo/goemotions\); add --data.data_dir null"):
+        GoEmotionsDataModule(hub_dataset="my/copy", tokenizer_name="unused")
+    with pytest.raises(GoemoError, match="^data.hub_dataset and data.hub_config are read only"):
+        GoEmotionsDataModule(hub_config="raw", tokenizer_name="unused")
+    with pytest.raises(GoemoError, match="^data.data_dir is empty; give a folder"):
+        GoEmotionsDataModule(data_dir="", tokenizer_name="unused")
+    assert GoEmotionsDataModule(data_dir=None, hub_dataset="my/copy", tokenizer_name="unused").data_dir is None
 
 
 @pytest.mark.slow
