@@ -32,6 +32,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
+            if b"\0" in raw:  # valid UTF-8, but no text holds it: UTF-16 without a byte-order mark ("h\0i\0")
+                raise GoemoError(f"{path}:{number}: holds a NUL byte (UTF-16 or a binary file?); save the file as UTF-8")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -53,8 +55,8 @@ def _jsonl(path: Path) -> Iterator[str]:
             continue  # blank lines hold no record
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GoemoError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError; a number over 4300 digits; deep nesting
+            raise GoemoError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', None) or str(e)[:80]})") from None
         if not isinstance(record, dict) or "text" not in record:
             raise GoemoError(f"{path}:{number}: each line must be a JSON object with a \"text\" field")
         text = record["text"]

@@ -89,6 +89,12 @@ def test_jsonl_skips_blank_lines(tmp_path):
         ("in.csv", b'text\n"a"b\nc\n', r"in\.csv:2: bad CSV"),  # not the text 'ab'
         ("in.csv", b'text\n"unclosed\nsecond\nthird\n', r"in\.csv:\d: bad CSV"),  # not one text of three lines
         ("in.txt", b"fine\nalso fine\n\xff\n", r"in\.txt:3: not valid UTF-8"),
+        # UTF-16 without a byte-order mark is valid UTF-8: it was read as texts of NUL-separated letters
+        pytest.param("in.txt", "I love it\nugh\n".encode("utf-16-le"),
+                     r"in\.txt:1: holds a NUL byte \(UTF-16 or a binary file\?\); save the file as UTF-8$", id="txt-utf16"),
+        pytest.param("in.jsonl", b'{"text": "a", "n": ' + b"1" * 5000 + b"}\n", r"in\.jsonl:1: not valid JSON \(Exceeds the limit",
+                     id="jsonl-long-number"),
+        pytest.param("in.jsonl", b"[" * 100_000 + b"\n", r"in\.jsonl:1: not valid JSON \(maximum recursion depth", id="jsonl-deep"),
         ("in.tsv", b"text\n", r"in\.tsv: unsupported file type '\.tsv'; use \.txt"),
     ],
 )
