@@ -223,6 +223,10 @@ class GoemoCLI(LightningCLI):
         i = self._args.index(sub) + 1
         beneath = ["--model", json.dumps(hparams), *(["--data", json.dumps(encoding)] if encoding else [])]
         self.config = self.parser.parse_args([*self._args[:i], *beneath, *self._args[i:]])
+        threshold = self.config[sub].model.get("threshold")
+        if sub == "predict" and "threshold" in hparams and threshold != hparams["threshold"]:
+            raise GoemoError(f"predict labels texts at the checkpoint's tuned per-label thresholds, so model.threshold {threshold} "
+                             "would change nothing; each record's scores hold every label's probability to cut at another one")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

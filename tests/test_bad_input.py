@@ -405,6 +405,9 @@ def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a
     base = ("predict", "--ckpt_path", "model.ckpt", "--data.predict_file", "texts.txt")
     line = cli_error(capsys, monkeypatch, tmp_path, *base, "--output", "./texts.txt")
     assert line == "error: --output texts.txt is the file of texts it would replace; write the predictions elsewhere"
+    line = cli_error(capsys, monkeypatch, tmp_path, *base, "--model.threshold", "0.3")  # was silently a no-op
+    assert line == ("error: predict labels texts at the checkpoint's tuned per-label thresholds, so model.threshold 0.3 would "
+                    "change nothing; each record's scores hold every label's probability to cut at another one")  # fmt: skip
     with pytest.raises(GoemoError, match="is the file of texts it would replace"):
         predict_file(None, tmp_path / "texts.txt", tmp_path / "texts.txt")  # the Python path (the onnx backends')
     assert (tmp_path / "texts.txt").read_text(encoding="utf-8") == "happy glad\n"
