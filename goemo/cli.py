@@ -307,13 +307,13 @@ class GoemoCLI(LightningCLI):
         """Every place this command will write is writable, checked before any model is loaded or work is done."""
         if cfg.get("output"):
             check_output_file(Path(cfg.output), "--output")
-        elif self.run_dir is not None:
-            check_writable(self.run_dir, "run folder")
-        elif self.subcommand == "fit":
-            logger = cfg.trainer.logger
-            args = getattr(logger, "init_args", None)
-            if args is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", "")):
-                check_writable(Path(args.save_dir, args.name or ""), "run folders' parent")
+        logger = cfg.trainer.logger
+        args = getattr(logger, "init_args", None)
+        tensorboard = args is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", ""))
+        if self.run_dir is not None and (tensorboard or not cfg.get("output")):
+            check_writable(self.run_dir, "run folder")  # its events and config_<stage>.yaml go there, --output or not
+        elif self.run_dir is None and tensorboard:  # a fit, or an evaluation of a bare .ckpt: a new version_N there
+            check_writable(Path(args.save_dir, args.name or ""), "run folders' parent")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:

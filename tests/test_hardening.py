@@ -259,6 +259,42 @@ def test_predict_output_that_is_a_folder_fails_before_predicting(run_copy):
     assert not (run_copy / "started").exists()  # no batch was predicted
 
 
+@pytest.mark.slow
+def test_evaluating_a_bare_checkpoint_checks_where_its_run_folder_goes(run_copy):
+    """A bare .ckpt gets a new lightning_logs/version_N: a file in the way was a traceback after loading the model."""
+    from goemo.runs import best_checkpoint
+
+    shutil.copy(best_checkpoint(run_copy / "lightning_logs" / "version_0"), run_copy / "model.ckpt")
+    shutil.move(run_copy / "lightning_logs", run_copy / "old_logs")
+    (run_copy / "lightning_logs").write_text("not a folder")
+    r = run_main("test", "--ckpt_path", "model.ckpt", "--data.data_dir", "data", "--data.cache_dir", "cache",
+                 "--trainer.callbacks+=tests.helpers.SlowSteps", "--trainer.callbacks.started", "started", cwd=run_copy)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last_line(r.stderr) == "error: run folders' parent lightning_logs: exists and is not a folder"
+    assert not (run_copy / "started").exists()
+
+
+@pytest.mark.slow
+def test_predict_to_another_file_still_checks_the_run_folder(run_copy, monkeypatch, capsys):
+    """predict --output elsewhere still writes its events and config_predict.yaml into the run folder."""
+    import goemo.cli
+
+    checked = []
+
+    def record(folder, what):
+        checked.append((Path(folder).resolve(), what))
+        raise GoemoError("stop here")
+
+    monkeypatch.setattr(goemo.cli, "check_writable", record)
+    monkeypatch.chdir(run_copy)
+    (run_copy / "texts.txt").write_text("happy\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["main.py", "predict", "--ckpt_path", "best", "--data.predict_file", "texts.txt",
+                                      "--output", str(run_copy / "elsewhere" / "p.jsonl")])  # fmt: skip
+    with pytest.raises(SystemExit):
+        goemo.cli.main()
+    assert checked == [((run_copy / "lightning_logs" / "version_0").resolve(), "run folder")]
+
+
 def test_check_writable_refuses_a_file_in_the_way(tmp_path):
     from goemo.files import check_output_file, check_writable
 
