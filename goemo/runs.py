@@ -20,6 +20,7 @@ from goemo.errors import GoemoError
 
 RUNS_DIR = Path("lightning_logs")
 ALIASES = ("best", "last")
+LOGGER_FOLDER_FLAGS = tuple(f"--trainer.logger.{a}{k}" for a in ("init_args.", "") for k in ("save_dir", "name"))
 ENSEMBLE_FILE = "ensemble.json"  # what marks a folder `python -m goemo.ensemble` wrote
 
 
@@ -170,6 +171,10 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
         return argv, None
     if value in ("", "null", "None"):
         return argv, None
+    moved = [a.split("=")[0] for a in args if a.split("=")[0] in LOGGER_FOLDER_FLAGS]
+    if value in ALIASES and moved:  # resolved before parsing: the flag would not move where `best` looks
+        raise GoemoError(f"--ckpt_path {value} takes the newest run in {root}, not where {moved[0]} points; "
+                         "give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
     ckpt, run = resolve_checkpoint(value, root, resume=argv[sub] == "fit")
     args[idx] = str(ckpt)
     if run is not None and (run / "config.yaml").is_file():

@@ -112,6 +112,12 @@ def test_rewrite_args_puts_run_config_first(tmp_path):
     assert found == run
     assert args == ["test", "--config", str(run / "config.yaml"), "--data.eval_batch_size", "8", "--ckpt_path", str(ckpt)]
     assert rewrite_args(["fit", "--trainer.max_epochs", "1"]) == (["fit", "--trainer.max_epochs", "1"], None)
+    # `best` is resolved before parsing: a logger flag that moves the runs elsewhere would be ignored, silently
+    for flag in ("--trainer.logger.init_args.save_dir=exp", "--trainer.logger.name"):
+        with pytest.raises(GoemoError, match=f"^--ckpt_path best takes the newest run in lightning_logs, not where {flag.split('=')[0]} points; "
+                                             r"give the run folder instead \(--ckpt_path DIR/version_N\)$"):  # fmt: skip
+            rewrite_args(["test", "--ckpt_path", "best", flag, "exp"])
+    assert rewrite_args(["test", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", "exp"], tmp_path / "lightning_logs")[1] == run
 
 
 def test_fit_last_refuses_to_resume_an_older_run_when_the_newest_fit_saved_nothing(tmp_path):
