@@ -68,7 +68,7 @@ class EpochAveraging(Callback):
         epoch = trainer.current_epoch
         if self.start_epoch is None or epoch < self.start_epoch or (epoch, batch_idx) <= self._last:
             return
-        if not (trainer.is_last_batch or batch_idx + 1 in self._update_points(trainer.num_training_batches)):
+        if not (trainer.is_last_batch or batch_idx + 1 in self._update_points(trainer.num_training_batches, trainer.accumulate_grad_batches)):
             return
         self._count += 1
         for name, p in self._params(pl_module).items():
@@ -78,12 +78,15 @@ class EpochAveraging(Callback):
                 self._mean[name].lerp_(p.detach().float(), 1.0 / self._count)
         self._last = (epoch, batch_idx)
 
-    def _update_points(self, num_batches: float) -> set[int]:
-        """The batch numbers (from 1) after which the weights join the mean: k evenly spaced, the last batch last."""
+    def _update_points(self, num_batches: float, accumulate: int = 1) -> set[int]:
+        """The batch numbers (from 1) after which the weights join the mean: k evenly spaced optimizer steps, the
+        epoch's last step last. Steps, not batches: with gradients accumulated over a batches, a batch that ends no
+        step would add the weights of the step before a second time."""
         if math.isinf(num_batches):  # an iterable dataset of unknown length: its last batch only
             return set()
-        n, k = int(num_batches), self.updates_per_epoch
-        return {-(-i * n // k) for i in range(1, k + 1)}  # ceil(i n / k) in integers
+        n, k, a = int(num_batches), self.updates_per_epoch, accumulate
+        steps = -(-n // a)  # optimizer steps in the epoch: after every a-th batch and after the last
+        return {min(-(-i * steps // k) * a, n) for i in range(1, k + 1)}  # after step ceil(i steps / k), in integers
 
     def on_train_start(self, trainer, pl_module) -> None:
         # A resumed mean was read from the checkpoint on the CPU, before the model moved to its device.

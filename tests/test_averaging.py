@@ -35,7 +35,8 @@ class Small(nn.Module):
 
 
 def trainer(epoch: int, last: bool = True, fn: str = "fit") -> SimpleNamespace:
-    return SimpleNamespace(current_epoch=epoch, is_last_batch=last, num_training_batches=4, state=SimpleNamespace(fn=fn))
+    return SimpleNamespace(current_epoch=epoch, is_last_batch=last, num_training_batches=4, accumulate_grad_batches=1,
+                           state=SimpleNamespace(fn=fn))
 
 
 def saved(module: nn.Module) -> dict:
@@ -216,6 +217,22 @@ def test_updates_per_epoch_averages_the_weights_after_evenly_spaced_batches():
     assert EpochAveraging(0, updates_per_epoch=9)._update_points(4) == {1, 2, 3, 4}
     assert EpochAveraging(0, updates_per_epoch=3)._update_points(10) == {4, 7, 10}
     assert EpochAveraging(0, updates_per_epoch=3)._update_points(float("inf")) == set()
+
+
+def test_updates_land_on_optimizer_steps_when_gradients_accumulate():
+    """With gradients accumulated over a batches, a point on a batch that ends no step added the step before's
+    weights twice (10 batches, a 4, k 3: points {4, 7, 10}; steps after batches 4, 8 and 10)."""
+    assert EpochAveraging(0, updates_per_epoch=3)._update_points(10, 4) == {4, 8, 10}
+    assert EpochAveraging(0, updates_per_epoch=2)._update_points(10, 3) == {6, 10}  # steps after 3, 6, 9, 10
+    for n in range(1, 30):
+        for a in range(1, 7):
+            for k in range(1, 6):
+                points = EpochAveraging(0, updates_per_epoch=k)._update_points(n, a)
+                steps = -(-n // a)
+                assert all(p % a == 0 or p == n for p in points) and n in points  # each after a step, the last last
+                assert len(points) == min(k, steps)  # k distinct steps where the epoch has them
+                if a == 1:
+                    assert points == {-(-i * n // k) for i in range(1, k + 1)}  # as without accumulation
 
 
 def test_unset_start_epoch_averages_nothing_and_a_negative_one_is_refused():
