@@ -138,7 +138,17 @@ def validation_follows(trainer) -> bool:
         return False
     n = trainer.num_val_batches
     every = trainer.check_val_every_n_epoch
-    return bool(sum(n) if isinstance(n, list) else n) and (every is None or (trainer.current_epoch + 1) % every == 0)
+    if not (bool(sum(n) if isinstance(n, list) else n) and (every is None or (trainer.current_epoch + 1) % every == 0)):
+        return False
+    # Validating every val_check_batch batches (val_check_interval 0.3, or an int): the last batch is one of them only
+    # when it falls on a multiple, as Lightning's training_epoch_loop decides. A time interval (Trainer's private
+    # _val_check_time_interval, set by val_check_interval as a timedelta; no public getter): taken to validate.
+    interval = trainer.val_check_batch
+    if interval is None or interval == float("inf") or getattr(trainer, "_val_check_time_interval", None) is not None:
+        return True
+    loop = trainer.fit_loop.epoch_loop
+    done = loop.total_batch_idx if every is None else loop.batch_idx  # counted over all epochs when every is None
+    return (done + 1) % interval == 0
 
 
 def rng_states() -> dict:

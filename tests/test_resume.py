@@ -251,6 +251,22 @@ def test_last_ckpt_is_written_once_and_at_the_final_step(tiny_run, learned_run, 
 
 
 @pytest.mark.slow
+def test_a_step_save_is_not_put_off_when_no_validation_follows_the_epochs_last_batch(tiny_run, tiny_model, tmp_path):
+    """Validating every 4 of an epoch's 6 batches, the save due at step 6 (the epoch's last batch) was put off to
+    the next validation, at step 10: a crash in between lost 4 more steps."""
+    r = run_main(
+        "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_run / "data"),
+        "--data.cache_dir", str(tiny_run / "cache"), "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.val_check_interval", "4", "--last_checkpoint.every_n_train_steps", "6",
+        "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.path", "saves.txt", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    saves = [int(s) for s in (tmp_path / "saves.txt").read_text().split()]
+    assert 6 in saves and 12 in saves and saves == sorted(saves), saves
+    assert load_checkpoint(tmp_path / LAST)["global_step"] == 12
+
+
+@pytest.mark.slow
 def test_a_self_distilled_fit_killed_mid_epoch_resumes_to_the_same_weights(learned_run, tiny_model, tmp_path):
     """model.self_distill: epoch 0's predictions (epoch 1's targets) ride in last.ckpt, so a fit killed in epoch 1
     and resumed ends with the weights and validation records of one never stopped."""
