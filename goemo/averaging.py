@@ -32,8 +32,8 @@ class EpochAveraging(Callback):
             start_epoch: First epoch whose final weights join the mean, counted from 0 as in the checkpoint names
                 (`epoch01-...` is the second epoch). With `trainer.max_epochs 4`, `1` averages the weights at the
                 ends of epochs 2, 3 and 4. Until then validation sees the weights as trained. Unset: no averaging.
-            updates_per_epoch: How many times per epoch the weights join the mean, after evenly spaced batches, the
-                last of them the epoch's last: 4 adds the weights after each quarter of every averaged epoch.
+            updates_per_epoch: How many times per epoch the weights join the mean, after evenly spaced optimizer steps,
+                the last of them the epoch's last: 4 adds the weights after each quarter of every averaged epoch.
         """
         if start_epoch is not None and start_epoch < 0:
             raise GoemoError(f"weight_averaging.start_epoch must be >= 0 (or unset: no averaging), got {start_epoch}")

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from goemo.averaging import EpochAveraging
 from goemo.dashboard import ValidationExamples
 from goemo.report import TestReport
-from goemo.data import GoEmotionsDataModule
+from goemo.data import HUB_CONFIG, HUB_DATASET, GoEmotionsDataModule
 from goemo.errors import GoemoError
 from goemo.files import check_output_file, check_writable
 from goemo.inputs import check_file
@@ -224,9 +224,11 @@ class GoemoCLI(LightningCLI):
         beneath = ["--model", json.dumps(hparams), *(["--data", json.dumps(encoding)] if encoding else [])]
         self.config = self.parser.parse_args([*self._args[:i], *beneath, *self._args[i:]])
         threshold = self.config[sub].model.get("threshold")
-        if sub == "predict" and "threshold" in hparams and threshold != hparams["threshold"]:
-            raise GoemoError(f"predict labels texts at the checkpoint's tuned per-label thresholds, so model.threshold {threshold} "
-                             "would change nothing; each record's scores hold every label's probability to cut at another one")  # fmt: skip
+        typed = any(a == "--model.threshold" or a.startswith("--model.threshold=") for a in self._args)
+        tuned = "thresholds" in (ckpt.get("state_dict") or {})  # an older checkpoint has none: it labels at model.threshold
+        if sub == "predict" and typed and tuned and threshold != hparams.get("threshold"):
+            raise GoemoError(f"predict labels texts at the checkpoint's tuned per-label thresholds, so --model.threshold {threshold} "
+                             "would change nothing: drop it, and cut each record's scores (every label's probability) instead")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -248,6 +250,12 @@ class GoemoCLI(LightningCLI):
         if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).expanduser().is_file():  # e.g. `ckpt_path: best` in a config file
             raise GoemoError(f"ckpt_path {cfg.ckpt_path}: no such checkpoint file (best, last and run folders work as the flag --ckpt_path)")
         self._check_outputs(cfg)
+        data = cfg.data
+        if data.get("data_dir") is not None and (data.get("hub_dataset"), data.get("hub_config")) != (HUB_DATASET, HUB_CONFIG):
+            if self.subcommand == "fit" and not cfg.get("ckpt_path"):  # a new run would train on data_dir, silently
+                raise GoemoError(f"data.hub_dataset and data.hub_config are read only with data.data_dir null (now {data.data_dir}); "
+                                 "add --data.data_dir null to load that dataset")  # fmt: skip
+            note(f"data.hub_dataset {data.hub_dataset} ({data.hub_config}) is not read: the data comes from data.data_dir {data.data_dir}")
         if cfg.get("weights_only") is False:
             raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
         # LightningCLI's own --optimizer/--lr_scheduler would replace EmotionClassifier.configure_optimizers with a

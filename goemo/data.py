@@ -141,10 +141,15 @@ def check_hub_split(name: str, split: str, ds, num_labels: int) -> None:
         raise GoemoError(f"dataset {name!r}: its {split} split has no {missing[0]!r} column (it has {', '.join(ds.column_names)})")
     if len(ds) == 0:
         raise GoemoError(f"dataset {name!r}: its {split} split is empty")
+    if ds.data.column("text").null_count:
+        raise GoemoError(f"dataset {name!r}: its {split} split has rows without a text (null)")
     labels = ds.data.column("labels")  # (rows,) lists of ids
-    if pc.min(pc.list_value_length(labels)).as_py() == 0:
+    if labels.null_count or pc.min(pc.list_value_length(labels)).as_py() == 0:  # numpy reads a null row as every label
         raise GoemoError(f"dataset {name!r}: its {split} split has rows without label ids (GoEmotions gives each row one or more)")
-    ids = pc.min_max(pc.list_flatten(labels)).as_py()
+    flat = pc.list_flatten(labels)
+    if flat.null_count:
+        raise GoemoError(f"dataset {name!r}: its {split} split has a null label id")
+    ids = pc.min_max(flat).as_py()
     if ids["min"] < 0 or ids["max"] >= num_labels:
         bad = ids["min"] if ids["min"] < 0 else ids["max"]
         raise GoemoError(f"dataset {name!r}: its {split} split has label id {bad}, outside its labels (ids 0..{num_labels - 1})")
@@ -180,13 +185,16 @@ def default_num_workers(on_cuda: bool) -> int:
     return max(1, min(4, cores // 2))
 
 
+HUB_DATASET, HUB_CONFIG = "google-research-datasets/go_emotions", "simplified"  # GoEmotions on the Hugging Face Hub
+
+
 class GoEmotionsDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: Optional[str] = EMBEDDED,
         tokenizer_name: str = "bert-base-uncased",
-        hub_dataset: str = "google-research-datasets/go_emotions",
-        hub_config: str = "simplified",
+        hub_dataset: str = HUB_DATASET,
+        hub_config: str = HUB_CONFIG,
         max_length: int = 128,
         train_batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -246,9 +254,6 @@ class GoEmotionsDataModule(L.LightningDataModule):
             raise GoemoError(f"data.holdout_fold must be within 0..{num_folds - 1} and data.num_folds at least 2, got {holdout_fold} and {num_folds}")
         if data_dir == "":
             raise GoemoError("data.data_dir is empty; give a folder, pkg:goemo/goemotions (the shipped release) or null (the Hub)")
-        if data_dir is not None and (hub_dataset, hub_config) != ("google-research-datasets/go_emotions", "simplified"):
-            raise GoemoError(f"data.hub_dataset and data.hub_config are read only with data.data_dir null (now {data_dir}); "
-                             "add --data.data_dir null to load that dataset")  # fmt: skip
         self.data_dir = resolve_data_dir(data_dir) if data_dir is not None else None
         # The labels of the files (or the Hub), and those after the taxonomy's mapping: the one source of
         # truth for the model, which gets them through a CLI link.

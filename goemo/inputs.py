@@ -55,8 +55,10 @@ def _jsonl(path: Path) -> Iterator[str]:
             continue  # blank lines hold no record
         try:
             record = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError; a number over 4300 digits; deep nesting
-            raise GoemoError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', None) or str(e)[:80]})") from None
+        except json.JSONDecodeError as e:
+            raise GoemoError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than the stack
+            raise GoemoError(f"{path}:{number}: JSON that Python cannot read ({str(e).split(':')[0]})") from None
         if not isinstance(record, dict) or "text" not in record:
             raise GoemoError(f"{path}:{number}: each line must be a JSON object with a \"text\" field")
         text = record["text"]

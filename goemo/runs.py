@@ -171,10 +171,15 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
         return argv, None
     if value in ("", "null", "None"):
         return argv, None
-    moved = [a.split("=")[0] for a in args if a.split("=")[0] in LOGGER_FOLDER_FLAGS]
-    if value in ALIASES and moved:  # resolved before parsing: the flag would not move where `best` looks
-        raise GoemoError(f"--ckpt_path {value} takes the newest run in {root}, not where {moved[0]} points; "
-                         "give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
+    if value in ALIASES:  # resolved before parsing: a logger flag typed would not move where `best` looks
+        folder = {"save_dir": ".", "name": root.name}
+        for i, a in enumerate(args):
+            flag, eq, given = a.partition("=")
+            if flag in LOGGER_FOLDER_FLAGS and (eq or i + 1 < len(args)):
+                folder[flag.rsplit(".", 1)[1]] = given if eq else args[i + 1]
+        if Path(folder["save_dir"], folder["name"]).resolve() != root.resolve():
+            raise GoemoError(f"--ckpt_path {value} takes the newest run in {root}, not in {Path(folder['save_dir'], folder['name'])} "
+                             "where the logger flags point; give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
     ckpt, run = resolve_checkpoint(value, root, resume=argv[sub] == "fit")
     args[idx] = str(ckpt)
     if run is not None and (run / "config.yaml").is_file():

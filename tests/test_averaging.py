@@ -224,6 +224,14 @@ def test_updates_land_on_optimizer_steps_when_gradients_accumulate():
     weights twice (10 batches, a 4, k 3: points {4, 7, 10}; steps after batches 4, 8 and 10)."""
     assert EpochAveraging(0, updates_per_epoch=3)._update_points(10, 4) == {4, 8, 10}
     assert EpochAveraging(0, updates_per_epoch=2)._update_points(10, 3) == {6, 10}  # steps after 3, 6, 9, 10
+    cb, m = EpochAveraging(start_epoch=0, updates_per_epoch=2), Small()  # 6 batches, steps after batches 4 and 6
+    for batch_idx in range(6):
+        with torch.no_grad():
+            m.layer.weight.fill_(float(batch_idx))
+        t = SimpleNamespace(**{**vars(trainer(0, last=batch_idx == 5)), "num_training_batches": 6, "accumulate_grad_batches": 4})
+        cb.on_train_batch_end(t, m, None, None, batch_idx)
+    cb.on_validation_epoch_start(trainer(0), m)
+    assert m.layer.weight.eq((3.0 + 5.0) / 2).all()  # the weights after batches 4 and 6 (was 3 and 6: batch 3 steps none)
     for n in range(1, 30):
         for a in range(1, 7):
             for k in range(1, 6):

@@ -274,6 +274,14 @@ VALUE_CASES = {
 }  # fmt: skip
 
 
+def test_a_hub_dataset_beside_a_data_dir_is_refused_for_a_new_fit(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    """The data came from data_dir and the Hub flag was dropped, silently (the run's config.yaml held both)."""
+    for flags in (("--data.hub_dataset", "my/copy"), ("--data.hub_config", "raw")):
+        line = cli_error(capsys, monkeypatch, tmp_path, *fit(tiny_model, tiny_data, tmp_path / "cache", *flags))
+        assert line == (f"error: data.hub_dataset and data.hub_config are read only with data.data_dir null (now {tiny_data}); "
+                        "add --data.data_dir null to load that dataset")  # fmt: skip
+
+
 @pytest.mark.parametrize("case", list(VALUE_CASES))
 def test_nonsense_values(case, tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
     extra, expected = VALUE_CASES[case]
@@ -406,8 +414,17 @@ def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a
     line = cli_error(capsys, monkeypatch, tmp_path, *base, "--output", "./texts.txt")
     assert line == "error: --output texts.txt is the file of texts it would replace; write the predictions elsewhere"
     line = cli_error(capsys, monkeypatch, tmp_path, *base, "--model.threshold", "0.3")  # was silently a no-op
-    assert line == ("error: predict labels texts at the checkpoint's tuned per-label thresholds, so model.threshold 0.3 would "
-                    "change nothing; each record's scores hold every label's probability to cut at another one")  # fmt: skip
+    assert line == ("error: predict labels texts at the checkpoint's tuned per-label thresholds, so --model.threshold 0.3 would "
+                    "change nothing: drop it, and cut each record's scores (every label's probability) instead")  # fmt: skip
+    # a checkpoint from before tuned thresholds labels at model.threshold: the flag works there
+    old = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    del old["state_dict"]["thresholds"]
+    torch.save(old, tmp_path / "old.ckpt")
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--ckpt_path", "old.ckpt", "--data.predict_file", "texts.txt", "--data.data_dir", str(tiny_run / "data"),
+          "--model.threshold", "0.01", "--output", "p.jsonl", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    record = json.loads((tmp_path / "p.jsonl").read_text(encoding="utf-8"))
+    assert record["labels"] and all(record["scores"][k] > 0.01 for k in record["labels"])
     with pytest.raises(GoemoError, match="is the file of texts it would replace"):
         predict_file(None, tmp_path / "texts.txt", tmp_path / "texts.txt")  # the Python path (the onnx backends')
     assert (tmp_path / "texts.txt").read_text(encoding="utf-8") == "happy glad\n"

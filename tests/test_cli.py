@@ -101,7 +101,7 @@ def test_unset_precision_is_bf16_mixed_on_gpus_that_have_it(monkeypatch, precisi
         assert default_precision(precision, accelerator, evaluation) == (None if precision is None else expected)
 
 
-def test_rewrite_args_puts_run_config_first(tmp_path):
+def test_rewrite_args_puts_run_config_first(tmp_path, monkeypatch):
     run = tmp_path / "lightning_logs" / "version_3"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("{}")
@@ -113,10 +113,14 @@ def test_rewrite_args_puts_run_config_first(tmp_path):
     assert args == ["test", "--config", str(run / "config.yaml"), "--data.eval_batch_size", "8", "--ckpt_path", str(ckpt)]
     assert rewrite_args(["fit", "--trainer.max_epochs", "1"]) == (["fit", "--trainer.max_epochs", "1"], None)
     # `best` is resolved before parsing: a logger flag that moves the runs elsewhere would be ignored, silently
-    for flag in ("--trainer.logger.init_args.save_dir=exp", "--trainer.logger.name"):
-        with pytest.raises(GoemoError, match=f"^--ckpt_path best takes the newest run in lightning_logs, not where {flag.split('=')[0]} points; "
-                                             r"give the run folder instead \(--ckpt_path DIR/version_N\)$"):  # fmt: skip
-            rewrite_args(["test", "--ckpt_path", "best", flag, "exp"])
+    for flags, folder in ((["--trainer.logger.init_args.save_dir=exp"], "exp/lightning_logs"), (["--trainer.logger.name", "exp"], "exp")):
+        with pytest.raises(GoemoError, match=f"^--ckpt_path best takes the newest run in lightning_logs, not in {folder} where the logger "
+                                             r"flags point; give the run folder instead \(--ckpt_path DIR/version_N\)$"):  # fmt: skip
+            rewrite_args(["test", "--ckpt_path", "best", *flags])
+    monkeypatch.chdir(tmp_path)  # the defaults restated point where `best` looks: fine
+    for flags in (["--trainer.logger.name", "lightning_logs"], ["--trainer.logger.init_args.save_dir=."]):
+        with pytest.raises(GoemoError, match="epoch00-step1.ckpt: not a loadable checkpoint"):  # on to resolving `best`
+            rewrite_args(["test", "--ckpt_path", "best", *flags])
     assert rewrite_args(["test", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", "exp"], tmp_path / "lightning_logs")[1] == run
 
 

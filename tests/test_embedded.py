@@ -127,6 +127,9 @@ def test_hub_folder_with_a_label_id_of_minus_one_is_one_line(tmp_path, monkeypat
         ({"text": [], "labels": []}, "its train split is empty"),
         ({"text": ["a", "b"], "labels": [[0], []]}, "its train split has rows without label ids"),
         ({"text": ["a"], "labels": [[3, 28]]}, "its train split has label id 28, outside its labels (ids 0..27)"),
+        ({"text": ["a", "b", "c"], "labels": [[1], None, [3]]}, "its train split has rows without label ids"),  # was every label
+        ({"text": ["a", "b"], "labels": [[1], [2, None]]}, "its train split has a null label id"),
+        ({"text": ["a", None], "labels": [[1], [2]]}, "its train split has rows without a text (null)"),
     ],
 )  # fmt: skip
 def test_hub_splits_are_checked_like_release_files(columns, message):
@@ -141,13 +144,8 @@ def test_hub_splits_are_checked_like_release_files(columns, message):
     check_hub_split("x", "train", datasets.Dataset.from_dict({"text": ["a"], "labels": [[0, 27]]}), 28)  # fine
 
 
-def test_hub_dataset_without_data_dir_null_and_an_empty_data_dir_are_refused():
-    """The shipped release was read and the Hub flag ignored, silently; an empty data_dir (an unset shell variable)
-    loaded the Hub."""
-    with pytest.raises(GoemoError, match=r"^data.hub_dataset and data.hub_config are read only with data.data_dir null \(now pkg:goemo/goemotions\); add --data.data_dir null"):
-        GoEmotionsDataModule(hub_dataset="my/copy", tokenizer_name="unused")
-    with pytest.raises(GoemoError, match="^data.hub_dataset and data.hub_config are read only"):
-        GoEmotionsDataModule(hub_config="raw", tokenizer_name="unused")
+def test_an_empty_data_dir_is_refused():
+    """An empty data_dir (an unset shell variable: --data.data_dir "$DATA") loaded the Hub."""
     with pytest.raises(GoemoError, match="^data.data_dir is empty; give a folder"):
         GoEmotionsDataModule(data_dir="", tokenizer_name="unused")
     assert GoEmotionsDataModule(data_dir=None, hub_dataset="my/copy", tokenizer_name="unused").data_dir is None

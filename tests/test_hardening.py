@@ -275,6 +275,15 @@ def test_evaluating_a_bare_checkpoint_checks_where_its_run_folder_goes(run_copy)
 
 
 @pytest.mark.slow
+def test_an_evaluation_with_an_unread_hub_dataset_notes_it(run_copy):
+    """A run's own config may hold a hub_dataset its data_dir kept from being read (older goemo took both): evaluating
+    it goes on, on data_dir, and says so."""
+    r = run_main("validate", "--ckpt_path", "best", "--data.hub_dataset", "my/copy", cwd=run_copy)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: data.hub_dataset my/copy (simplified) is not read: the data comes from data.data_dir" in r.stderr
+
+
+@pytest.mark.slow
 def test_predict_to_another_file_still_checks_the_run_folder(run_copy, monkeypatch, capsys):
     """predict --output elsewhere still writes its events and config_predict.yaml into the run folder."""
     import goemo.cli
