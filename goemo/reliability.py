@@ -90,7 +90,7 @@ class LastCheckpoint(ModelCheckpoint):
 
         Args:
             every_n_train_steps: Optimizer steps between saves; 0 turns them off (last.ckpt then comes only
-                at epoch ends).
+                with a new best epoch checkpoint and at the end of training).
         """
         if every_n_train_steps < 0:
             raise GoemoError(f"last_checkpoint.every_n_train_steps must be >= 0 (0 = off), got {every_n_train_steps}")
