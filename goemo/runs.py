@@ -172,12 +172,12 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
     if value in ("", "null", "None"):
         return argv, None
     if value in ALIASES:  # resolved before parsing: a logger flag typed would not move where `best` looks
-        folder = {"save_dir": ".", "name": root.name}
+        folder, typed = {"save_dir": ".", "name": "lightning_logs"}, False  # the CLI's logger defaults
         for i, a in enumerate(args):
             flag, eq, given = a.partition("=")
             if flag in LOGGER_FOLDER_FLAGS and (eq or i + 1 < len(args)):
-                folder[flag.rsplit(".", 1)[1]] = given if eq else args[i + 1]
-        if Path(folder["save_dir"], folder["name"]).resolve() != root.resolve():
+                folder[flag.rsplit(".", 1)[1]], typed = given if eq else args[i + 1], True
+        if typed and Path(folder["save_dir"], folder["name"]).resolve() != root.resolve():
             raise GoemoError(f"--ckpt_path {value} takes the newest run in {root}, not in {Path(folder['save_dir'], folder['name'])} "
                              "where the logger flags point; give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
     ckpt, run = resolve_checkpoint(value, root, resume=argv[sub] == "fit")
