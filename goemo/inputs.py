@@ -32,8 +32,6 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            if b"\0" in raw:  # valid UTF-8, but no text holds it: UTF-16 without a byte-order mark ("h\0i\0")
-                raise GoemoError(f"{path}:{number}: holds a NUL byte (UTF-16 or a binary file?); save the file as UTF-8")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -44,7 +42,9 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 def _txt(path: Path) -> Iterator[str]:
     # Every line is one text, empty lines included; lines end at LF, CRLF or a lone CR (as Python's universal
     # newlines); the final line end does not start another text.
-    for _, line in _lines(path):
+    for number, line in _lines(path):
+        if "\0" in line:  # UTF-16 without a byte-order mark ("h\0i\0") is valid UTF-8: texts of NUL-separated letters
+            raise GoemoError(f"{path}:{number}: holds a NUL byte (UTF-16 or a binary file?); save the file as UTF-8")
         if line:  # empty only for a file that is just a byte-order mark: no text
             yield from line.removesuffix("\n").removesuffix("\r").split("\r")
 

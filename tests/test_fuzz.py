@@ -110,8 +110,8 @@ def read_all(path: Path) -> list[str]:
     return list(read_texts(path))
 
 
-# .txt holds one text a line, so its texts have no line breaks (LF, CR).
-TXT_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"), max_size=40)
+# .txt holds one text a line, so its texts have no line breaks (LF, CR), nor NUL (refused: UTF-16 read as UTF-8).
+TXT_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n\x00"), max_size=40)
 
 
 @FUZZ
