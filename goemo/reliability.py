@@ -142,7 +142,7 @@ def validation_follows(trainer) -> bool:
         return False
     # Validating every val_check_batch batches (val_check_interval 0.3, or an int): the last batch is one of them only
     # when it falls on a multiple, as Lightning's training_epoch_loop decides. A time interval (Trainer's private
-    # _val_check_time_interval, set by val_check_interval as a timedelta; no public getter): taken to validate.
+    # _val_check_time_interval, from a val_check_interval given as a time; no public getter): taken to validate.
     interval = trainer.val_check_batch
     if interval is None or interval == float("inf") or getattr(trainer, "_val_check_time_interval", None) is not None:
         return True
