@@ -19,6 +19,7 @@ import argparse
 import errno
 import os
 import socket
+from pathlib import Path
 from typing import Any, Optional
 
 import litserve as ls
@@ -186,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--api-servers", type=int, default=1, help="HTTP server processes in front of the model worker (LitServe's num_api_servers)")
     a = p.parse_args(argv)
     from goemo.errors import GoemoError, exit_on_error
+    from goemo.files import check_output_file
 
     with exit_on_error():  # a bad flag or a run that does not load is one line, before any worker starts
         from goemo import load
@@ -200,6 +202,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise GoemoError(f"--batch-timeout must be at least 0 and under {REQUEST_TIMEOUT} seconds (a request's time "
                              f"to its answer), got {a.batch_timeout}")  # fmt: skip
         check_address(a.host, a.port)
+        if a.stats:  # checked here: a stats file that cannot be written failed every request with a 500
+            check_output_file(Path(a.stats), "--stats", "stats.txt")
         # Loaded once here, and again in LitServe's worker: an error there is two tracebacks and a stop minutes later.
         load(a.run, backend=a.backend)
     os.environ[MAX_TEXTS], os.environ[MAX_CHARS] = str(a.max_texts), str(a.max_chars)

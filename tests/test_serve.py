@@ -176,6 +176,7 @@ def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tiny_ru
         (["--max-chars", "-5"], "--max-chars must be at least 1, got -5"),
         (["--max-body", "0"], "--max-body must be at least 1, got 0"),
         (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--stats", "/proc/nope/s.txt"], "--stats /proc/nope/s.txt: its folder /proc/nope: cannot write there"),
     ],
 )
 def test_bad_flags_and_an_unloadable_model_are_one_line_before_any_worker(tmp_path, monkeypatch, capsys, flags, message):
