@@ -19,7 +19,7 @@ from goemo.classifier import Classifier, as_texts, load_model, load_run  # noqa:
 from goemo.ensemble import ENSEMBLE_FILE, Ensemble, load_ensemble
 from goemo.errors import GoemoError
 from goemo.onnx_backend import Backend, load_backend
-from goemo.runs import RUNS_DIR
+from goemo.runs import ALIASES, RUNS_DIR
 
 
 def load(
@@ -45,7 +45,7 @@ def load(
     if isinstance(ckpt, (list, tuple)):
         return load_ensemble([Path(c).expanduser() for c in ckpt], device, batch_size, backend, runs_dir)
     ckpt = Path(ckpt).expanduser()
-    if (ckpt / ENSEMBLE_FILE).is_file():
+    if str(ckpt) not in ALIASES and (ckpt / ENSEMBLE_FILE).is_file():  # `best` is the newest run, not a folder named so
         return load_ensemble(ckpt, device, batch_size, backend, runs_dir)
     return load_backend(ckpt, device, batch_size, runs_dir, backend)
 

@@ -44,6 +44,15 @@ def test_predict_agrees_with_the_cli_file(clf, txt_predictions):
         assert mine["scores"] == pytest.approx(theirs["scores"], abs=1e-6)
 
 
+def test_best_means_the_newest_run_even_beside_an_ensemble_folder_named_best(tmp_path, monkeypatch):
+    """`goemo.ensemble ... --out best` made load("best") serve that ensemble; the CLI's best is the newest run."""
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "ensemble.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GoemoError, match="^no run with checkpoints under lightning_logs/"):
+        load("best")
+
+
 def test_best_last_and_ckpt_file_resolve_like_the_cli(tiny_run, clf, monkeypatch):
     runs = tiny_run / "lightning_logs"
     probs = clf.predict_proba(PREDICT_TEXTS[:3])
