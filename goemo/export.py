@@ -70,7 +70,7 @@ def _check(kind: str, hf, clf: Classifier) -> None:
         got = torch.sigmoid(hf(**batch).logits.float())
     diff = (got - torch.sigmoid(_reference_logits(clf, batch))).abs().max().item()
     if diff > HF_TOLERANCE:
-        raise GoemoError(f"{kind} does not reproduce the checkpoint (max probability difference {diff:.1e}); use --onnx")
+        raise GoemoError(f"{kind} does not reproduce the checkpoint (max probability difference {diff:.1e})")
 
 
 def to_hf_model(clf: Classifier):
@@ -142,6 +142,7 @@ def export_onnx(clf: Classifier, path: Path) -> float:
         clf.model.to_onnx(
             path, example, input_names=["input_ids", "attention_mask"], output_names=["logits"],
             dynamic_shapes={"input_ids": axes, "attention_mask": axes}, external_data=False, verbose=False,
+            dynamo=True,  # the default from torch 2.9; torch 2.6-2.8 take dynamic_shapes only with it
         )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {k: batch[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")})
