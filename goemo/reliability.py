@@ -102,9 +102,14 @@ class LastCheckpoint(ModelCheckpoint):
         )  # fmt: skip
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # A save at an epoch's last batch, before that epoch's validation, resumes as a finished epoch: Lightning's
-        # loop then skips the validation, and with it that epoch's thresholds, checkpoint and ranking. Lightning
-        # defers such saves to the end of validation for monitored checkpoints only; do it here too.
+        # With trainer.accumulate_grad_batches, a batch that ends no optimizer step leaves gradients that no
+        # checkpoint holds: a save there resumes with the group's step made from part of its gradients. Lightning
+        # skips those only while the step was saved in this process (after a resume it was not): skip them here.
+        if not step_ends(trainer):
+            return
+        # A save at a batch whose validation follows (the epoch's last, or every val_check_interval batches)
+        # resumes past that validation: Lightning's loop skips it, and with it its thresholds, checkpoint and
+        # ranking. Lightning defers such saves to the end of validation for monitored checkpoints only; do it here too.
         every = self._every_n_train_steps
         if every >= 1 and trainer.global_step % every == 0 and validation_follows(trainer):
             self._defer_save_until_validation = True
@@ -112,13 +117,21 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._defer_save_until_validation and any(
+        # Only a deferred save lands here. Not through ModelCheckpoint.on_validation_end, which does nothing when
+        # saves are due at epoch ends (val_check_interval 1.0), so the deferred save was dropped there.
+        if not self._defer_save_until_validation:
+            return
+        self._defer_save_until_validation = False
+        if any(
             cb is not self and cb.save_last and cb._last_global_step_saved == trainer.global_step
             for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
         ):  # the epoch checkpoint wrote last.ckpt after this validation already: not the same file twice
-            self._defer_save_until_validation = False
             return
-        super().on_validation_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # saves come every N steps and at the end of training; the epoch checkpoints write theirs
 
     def on_train_end(self, trainer, pl_module) -> None:
         # last.ckpt must hold the final step. Lightning's own end-of-training save runs only if this callback never
@@ -132,20 +145,29 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # as Lightning's on_train_end
 
 
+def step_ends(trainer) -> bool:
+    """Whether the batch that just ended also ended an optimizer step: with trainer.accumulate_grad_batches k, the
+    k-th batch of a group or the epoch's last (Lightning's training_epoch_loop decides so)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    ready = progress.current.ready  # batches of this epoch so far, this one included (restored on resume)
+    return ready % trainer.accumulate_grad_batches == 0 or ready == trainer.num_training_batches or bool(progress.is_last_batch)
+
+
 def validation_follows(trainer) -> bool:
-    """Whether the batch that just ended is its epoch's last and that epoch's validation runs next."""
-    if not getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False) or not trainer.enable_validation:
+    """Whether validation runs right after the batch that just ended: at its epoch's end, or every val_check_batch
+    batches (val_check_interval 0.3, or an int), as Lightning's training_epoch_loop decides."""
+    last = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+    if not trainer.enable_validation:
         return False
     n = trainer.num_val_batches
     every = trainer.check_val_every_n_epoch
     if not (bool(sum(n) if isinstance(n, list) else n) and (every is None or (trainer.current_epoch + 1) % every == 0)):
         return False
-    # Validating every val_check_batch batches (val_check_interval 0.3, or an int): the last batch is one of them only
-    # when it falls on a multiple, as Lightning's training_epoch_loop decides. A time interval (Trainer's private
-    # _val_check_time_interval, from a val_check_interval given as a time; no public getter): taken to validate.
+    # A time interval (Trainer's private _val_check_time_interval, from a val_check_interval given as a time; no public
+    # getter): when it falls cannot be told beforehand; the epoch's last batch is taken to validate.
     interval = trainer.val_check_batch
     if interval is None or interval == float("inf") or getattr(trainer, "_val_check_time_interval", None) is not None:
-        return True
+        return last
     loop = trainer.fit_loop.epoch_loop
     done = loop.total_batch_idx if every is None else loop.batch_idx  # counted over all epochs when every is None
     return (done + 1) % interval == 0
@@ -267,9 +289,10 @@ class Interrupts(Callback):
     """Ctrl-C and SIGTERM during `fit` save `last.ckpt` and stop with a one-line message saying how to resume.
 
     Both stop training at the end of the current batch, so the saved state is that of a finished step (what a
-    step checkpoint holds) and resuming from it gives the same result as never stopping; at an epoch's last
-    batch, once the epoch's validation and checkpoints are done (Ctrl-C after the next batch; SIGTERM meets the
-    validation, whose loop Lightning stops at once, so the last saved checkpoint is kept). A second Ctrl-C stops
+    step checkpoint holds) and resuming from it gives the same result as never stopping. Not at every batch: with
+    trainer.accumulate_grad_batches, at the end of the batch that ends the optimizer step; at an epoch's last batch
+    or one that validation follows, once that validation and the checkpoints are done (Ctrl-C after the next
+    batch; SIGTERM meets the validation, whose loop Lightning stops at once, so the last saved checkpoint is kept). A second Ctrl-C stops
     at once and saves nothing (landing in the save, it leaves the previous last.ckpt whole and the message names
     it). Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch (each batch under DDP,
     where it broadcasts the signal); here it is raised at the next batch end. Lightning
@@ -281,7 +304,7 @@ class Interrupts(Callback):
 
     def __init__(self) -> None:
         self._sigint = False  # Ctrl-C seen: stop at the end of this batch
-        self._epoch_ends = False  # the last training batch seen was its epoch's last: validation and saves follow
+        self._wait = False  # the last training batch seen ends its epoch or precedes a validation: those come first
         self._forced = False  # Ctrl-C twice: stopped mid-step, nothing consistent to save
         self._previous_handler: Any = None
 
@@ -308,19 +331,23 @@ class Interrupts(Callback):
         stop = self._sigint
         if trainer.world_size > 1:  # every process stops at the same batch, or saving would wait forever
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        # At an epoch's last batch the epoch ends first (its weight-averaging update, validation and checkpoints):
-        # a save from before them resumes as a finished epoch that never validated. Ctrl-C then stops after the
-        # next batch; SIGTERM when Lightning's validation loop raises it (keeping the last saved checkpoint).
-        self._epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        # At an epoch's last batch the epoch ends first (its weight-averaging update, validation and checkpoints),
+        # and a batch that validation follows validates first: a save from before them resumes past a validation
+        # that never ran. Ctrl-C then stops after the next batch; SIGTERM when Lightning's validation loop raises it
+        # (keeping the last saved checkpoint). A batch that ends no optimizer step (gradient accumulation) holds
+        # gradients no checkpoint keeps: stop at the batch that ends the step.
+        epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        self._wait = epoch_ends or validation_follows(trainer)
+        later = self._wait or not step_ends(trainer)
         if stop:
             self._sigint = True
-            if not self._epoch_ends:
+            if not later:
                 raise KeyboardInterrupt
-        elif trainer.received_sigterm and trainer.world_size == 1 and not self._epoch_ends:  # DDP: Lightning raises it
+        elif trainer.received_sigterm and trainer.world_size == 1 and not later:  # DDP: Lightning raises it
             raise SIGTERMException()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._sigint and not (trainer.state.fn == TrainerFn.FITTING and self._epoch_ends):
+        if self._sigint and not (trainer.state.fn == TrainerFn.FITTING and self._wait):
             raise KeyboardInterrupt
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

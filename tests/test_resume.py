@@ -401,3 +401,66 @@ def test_ctrl_c_again_while_saving_keeps_the_last_checkpoint_and_says_so(tmp_pat
         f"{folder / 'last.ckpt'} (step 3); resume with: "
     ), err
     assert load_checkpoint(folder / "last.ckpt")["global_step"] == 3
+
+
+def weights_and_records(work: Path) -> tuple[dict, list[dict]]:
+    return load_checkpoint(work / LAST)["state_dict"], records(work)
+
+
+def assert_same_run(work: Path, whole: Path) -> None:
+    (got, got_records), (want, want_records) = weights_and_records(work), weights_and_records(whole)
+    assert got_records == want_records  # every validation ran, with the same metrics and thresholds
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [2, 3], ids=["mid-accumulation", "validation-follows"])
+def test_ctrl_c_waits_for_the_optimizer_step_and_the_validation_that_follow(learned_run, tiny_model, tmp_path, batch):
+    """Accumulating 2 batches a step and validating every 4 batches: Ctrl-C during batch 2 (0-based; its step ends
+    with batch 3) saved gradients of half a group that no checkpoint holds, and during batch 3 (validation follows)
+    saved before that validation, which the resumed fit then skipped. Both now stop after batch 5 (6 taken, 3 steps)
+    and resume as a fit never stopped."""
+    args = [*fit_args(learned_run, tiny_model), "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "4"]
+    whole, work = tmp_path / "whole", tmp_path / "work"
+    whole.mkdir(), work.mkdir()
+    assert run_main(*args, cwd=whole, env=ONE_THREAD).returncode == 0
+    r = run_main(*args, "--trainer.callbacks+=tests.helpers.CtrlCAtBatch", "--trainer.callbacks.batch", str(batch), cwd=work, env=ONE_THREAD)
+    assert r.returncode == 1 and "interrupted by Ctrl-C at step 3 (epoch 0)" in r.stderr, r.stderr[-3000:]
+    assert loader_state(load_checkpoint(work / LAST))["consumed"] == 6
+    assert len(records(work)) == 1  # the validation after batch 3 ran before the stop
+    resume(work)
+    assert_same_run(work, whole)
+
+
+@pytest.mark.slow
+def test_a_step_save_that_a_mid_epoch_validation_follows_waits_for_it(learned_run, tiny_model, tmp_path):
+    """Saving every step, accumulating 2 batches a step, validating every 4 batches: the save at step 2 (batch 3)
+    came before its validation, and a kill in that validation resumed past it; after the resume, the first batch
+    (half a step) saved again at step 1, without the gradients of that half."""
+    args = [*fit_args(learned_run, tiny_model), "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "4",
+            "--last_checkpoint.every_n_train_steps", "1"]  # fmt: skip
+    whole, work = tmp_path / "whole", tmp_path / "work"
+    whole.mkdir(), work.mkdir()
+    assert run_main(*args, cwd=whole, env=ONE_THREAD).returncode == 0
+    r = run_main(*args, "--trainer.callbacks+=tests.helpers.ExitInValidation", "--trainer.callbacks.step", "2",
+                 "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.path", "saves.txt", cwd=work, env=ONE_THREAD)  # fmt: skip
+    assert r.returncode == 137 and (work / "exited").is_file(), r.stderr[-3000:]
+    assert saved_step(work / LAST) == 1  # step 2's save waited for the validation the kill cut short
+    assert (work / "saves.txt").read_text().split() == ["1"]
+    (work / "saves.txt").unlink()
+    resume(work)
+    assert (work / "saves.txt").read_text().split()[0] == "2"  # not step 1 again, half a group later
+    assert_same_run(work, whole)
+
+
+@pytest.mark.slow
+def test_a_step_save_due_at_an_epochs_end_is_made_after_its_validation(learned_run, tiny_model, tmp_path):
+    """Every 6 steps over epochs of 12: the save due at step 12 waits for epoch 0's validation. At the default
+    val_check_interval 1.0 Lightning's end-of-validation save does nothing for a callback that saves at epoch
+    ends, so that save was dropped whenever the epoch checkpoint did not write last.ckpt (here: never, save_top_k 0)."""
+    r = run_main(*fit_args(learned_run, tiny_model), "--last_checkpoint.every_n_train_steps", "6", "--checkpoint.save_top_k", "0",
+                 "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.path", "saves.txt", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    saves = [int(s) for s in (tmp_path / "saves.txt").read_text().split()]
+    assert sorted(set(saves)) == [6, 12, 18, 24], saves
