@@ -279,12 +279,17 @@ def expand(paths: list[Path]) -> list[Path]:
         elif (p / "summary.json").is_file():  # lightning_logs/sweeps/NAME, written by goemo.sweep
             try:
                 trials = json.loads((p / "summary.json").read_text(encoding="utf-8")).get("runs", [])
-                done = [Path(t["run"]) for t in trials if t["state"] != "fail"]
+                # finished trials only: a running one's folder is half-trained, a waiting retry names its dead trial's
+                done = [Path(t["run"]) for t in trials if t["state"] in ("complete", "pruned")]
+                unfinished = sum(t["state"] in ("running", "waiting") for t in trials)
             except OSError as e:
                 raise GoemoError(f"{p / 'summary.json'}: cannot read it ({e.strerror or e}); check its permissions") from None
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise GoemoError(f"{p / 'summary.json'}: not a sweep summary goemo wrote ({type(e).__name__}: {str(e)[:80]}); "
                                  "give the trials' run folders instead") from None  # fmt: skip
+            if unfinished:
+                print(f"note: {p / 'summary.json'}: {unfinished} trial(s) still running or waiting when it was written are left out "
+                      "(their runs are not trained to the end); compare again when the sweep's last worker has ended (it rewrites the summary)", file=sys.stderr)  # fmt: skip
             found = [r for r in done if (r / "config.yaml").is_file()]
             if done and not found:  # the summary names its trials' folders as the sweep saw them
                 raise GoemoError(f"{p / 'summary.json'}: none of the trials' run folders it names is there (first: {done[0]}); "

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -284,16 +285,22 @@ def make_sampler(study, space: dict, grid: bool, seed: Optional[int]):
     return optuna.samplers.TPESampler(seed=None if seed is None else seed + len(study.trials))
 
 
+def fit_args(a: argparse.Namespace, params: dict[str, Any]) -> list[str]:
+    """A trial's `fit` arguments without its study report: the recipe, the flags after `--`, the trial's values."""
+    # The run keeps its best checkpoint by the study's metric, so the trial's score and its run's `best` are one
+    # epoch (the config's own monitor, val/f1_micro by default, could keep another); flags after `--` still win.
+    keep = ["--checkpoint.monitor", a.metric, "--checkpoint.mode", "max" if a.direction == "maximize" else "min"]
+    args = ["fit", *(["--config", str(a.config)] if a.config else []), *keep, *a.fit_args]
+    for key, value in params.items():
+        args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
+    return args
+
+
 def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> float:
     import optuna
 
     params = suggest(trial, space)
-    # The run keeps its best checkpoint by the study's metric, so the trial's score and its run's `best` are one
-    # epoch (the config's own monitor, val/f1_micro by default, could keep another); flags after `--` still win.
-    keep = ["--checkpoint.monitor", a.metric, "--checkpoint.mode", "max" if a.direction == "maximize" else "min"]
-    args = [*CLI, "fit", *(["--config", str(a.config)] if a.config else []), *keep, *a.fit_args]
-    for key, value in params.items():
-        args += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
+    args = [*CLI, *fit_args(a, params)]
     args += ["--trainer.callbacks+=goemo.sweep.OptunaReport", "--trainer.callbacks.storage", storage_url,
              "--trainer.callbacks.study", a.study, "--trainer.callbacks.trial", str(trial.number),
              "--trainer.callbacks.metric", a.metric, "--trainer.callbacks.prune", str(a.prune).lower()]  # fmt: skip
@@ -421,7 +428,10 @@ def run_sweep(a: argparse.Namespace) -> dict:
     check_recipe(study, a, space)
     study.sampler = make_sampler(study, space, grid, a.sampler_seed)
 
+    mine: set[int] = set()  # the trials this command ran: --max-failures counts their failures, not other workers'
+
     def objective(trial) -> float:
+        mine.add(trial.number)
         return run_trial(trial, a, space, url)
 
     def enough(study, trial) -> None:
@@ -431,10 +441,18 @@ def run_sweep(a: argparse.Namespace) -> dict:
     def failed() -> list:
         return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("error")]
 
-    def done() -> int:  # a grid is done when each point finished or failed with a reason (a retried point once)
-        return finished(study) + (len({json.dumps(t.params, sort_keys=True) for t in failed()}) if grid else 0)
+    def given_up() -> list:
+        """Trials whose worker died (failed without a reason, not stopped by Ctrl-C) and that no retry runs again
+        (--retries used up): Optuna's GridSampler counts their points as visited and would rerun another point."""
+        all_trials = study.get_trials(deepcopy=False)
+        # each retry lists the trials it runs again (read as a system attr: Optuna's getter warns it is experimental)
+        retried = {n for t in all_trials for n in t.system_attrs.get("retry_history", [])}
+        return [t for t in all_trials if t.state == TrialState.FAIL and t.params and t.number not in retried
+                and not t.user_attrs.get("error") and not t.user_attrs.get("interrupted")]  # fmt: skip
 
-    failed_before = len(failed())  # --max-failures counts this command's failures
+    def done() -> int:  # a grid is done when each point finished, failed with a reason or was given up (once each)
+        return finished(study) + (len({json.dumps(t.params, sort_keys=True) for t in failed() + given_up()}) if grid else 0)
+
     while done() < trials:
         running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
         if done() + running >= trials:  # the rest are in flight on other workers: wait for them
@@ -447,13 +465,25 @@ def run_sweep(a: argparse.Namespace) -> dict:
             time.sleep(min(5.0, a.heartbeat))
             optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial: its trial is failed and queued again
             continue
+        if grid and study.sampler.is_exhausted(study) and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            # a point Optuna counts as visited that done() cannot name (a trial that died before it took its values):
+            # the GridSampler would run a random point again
+            print(f"note: every grid point was tried but {trials - done()} left no result and no retry; this worker stops "
+                  f"rather than run a point twice (see {a.sweep_dir / 'summary.md'})", file=sys.stderr)  # fmt: skip
+            break
         study.optimize(objective, n_trials=1, callbacks=[enough])
         if a.interrupted is not None:
             log = a.sweep_dir / f"trial_{a.interrupted}.log"
             raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command runs "
                               "its values again and goes on with the study")  # fmt: skip
-        if len(failed()) - failed_before >= a.max_failures:
-            raise GoemoError(f"{len(failed()) - failed_before} trials failed (last: {failed()[-1].user_attrs['error']}); see {a.sweep_dir}")
+        own = [t for t in failed() if t.number in mine]
+        if len(own) >= a.max_failures:
+            raise GoemoError(f"{len(own)} trials failed (last: {own[-1].user_attrs['error']}); see {a.sweep_dir}")
+    for t in given_up() if grid else []:
+        deaths = len(t.system_attrs.get("retry_history", [])) + 1
+        print(f"note: trial {t.number} ({', '.join(f'{k}={v}' for k, v in t.params.items())}) has no result: its worker "
+              f"died {deaths} time(s) and it is not retried again; run the point as a plain fit, "
+              f"`{shlex.join(['python', 'main.py', *fit_args(a, t.params)])}`, and compare it beside the sweep", file=sys.stderr)  # fmt: skip
     return summarize(study, a)
 
 
@@ -497,8 +527,9 @@ def summarize(study, a: argparse.Namespace) -> dict:
                            "config": str(Path(run) / "config.yaml") if run else None}  # fmt: skip
         try:
             summary["importance"] = {k: round(v, 4) for k, v in optuna.importance.get_param_importances(study).items()}
-        except (RuntimeError, ValueError) as e:  # one trial, or parameters that never varied
-            summary["importance"] = f"not computed ({str(e).splitlines()[0]})"
+        except (RuntimeError, ValueError, ImportError) as e:  # one trial, parameters that never varied, or Optuna
+            # before 5.0 without scikit-learn (its default fANOVA needs it): the summary is written all the same
+            summary["importance"] = f"not computed ({(str(e).splitlines() or [type(e).__name__])[0]})"
     summary["failed"] = [{"number": t.number, "error": t.user_attrs.get("error")} for t in trials if t.state == TrialState.FAIL]
     summary["runs"] = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "run": t.user_attrs["run"]}
                        for t in trials if t.user_attrs.get("run")]  # what `python -m goemo.compare SWEEP_FOLDER` reads  # fmt: skip
@@ -538,7 +569,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--no-prune", dest="prune", action="store_false", help="run every trial to the end")
     p.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's heartbeats (0: none, no retry)")
     p.add_argument("--retries", type=int, default=2, help="times a trial whose worker died is run again")
-    p.add_argument("--max-failures", type=int, default=10, help="stop after this many trials failed in this command (default 10)")
+    p.add_argument("--max-failures", type=int, default=10, help="stop after this many of this command's trials failed (default 10; other workers' do not count)")
     p.add_argument("--sampler-seed", type=int, default=None,
                    help="makes a one-worker study repeatable (TPE's seed, plus the trials the study already has); "
                         "leave it unset when several workers share a study, or they draw the same values")  # fmt: skip

@@ -471,6 +471,113 @@ def test_a_grid_with_a_failed_point_waits_for_the_point_in_flight_and_heartbeat_
     assert ran == [] and "note: 1 trial(s) still running, on other workers or on dead ones" in capsys.readouterr().err
 
 
+def grid_study_with_a_dead_third_trial(tmp_path: Path, monkeypatch, seeds: list[int], took_values: bool = True):
+    """Seeds as a grid: trials 0 and 1 complete, trial 2 RUNNING with a last heartbeat (its worker was killed), as
+    the grid sampler left them; the sweep's trials are recorded, not run. Returns (the ran list, trial 2's seed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "check_space", lambda *a, **k: None)
+    ran = []
+    monkeypatch.setattr(sweep, "run_trial", lambda trial, a, space, url: ran.append(suggest_seed(trial, seeds)) or 0.5)
+    (tmp_path / "lightning_logs").mkdir()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(tmp_path / 'lightning_logs/sweeps.db').resolve()}")
+    study = optuna.create_study(study_name="seeds", storage=storage, direction="maximize")
+    study.sampler = sweep.make_sampler(study, {"seed_everything": {"values": seeds}}, True, None)
+    trials = [study.ask() for _ in seeds]
+    seed = suggest_seed(trials[2], seeds) if took_values else None
+    for t in trials[:2]:
+        suggest_seed(t, seeds)
+        study.tell(t, 0.5)
+    storage.record_heartbeat(trials[2]._trial_id)  # then nothing: the worker died
+    if not took_values:  # killed between Optuna's ask and the trial's suggest: a point without params
+        storage.set_trial_state_values(trials[2]._trial_id, TrialState.FAIL)  # tell: the sampler would stop a study
+    return ran, seed
+
+
+def suggest_seed(trial, seeds: list[int]) -> int:
+    return trial.suggest_categorical("seed_everything", seeds)
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_grid_point_whose_dead_trial_is_not_retried_is_not_replaced_by_another_point_run_twice(tmp_path, monkeypatch, capsys, retries):
+    """The worker of the third seed was SIGKILLed and the same command runs again: the stale trial is failed after the grace
+    period; with --retries 0 nothing queues it again, and GridSampler (every point visited) would run a random seed a
+    second time. The point is given up, with a note that says how to run it; with --retries 1 the retry runs it."""
+    seeds = [42, 1, 7]
+    ran, seed = grid_study_with_a_dead_third_trial(tmp_path, monkeypatch, seeds)
+    command = ["--seeds", "42,1,7", "--retries", str(retries), "--heartbeat", "1", "--", "--trainer.max_epochs", "1"]
+    sweep.run_sweep(sweep.parse_args(command))
+    err = capsys.readouterr().err
+    if retries:
+        assert ran == [seed] and "has no result" not in err
+        return
+    assert ran == []  # not a seed run twice
+    assert (f"note: trial 2 (seed_everything={seed}) has no result: its worker died 1 time(s) and it is not retried again; run "
+            "the point as a plain fit, `python main.py fit --checkpoint.monitor val/f1_macro --checkpoint.mode max "
+            f"--trainer.max_epochs 1 --seed_everything {seed}`, and compare it beside the sweep\n") in err
+    sweep.run_sweep(sweep.parse_args(command))
+    assert ran == [] and "note: trial 2 " in capsys.readouterr().err  # the same command again: the same note, no run
+
+
+def test_a_grid_stops_rather_than_run_a_point_twice_when_a_trial_died_before_it_took_its_values(tmp_path, monkeypatch, capsys):
+    """A point Optuna's GridSampler counts as visited though no trial of it has values: the worker stops, where the
+    sampler would run a random point again."""
+    ran, _ = grid_study_with_a_dead_third_trial(tmp_path, monkeypatch, [42, 1, 7], took_values=False)
+    sweep.run_sweep(sweep.parse_args(["--seeds", "42,1,7", "--heartbeat", "0"]))
+    assert ran == [] and "note: every grid point was tried but 1 left no result and no retry; this worker stops" in capsys.readouterr().err
+
+
+def test_max_failures_counts_this_workers_failed_trials_not_the_other_workers(tmp_path, monkeypatch):
+    """With 8 workers on one study, the failures of all of them must not stop each one at --max-failures."""
+    import optuna
+    from optuna.trial import TrialState
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "check_space", lambda *a, **k: None)
+    own_fails = []
+
+    def run_trial(trial, a, space, url):
+        # meanwhile another worker's trial failed
+        trial.study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"error": "another worker's"}))
+        sweep.suggest(trial, space)
+        return sweep.failed_trial(trial, "this worker's") if own_fails.pop(0) else 0.5
+
+    monkeypatch.setattr(sweep, "run_trial", run_trial)
+    space = space_file(tmp_path, "model.learning_rate: {float: [1.0e-5, 1.0e-4]}\n")
+    args = ["--space", str(space), "--heartbeat", "0", "--max-failures", "2"]
+    own_fails[:] = [False, False, False]
+    assert sweep.run_sweep(sweep.parse_args([*args, "--trials", "3"]))["trials"] == {"complete": 3, "pruned": 0, "fail": 3}
+    own_fails[:] = [True, False, True]  # this worker's own second failure stops it
+    with pytest.raises(GoemoError, match=r"^2 trials failed \(last: this worker's\); see "):
+        sweep.run_sweep(sweep.parse_args([*args, "--trials", "6"]))
+
+
+def test_a_sweep_summary_is_written_when_importance_needs_what_is_not_installed(tmp_path, monkeypatch):
+    """Optuna before 5.0 computes importance with fANOVA, which needs scikit-learn: an ImportError, not a traceback."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    for lr, value in ((1e-5, 0.4), (1e-4, 0.5)):
+        study.enqueue_trial({"model.learning_rate": lr})
+        t = study.ask()
+        t.suggest_float("model.learning_rate", 1e-5, 1e-4, log=True)
+        study.tell(t, value)
+
+    def needs_sklearn(study, **kwargs):
+        raise ImportError("Tried to import 'sklearn' but failed. Please make sure that the package is installed correctly to use "
+                          "this feature. Actual error: No module named 'sklearn'.")  # fmt: skip
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", needs_sklearn)
+    a = SimpleNamespace(metric="val/f1_macro", direction="maximize", sweep_dir=tmp_path)
+    summary = sweep.summarize(study, a)
+    assert summary["importance"].startswith("not computed (Tried to import 'sklearn' but failed.")
+    assert json.loads((tmp_path / "summary.json").read_text())["best"]["value"] == 0.5 and (tmp_path / "summary.md").is_file()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -601,6 +708,23 @@ def test_compare_refuses_an_empty_folder_and_a_broken_sweep_summary(tmp_path):
         compare.expand([sweep_dir])  # was "no runs to compare", not saying why
     (sweep_dir / "summary.json").write_text(json.dumps({"runs": [{"state": "complete", "run": str(run)}]}))
     assert compare.expand([sweep_dir]) == [run]
+
+
+def test_compare_of_a_sweep_folder_leaves_out_its_running_and_waiting_trials(tmp_path, capsys):
+    """A summary written while other workers run: a running trial's folder is half-trained, and a waiting retry
+    names its dead trial's folder."""
+    runs = {}
+    for state in ("complete", "pruned", "running", "waiting", "fail"):
+        runs[state] = tmp_path / state
+        runs[state].mkdir()
+        (runs[state] / "config.yaml").write_text("seed_everything: 1\n")
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "summary.json").write_text(json.dumps({"runs": [{"state": k, "run": str(v)} for k, v in runs.items()]}))
+    assert compare.expand([sweep_dir]) == [runs["complete"], runs["pruned"]]
+    assert capsys.readouterr().err == (f"note: {sweep_dir / 'summary.json'}: 2 trial(s) still running or waiting when it was written are "
+                                       "left out (their runs are not trained to the end); compare again when the sweep's last "
+                                       "worker has ended (it rewrites the summary)\n")  # fmt: skip
 
 
 def test_compare_says_when_a_sweep_summary_cannot_be_read(tmp_path, monkeypatch):
