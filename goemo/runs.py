@@ -171,17 +171,36 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
         return argv, None
     if value in ("", "null", "None"):
         return argv, None
-    if value in ALIASES:  # resolved before parsing: a logger flag typed would not move where `best` looks
+    if value in ALIASES:  # resolved before parsing: a logger flag or config file would not move where `best` looks
         folder, typed = {"save_dir": ".", "name": "lightning_logs"}, False  # the CLI's logger defaults
-        for i, a in enumerate(args):
+        for i, a in enumerate(args):  # in order: a later flag or file wins, as in the parser
             flag, eq, given = a.partition("=")
-            if flag in LOGGER_FOLDER_FLAGS and (eq or i + 1 < len(args)):
-                folder[flag.rsplit(".", 1)[1]], typed = given if eq else args[i + 1], True
+            given = given if eq else args[i + 1] if i + 1 < len(args) else None
+            if flag in LOGGER_FOLDER_FLAGS and given is not None:
+                folder[flag.rsplit(".", 1)[1]], typed = given, True
+            elif flag == "--config" and given is not None and (found := _config_logger_folder(given)):
+                folder, typed = {**folder, **found}, True
         if typed and Path(folder["save_dir"], folder["name"]).resolve() != root.resolve():
             raise GoemoError(f"--ckpt_path {value} takes the newest run in {root}, not in {Path(folder['save_dir'], folder['name'])} "
-                             "where the logger flags point; give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
+                             "where the logger settings point; give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
     ckpt, run = resolve_checkpoint(value, root, resume=argv[sub] == "fit")
     args[idx] = str(ckpt)
     if run is not None and (run / "config.yaml").is_file():
         args[sub + 1 : sub + 1] = ["--config", str(run / "config.yaml")]
     return args, run
+
+
+def _config_logger_folder(path: str) -> dict:
+    """The save_dir and name that a --config file gives the (first) logger; {} where it gives none, or where the file
+    cannot be read (the parser then says why)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    logger = trainer.get("logger") if isinstance(trainer, dict) else None
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    args = logger.get("init_args", logger) if isinstance(logger, dict) else None
+    return {k: str(args[k]) for k in ("save_dir", "name") if isinstance(args, dict) and args.get(k) is not None}

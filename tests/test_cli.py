@@ -115,10 +115,18 @@ def test_rewrite_args_puts_run_config_first(tmp_path, monkeypatch):
     # `best` is resolved before parsing: a logger flag that moves the runs elsewhere would be ignored, silently
     for flags, folder in ((["--trainer.logger.init_args.save_dir=exp"], "exp/lightning_logs"), (["--trainer.logger.name", "exp"], "exp")):
         with pytest.raises(GoemoError, match=f"^--ckpt_path best takes the newest run in lightning_logs, not in {folder} where the logger "
-                                             r"flags point; give the run folder instead \(--ckpt_path DIR/version_N\)$"):  # fmt: skip
+                                             r"settings point; give the run folder instead \(--ckpt_path DIR/version_N\)$"):  # fmt: skip
             rewrite_args(["test", "--ckpt_path", "best", *flags])
+    # ... or a config file that sets the logger's folder (the first logger of a list decides where runs go)
+    moved = tmp_path / "moved.yaml"
+    moved.write_text("trainer:\n  logger:\n    - class_path: goemo.cli.HParamsTensorBoardLogger\n      init_args: {save_dir: exp}\n")
+    with pytest.raises(GoemoError, match="^--ckpt_path last takes the newest run in lightning_logs, not in exp/lightning_logs where"):
+        rewrite_args(["fit", "--config", str(moved), "--ckpt_path", "last"])
+    back = tmp_path / "back.yaml"
+    back.write_text("trainer:\n  logger:\n    init_args: {save_dir: ., name: lightning_logs}\n")
     monkeypatch.chdir(tmp_path)  # the defaults restated point where `best` looks: fine
-    for flags in (["--trainer.logger.name", "lightning_logs"], ["--trainer.logger.init_args.save_dir=."]):
+    for flags in (["--trainer.logger.name", "lightning_logs"], ["--trainer.logger.init_args.save_dir=."],
+                  ["--config", str(moved), "--trainer.logger.init_args.save_dir=."], ["--config", str(back)]):  # fmt: skip
         with pytest.raises(GoemoError, match="epoch00-step1.ckpt: not a loadable checkpoint"):  # on to resolving `best`
             rewrite_args(["test", "--ckpt_path", "best", *flags])
     assert rewrite_args(["test", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", "exp"], tmp_path / "lightning_logs")[1] == run
