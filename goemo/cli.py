@@ -19,7 +19,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -242,8 +242,7 @@ class GoemoCLI(LightningCLI):
                 raise GoemoError("predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with")
             # Where PredictionWriter's default lands: trainer.log_dir, the run folder, or with --trainer.logger false
             # the trainer's default_root_dir (Lightning's log_dir without a logger).
-            tensorboard = "TensorBoardLogger" in str(getattr(trainer.logger, "class_path", ""))
-            folder = (self.run_dir if tensorboard else None) if trainer.logger is not False else Path(trainer.default_root_dir or ".")
+            folder = (self.run_dir if folder_logger(trainer.logger) else None) if trainer.logger is not False else Path(trainer.default_root_dir or ".")
             output = cfg.get("output") or (folder / "predictions.jsonl" if folder else None)
             if output:
                 check_not_the_input(Path(output), Path(cfg.data.predict_file))
@@ -256,6 +255,10 @@ class GoemoCLI(LightningCLI):
                 raise GoemoError(f"data.hub_dataset and data.hub_config are read only with data.data_dir null (now {data.data_dir}); "
                                  "add --data.data_dir null to load that dataset")  # fmt: skip
             note(f"data.hub_dataset {data.hub_dataset} ({data.hub_config}) is not read: the data comes from data.data_dir {data.data_dir}")
+        monitor, mode = (cfg.checkpoint.monitor, cfg.checkpoint.mode) if cfg.get("checkpoint") else (None, None)
+        if self.subcommand == "fit" and str(monitor).endswith("loss") and mode == "max":  # `best` would be the worst epoch
+            raise GoemoError(f"checkpoint.monitor {monitor} is lower-is-better, but checkpoint.mode is max (goemo's default, "
+                             "for val/f1_micro): add --checkpoint.mode min")  # fmt: skip
         if cfg.get("weights_only") is False:
             raise GoemoError("--weights_only false: goemo loads checkpoints with weights_only=True only (a checkpoint never runs code)")
         # LightningCLI's own --optimizer/--lr_scheduler would replace EmotionClassifier.configure_optimizers with a
@@ -291,13 +294,16 @@ class GoemoCLI(LightningCLI):
                  f"as goemo.load (--trainer.precision {trainer.precision} to keep it)")  # fmt: skip
             trainer.precision = "32-true"
         trainer.precision = default_precision(trainer.precision, trainer.accelerator, self.subcommand)
-        logger = trainer.logger
-        if self.run_dir is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", "")):
-            args = logger.init_args
-            if Path(args.save_dir, args.name or "").resolve() == self.run_dir.parent.resolve():
-                args.version = self.run_dir.name  # same paths as at fit, so ModelCheckpoint state reloads fully
-            else:  # the run folder moved: save_dir/""/version_N is where it lives now
-                args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
+        if self.run_dir is not None:  # log into the run's folder, not a new version_N beside it
+            loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+            for i, logger in enumerate(loggers):
+                args = folder_logger(logger)
+                if args is None:
+                    continue
+                if Path(args.save_dir, args.name or "").resolve() == self.run_dir.parent.resolve():
+                    args.version = self.run_dir.name  # same paths as at fit, so ModelCheckpoint state reloads fully
+                elif i == 0:  # the run folder moved (the first logger's folder is the run's): save_dir/""/version_N
+                    args.save_dir, args.name, args.version = str(self.run_dir.parent), "", self.run_dir.name
 
     @staticmethod
     def _callbacks(trainer) -> list:
@@ -315,13 +321,29 @@ class GoemoCLI(LightningCLI):
         """Every place this command will write is writable, checked before any model is loaded or work is done."""
         if cfg.get("output"):
             check_output_file(Path(cfg.output), "--output")
-        logger = cfg.trainer.logger
-        args = getattr(logger, "init_args", None)
-        tensorboard = args is not None and "TensorBoardLogger" in str(getattr(logger, "class_path", ""))
-        if self.run_dir is not None and (tensorboard or not cfg.get("output")):
+        args = folder_logger(cfg.trainer.logger)
+        if self.run_dir is not None and (args is not None or not cfg.get("output")):
             check_writable(self.run_dir, "run folder")  # its events and config_<stage>.yaml go there, --output or not
-        elif self.run_dir is None and tensorboard:  # a fit, or an evaluation of a bare .ckpt: a new version_N there
-            check_writable(Path(args.save_dir, args.name or ""), "run folders' parent")
+        elif self.run_dir is None and args is not None:  # a fit, or an evaluation of a bare .ckpt: a new version_N there
+            folder = Path(args.save_dir, args.name or "")
+            run = folder / (args.version if isinstance(args.version, str) else f"version_{args.version}")  # as Lightning names it
+            if self.subcommand == "fit" and args.version is not None and (run / "config.yaml").is_file():
+                # a resumed run's config.yaml holds its version (and ckpt_path): fit again, it would write into that run
+                raise GoemoError(f"trainer.logger version {args.version} names the run {run}, which has a config.yaml: to resume it, "
+                                 f"--ckpt_path {run}; to fit this config anew, add --ckpt_path null --model.pretrained true "
+                                 "--trainer.logger.init_args.version null")  # fmt: skip
+            check_writable(folder, "run folders' parent")
+
+    def fit(self, model: EmotionClassifier, datamodule: GoEmotionsDataModule, ckpt_path: Optional[str] = None,
+            weights_only: Optional[bool] = None) -> None:
+        """`trainer.fit`, with Lightning's check of val_check_interval against the epoch's batches (made once the data
+        is loaded, as a ValueError) turned into one line."""
+        try:
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+        except ValueError as e:
+            if "val_check_interval" not in str(e):
+                raise
+            raise GoemoError(f"trainer settings: {one_line(e)}") from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:
@@ -399,6 +421,19 @@ def device_count(trainer) -> int:
         gpu = str(trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         return torch.cuda.device_count() if gpu else 1
     return int(text) if text.lstrip("-").isdigit() else 1  # anything else: Lightning's own error
+
+
+def folder_logger(logger: Any) -> Any:
+    """The init_args of the logger that holds the run folder (save_dir/name/version_N: Lightning's first logger) when
+    it is a TensorBoard or CSV logger (as parsed, a class_path namespace); None for other loggers or none."""
+    first = logger[0] if isinstance(logger, list) and logger else logger
+    if not hasattr(first, "class_path") or getattr(first, "init_args", None) is None:
+        return None
+    try:
+        cls = _class_of(first)
+    except (ImportError, AttributeError):  # the parser has checked it; nothing goemo knows the folder of
+        return None
+    return first.init_args if isinstance(cls, type) and issubclass(cls, (TensorBoardLogger, CSVLogger)) else None
 
 
 def note(text: str) -> None:

@@ -271,7 +271,27 @@ VALUE_CASES = {
     "endless epochs": (("--trainer.max_epochs", "-1"),
                        "error: the linear learning-rate schedule needs an end: set trainer.max_epochs >= 1 or trainer.max_steps"),
     "devices -3 on a CPU": (("--trainer.devices", "-3"), "error: trainer settings: `devices` selected with `CPUAccelerator` should be an int > 0."),
+    "val/loss ranked highest first": (("--checkpoint.monitor", "val/loss"),
+        "error: checkpoint.monitor val/loss is lower-is-better, but checkpoint.mode is max (goemo's default, for val/f1_micro): add --checkpoint.mode min"),
+    "validating past the epoch": (("--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "5"),
+        "error: trainer settings: `val_check_interval` (5) must be less than or equal to the number of the training batches (2). "
+        "If you want to disable validation set `limit_val_batches` to 0.0 instead. If you want to validate based on the total "
+        "training batches, set `check_val_every_n_epoch=None`."),
 }  # fmt: skip
+
+
+def test_a_fit_into_an_existing_runs_folder_is_refused(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    """A resumed run's config.yaml holds its version: fitting it again wrote into that run, then stopped with
+    SaveConfigCallback's traceback (its config.yaml exists)."""
+    run = tmp_path / "lightning_logs" / "version_3"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    for version in ("version_3", "3"):
+        line = cli_error(capsys, monkeypatch, tmp_path, *fit(tiny_model, tiny_data, tmp_path / "cache", "--trainer.logger.init_args.version", version))
+        assert line == (f"error: trainer.logger version {version} names the run lightning_logs/version_3, which has a config.yaml: to resume it, "
+                        "--ckpt_path lightning_logs/version_3; to fit this config anew, add --ckpt_path null --model.pretrained true "
+                        "--trainer.logger.init_args.version null")  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
 def test_a_hub_dataset_beside_a_data_dir_is_refused_for_a_new_fit(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):

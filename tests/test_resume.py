@@ -464,3 +464,18 @@ def test_a_step_save_due_at_an_epochs_end_is_made_after_its_validation(learned_r
     assert r.returncode == 0, r.stderr[-3000:]
     saves = [int(s) for s in (tmp_path / "saves.txt").read_text().split()]
     assert sorted(set(saves)) == [6, 12, 18, 24], saves
+
+
+@pytest.mark.slow
+def test_a_run_logged_by_a_csv_logger_resumes_in_its_own_folder(learned_run, tiny_model, tmp_path):
+    """Only a TensorBoard logger's version was pinned: a CSV logger's resume logged into a new version_1, so the
+    checkpoint callbacks' folder changed and Lightning dropped their ranking (`best` then named a later epoch)."""
+    csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."]
+    r = run_main(*fit_args(learned_run, tiny_model), *csv, "--trainer.max_epochs", "1", cwd=tmp_path, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_main("fit", "--ckpt_path", "last", "--trainer.max_epochs", "2", cwd=tmp_path, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = tmp_path / "lightning_logs"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"], r.stderr[-3000:]
+    assert "dirpath has changed" not in r.stderr
+    assert len((runs / "version_0" / "metrics.csv").read_text().splitlines()) > 1
