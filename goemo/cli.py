@@ -334,8 +334,8 @@ class GoemoCLI(LightningCLI):
                                  "--trainer.logger.init_args.version null")  # fmt: skip
             check_writable(folder, "run folders' parent")
 
-    def fit(self, model: EmotionClassifier, datamodule: GoEmotionsDataModule, ckpt_path: Optional[str] = None,
-            weights_only: Optional[bool] = None) -> None:
+    def fit(self, model: EmotionClassifier, datamodule: GoEmotionsDataModule, ckpt_path: str | None = None,
+            weights_only: bool | None = None) -> None:
         """`trainer.fit`, with Lightning's check of val_check_interval against the epoch's batches (made once the data
         is loaded, as a ValueError) turned into one line."""
         try:

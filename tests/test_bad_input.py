@@ -274,9 +274,9 @@ VALUE_CASES = {
     "val/loss ranked highest first": (("--checkpoint.monitor", "val/loss"),
         "error: checkpoint.monitor val/loss is lower-is-better, but checkpoint.mode is max (goemo's default, for val/f1_micro): add --checkpoint.mode min"),
     "validating past the epoch": (("--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "5"),
-        "error: trainer settings: `val_check_interval` (5) must be less than or equal to the number of the training batches (2). "
-        "If you want to disable validation set `limit_val_batches` to 0.0 instead. If you want to validate based on the total "
-        "training batches, set `check_val_every_n_epoch=None`."),
+        ("error: trainer settings: `val_check_interval` (5) must be less than or equal to the number of the training batches (2). "
+         "If you want to disable validation set `limit_val_batches` to 0.0 instead. If you want to validate based on the total "
+         "training batches, set `check_val_every_n_epoch=None`.")),
 }  # fmt: skip
 
 
