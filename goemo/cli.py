@@ -19,7 +19,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -242,7 +242,7 @@ class GoemoCLI(LightningCLI):
                 raise GoemoError("predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with")
             # Where PredictionWriter's default lands: trainer.log_dir, the run folder, or with --trainer.logger false
             # the trainer's default_root_dir (Lightning's log_dir without a logger).
-            folder = (self.run_dir if folder_logger(trainer.logger) else None) if trainer.logger is not False else Path(trainer.default_root_dir or ".")
+            folder = (self.run_dir if folder_logger(trainer.logger) is not None else None) if trainer.logger is not False else Path(trainer.default_root_dir or ".")
             output = cfg.get("output") or (folder / "predictions.jsonl" if folder else None)
             if output:
                 check_not_the_input(Path(output), Path(cfg.data.predict_file))
@@ -256,7 +256,7 @@ class GoemoCLI(LightningCLI):
                                  "add --data.data_dir null to load that dataset")  # fmt: skip
             note(f"data.hub_dataset {data.hub_dataset} ({data.hub_config}) is not read: the data comes from data.data_dir {data.data_dir}")
         monitor, mode = (cfg.checkpoint.monitor, cfg.checkpoint.mode) if cfg.get("checkpoint") else (None, None)
-        if self.subcommand == "fit" and str(monitor).endswith("loss") and mode == "max":  # `best` would be the worst epoch
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and str(monitor).endswith("loss") and mode == "max":  # `best`: the worst
             raise GoemoError(f"checkpoint.monitor {monitor} is lower-is-better, but checkpoint.mode is max (goemo's default, "
                              "for val/f1_micro): add --checkpoint.mode min")  # fmt: skip
         if cfg.get("weights_only") is False:
@@ -296,6 +296,13 @@ class GoemoCLI(LightningCLI):
         trainer.precision = default_precision(trainer.precision, trainer.accelerator, self.subcommand)
         if self.run_dir is not None:  # log into the run's folder, not a new version_N beside it
             loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+            if self.subcommand == "fit" and loggers and loggers[0] not in (None, False) and folder_logger(loggers[0]) is None:
+                # Its checkpoints would go to the logger's new folder, and Lightning drops their ranking when the folder
+                # changes (`best` then names a later, worse epoch); a CSVLogger pinned to the run's folder deletes its
+                # metrics.csv. Only TensorBoard loggers append to a run folder.
+                raise GoemoError(f"resuming {self.run_dir}: its first logger ({getattr(loggers[0], 'class_path', loggers[0])}) cannot "
+                                 "log into the run's folder again; resume with --trainer.logger goemo.cli.HParamsTensorBoardLogger "
+                                 "(goemo's default) or a TensorBoardLogger first")  # fmt: skip
             for i, logger in enumerate(loggers):
                 args = folder_logger(logger)
                 if args is None:
@@ -339,7 +346,8 @@ class GoemoCLI(LightningCLI):
         """`trainer.fit`, with Lightning's check of val_check_interval against the epoch's batches (made once the data
         is loaded, as a ValueError) turned into one line."""
         try:
-            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+            given = {"weights_only": weights_only} if weights_only is not None else {}  # Lightning 2.6 and newer
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **given)
         except ValueError as e:
             if "val_check_interval" not in str(e):
                 raise
@@ -406,7 +414,8 @@ class GoemoCLI(LightningCLI):
         at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, RunConfigCallback)), len(callbacks))
         callbacks.insert(at, PredictionWriter(cfg.get("output")))
         return_predictions = False  # written batch by batch; keeping them too would grow with the file
-        self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, weights_only=weights_only)
+        given = {"weights_only": weights_only} if weights_only is not None else {}  # Lightning 2.6 and newer
+        self.trainer.predict(model, datamodule=datamodule, return_predictions=return_predictions, ckpt_path=ckpt_path, **given)
 
 
 def device_count(trainer) -> int:
@@ -425,7 +434,8 @@ def device_count(trainer) -> int:
 
 def folder_logger(logger: Any) -> Any:
     """The init_args of the logger that holds the run folder (save_dir/name/version_N: Lightning's first logger) when
-    it is a TensorBoard or CSV logger (as parsed, a class_path namespace); None for other loggers or none."""
+    it is a TensorBoard logger, which can log into a run folder again (as parsed, a class_path namespace); None for
+    other loggers or none."""
     first = logger[0] if isinstance(logger, list) and logger else logger
     if not hasattr(first, "class_path") or getattr(first, "init_args", None) is None:
         return None
@@ -433,7 +443,7 @@ def folder_logger(logger: Any) -> Any:
         cls = _class_of(first)
     except (ImportError, AttributeError):  # the parser has checked it; nothing goemo knows the folder of
         return None
-    return first.init_args if isinstance(cls, type) and issubclass(cls, (TensorBoardLogger, CSVLogger)) else None
+    return first.init_args if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) else None
 
 
 def note(text: str) -> None:

@@ -117,21 +117,27 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        # Only a deferred save lands here. Not through ModelCheckpoint.on_validation_end, which does nothing when
-        # saves are due at epoch ends (val_check_interval 1.0), so the deferred save was dropped there.
-        if not self._defer_save_until_validation:
-            return
+        # Only a deferred save lands here, not through ModelCheckpoint.on_validation_end, which does nothing when
+        # saves are due at epoch ends (val_check_interval 1.0): the deferred save was dropped there. After an
+        # epoch's last batch it waits further, for the epoch's end (the epoch checkpoint saves there at 1.0).
+        if self._defer_save_until_validation and not getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False):
+            self._save_deferred(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Not ModelCheckpoint's, which would write last.ckpt again after a save at this step: saves come every N
+        # steps and at the end of training here; the epoch checkpoints write theirs.
+        if self._defer_save_until_validation:
+            self._save_deferred(trainer)
+
+    def _save_deferred(self, trainer) -> None:
         self._defer_save_until_validation = False
         if any(
             cb is not self and cb.save_last and cb._last_global_step_saved == trainer.global_step
             for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-        ):  # the epoch checkpoint wrote last.ckpt after this validation already: not the same file twice
+        ):  # the epoch checkpoint wrote last.ckpt at this step already (it runs first): not the same file twice
             return
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pass  # saves come every N steps and at the end of training; the epoch checkpoints write theirs
 
     def on_train_end(self, trainer, pl_module) -> None:
         # last.ckpt must hold the final step. Lightning's own end-of-training save runs only if this callback never
@@ -289,22 +295,24 @@ class Interrupts(Callback):
     """Ctrl-C and SIGTERM during `fit` save `last.ckpt` and stop with a one-line message saying how to resume.
 
     Both stop training at the end of the current batch, so the saved state is that of a finished step (what a
-    step checkpoint holds) and resuming from it gives the same result as never stopping. Not at every batch: with
-    trainer.accumulate_grad_batches, at the end of the batch that ends the optimizer step; at an epoch's last batch
-    or one that validation follows, once that validation and the checkpoints are done (Ctrl-C after the next
-    batch; SIGTERM meets the validation, whose loop Lightning stops at once, so the last saved checkpoint is kept). A second Ctrl-C stops
-    at once and saves nothing (landing in the save, it leaves the previous last.ckpt whole and the message names
-    it). Lightning turns SIGTERM into a `SIGTERMException` only at the end of an epoch (each batch under DDP,
-    where it broadcasts the signal); here it is raised at the next batch end. Lightning
-    then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
-    `goemo.cli.main`). An interrupt during validation or before training keeps the last saved checkpoint: half
-    a validation epoch would not resume cleanly. Under DDP, Ctrl-C is shared between the processes each step,
-    so they all stop at the same batch.
+    step checkpoint holds) and resuming from it gives the same result as never stopping. Ctrl-C waits where a save
+    would not resume so: with trainer.accumulate_grad_batches, for the batch that ends the optimizer step; at an
+    epoch's last batch or one that a validation follows, for that validation and the checkpoints (once: then it
+    stops at the next step end). A second Ctrl-C stops at once and saves nothing (landing in the save, it leaves
+    the previous last.ckpt whole and the message names it). Lightning raises SIGTERM as a `SIGTERMException` itself
+    at the end of each training batch (after the validation that follows it, whose loop it stops at once; under DDP
+    at the next batch's start, where it broadcasts the signal); here it is raised at the batch end. Lightning then
+    calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
+    `goemo.cli.main`). An interrupt during validation, before training, or (SIGTERM) inside an accumulation group
+    keeps the last saved checkpoint: half a validation epoch or half a group's gradients would not resume cleanly.
+    Under DDP, Ctrl-C is shared between the processes each step, so they all stop at the same batch.
     """
 
     def __init__(self) -> None:
         self._sigint = False  # Ctrl-C seen: stop at the end of this batch
         self._wait = False  # the last training batch seen ends its epoch or precedes a validation: those come first
+        self._waited = False  # a stop was put off once for a validation or an epoch's end: the next step end stops
+        self._step_ended = True  # the last training batch seen ended an optimizer step (gradient accumulation)
         self._forced = False  # Ctrl-C twice: stopped mid-step, nothing consistent to save
         self._previous_handler: Any = None
 
@@ -333,18 +341,23 @@ class Interrupts(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         # At an epoch's last batch the epoch ends first (its weight-averaging update, validation and checkpoints),
         # and a batch that validation follows validates first: a save from before them resumes past a validation
-        # that never ran. Ctrl-C then stops after the next batch; SIGTERM when Lightning's validation loop raises it
-        # (keeping the last saved checkpoint). A batch that ends no optimizer step (gradient accumulation) holds
-        # gradients no checkpoint keeps: stop at the batch that ends the step.
+        # that never ran. Ctrl-C then stops at the next step end, even where a validation follows that one too
+        # (validating every batch, or accumulating over a whole epoch, would never stop otherwise). A batch that
+        # ends no optimizer step (gradient accumulation) holds gradients no checkpoint keeps: stop at the batch
+        # that ends the step.
         epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
-        self._wait = epoch_ends or validation_follows(trainer)
-        later = self._wait or not step_ends(trainer)
+        self._step_ended = step_ends(trainer)
+        self._wait = (epoch_ends or validation_follows(trainer)) and not self._waited
+        self._sigint = self._sigint or stop
+        sigterm = trainer.received_sigterm and trainer.world_size == 1  # DDP: Lightning raises it at the next batch
+        if not (stop or sigterm) or not self._step_ended:
+            return
+        if self._wait:
+            self._waited = True
+            return
         if stop:
-            self._sigint = True
-            if not later:
-                raise KeyboardInterrupt
-        elif trainer.received_sigterm and trainer.world_size == 1 and not later:  # DDP: Lightning raises it
-            raise SIGTERMException()
+            raise KeyboardInterrupt
+        raise SIGTERMException()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._sigint and not (trainer.state.fn == TrainerFn.FITTING and self._wait):
@@ -373,6 +386,7 @@ class Interrupts(Callback):
             and folder is not None
             and not self._forced
             and (what == "SIGTERM" or self._sigint)  # Ctrl-C outside a batch end (e.g. in setup) saves nothing
+            and self._step_ended  # Lightning raises SIGTERM after any batch, also one inside an accumulation group
         )
         saved = None
         if saveable and trainer.global_step > 0:  # with no step taken there is nothing to resume

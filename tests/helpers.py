@@ -119,16 +119,17 @@ class TermRank0InSetup(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-class CtrlCAtBatch(Callback):
-    def __init__(self, batch: int = 3, marker: str = "interrupted") -> None:
-        """Sends SIGINT (Ctrl-C) to this process as training batch `batch` (counted over all epochs from 0) starts,
-        the first time only: it creates `marker` first and does nothing while that file exists.
+class SignalAtBatch(Callback):
+    def __init__(self, batch: int = 3, signal: str = "SIGINT", marker: str = "signalled") -> None:
+        """Sends a signal (SIGINT: Ctrl-C) to this process as training batch `batch` (counted over all epochs from 0)
+        starts, the first time only: it creates `marker` first and does nothing while that file exists.
 
         Args:
-            batch: Index of the training batch, over all epochs, during which Ctrl-C arrives.
+            batch: Index of the training batch, over all epochs, during which the signal arrives.
+            signal: Its name: SIGINT or SIGTERM.
             marker: File that says the signal was sent (a resumed fit runs the same callbacks).
         """
-        self.batch, self.marker = batch, marker
+        self.batch, self.signal, self.marker = batch, signal, marker
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import os
@@ -137,4 +138,4 @@ class CtrlCAtBatch(Callback):
         if trainer.fit_loop.epoch_loop.total_batch_idx != self.batch or os.path.exists(self.marker):
             return
         open(self.marker, "w").close()
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), getattr(signal, self.signal))

@@ -425,12 +425,35 @@ def test_ctrl_c_waits_for_the_optimizer_step_and_the_validation_that_follow(lear
     whole, work = tmp_path / "whole", tmp_path / "work"
     whole.mkdir(), work.mkdir()
     assert run_main(*args, cwd=whole, env=ONE_THREAD).returncode == 0
-    r = run_main(*args, "--trainer.callbacks+=tests.helpers.CtrlCAtBatch", "--trainer.callbacks.batch", str(batch), cwd=work, env=ONE_THREAD)
+    r = run_main(*args, "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", str(batch), cwd=work, env=ONE_THREAD)
     assert r.returncode == 1 and "interrupted by Ctrl-C at step 3 (epoch 0)" in r.stderr, r.stderr[-3000:]
     assert loader_state(load_checkpoint(work / LAST))["consumed"] == 6
     assert len(records(work)) == 1  # the validation after batch 3 ran before the stop
     resume(work)
     assert_same_run(work, whole)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_even_where_a_validation_follows_every_batch(learned_run, tiny_model, tmp_path):
+    """Validating after every batch, a Ctrl-C that waited for each validation never stopped: it waits for one."""
+    r = run_main(*fit_args(learned_run, tiny_model), "--trainer.val_check_interval", "1", "--trainer.max_epochs", "1",
+                 "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "2", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
+    assert r.returncode == 1 and "interrupted by Ctrl-C at step 4 (epoch 0): saved" in r.stderr, r.stderr[-3000:]
+    assert len(records(tmp_path)) == 3  # the validations after steps 1, 2 and 3 (the one it waited for); not 4's
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_accumulation_group_keeps_the_last_step_save(learned_run, tiny_model, tmp_path):
+    """Lightning raises SIGTERM after any training batch: one inside an accumulation group was saved with half the
+    group's gradients missing, and the resumed step was made from the other half."""
+    r = run_main(*fit_args(learned_run, tiny_model), "--trainer.accumulate_grad_batches", "2", "--last_checkpoint.every_n_train_steps", "1",
+                 "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "2",
+                 "--trainer.callbacks.signal", "SIGTERM", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: interrupted by SIGTERM at step 1 (epoch 0): kept the last checkpoint, lightning_logs/version_0/checkpoints/last.ckpt "
+        "(step 1); resume with: python main.py fit --ckpt_path last"), r.stderr[-3000:]  # fmt: skip
+    assert loader_state(load_checkpoint(tmp_path / LAST))["consumed"] == 2
 
 
 @pytest.mark.slow
@@ -455,27 +478,37 @@ def test_a_step_save_that_a_mid_epoch_validation_follows_waits_for_it(learned_ru
 
 
 @pytest.mark.slow
-def test_a_step_save_due_at_an_epochs_end_is_made_after_its_validation(learned_run, tiny_model, tmp_path):
-    """Every 6 steps over epochs of 12: the save due at step 12 waits for epoch 0's validation. At the default
-    val_check_interval 1.0 Lightning's end-of-validation save does nothing for a callback that saves at epoch
-    ends, so that save was dropped whenever the epoch checkpoint did not write last.ckpt (here: never, save_top_k 0)."""
-    r = run_main(*fit_args(learned_run, tiny_model), "--last_checkpoint.every_n_train_steps", "6", "--checkpoint.save_top_k", "0",
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_a_step_save_due_at_an_epochs_end_is_made_once_after_its_validation(learned_run, tiny_model, tmp_path, top_k):
+    """Every 6 steps over epochs of 12: the save due at step 12 waits for epoch 0's end. At the default
+    val_check_interval 1.0 Lightning's end-of-validation save does nothing for a callback that saves at epoch ends,
+    so that save was dropped where the epoch checkpoint wrote no last.ckpt (save_top_k 0); and where it did (epoch 0
+    is the best), last.ckpt was written twice at step 12, by this save and by the epoch checkpoint after it."""
+    r = run_main(*fit_args(learned_run, tiny_model), "--last_checkpoint.every_n_train_steps", "6", "--checkpoint.save_top_k", str(top_k),
                  "--trainer.callbacks+=tests.helpers.RecordSaves", "--trainer.callbacks.path", "saves.txt", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     saves = [int(s) for s in (tmp_path / "saves.txt").read_text().split()]
     assert sorted(set(saves)) == [6, 12, 18, 24], saves
+    assert saves.count(12) == 1 + top_k, saves  # last.ckpt once, and epoch 0's best checkpoint when kept
 
 
 @pytest.mark.slow
-def test_a_run_logged_by_a_csv_logger_resumes_in_its_own_folder(learned_run, tiny_model, tmp_path):
-    """Only a TensorBoard logger's version was pinned: a CSV logger's resume logged into a new version_1, so the
-    checkpoint callbacks' folder changed and Lightning dropped their ranking (`best` then named a later epoch)."""
+def test_a_run_logged_by_a_csv_logger_is_not_resumed_into_another_folder(learned_run, tiny_model, tmp_path):
+    """Only a TensorBoard logger's version is pinned: a CSV logger's resume logged into a new version_1, so the
+    checkpoint callbacks' folder changed and Lightning dropped their ranking (`best` then named a later epoch); pinned
+    to the run's folder, Lightning's CSV logger deletes the metrics.csv there. Refused, the run left as it was."""
     csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "."]
     r = run_main(*fit_args(learned_run, tiny_model), *csv, "--trainer.max_epochs", "1", cwd=tmp_path, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     r = run_main("fit", "--ckpt_path", "last", "--trainer.max_epochs", "2", cwd=tmp_path, env=ONE_THREAD)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: resuming lightning_logs/version_0: its first logger (lightning.pytorch.loggers.CSVLogger) cannot log into "
+        "the run's folder again; resume with --trainer.logger goemo.cli.HParamsTensorBoardLogger (goemo's default) or a "
+        "TensorBoardLogger first"), r.stderr[-3000:]  # fmt: skip
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    r = run_main("test", "--ckpt_path", "best", cwd=tmp_path, env=ONE_THREAD)  # evaluations: a new folder, as Lightning's
     assert r.returncode == 0, r.stderr[-3000:]
-    runs = tmp_path / "lightning_logs"
-    assert sorted(p.name for p in runs.iterdir()) == ["version_0"], r.stderr[-3000:]
-    assert "dirpath has changed" not in r.stderr
-    assert len((runs / "version_0" / "metrics.csv").read_text().splitlines()) > 1
+    assert (run / "metrics.csv").read_bytes() == before["metrics.csv"]
