@@ -154,7 +154,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         # same batch count in another order, training some rows twice and skipping others (checked on load).
         return {"epoch": self.epoch, "consumed": self.consumed, "batch_size": self.batch_size,
                 "rows": len(self.lengths), "seed": self.seed, "pool_batches": self.pool_batches,
-                "lengths": self._lengths_digest()}  # fmt: skip
+                "lengths": self._lengths_digest(), "processes": self.num_replicas}  # fmt: skip
 
     def _lengths_digest(self) -> str:
         """Of the rows' token counts, which sort each pool: another data.max_length (or tokenizer) regroups them."""
@@ -169,11 +169,19 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                              "data, data.train_batch_size and data.group_by_length, or start a new fit")  # fmt: skip
         # Mid-epoch: some of the epoch's batches trained, some not (a checkpoint saved at the epoch's end has consumed
         # them all, and the next epoch is drawn afresh). Lengths matter only where a pool sorts several batches' rows.
-        mid_epoch = 0 < int(state["consumed"]) < len(self.epoch_batches())
+        batches = -(-len(self.lengths) // self.batch_size)  # the epoch's, before padding for the processes it was cut for
+        mid_epoch = 0 < int(state["consumed"]) < batches + (-batches % int(state.get("processes", self.num_replicas)))
         if "lengths" in state and state["lengths"] != self._lengths_digest() and mid_epoch and self.pool_batches > 1:
             raise GoemoError("the checkpoint's epoch was cut into batches of other token lengths (another "
                              "data.max_length or tokenizer), and it stopped mid-epoch: resume with the run's "
                              "data.max_length, or start a new fit")  # fmt: skip
+        if "processes" in state and int(state["processes"]) != self.num_replicas and mid_epoch:
+            # Lightning restores each process's count of the epoch's batches as it was, and ends the epoch when that
+            # count reaches the new share: with more processes most of the rest is skipped, with fewer the epoch runs
+            # dry before its end (no validation, no epoch checkpoint of its own).
+            raise GoemoError(f"the checkpoint stopped mid-epoch in {state['processes']} process(es), now {self.num_replicas}: "
+                             "resume with as many (trainer.devices x trainer.num_nodes), or resume from the run's "
+                             "newest epoch checkpoint (checkpoints/epoch*.ckpt), which any number of processes can")  # fmt: skip
         if "seed" in state and int(state["seed"]) != self.seed and mid_epoch:
             # seed_everything false (a new seed each process): the rest of the epoch is drawn in another order.
             print(f"note: the seed changed since the checkpoint ({state['seed']} -> {self.seed}): the rest of the "

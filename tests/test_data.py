@@ -214,6 +214,11 @@ def test_a_resume_with_other_batches_is_refused():
     ungrouped = LengthGroupedBatchSampler(list(range(1, 41)), batch_size=8, seed=3, pool_batches=1)
     ungrouped.consumed = 2  # one batch a pool: the lengths order rows within a batch only, so its rows stay the same
     LengthGroupedBatchSampler(cut, batch_size=8, seed=3, pool_batches=1).load_state_dict(ungrouped.state_dict())
+    # another number of processes mid-epoch: Lightning would end the epoch by its per-process count of old
+    for world in (2, 3):
+        with pytest.raises(GoemoError, match=r"^the checkpoint stopped mid-epoch in 1 process\(es\), now \d: resume with as many "):
+            LengthGroupedBatchSampler(list(range(1, 41)), batch_size=8, seed=3, num_replicas=world, rank=0).load_state_dict(state)
+        LengthGroupedBatchSampler(list(range(1, 41)), batch_size=8, seed=3, num_replicas=world, rank=0).load_state_dict(done)
 
 
 @pytest.mark.parametrize("rows,batch_size,ranks", [(10, 32, 5), (10, 32, 8), (20, 8, 16), (101, 8, 3)])
