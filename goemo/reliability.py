@@ -189,7 +189,8 @@ def rng_states() -> dict:
         "python": random.getstate(),
     }  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: one state per visible GPU would not restore where fewer are visible.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -200,7 +201,12 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda = states["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state; this device's, if saved
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class ExactResume(Callback):

@@ -512,3 +512,24 @@ def test_a_run_logged_by_a_csv_logger_is_not_resumed_into_another_folder(learned
     r = run_main("test", "--ckpt_path", "best", cwd=tmp_path, env=ONE_THREAD)  # evaluations: a new folder, as Lightning's
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "metrics.csv").read_bytes() == before["metrics.csv"]
+
+
+def test_cuda_random_states_restore_on_fewer_visible_gpus(monkeypatch):
+    """One state per visible GPU was saved and restored: a run saved with 4 GPUs visible failed to resume with 2
+    (IndexError in torch's set_rng_state_all). Now this device's state alone; older files give theirs for it."""
+    from goemo.reliability import rng_states, set_rng_states
+
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([d], dtype=torch.uint8) for d in range(4)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": set_to.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: set_to.extend([99] * len(states)))
+    states = rng_states()
+    assert torch.equal(states["cuda"], torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    set_rng_states(states)
+    set_rng_states({**states, "cuda": [torch.tensor([d], dtype=torch.uint8) for d in range(4)]})  # an older checkpoint
+    set_rng_states({**states, "cuda": [torch.tensor([0], dtype=torch.uint8)]})  # saved with fewer GPUs than device 1
+    assert set_to == [7, 1]
