@@ -287,7 +287,12 @@ class GoemoCLI(LightningCLI):
             print(f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {strategy}", file=sys.stderr)
             trainer.strategy = strategy
         from_run = self.subcommand != "fit" and self.run_dir is not None and self._args is not None
-        if from_run and "16" in str(trainer.precision) and not precision_given(self._args, self.run_dir):
+        if from_run and (trainer.num_nodes or 1) > 1 and not trainer_setting_given(self._args, self.run_dir, "num_nodes"):
+            # A fit on several nodes (a SLURM job) evaluated on one machine would wait for the other nodes' processes.
+            note(f"trainer.num_nodes 1: the run trained on {trainer.num_nodes} nodes; {self.subcommand} runs on this "
+                 f"machine (--trainer.num_nodes {trainer.num_nodes} to keep it)")  # fmt: skip
+            trainer.num_nodes = 1
+        if from_run and "16" in str(trainer.precision) and not trainer_setting_given(self._args, self.run_dir):
             # The run's config.yaml holds the precision it trained in (bf16-mixed by default on a GPU); its checkpoint
             # is evaluated in float32, as goemo.load, serve and the ONNX export do, so predictions agree everywhere.
             note(f"trainer.precision 32-true: the run trained in {trainer.precision}; {self.subcommand} runs in float32, "
@@ -451,22 +456,22 @@ def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-def precision_given(args: list[str], run_dir: Path) -> bool:
-    """Whether the command line chooses trainer.precision itself: a --trainer.precision flag, a --trainer dict, or a
-    config file other than the run's own config.yaml that sets it (the run's holds the precision it trained in)."""
+def trainer_setting_given(args: list[str], run_dir: Path, key: str = "precision") -> bool:
+    """Whether the command line chooses trainer.<key> itself: a --trainer.<key> flag, a --trainer dict, or a config
+    file other than the run's own config.yaml that sets it (the run's holds what it trained with)."""
     own = (run_dir / "config.yaml").resolve()
     for i, a in enumerate(args):
-        key, _, value = a.partition("=")
+        flag, _, value = a.partition("=")
         if not value and i + 1 < len(args):
             value = args[i + 1]
-        if key == "--trainer.precision" or (key == "--trainer" and "precision" in value):
+        if flag == f"--trainer.{key}" or (flag == "--trainer" and key in value):
             return True
-        if key == "--config" and value and Path(value).expanduser().resolve() != own:
+        if flag == "--config" and value and Path(value).expanduser().resolve() != own:
             try:
                 config = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, yaml.YAMLError):
                 continue  # the parser has read it already; a config it could not read never gets this far
-            if isinstance(config, dict) and isinstance(config.get("trainer"), dict) and "precision" in config["trainer"]:
+            if isinstance(config, dict) and isinstance(config.get("trainer"), dict) and key in config["trainer"]:
                 return True
     return False
 

@@ -359,18 +359,36 @@ def test_python_m_goemo_cli_is_main_py(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: python -m goemo.predict is not a command; use python main.py predict")
 
 
-def test_precision_given_on_the_command_line_or_in_a_users_config(tmp_path):
-    """`test/predict` from a run evaluate in float32 unless the command line chooses a precision itself."""
-    from goemo.cli import precision_given
+def test_trainer_settings_given_on_the_command_line_or_in_a_users_config(tmp_path):
+    """`test/predict` from a run evaluate in float32 and on one node unless the command line chooses otherwise."""
+    from goemo.cli import trainer_setting_given
 
     run = tmp_path / "lightning_logs" / "version_0"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text("trainer:\n  precision: bf16-mixed\n")
+    (run / "config.yaml").write_text("trainer:\n  precision: bf16-mixed\n  num_nodes: 2\n")
     (tmp_path / "mine.yaml").write_text("trainer:\n  precision: bf16-mixed\n")
     (tmp_path / "other.yaml").write_text("data:\n  eval_batch_size: 8\n")
     own = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", "x.ckpt"]  # as rewrite_args writes it
-    assert not precision_given(own, run)
-    assert not precision_given([*own, "--config", str(tmp_path / "other.yaml")], run)
+    for key in ("precision", "num_nodes"):
+        assert not trainer_setting_given(own, run, key)
+        assert not trainer_setting_given([*own, "--config", str(tmp_path / "other.yaml")], run, key)
     for extra in (["--trainer.precision", "bf16-mixed"], ["--trainer.precision=bf16-mixed"], ["--config", str(tmp_path / "mine.yaml")],
                   [f"--config={tmp_path / 'mine.yaml'}"], ["--trainer", '{"precision": "bf16-mixed"}']):
-        assert precision_given([*own, *extra], run), extra
+        assert trainer_setting_given([*own, *extra], run), extra
+        assert not trainer_setting_given([*own, *extra], run, "num_nodes"), extra
+    assert trainer_setting_given([*own, "--trainer.num_nodes", "2"], run, "num_nodes")
+
+
+@pytest.mark.slow
+def test_a_run_fitted_on_several_nodes_is_evaluated_on_this_one(tiny_run, tmp_path):
+    """The run's config.yaml holds the nodes it trained on: `test` of it waited for the other nodes' processes."""
+    import shutil
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(tiny_run / "lightning_logs" / "version_0", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["num_nodes"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    r = run_main("validate", "--ckpt_path", str(run), "--data.data_dir", str(tiny_run / "data"), cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "note: trainer.num_nodes 1: the run trained on 2 nodes; validate runs on this machine (--trainer.num_nodes 2 to keep it)" in r.stderr
