@@ -144,7 +144,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = make_model(work / "bert", a.tiny, a.tokenizer)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
     env["HF_HUB_OFFLINE"] = "1"
-    device_args = [] if cuda else ["--trainer.accelerator", "cpu"]
+    # One GPU for both sides: on a multi-GPU box `devices: auto` would run goemo in DDP over all of them (its clock
+    # counting rank 0's samples against one GPU's peak) and the HF Trainer in DataParallel.
+    if cuda:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    device_args = ["--trainer.devices", "1"] + ([] if cuda else ["--trainer.accelerator", "cpu"])
     result: dict = {"device": gpu, "torch": torch.__version__, "train_rows": sizes["train"], "peak_tflops": peak, "sides": []}
 
     clock = work / "goemo_clock.json"
