@@ -180,8 +180,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             # count reaches the new share: with more processes most of the rest is skipped, with fewer the epoch runs
             # dry before its end (no validation, no epoch checkpoint of its own).
             raise GoemoError(f"the checkpoint stopped mid-epoch in {state['processes']} process(es), now {self.num_replicas}: "
-                             "resume with as many (trainer.devices x trainer.num_nodes), or resume from the run's "
-                             "newest epoch checkpoint (checkpoints/epoch*.ckpt), which any number of processes can")  # fmt: skip
+                             "resume with as many (trainer.devices x trainer.num_nodes), or from a checkpoint saved at "
+                             "an epoch's end, which any number of processes can resume")  # fmt: skip
         if "seed" in state and int(state["seed"]) != self.seed and mid_epoch:
             # seed_everything false (a new seed each process): the rest of the epoch is drawn in another order.
             print(f"note: the seed changed since the checkpoint ({state['seed']} -> {self.seed}): the rest of the "

@@ -256,7 +256,8 @@ class GoemoCLI(LightningCLI):
                                  "add --data.data_dir null to load that dataset")  # fmt: skip
             note(f"data.hub_dataset {data.hub_dataset} ({data.hub_config}) is not read: the data comes from data.data_dir {data.data_dir}")
         monitor, mode = (cfg.checkpoint.monitor, cfg.checkpoint.mode) if cfg.get("checkpoint") else (None, None)
-        if self.subcommand == "fit" and not cfg.get("ckpt_path") and str(monitor).endswith("loss") and mode == "max":  # `best`: the worst
+        typed = self._args is not None and any(a.partition("=")[0] in ("--checkpoint.monitor", "--checkpoint.mode") for a in self._args)
+        if self.subcommand == "fit" and (typed or not cfg.get("ckpt_path")) and str(monitor).endswith("loss") and mode == "max":  # worst=best
             raise GoemoError(f"checkpoint.monitor {monitor} is lower-is-better, but checkpoint.mode is max (goemo's default, "
                              "for val/f1_micro): add --checkpoint.mode min")  # fmt: skip
         if cfg.get("weights_only") is False:
@@ -301,7 +302,7 @@ class GoemoCLI(LightningCLI):
         trainer.precision = default_precision(trainer.precision, trainer.accelerator, self.subcommand)
         if self.run_dir is not None:  # log into the run's folder, not a new version_N beside it
             loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-            if self.subcommand == "fit" and loggers and loggers[0] not in (None, False) and folder_logger(loggers[0]) is None:
+            if self.subcommand == "fit" and loggers and loggers[0] not in (None, False, True) and folder_logger(loggers[0]) is None:
                 # Its checkpoints would go to the logger's new folder, and Lightning drops their ranking when the folder
                 # changes (`best` then names a later, worse epoch); a CSVLogger pinned to the run's folder deletes its
                 # metrics.csv. Only TensorBoard loggers append to a run folder.

@@ -303,22 +303,25 @@ class Interrupts(Callback):
     Both stop training at the end of the current batch, so the saved state is that of a finished step (what a
     step checkpoint holds) and resuming from it gives the same result as never stopping. Ctrl-C waits where a save
     would not resume so: with trainer.accumulate_grad_batches, for the batch that ends the optimizer step; at an
-    epoch's last batch or one that a validation follows, for that validation and the checkpoints (once: then it
-    stops at the next step end). A second Ctrl-C stops at once and saves nothing (landing in the save, it leaves
-    the previous last.ckpt whole and the message names it). Lightning raises SIGTERM as a `SIGTERMException` itself
-    at the end of each training batch (after the validation that follows it, whose loop it stops at once; under DDP
-    at the next batch's start, where it broadcasts the signal); here it is raised at the batch end. Lightning then
-    calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143 after SIGTERM (set by
-    `goemo.cli.main`). An interrupt during validation, before training, or (SIGTERM) inside an accumulation group
-    keeps the last saved checkpoint: half a validation epoch or half a group's gradients would not resume cleanly.
-    Under DDP, Ctrl-C is shared between the processes each step, so they all stop at the same batch.
+    epoch's last batch or one that a validation follows, for that validation and the checkpoints. It waits once:
+    the next step end stops even where a validation follows it too (validating every step, or accumulating over a
+    whole epoch), and the resumed fit then goes on past that one validation. A second Ctrl-C stops at once and
+    saves nothing (landing in the save, it leaves the previous last.ckpt whole and the message names it).
+    Lightning raises SIGTERM as a `SIGTERMException` itself after each training batch (after the validation that
+    follows it, whose loop it stops at once; after the epoch's end at its last batch; under DDP at the next
+    batch's start, where it broadcasts the signal); here it is raised at the batch end. Inside an accumulation
+    group that saves the group's position without the gradients taken so far (the message says so): the resumed
+    step misses them. Lightning then calls `on_exception`, which saves, and exits: status 1 after Ctrl-C, 143
+    after SIGTERM (set by `goemo.cli.main`). An interrupt during validation or before training keeps the last
+    saved checkpoint: half a validation epoch would not resume cleanly. Under DDP, Ctrl-C is shared between the
+    processes each step, so they all stop at the same batch.
     """
 
     def __init__(self) -> None:
         self._sigint = False  # Ctrl-C seen: stop at the end of this batch
-        self._wait = False  # the last training batch seen ends its epoch or precedes a validation: those come first
         self._waited = False  # a stop was put off once for a validation or an epoch's end: the next step end stops
-        self._step_ended = True  # the last training batch seen ended an optimizer step (gradient accumulation)
+        self._validate = False  # a validation (or the epoch's end) follows the last training batch: let it run
+        self._group = 0  # batches of an unfinished accumulation group taken (0: the last batch ended a step)
         self._forced = False  # Ctrl-C twice: stopped mid-step, nothing consistent to save
         self._previous_handler: Any = None
 
@@ -352,13 +355,14 @@ class Interrupts(Callback):
         # ends no optimizer step (gradient accumulation) holds gradients no checkpoint keeps: stop at the batch
         # that ends the step.
         epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
-        self._step_ended = step_ends(trainer)
-        self._wait = (epoch_ends or validation_follows(trainer)) and not self._waited
+        step_ended = step_ends(trainer)
+        self._group = 0 if step_ended else trainer.fit_loop.epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches
+        self._validate = epoch_ends or validation_follows(trainer)
         self._sigint = self._sigint or stop
         sigterm = trainer.received_sigterm and trainer.world_size == 1  # DDP: Lightning raises it at the next batch
-        if not (stop or sigterm) or not self._step_ended:
+        if not (stop or sigterm) or not step_ended:
             return
-        if self._wait:
+        if self._validate and not self._waited:
             self._waited = True
             return
         if stop:
@@ -366,7 +370,7 @@ class Interrupts(Callback):
         raise SIGTERMException()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._sigint and not (trainer.state.fn == TrainerFn.FITTING and self._wait):
+        if self._sigint and not (trainer.state.fn == TrainerFn.FITTING and self._validate):
             raise KeyboardInterrupt
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -392,7 +396,6 @@ class Interrupts(Callback):
             and folder is not None
             and not self._forced
             and (what == "SIGTERM" or self._sigint)  # Ctrl-C outside a batch end (e.g. in setup) saves nothing
-            and self._step_ended  # Lightning raises SIGTERM after any batch, also one inside an accumulation group
         )
         saved = None
         if saveable and trainer.global_step > 0:  # with no step taken there is nothing to resume
@@ -400,6 +403,9 @@ class Interrupts(Callback):
             if _last_saved_step(trainer) != trainer.global_step:  # else saved at this very step already
                 try:
                     trainer.save_checkpoint(saved, weights_only=False)  # through SafeCheckpointIO: atomic
+                    if self._group:  # Lightning raises SIGTERM after any batch: the gradients taken so far are lost
+                        where += (f", {self._group} batch(es) into an accumulation group of {trainer.accumulate_grad_batches}, "
+                                  "whose step will miss their gradients")  # fmt: skip
                 except KeyboardInterrupt:  # Ctrl-C while saving: SafeCheckpointIO kept the previous file whole
                     saved, where = None, f"{where}, then by Ctrl-C while saving"
         if not trainer.is_global_zero:

@@ -443,17 +443,18 @@ def test_ctrl_c_stops_even_where_a_validation_follows_every_batch(learned_run, t
 
 
 @pytest.mark.slow
-def test_sigterm_inside_an_accumulation_group_keeps_the_last_step_save(learned_run, tiny_model, tmp_path):
-    """Lightning raises SIGTERM after any training batch: one inside an accumulation group was saved with half the
-    group's gradients missing, and the resumed step was made from the other half."""
-    r = run_main(*fit_args(learned_run, tiny_model), "--trainer.accumulate_grad_batches", "2", "--last_checkpoint.every_n_train_steps", "1",
+def test_sigterm_inside_an_accumulation_group_saves_and_says_what_the_step_will_miss(learned_run, tiny_model, tmp_path):
+    """Lightning raises SIGTERM after any training batch: one inside an accumulation group saves the group's
+    position without the gradients taken so far (the resumed step misses them), and now says so."""
+    r = run_main(*fit_args(learned_run, tiny_model), "--trainer.accumulate_grad_batches", "2", "--last_checkpoint.every_n_train_steps", "3",
                  "--trainer.callbacks+=tests.helpers.SignalAtBatch", "--trainer.callbacks.batch", "2",
                  "--trainer.callbacks.signal", "SIGTERM", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
     assert r.returncode == 143, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == (
-        "error: interrupted by SIGTERM at step 1 (epoch 0): kept the last checkpoint, lightning_logs/version_0/checkpoints/last.ckpt "
-        "(step 1); resume with: python main.py fit --ckpt_path last"), r.stderr[-3000:]  # fmt: skip
-    assert loader_state(load_checkpoint(tmp_path / LAST))["consumed"] == 2
+        "error: interrupted by SIGTERM at step 1 (epoch 0), 1 batch(es) into an accumulation group of 2, whose step will miss "
+        "their gradients: saved lightning_logs/version_0/checkpoints/last.ckpt; resume with: python main.py fit --ckpt_path last"
+    ), r.stderr[-3000:]  # fmt: skip
+    assert loader_state(load_checkpoint(tmp_path / LAST))["consumed"] == 3
 
 
 @pytest.mark.slow
