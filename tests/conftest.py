@@ -176,3 +176,14 @@ def learned_run(tmp_path_factory, tiny_model) -> Path:
     assert r.returncode == 0, r.stderr[-3000:]
     assert [rec["step"] for rec in records(work)] == [12, 24]
     return work
+
+
+SUBPROCESS_FITS = {"tiny_run", "learned_run"}  # session fixtures that fit a model in a subprocess
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """A test that needs a fitted run pays for a subprocess fit (once per session): `slow`, as the marker says, so
+    `pytest -m "not slow"` runs without any."""
+    for item in items:
+        if SUBPROCESS_FITS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

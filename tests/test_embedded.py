@@ -7,6 +7,7 @@ import hashlib
 import re
 from pathlib import Path
 
+import datasets.config
 import pytest
 import yaml
 
@@ -88,7 +89,7 @@ def write_hub_folder(out: Path, rows: int, names: list[str] = GOEMOTIONS_LABELS)
 
 
 def test_hub_folder_loads_the_same_rows_as_the_release(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # read once, when datasets is imported
     hub = write_hub_folder(tmp_path / "go_emotions", rows=50)
     raw = GoEmotionsDataModule(data_dir=None, hub_dataset=str(hub), tokenizer_name="unused")._raw_splits()
     for split, (file, _) in SPLITS.items():
@@ -97,7 +98,7 @@ def test_hub_folder_loads_the_same_rows_as_the_release(tmp_path, monkeypatch):
 
 
 def test_hub_folder_with_other_label_names_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # read once, when datasets is imported
     hub = write_hub_folder(tmp_path / "other", rows=10, names=[f"l{i}" for i in range(28)])
     dm = GoEmotionsDataModule(data_dir=None, hub_dataset=str(hub), tokenizer_name="unused")
     with pytest.raises(GoemoError, match=r"its labels \['l0', 'l1', 'l2'\]\.\.\. differ from GoEmotions' 28 labels"):
@@ -109,7 +110,7 @@ def test_hub_folder_with_a_label_id_of_minus_one_is_one_line(tmp_path, monkeypat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # read once, when datasets is imported
     hub = write_hub_folder(tmp_path / "go_emotions", rows=10)
     path = hub / "simplified" / "validation-00000-of-00001.parquet"
     table = pq.read_table(path).to_pydict()

@@ -116,8 +116,9 @@ def test_sigterm_stops_fit_and_says_what_it_kept(tmp_path, tiny_model):
     proc = start(["fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(data),
                   "--data.cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu", "--data.train_batch_size", "4",
                   "--last_checkpoint.every_n_train_steps", "2", *SLOW_EVAL], tmp_path)  # fmt: skip
-    wait_for(tmp_path / "started", proc)
-    time.sleep(1.5)  # past the sanity check, into training
+    from tests.test_resume import wait_for_save
+
+    wait_for_save(proc, tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", min_step=2)  # in training, not the sanity check
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-3000:]

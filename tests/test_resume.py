@@ -204,6 +204,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -220,17 +221,20 @@ def test_kill_9_during_a_save_leaves_a_whole_checkpoint(tmp_path):
         return False
 
     end = time.monotonic() + 120
-    while not mid_write():
-        assert time.monotonic() < end and proc.poll() is None
-        time.sleep(0.005)
-    proc.kill()
-    proc.wait()
+    try:
+        while not mid_write():
+            assert time.monotonic() < end and proc.poll() is None
+            time.sleep(0.005)
+    finally:  # also when the wait failed: the saver loops forever
+        proc.kill()
+        proc.wait()
     ckpt = load_checkpoint(path)  # the previous save, whole
     step = ckpt["global_step"]
     assert ckpt["state_dict"]["w"].eq(float(step)).all()
 
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_written_once_and_at_the_final_step(tiny_run, learned_run, tiny_model, tmp_path):
     """LastCheckpoint writes last.ckpt when training ends unless a checkpoint callback just wrote it at that step:
     never the same file twice, never a stale last.ckpt."""
@@ -330,6 +334,7 @@ def test_a_run_resumed_from_another_folder_keeps_its_checkpoint_ranking(learned_
     assert load_checkpoint(work / LAST)["encoder_start"] == load_checkpoint(learned_run / LAST)["encoder_start"] == "pretrained"
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_runs_config_as_it_was(tiny_run, tmp_path):
     """The config is written once the checkpoint is restored: a later `test --ckpt_path best` reads it."""
     import shutil
@@ -343,6 +348,7 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(tiny_run, tmp_path):
     assert config.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_resume_on_other_training_rows_or_another_self_distill_is_refused(tiny_run, tmp_path):
     """The checkpoint carries a digest of the training rows: a resume on another data folder (here one text changed,
     the same number of rows, which the batch sampler's own check lets through) or another data.holdout_fold would

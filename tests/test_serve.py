@@ -47,24 +47,26 @@ def server(tiny_run, tmp_path_factory, request):
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.read().decode().strip('"') == "ok":
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        assert time.monotonic() < end, "the server did not come up"
-        time.sleep(0.3)
-    yield url, stats
-    proc.send_signal(signal.SIGINT)  # as Ctrl-C; then the whole group (LitServe's worker processes) if it lingers
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.read().decode().strip('"') == "ok":
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < end, "the server did not come up"
+            time.sleep(0.3)
+        yield url, stats
+    finally:  # also when it never came up: no server or worker process outlives the tests
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C; then the whole group (LitServe's worker processes) if it lingers
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
