@@ -26,18 +26,24 @@ def test_mean_pooling_ignores_padding(tiny_model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_probabilities_are_float32_under_bf16_autocast(tiny_model):
-    """bf16-mixed (the default on CUDA) makes bf16 logits: sigmoid of those is in 1/256 steps above 0.5, and
-    thresholds up to 0.99 would be tuned and applied on a dozen distinct values; goemo.load scores float32."""
+def test_logits_and_probabilities_are_float32_under_bf16_autocast(tiny_model):
+    """bf16-mixed (the default on CUDA) made bf16 logits: their sigmoid is in 1/256 steps above 0.5, and thresholds
+    were tuned on coarser probabilities than test, goemo.load and the export compute in float32. The encoder runs in
+    bf16, the head outside autocast."""
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b", "c"]).eval()
     ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
     batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([[1.0, 0, 0], [0, 1, 0]])}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert m(batch["input_ids"], batch["attention_mask"]).dtype == torch.bfloat16
+        features = m.features(batch["input_ids"], batch["attention_mask"])
+        logits = m(batch["input_ids"], batch["attention_mask"])
+        assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
+        assert m.model_step(batch)[1].dtype == torch.float32
         assert m.predict_step(batch, 0).dtype == torch.float32
         m._eval_step(batch, "val")  # no trainer: its self.log calls are skipped
     probs, _ = m.val_outputs.compute()
     assert probs.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(logits, m.head(features.float()), rtol=0, atol=0)  # a float32 matmul of the bf16 features
 
 
 def test_a_nan_row_does_not_turn_its_batch_positive(tiny_model):
