@@ -599,7 +599,7 @@ class EmotionClassifier(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         probs = torch.sigmoid(logits.float())  # bf16 logits under autocast: probabilities in 1/256 steps otherwise
         metrics.update(apply_thresholds(probs, self.hparams.threshold).float(), batch["labels"].int())
-        getattr(self, f"{stage}_outputs").update(probs, batch["labels"])
+        getattr(self, f"{stage}_outputs").update(probs, batch["labels"], batch.get("row"))
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["labels"]), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 

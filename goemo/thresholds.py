@@ -139,7 +139,9 @@ def thresholded_metrics(probs: torch.Tensor, targets: torch.Tensor, thresholds: 
 class ProbsAndTargets(Metric):
     """Collects (B, L) probabilities and targets over an epoch; `compute()` gathers them from all ranks.
 
-    A torchmetrics cat state, so DDP syncing is torchmetrics' job; not saved in checkpoints.
+    A torchmetrics cat state, so DDP syncing is torchmetrics' job; not saved in checkpoints. With each row's index in
+    its split, the rows come back in split order whatever the number of processes (gathered rank by rank otherwise),
+    so what depends on the order (the test report's bootstrap intervals) is the same on one GPU or eight.
     """
 
     full_state_update = False
@@ -148,12 +150,21 @@ class ProbsAndTargets(Metric):
         super().__init__()
         self.add_state("probs", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
 
-    def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, probs: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         self.probs.append(probs.detach().float())
         self.targets.append(targets.detach().to(torch.uint8))
+        if rows is not None:
+            self.rows.append(rows.detach().long())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L) float32 probabilities and (N, L) uint8 targets, in batch order per rank."""
+        """(N, L) float32 probabilities and (N, L) uint8 targets: in split order where the rows' indices were given,
+        else in batch order per rank."""
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # a tensor already after a DDP sync
-        return cat(self.probs), cat(self.targets)
+        probs, targets = cat(self.probs), cat(self.targets)
+        rows = cat(self.rows) if len(self.rows) else None
+        if rows is not None and len(rows) == len(probs):
+            order = torch.argsort(rows.to(probs.device), stable=True)
+            probs, targets = probs[order], targets[order]
+        return probs, targets

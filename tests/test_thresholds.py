@@ -155,6 +155,17 @@ def test_probs_and_targets_collects_batches():
     assert targets[:, 0].tolist() == [0, 1, 0]
 
 
+def test_probs_and_targets_come_back_in_split_order_when_rows_are_given():
+    """Under DDP the outputs are gathered rank by rank: with the rows' indices they come back in the split's order, as
+    in one process, so the report's bootstrap intervals do not depend on the number of processes."""
+    m = ProbsAndTargets()
+    m.update(torch.tensor([[0.1, 0.9], [0.5, 0.5]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]]), torch.tensor([2, 0]))  # rank 0's
+    m.update(torch.tensor([[0.7, 0.2]]), torch.tensor([[1.0, 0.0]]), torch.tensor([1]))  # rank 1's
+    probs, targets = m.compute()
+    assert probs.tolist() == [[0.5, 0.5], [0.699999988079071, 0.20000000298023224], [0.10000000149011612, 0.8999999761581421]]
+    assert targets.tolist() == [[1, 1], [1, 0], [0, 1]]
+
+
 # -- in a real fit ---------------------------------------------------------------------------------
 def test_each_checkpoint_carries_its_epochs_thresholds(tiny_data, tiny_model, tmp_path):
     """Every checkpoint (so also "best") holds the thresholds tuned on the validation that preceded it:
