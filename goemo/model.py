@@ -428,13 +428,14 @@ class EmotionClassifier(L.LightningModule):
         """Logits (B, L)."""
         return self.logits(self.features(input_ids, attention_mask))
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """The head: (B, H) features -> (B, L) logits, outside autocast. Under bf16-mixed the head's output would be
+    def logits(self, features: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """The head (or `head`, the aux head): (B, H) features -> (B, L) logits, outside autocast. Under bf16-mixed the head's output would be
         bf16, whose steps (1/64 at |x| 2 to 4, ~0.001 in probability) are as coarse as the 0.01 threshold grid: the
         thresholds and `best` were then chosen on other probabilities than test, goemo.load and the export compute
         from the same checkpoint in float32."""
+        head = self.head if head is None else head
         with torch.autocast(features.device.type, enabled=False):
-            return self.head(features.to(self.head.weight.dtype))
+            return head(features.to(head.weight.dtype))
 
     def check_max_length(self, max_length: int | None) -> None:
         """A one-line error where `data.max_length` is more than the encoder's position embeddings take."""
@@ -551,7 +552,7 @@ class EmotionClassifier(L.LightningModule):
             return loss
         labels = batch["labels"].float()  # float32, as the main loss: bf16 BCE is ~0.3% off under bf16-true
         groups = (labels @ self.aux_groups.float()).clamp(max=1.0)  # (B, L) @ (L, K) -> (B, K), 0/1
-        aux = F.binary_cross_entropy_with_logits(self.aux_head(features).float(), groups)
+        aux = F.binary_cross_entropy_with_logits(self.logits(features, self.aux_head).float(), groups)
         self.log("train/aux_loss", aux, batch_size=len(batch["labels"]))
         return loss + self.hparams.aux_weight * aux
 

@@ -164,7 +164,9 @@ class ProbsAndTargets(Metric):
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # a tensor already after a DDP sync
         probs, targets = cat(self.probs), cat(self.targets)
         rows = cat(self.rows) if len(self.rows) else None
-        if rows is not None and len(rows) == len(probs):
+        if rows is not None:
+            if len(rows) != len(probs):  # some batches without "row": no order would be right
+                raise GoemoError(f"{len(rows)} row indices for {len(probs)} rows of outputs: give every batch its rows or none")
             order = torch.argsort(rows.to(probs.device), stable=True)
             probs, targets = probs[order], targets[order]
         return probs, targets

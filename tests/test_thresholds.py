@@ -164,6 +164,9 @@ def test_probs_and_targets_come_back_in_split_order_when_rows_are_given():
     probs, targets = m.compute()
     assert probs.tolist() == [[0.5, 0.5], [0.699999988079071, 0.20000000298023224], [0.10000000149011612, 0.8999999761581421]]
     assert targets.tolist() == [[1, 1], [1, 0], [0, 1]]
+    m.update(torch.tensor([[0.4, 0.6]]), torch.tensor([[0.0, 1.0]]))  # a batch without its rows' indices
+    with pytest.raises(GoemoError, match=r"^3 row indices for 4 rows of outputs"):
+        m.compute()
 
 
 # -- in a real fit ---------------------------------------------------------------------------------
