@@ -242,7 +242,10 @@ class GoemoCLI(LightningCLI):
                 raise GoemoError("predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with")
             # Where PredictionWriter's default lands: trainer.log_dir, the run folder, or with --trainer.logger false
             # the trainer's default_root_dir (Lightning's log_dir without a logger).
-            folder = (self.run_dir if folder_logger(trainer.logger) is not None else None) if trainer.logger is not False else Path(trainer.default_root_dir or ".")
+            if trainer.logger is False:
+                folder = Path(trainer.default_root_dir or ".")
+            else:
+                folder = self.run_dir if folder_logger(trainer.logger) is not None else None
             output = cfg.get("output") or (folder / "predictions.jsonl" if folder else None)
             if output:
                 check_not_the_input(Path(output), Path(cfg.data.predict_file))

@@ -429,10 +429,10 @@ class EmotionClassifier(L.LightningModule):
         return self.logits(self.features(input_ids, attention_mask))
 
     def logits(self, features: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
-        """The head (or `head`, the aux head): (B, H) features -> (B, L) logits, outside autocast. Under bf16-mixed the head's output would be
-        bf16, whose steps (1/64 at |x| 2 to 4, ~0.001 in probability) are as coarse as the 0.01 threshold grid: the
-        thresholds and `best` were then chosen on other probabilities than test, goemo.load and the export compute
-        from the same checkpoint in float32."""
+        """The head (or `head`, the aux head): (B, H) features -> (B, L) logits, outside autocast. Under bf16-mixed
+        the head's output would be bf16, whose steps (1/64 at |x| 2 to 4, ~0.001 in probability) are as coarse as
+        the 0.01 threshold grid: the thresholds and `best` were then chosen on other probabilities than test,
+        goemo.load and the export compute from the same checkpoint in float32."""
         head = self.head if head is None else head
         with torch.autocast(features.device.type, enabled=False):
             return head(features.to(head.weight.dtype))

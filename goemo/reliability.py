@@ -356,7 +356,8 @@ class Interrupts(Callback):
         # that ends the step.
         epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
         step_ended = step_ends(trainer)
-        self._group = 0 if step_ended else trainer.fit_loop.epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this epoch's batches, this one included
+        self._group = 0 if step_ended else ready % trainer.accumulate_grad_batches
         self._validate = epoch_ends or validation_follows(trainer)
         self._sigint = self._sigint or stop
         sigterm = trainer.received_sigterm and trainer.world_size == 1  # DDP: Lightning raises it at the next batch
