@@ -11,6 +11,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
@@ -91,6 +92,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.consumed = 0  # batches of this epoch, over all ranks, already taken by the training loop
+        self.order = 2  # how (seed, epoch) seed the order: 1 before 2026-12 (see epoch_seed), kept by resumed fits
         # Evaluation's order never changes: cut it once. (E,) row-index tensors, E a multiple of num_replicas.
         self._evaluation = None if shuffle else self._evaluation_batches()
 
@@ -133,13 +135,20 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         n, bs, w = len(self.lengths), self.batch_size, self.num_replicas
         if self._evaluation is not None:
             return [b.tolist() for b in self._evaluation]
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.epoch_seed())
         batches = []
         for pool in torch.randperm(n, generator=g).split(bs * self.pool_batches) if n else ():  # no rows: no batches
             pool = pool[torch.argsort(self.lengths[pool], descending=True, stable=True)]
             batches.extend(pool.split(bs))
         batches = [batches[i].tolist() for i in torch.randperm(len(batches), generator=g).tolist()]
         return pad_to_multiple(batches, w)
+
+    def epoch_seed(self) -> int:
+        """The seed of this epoch's order. Order 1 was seed + epoch, so seed 42's second epoch was seed 43's first
+        (a seed group 42, 43, 44 shared shifted orders); order 2 mixes the two (numpy's SeedSequence)."""
+        if self.order == 1:
+            return self.seed + self.epoch
+        return int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] % 2**63)
 
     def __iter__(self):
         batches = self.epoch_batches()
@@ -154,7 +163,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         # same batch count in another order, training some rows twice and skipping others (checked on load).
         return {"epoch": self.epoch, "consumed": self.consumed, "batch_size": self.batch_size,
                 "rows": len(self.lengths), "seed": self.seed, "pool_batches": self.pool_batches,
-                "lengths": self._lengths_digest(), "processes": self.num_replicas}  # fmt: skip
+                "lengths": self._lengths_digest(), "processes": self.num_replicas, "order": self.order}  # fmt: skip
 
     def _lengths_digest(self) -> str:
         """Of the rows' token counts, which sort each pool: another data.max_length (or tokenizer) regroups them."""
@@ -187,6 +196,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             print(f"note: the seed changed since the checkpoint ({state['seed']} -> {self.seed}): the rest of the "
                   "interrupted epoch is another order of its rows (set seed_everything to resume exactly)", file=sys.stderr)  # fmt: skip
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.order = int(state.get("order", 1))  # a fit started by older code goes on in its orders
 
 
 class ResumableDataLoader(DataLoader):
@@ -198,6 +208,13 @@ class ResumableDataLoader(DataLoader):
     loop takes them, not in the sampler, which worker processes read ahead of the loop. (Lightning does not
     prefetch from a loader with a length.) The batch sampler must be a `LengthGroupedBatchSampler`.
     """
+
+    def epoch_seed(self) -> int:
+        """The seed of this epoch's order. Order 1 was seed + epoch, so seed 42's second epoch was seed 43's first
+        (a seed group 42, 43, 44 shared shifted orders); order 2 mixes the two (numpy's SeedSequence)."""
+        if self.order == 1:
+            return self.seed + self.epoch
+        return int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] % 2**63)
 
     def __iter__(self):
         sampler = self.batch_sampler

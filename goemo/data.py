@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -158,10 +159,40 @@ def check_hub_split(name: str, split: str, ds, num_labels: int) -> None:
 def folder_digest(folder: Path) -> str:
     """A short hash of every file under `folder`: names and bytes."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    # `datasets` keeps its own cache in a `.cache` folder inside a loaded folder; skip only that, not the whole
+    # folder when it lives under some ~/.cache
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
         h.update(str(path.relative_to(folder)).encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:20]
+
+
+def tokenizer_digest(tok) -> str:
+    """sha256 of what a tokenizer does: its backend's JSON (fast tokenizers) or its saved files (Python-only ones,
+    e.g. BERTweet's, which have no backend), and truncation_side, which lives outside both."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = backend.to_str()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            spec = type(tok).__name__ + folder_digest(Path(tmp))
+    return hashlib.sha256(f"{spec}|{tok.truncation_side}".encode()).hexdigest()
+
+
+def rows_digest(raw) -> str:
+    """sha256 of a raw split's rows (texts, label ids and comment ids, in order): the tokenized cache's key."""
+    import pyarrow.compute as pc
+
+    table, h = raw.with_format("arrow")[:], hashlib.sha256()  # the rows in order, column-wise (row by row: seconds)
+    for column in ("text", "id"):
+        if column in raw.column_names:
+            h.update("\0".join(map(str, table.column(column).to_pylist())).encode("utf-8"))
+        h.update(b"\1")
+    labels = table.column("labels")  # (rows,) lists of ids
+    h.update(pc.list_value_length(labels).to_numpy().astype(np.int64).tobytes())
+    h.update(pc.list_flatten(labels).to_numpy().astype(np.int64).tobytes())
+    return h.hexdigest()
 
 
 def fold_ids(n: int, num_folds: int, seed: int) -> np.ndarray:
@@ -274,8 +305,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(resolve_model_path(self.hparams.tokenizer_name))
             # Hash it now: calling it stores truncation settings in its JSON, which would change the hash.
             # truncation_side lives outside the backend's JSON (tokenizer_config.json) and changes the rows too.
-            tok = self._tokenizer
-            self._tokenizer_hash = hashlib.sha256(f"{tok.backend_tokenizer.to_str()}|{tok.truncation_side}".encode()).hexdigest()
+            self._tokenizer_hash = tokenizer_digest(self._tokenizer)
         return self._tokenizer
 
     # -- loading ---------------------------------------------------------------------------
@@ -315,12 +345,10 @@ class GoEmotionsDataModule(L.LightningDataModule):
     def _fingerprint(self, split: str, raw) -> str:
         """Cache key of a tokenized split: the raw data, the tokenizer and the encoding settings."""
         h = hashlib.sha256()
-        if self.data_dir is not None:
-            h.update(release_file(self.data_dir, SPLITS[split][0]).read_bytes())
-            h.update("\n".join(self.label_names).encode())
-        else:  # `_fingerprint` alone is the same for other rows under the same name: add where they were read from
-            h.update(raw._fingerprint.encode())
-            h.update("|".join(f["filename"] for f in raw.cache_files).encode())
+        # The rows themselves, as parsed: `datasets`' own `_fingerprint` is the same for other rows loaded in memory
+        # under the same name, and a file re-read here could have changed since it was parsed.
+        h.update(rows_digest(raw).encode())
+        h.update("\n".join(self.label_names).encode())
         self.tokenizer  # loads it and sets _tokenizer_hash
         h.update(self._tokenizer_hash.encode())
         h.update(f"{self.hparams.max_length}|{CACHE_VERSION}|{self.hparams.taxonomy}".encode())
@@ -436,10 +464,14 @@ class GoEmotionsDataModule(L.LightningDataModule):
         tok, ds, hp = self.tokenizer, self.datasets[split], self.hparams
         batch_size = hp.train_batch_size if split == "train" else hp.eval_batch_size
         lengths = ds.with_format("numpy", columns=["length"])[:]["length"]  # (N,) at once, not row by row
-        seed = int(torch.initial_seed()) % 2**31  # set by seed_everything, the same on every rank
+        seed = int(torch.initial_seed()) % 2**31  # set by seed_everything
         # Under DDP the batch sampler deals batches to this rank itself (Lightning's sampler injection cannot
         # wrap a custom batch sampler; the CLI turns it off with trainer.use_distributed_sampler=false).
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if world > 1 and shuffle:
+            # Every rank must cut the same order. With seed_everything false each process drew its own seed, and
+            # ranks dealt from different orders would train some rows twice and skip others: take rank 0's.
+            seed = int(self.trainer.strategy.broadcast(seed, src=0))
         sampler = LengthGroupedBatchSampler(
             lengths, batch_size, shuffle=shuffle, seed=seed, pool_batches=64 if hp.group_by_length else 1,
             num_replicas=world, rank=rank,

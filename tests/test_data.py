@@ -268,3 +268,66 @@ def test_the_training_digest_changes_with_a_text_a_label_or_the_fold(tiny_data, 
             (other / f).write_bytes((tiny_data / f).read_bytes())
         (other / "train.tsv").write_text(lines[0] + row + "".join(lines[2:]), encoding="utf-8")
         assert digest(other) != base, name
+
+
+def test_consecutive_seeds_draw_unrelated_orders_and_older_checkpoints_keep_theirs():
+    """The epoch's order was seeded with seed + epoch, so seed 42's second epoch was seed 43's first: a seed group
+    42, 43, 44 trained on shifted copies of each other's orders."""
+    from goemo.batching import LengthGroupedBatchSampler
+
+    def order(seed: int, epoch: int, version: int = 2) -> list[list[int]]:
+        s = LengthGroupedBatchSampler(list(range(1, 201)), batch_size=4, seed=seed, pool_batches=1)
+        s.order = version
+        s.set_epoch(epoch)
+        return s.epoch_batches()
+
+    assert order(42, 1) != order(43, 0) and order(42, 2) != order(44, 0)
+    assert order(42, 1) == order(42, 1) and order(42, 0) != order(42, 1)  # still one order per (seed, epoch)
+    # A fit started by older code (its loader state has no "order") goes on in the orders it started with.
+    older = LengthGroupedBatchSampler(list(range(1, 201)), batch_size=4, seed=42, pool_batches=1)
+    older.load_state_dict({"epoch": 1, "consumed": 3})
+    assert list(older) == order(42, 1, version=1)[3:] == order(43, 0, version=1)[3:]
+    older.set_epoch(2)
+    assert older.epoch_batches() == order(42, 2, version=1) and older.state_dict()["order"] == 1
+    new = LengthGroupedBatchSampler(list(range(1, 201)), batch_size=4, seed=42, pool_batches=1)
+    new.load_state_dict({**new.state_dict(), "epoch": 1, "consumed": 3})
+    assert list(new) == order(42, 1)[3:]
+
+
+def test_ddp_ranks_cut_rank_0s_order_when_each_process_drew_its_own_seed(tiny_data, tiny_model, tmp_path):
+    """With seed_everything false each DDP process starts from its own random seed: ranks dealing batches from
+    different orders trained some rows twice and skipped others. The data module takes rank 0's seed."""
+    from types import SimpleNamespace
+
+    sent = []
+
+    def broadcast(obj, src=0):
+        sent.append(obj)
+        return sent[0]  # what rank 0 sent
+
+    rows = []
+    for rank, own_seed in ((0, 11), (1, 12345)):
+        dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), train_batch_size=4,
+                                  cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(broadcast=broadcast, root_device=torch.device("cpu")))
+        torch.manual_seed(own_seed)
+        rows += [r for batch in dm.train_dataloader().batch_sampler for r in batch]
+    assert sorted(rows) == list(range(96))  # every training row once (96 rows: 24 batches, 12 a rank)
+
+
+def test_a_tokenizer_without_a_fast_backend_gets_a_cache_key(tiny_data, tmp_path):
+    """Python-only tokenizers (BERTweet's, CANINE's, ...) have no backend_tokenizer: hashing it was a traceback."""
+    from transformers import CanineTokenizer
+
+    from goemo.data import tokenizer_digest
+
+    CanineTokenizer().save_pretrained(tmp_path / "canine")
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tmp_path / "canine"), cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 96
+    tok = dm.tokenizer
+    key = tokenizer_digest(tok)
+    assert tokenizer_digest(tok) == key
+    tok.truncation_side = "left"
+    assert tokenizer_digest(tok) != key

@@ -53,7 +53,7 @@ def test_loader_resumes_where_the_epoch_stopped():
     taken = [next(it) for _ in range(5)]
     state = a.state_dict()
     assert taken == whole[:5] and state == {"epoch": 2, "consumed": 5, "batch_size": 8, "rows": 101, "seed": 3, "pool_batches": 64,
-                                         "lengths": a.batch_sampler._lengths_digest(), "processes": 1}
+                                         "lengths": a.batch_sampler._lengths_digest(), "processes": 1, "order": 2}
     b = loader()  # a new process
     b.load_state_dict(state)
     _set_sampler_epoch(b, 2)  # Lightning sets the same epoch again
@@ -61,7 +61,7 @@ def test_loader_resumes_where_the_epoch_stopped():
     assert list(b) == whole  # the next pass over the same epoch starts over
     _set_sampler_epoch(b, 3)
     assert b.state_dict() == {"epoch": 3, "consumed": 0, "batch_size": 8, "rows": 101, "seed": 3, "pool_batches": 64,
-                              "lengths": a.batch_sampler._lengths_digest(), "processes": 1}
+                              "lengths": a.batch_sampler._lengths_digest(), "processes": 1, "order": 2}
 
 
 # -- the sampler, several ranks ---------------------------------------------------------------------

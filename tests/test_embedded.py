@@ -180,3 +180,31 @@ def test_fit_with_no_data_flag_trains_on_the_embedded_release(tmp_path, tiny_mod
 
     (ckpt,) = (tmp_path / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt")
     assert torch.load(ckpt, weights_only=True)["state_dict"]["head.weight"].shape[0] == 28  # GoEmotions' labels
+
+
+def test_hub_folders_loaded_in_memory_do_not_share_a_cache_entry(tmp_path, tiny_model, monkeypatch):
+    """Loaded in memory (HF_DATASETS_IN_MEMORY_MAX_SIZE), a Hub-layout folder has no cache files and `datasets`'
+    fingerprint does not follow its rows: another folder's tokenized rows were reused, silently."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # read once, when datasets is imported
+    monkeypatch.setattr(datasets.config, "IN_MEMORY_MAX_SIZE", 10**9)
+    sizes = []
+    for where, rows in (("a", 10), ("b", 30)):
+        hub = write_hub_folder(tmp_path / where / "go_emotions", rows=rows)
+        dm = GoEmotionsDataModule(data_dir=None, hub_dataset=str(hub), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+        dm.setup("fit")
+        sizes.append(len(dm.datasets["train"]))
+    assert sizes == [10, 30]
+
+
+def test_a_hub_folder_under_a_dot_cache_folder_is_read_anew_when_it_changes(tmp_path, monkeypatch):
+    """The folder's digest skipped every file whose absolute path had a `.cache` part: under ~/.cache, all of them."""
+    import shutil
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # read once, when datasets is imported
+    hub = tmp_path / ".cache" / "go_emotions"
+    sizes = []
+    for rows in (10, 30):
+        shutil.rmtree(hub, ignore_errors=True)
+        write_hub_folder(hub, rows=rows)
+        sizes.append(len(GoEmotionsDataModule(data_dir=None, hub_dataset=str(hub), tokenizer_name="unused")._raw_splits()["train"]))
+    assert sizes == [10, 30]

@@ -96,7 +96,7 @@ def test_sigterm_then_kill_9_then_resume_ends_as_uninterrupted(learned_run, tiny
     assert "Traceback" not in err and 5 <= step < 12
     # the train loader's position: `step` batches of epoch 0 taken, and what the epoch's cut depends on
     assert loader_state(load_checkpoint(tmp_path / LAST)) == {
-        "epoch": 0, "consumed": step, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64, "processes": 1}  # fmt: skip
+        "epoch": 0, "consumed": step, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64, "processes": 1, "order": 2}  # fmt: skip
 
     # 2. resumed (slow too: the run's config has SlowSteps), then kill -9 at a step save inside the second epoch
     proc = start(["fit", "--ckpt_path", "last"], tmp_path)
@@ -106,7 +106,7 @@ def test_sigterm_then_kill_9_then_resume_ends_as_uninterrupted(learned_run, tiny
     assert proc.returncode == -signal.SIGKILL
     ckpt = load_checkpoint(tmp_path / LAST)
     assert ckpt["global_step"] == step and step % 12  # mid-epoch
-    assert loader_state(ckpt) == {"epoch": 1, "consumed": step - 12, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64, "processes": 1}
+    assert loader_state(ckpt) == {"epoch": 1, "consumed": step - 12, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64, "processes": 1, "order": 2}
     ckpts = sorted(p.name for p in (tmp_path / LAST.parent).glob("*.ckpt"))
     assert ckpts == ["epoch00-step12.ckpt", "last.ckpt"]  # one last.ckpt, never last-v1.ckpt
 
@@ -143,7 +143,7 @@ def test_ctrl_c_stops_after_the_batch_and_saves(learned_run, tiny_model, tmp_pat
     ), err[-3000:]
     assert "Traceback" not in err
     assert loader_state(load_checkpoint(tmp_path / LAST)) == {
-        "epoch": 0, "consumed": step, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64, "processes": 1}  # fmt: skip
+        "epoch": 0, "consumed": step, "batch_size": 8, "rows": 96, "seed": 42, "pool_batches": 64, "processes": 1, "order": 2}  # fmt: skip
 
 
 @pytest.mark.slow
