@@ -43,6 +43,8 @@ def remove_dead_partials(path: Path) -> None:
     """Remove the partial files of `path` (and replaced folders, `.old`) that a killed process of this machine left
     (kill -9, power cut): their names are unique, so nothing else would ever replace them. Other machines' (a shared
     folder) are left alone."""
+    if os.name == "nt":  # there os.kill(pid, 0) does not test a process: it terminates it
+        return
     prefix = _prefix(path)
     left = [*path.parent.glob(glob.escape(prefix) + "*.partial"), *path.parent.glob(glob.escape(prefix) + "*.old")]
     for partial in left:  # escaped: a name may hold [ ] * ?
@@ -50,10 +52,13 @@ def remove_dead_partials(path: Path) -> None:
             pid = int(partial.name[len(prefix):].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:  # that writer is gone
-            if partial.is_dir():  # an export's folder
-                shutil.rmtree(partial, ignore_errors=True)
-            else:
-                partial.unlink(missing_ok=True)
+            try:
+                if partial.is_dir():  # an export's folder
+                    shutil.rmtree(partial, ignore_errors=True)
+                else:
+                    partial.unlink(missing_ok=True)
+            except OSError:  # another user's, in a sticky folder such as /tmp: theirs to remove
+                pass
         except (ValueError, OSError):  # not our name pattern, or a live process of another user
             pass
 

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import socket
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -71,7 +72,7 @@ def resolve_model_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the Hub endpoint accepts a TCP connection (and offline mode is not forced)."""
+    """True when the Hub endpoint accepts a TCP connection, or a proxy is set for it (and offline mode is not forced)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's true values
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -80,6 +81,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         port = url.port or (443 if url.scheme == "https" else 80)
     except ValueError:  # a port that is not a number
         raise GoemoError(f"HF_ENDPOINT {endpoint!r} is not a URL (its port); unset it or give https://HOST[:PORT]") from None
+    proxies = urllib.request.getproxies()  # HTTPS_PROXY, ALL_PROXY, ...: huggingface_hub's client goes through them
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return True  # behind a proxy a direct connection fails and says nothing about the Hub: let the client try
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return True

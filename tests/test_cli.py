@@ -166,7 +166,7 @@ def test_an_interrupted_runs_resume_hint_names_it_when_last_would_not(tmp_path, 
     assert resume_hint(root / "version_4") == "python main.py fit --ckpt_path last"
 
 
-HUB_DOWN = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: refused at once
+HUB_DOWN = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}  # a closed port: refused at once
 
 
 @pytest.mark.parametrize("value, offline", [("1", True), ("on", True), ("YES", True), ("true", True), ("0", False)])
@@ -174,6 +174,8 @@ def test_hub_offline_reads_huggingface_hubs_true_values(value, offline, monkeypa
     from goemo.hub import hub_reachable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):  # a proxy would skip the dial
+        monkeypatch.delenv(var, raising=False)
     dialled = []  # a stand-in for the socket: every dial "connects"
     monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or contextlib.nullcontext())
     hub_reachable.cache_clear()
@@ -182,6 +184,28 @@ def test_hub_offline_reads_huggingface_hubs_true_values(value, offline, monkeypa
     finally:
         hub_reachable.cache_clear()
 
+
+
+def test_behind_a_proxy_the_hub_is_not_judged_by_a_direct_connection(monkeypatch):
+    """Where only a proxy reaches out, the direct probe failed and goemo went offline though downloads would work."""
+    from goemo.hub import hub_reachable
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf.example")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    dialled = []
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or pytest.fail("dialled"))
+    hub_reachable.cache_clear()
+    try:
+        assert hub_reachable() is True and dialled == []
+        monkeypatch.setenv("NO_PROXY", "hf.example")  # not through the proxy: probed directly (and refused here)
+        monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or (_ for _ in ()).throw(OSError()))
+        hub_reachable.cache_clear()
+        assert hub_reachable() is False and dialled == [(("hf.example", 443),)]
+    finally:
+        hub_reachable.cache_clear()
 
 
 def test_model_names_that_are_no_folder_and_no_hub_id_say_what_they_are(tmp_path, monkeypatch):

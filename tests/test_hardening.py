@@ -485,3 +485,30 @@ def test_every_command_ends_a_mistake_in_one_line_and_status_2(tmp_path, capsys,
     monkeypatch.setenv("GOEMO_DEBUG", "1")
     with pytest.raises(GoemoError):
         main(args)
+
+
+def test_a_dead_writers_partial_that_cannot_be_removed_is_left_and_windows_kills_nothing(tmp_path, monkeypatch):
+    """Another user's dead partial in a sticky folder (/tmp) raised PermissionError out of the cleanup, a traceback;
+    on Windows os.kill(pid, 0) terminates the process it was meant to test."""
+    from pathlib import Path
+
+    from goemo.files import AtomicFile, partial_path, remove_dead_partials
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = partial_path(tmp_path / "out.jsonl")
+    left = left.with_name(re.sub(r"-\d+-(?=[0-9a-f]{8}\.partial$)", f"-{int(dead.stdout)}-", left.name))
+    left.write_text("theirs")
+    unlink = Path.unlink
+
+    def refused(self, *a, **k):
+        if self == left:
+            raise PermissionError(13, "Operation not permitted", str(self))
+        return unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with AtomicFile(tmp_path / "out.jsonl") as f:
+        f.write("whole")
+    assert (tmp_path / "out.jsonl").read_text() == "whole" and left.exists()
+    monkeypatch.setattr("os.kill", lambda *a: pytest.fail("os.kill on Windows terminates"))
+    monkeypatch.setattr("os.name", "nt")
+    remove_dead_partials(tmp_path / "out.jsonl")
