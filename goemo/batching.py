@@ -92,7 +92,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.consumed = 0  # batches of this epoch, over all ranks, already taken by the training loop
-        self.order = 2  # how (seed, epoch) seed the order: 1 before 2026-12 (see epoch_seed), kept by resumed fits
+        self.order = 2  # how (seed, epoch) seed the order: 1 up to 2026-12-06 (see epoch_seed), kept by resumed fits
         # Evaluation's order never changes: cut it once. (E,) row-index tensors, E a multiple of num_replicas.
         self._evaluation = None if shuffle else self._evaluation_batches()
 
