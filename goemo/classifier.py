@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from goemo.errors import GoemoError
-from goemo.hub import load_tokenizer, resolve_model_path
+from goemo.hub import load_tokenizer, note_tokenizer_change, resolve_model_path, tokenizer_digest
 from goemo.model import EmotionClassifier, max_positions
 from goemo.predict import encode_batches, label_thresholds, to_records
 from goemo.runs import RUNS_DIR, load_lightning_checkpoint, resolve_checkpoint
@@ -73,6 +73,10 @@ def as_texts(texts: Iterable[str]) -> list[str]:
     """`texts` as a list, read once; a GoemoError unless it is an iterable of strings (and not one string)."""
     if isinstance(texts, (str, bytes)):
         raise GoemoError("predict/predict_proba take an iterable of strings, not one string (wrap a single text in a list)")
+    if isinstance(texts, Mapping) or hasattr(texts, "columns") or getattr(texts, "ndim", 1) != 1:
+        # iterating a dict or a DataFrame gives its keys or column names, which would be predicted silently
+        raise GoemoError(f"predict/predict_proba take a flat iterable of strings, got a {type(texts).__name__} "
+                         "(pass one column, e.g. df['text'], or list(d.values()))")  # fmt: skip
     try:
         texts = list(texts)
     except TypeError:
@@ -92,7 +96,8 @@ def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
     """The EmotionClassifier saved in a Lightning checkpoint file, and the checkpoint's data-module hparams.
 
     The encoder is built from its config (no pretrained weights are read or fetched) and every
-    weight comes from the checkpoint, loaded with `weights_only=True`.
+    weight comes from the checkpoint, loaded with `weights_only=True`. `model.trained_tokenizer`: the
+    `tokenizer_digest` of the tokenizer it was trained with (None in checkpoints from before it was saved).
     """
     ckpt = load_lightning_checkpoint(path)
     hparams = ckpt.get("hyper_parameters")
@@ -108,6 +113,8 @@ def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
     data_hparams = ckpt.get("datamodule_hyper_parameters") or {}
     if not isinstance(data_hparams, dict):
         raise GoemoError(f"{path}: not a goemo checkpoint (datamodule_hyper_parameters is a {type(data_hparams).__name__})")
+    data_state = ckpt.get("GoEmotionsDataModule")  # the data module's state_dict, under its class name (Lightning's)
+    model.trained_tokenizer = data_state.get("tokenizer") if isinstance(data_state, dict) else None
     return model, data_hparams
 
 
@@ -130,6 +137,7 @@ def load_run(
     model, data_hparams = load_model(path)
     name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
     tokenizer = load_tokenizer(name)
+    note_tokenizer_change(model.trained_tokenizer, tokenizer_digest(tokenizer), name)  # before calling it (hub.py)
     clf = Classifier(model.to(device), tokenizer, data_hparams.get("max_length", 128), batch_size)
     clf.data_hparams = data_hparams  # what it was trained on (goemo.ensemble reads the same splits)
     return clf

@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from goemo.errors import GoemoError
 from goemo.files import check_writable
-from goemo.hub import hub_reachable, load_error, load_tokenizer, package_path, resolve_model_path, unreachable
+from goemo.hub import folder_digest, hub_reachable, load_error, load_tokenizer, note_tokenizer_change, package_path
+from goemo.hub import resolve_model_path, tokenizer_digest, unreachable
 from goemo.batching import LengthGroupedBatchSampler, MultiLabelCollator, ResumableDataLoader
 from goemo.taxonomy import GOEMOTIONS_LABELS, Taxonomy, taxonomy_labels, taxonomy_matrix
 
@@ -156,30 +156,6 @@ def check_hub_split(name: str, split: str, ds, num_labels: int) -> None:
         raise GoemoError(f"dataset {name!r}: its {split} split has label id {bad}, outside its labels (ids 0..{num_labels - 1})")
 
 
-def folder_digest(folder: Path) -> str:
-    """A short hash of every file under `folder`: names and bytes."""
-    h = hashlib.sha256()
-    # `datasets` keeps its own cache in a `.cache` folder inside a loaded folder; skip only that, not the whole
-    # folder when it lives under some ~/.cache
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
-        h.update(str(path.relative_to(folder)).encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()[:20]
-
-
-def tokenizer_digest(tok) -> str:
-    """sha256 of what a tokenizer does: its backend's JSON (fast tokenizers) or its saved files (Python-only ones,
-    e.g. BERTweet's, which have no backend), and truncation_side, which lives outside both."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        spec = backend.to_str()
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            tok.save_pretrained(tmp)
-            spec = type(tok).__name__ + folder_digest(Path(tmp))
-    return hashlib.sha256(f"{spec}|{tok.truncation_side}".encode()).hexdigest()
-
-
 def rows_digest(raw) -> str:
     """sha256 of a raw split's rows (texts, label ids and comment ids, in order): the tokenized cache's key."""
     import pyarrow.compute as pc
@@ -308,6 +284,13 @@ class GoEmotionsDataModule(L.LightningDataModule):
             self._tokenizer_hash = tokenizer_digest(self._tokenizer)
         return self._tokenizer
 
+    @property
+    def tokenizer_hash(self) -> str:
+        """`goemo.hub.tokenizer_digest` of the tokenizer as loaded (the cache key's, and saved in checkpoints)."""
+        if self._tokenizer is None:
+            self.tokenizer  # noqa: B018 (loads it and takes the digest)
+        return self._tokenizer_hash
+
     # -- loading ---------------------------------------------------------------------------
     def _raw_splits(self) -> dict:
         """{"train"/"validation"/"test": datasets.Dataset with text, labels (ids), id}."""
@@ -349,8 +332,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         # under the same name, and a file re-read here could have changed since it was parsed.
         h.update(rows_digest(raw).encode())
         h.update("\n".join(self.label_names).encode())
-        self.tokenizer  # loads it and sets _tokenizer_hash
-        h.update(self._tokenizer_hash.encode())
+        h.update(self.tokenizer_hash.encode())
         h.update(f"{self.hparams.max_length}|{CACHE_VERSION}|{self.hparams.taxonomy}".encode())
         return h.hexdigest()[:20]
 
@@ -435,10 +417,11 @@ class GoEmotionsDataModule(L.LightningDataModule):
             return {}
         if self._training_digest is None:  # once per process: the rows do not change
             self._training_digest = self.training_digest()
-        return {"training_digest": self._training_digest}
+        return {"training_digest": self._training_digest, "tokenizer": self.tokenizer_hash}
 
     def load_state_dict(self, state: dict) -> None:
         # Lightning calls this after `setup`, at every start from a checkpoint; only a fit trains on the rows.
+        note_tokenizer_change(state.get("tokenizer"), self.tokenizer_hash, self.hparams.tokenizer_name)
         if self.trainer is None or self.trainer.state.fn != "fit" or "training_digest" not in state:
             return  # test and predict read other splits; checkpoints from before the digest are taken as they are
         if self.state_dict()["training_digest"] != state["training_digest"]:

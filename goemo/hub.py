@@ -9,10 +9,13 @@ once with a one-line message that names the offline alternatives.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import re
 import socket
+import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
@@ -186,3 +189,36 @@ def unreachable(what: str, name: str, err: Exception) -> GoemoError:
     """The one-line error for a Hub model/dataset that is neither reachable nor cached."""
     reason = "the Hub is unreachable and it is not in the local cache" if not hub_reachable() else _first_line(err)
     return GoemoError(f"cannot load {what} {name!r}: {reason}; {OFFLINE_HINT}")
+
+
+def folder_digest(folder: Path) -> str:
+    """A short hash of every file under `folder`: names and bytes."""
+    h = hashlib.sha256()
+    # `datasets` keeps its own cache in a `.cache` folder inside a loaded folder; skip only that, not the whole
+    # folder when it lives under some ~/.cache
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:20]
+
+
+def tokenizer_digest(tok) -> str:
+    """sha256 of what a tokenizer does: its backend's JSON (fast tokenizers) or its saved files (Python-only ones,
+    e.g. BERTweet's, which have no backend), and truncation_side, which lives outside both."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = backend.to_str()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            spec = type(tok).__name__ + folder_digest(Path(tmp))
+    return hashlib.sha256(f"{spec}|{tok.truncation_side}".encode()).hexdigest()
+
+
+def note_tokenizer_change(saved: str | None, digest: str, name: str) -> None:
+    """A note on stderr when a tokenizer (`digest`: its `tokenizer_digest`, taken when it was loaded) is not the one a
+    checkpoint was trained with (`saved`; None for checkpoints from before it was saved): its files were changed, or
+    another transformers reads them otherwise, and the run's texts would be cut into other tokens."""
+    if saved is not None and digest != saved:
+        print(f"note: the tokenizer {name} is not the one this run was trained with (its files changed, or another "
+              "transformers reads them otherwise): predictions may differ from the run's", file=sys.stderr)  # fmt: skip

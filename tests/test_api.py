@@ -169,3 +169,28 @@ def test_an_onnx_load_refuses_a_checkpoint_rewritten_while_it_loaded(tiny_run, t
     with pytest.raises(GoemoError, match="last.ckpt was rewritten while it loaded \\(a fit is saving it\\); load it again"):
         load(run / "checkpoints" / "last.ckpt", backend="onnx")
     assert not (run / "onnx").exists()
+
+
+def test_a_tokenizer_changed_since_training_is_noted(tiny_run, tiny_model, monkeypatch, capsys):
+    """The tokenizer is rebuilt from its folder or Hub id at load: changed files (or another transformers) would cut
+    the texts into other tokens than training did, silently. Its digest is saved at fit and compared."""
+    from goemo.hub import load_tokenizer, tokenizer_digest
+    from goemo.runs import load_checkpoint
+
+    run = tiny_run / "lightning_logs" / "version_0"
+    (best,) = (run / "checkpoints").glob("epoch*.ckpt")
+    assert load_checkpoint(best)["GoEmotionsDataModule"]["tokenizer"] == tokenizer_digest(load_tokenizer(str(tiny_model)))
+    load(run)
+    assert "tokenizer" not in capsys.readouterr().err
+
+    def changed(name):
+        tok = load_tokenizer(name)
+        tok.truncation_side = "left"  # as a changed tokenizer_config.json would
+        return tok
+
+    monkeypatch.setattr("goemo.classifier.load_tokenizer", changed)
+    load(run)
+    assert capsys.readouterr().err.strip() == (
+        f"note: the tokenizer {tiny_model} is not the one this run was trained with (its files changed, or another "
+        "transformers reads them otherwise): predictions may differ from the run's"
+    )

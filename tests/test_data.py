@@ -320,7 +320,7 @@ def test_a_tokenizer_without_a_fast_backend_gets_a_cache_key(tiny_data, tmp_path
     """Python-only tokenizers (BERTweet's, CANINE's, ...) have no backend_tokenizer: hashing it was a traceback."""
     from transformers import CanineTokenizer
 
-    from goemo.data import tokenizer_digest
+    from goemo.hub import tokenizer_digest
 
     CanineTokenizer().save_pretrained(tmp_path / "canine")
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tmp_path / "canine"), cache_dir=str(tmp_path / "c"))
@@ -331,3 +331,17 @@ def test_a_tokenizer_without_a_fast_backend_gets_a_cache_key(tiny_data, tmp_path
     assert tokenizer_digest(tok) == key
     tok.truncation_side = "left"
     assert tokenizer_digest(tok) != key
+
+
+def test_evaluating_with_another_tokenizer_than_the_checkpoints_is_noted(tiny_data, tiny_model, tmp_path, capsys):
+    """What `test`/`validate`/`predict` and a resumed fit see: Lightning hands the data module its saved state."""
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    saved = dm.state_dict()
+    assert saved["tokenizer"] == dm.tokenizer_hash
+    capsys.readouterr()  # the tokenizing progress bars
+    dm.load_state_dict(saved)
+    dm.load_state_dict({})  # a checkpoint from before the digest was saved
+    assert capsys.readouterr().err == ""
+    dm.load_state_dict({**saved, "tokenizer": "0" * 64})
+    assert capsys.readouterr().err.startswith(f"note: the tokenizer {tiny_model} is not the one this run was trained with")

@@ -67,6 +67,10 @@ def test_predict_reads_an_iterator(clf):
         (["ok", 3], "item 1 is int"),
         (["ok", None], "item 1 is NoneType"),
         (["fine", "half \ud800 a pair"], "item 1 is not valid Unicode"),
+        # iterated, these gave their keys / column names, predicted silently
+        ({"id1": "I love it"}, r"flat iterable of strings, got a dict \(pass one column, e.g. df\['text'\]"),
+        (type("DataFrame", (), {"columns": ["text"], "__iter__": lambda self: iter(["text"])})(), "got a DataFrame"),
+        (np.array([["a", "b"], ["c", "d"]]), "got a ndarray"),
     ],
 )
 def test_predict_refuses_what_is_not_strings_in_one_line(clf, bad, match):
