@@ -209,13 +209,6 @@ class ResumableDataLoader(DataLoader):
     prefetch from a loader with a length.) The batch sampler must be a `LengthGroupedBatchSampler`.
     """
 
-    def epoch_seed(self) -> int:
-        """The seed of this epoch's order. Order 1 was seed + epoch, so seed 42's second epoch was seed 43's first
-        (a seed group 42, 43, 44 shared shifted orders); order 2 mixes the two (numpy's SeedSequence)."""
-        if self.order == 1:
-            return self.seed + self.epoch
-        return int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] % 2**63)
-
     def __iter__(self):
         sampler = self.batch_sampler
         for batch in super().__iter__():  # the sampler reads its start position at the first batch
