@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import torch
 
 from goemo.classifier import Classifier, load_run as load
 from goemo.errors import GoemoError, exit_on_error
-from goemo.files import partial_path, remove_dead_partials
+from goemo.files import no_space, partial_path, remove_dead_partials
 from goemo.hub import hub_kwargs
 from goemo.runs import resolve_checkpoint
 
@@ -39,6 +40,7 @@ from goemo.runs import resolve_checkpoint
 PROBE_TEXTS = ["", "I love it!", "😂😂😂", "thanks, that is so kind of you " * 40, "ugh. why would anyone do that?"]
 HF_TOLERANCE = 1e-5  # max abs difference of probabilities, checkpoint vs exported HF model
 ONNX_TOLERANCE = 1e-4  # max abs difference of logits, checkpoint vs onnxruntime
+EXPORT_FILES = ("config.json", "thresholds.json", "model.safetensors", "model.onnx")  # what --force may replace
 
 
 def _probe_batch(clf: Classifier) -> dict[str, torch.Tensor]:
@@ -125,15 +127,26 @@ def save_goemo_model(clf: Classifier, out: Path) -> None:
     _check("the exported GoemoForSequenceClassification", reloaded, clf)
 
 
+def require_onnx(what: str) -> None:
+    """One line when the `onnx` extra is missing, before anything is written: torch.onnx imports onnxscript only
+    deep inside the export (a traceback, after the HF folder was written)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise GoemoError(f"{what} needs onnx, onnxscript and onnxruntime ({e.name or e} is not installed): "
+                         "pip install -e '.[onnx]'") from None  # fmt: skip
+
+
 def export_onnx(clf: Classifier, path: Path) -> float:
     """`model.onnx`: input_ids, attention_mask (batch, sequence) int64 -> logits (batch, L); returns the check's max diff.
 
     Exports goemo's own module, so every pooling works. Apply a sigmoid and thresholds.json to the logits.
     """
-    try:
-        import onnxruntime
-    except ImportError:
-        raise GoemoError("--onnx needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime") from None
+    require_onnx("the ONNX export")
+    import onnxruntime
+
     batch = _probe_batch(clf)
     example = (batch["input_ids"], batch["attention_mask"])  # batch > 1: a size-1 axis would be fixed at 1
     axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
@@ -155,8 +168,8 @@ def export_onnx(clf: Classifier, path: Path) -> float:
 def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) -> None:
     """Write the export folder.
 
-    The target is checked before anything is loaded: it must be new or an empty folder (with `force`, an existing
-    folder is replaced whole). Everything is written into a temporary folder beside `out_dir` and moved into place
+    The target is checked before anything is loaded: it must be new or an empty folder (with `force`, an earlier
+    export is replaced whole). Everything is written into a temporary folder beside `out_dir` and moved into place
     only once every check has passed, so a failed export leaves nothing that looks like a finished one, and an
     export never mixes its files with another's.
 
@@ -164,9 +177,11 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) ->
         ckpt: `best`, `last`, a run folder or a checkpoint file, as the CLI's --ckpt_path.
         out_dir: Folder to write: new, or an empty folder.
         onnx: Also write model.onnx.
-        force: Replace `out_dir` if it is a non-empty folder (the old folder goes only once the new one is complete).
+        force: Replace `out_dir` if it holds an earlier export (the old folder goes only once the new one is complete).
     """
     out_dir = out_dir.expanduser().resolve()
+    if onnx:
+        require_onnx("--onnx")
     if force and out_dir.is_dir():  # it would replace the run (or every run) it exports from
         path = resolve_checkpoint(str(ckpt))[0].resolve()
         if out_dir in path.parents:
@@ -198,19 +213,41 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) ->
         if onnx:
             diff = export_onnx(clf, tmp / "model.onnx")
             print(f"model.onnx matches the checkpoint (max logit difference {diff:.1e})", file=sys.stderr)
+        # safetensors writes 0600: every file as the umask makes files (the folder, made here, shows it: 0755 ->
+        # 0644), so that others can read the export
+        mode = tmp.stat().st_mode & 0o666
+        for f in tmp.iterdir():
+            f.chmod(mode)
         _put_in_place(tmp, out_dir, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            raise GoemoError(f"no space left on device while writing the export {out_dir}; free space and run again") from None
         raise
 
 
+def _no_space(e: BaseException) -> bool:
+    """`goemo.files.no_space`, and safetensors' SafetensorError, which only names the OS error in its message."""
+    return no_space(e) or any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)))
+
+
 def _claim_target(out_dir: Path, force: bool) -> Path:
-    """Check `out_dir` can be written (new, an empty folder, or any folder with `force`) and make the temporary
+    """Check `out_dir` can be written (new, an empty folder, or an earlier export with `force`) and make the temporary
     folder beside it that the export is written into; both before any model is loaded."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GoemoError(f"{out_dir}: exists and is not a folder; choose a new folder to export to")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise GoemoError(f"{out_dir}: the folder is not empty; choose a new folder, or pass --force to replace it whole")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise GoemoError(f"{out_dir}: the folder is not empty; choose a new folder, or pass --force to replace it whole")
+        # --force removes the folder: never `.`, `~` or any folder above the working one, and only what looks like
+        # an earlier export (files only, one of them named as the export names its own)
+        cwd = Path.cwd().resolve()
+        if out_dir == cwd or out_dir in cwd.parents:
+            raise GoemoError(f"{out_dir}: --force would remove the working folder or one above it; export to a new folder")
+        entries = list(out_dir.iterdir())
+        if any(e.is_dir() for e in entries) or not {e.name for e in entries} & set(EXPORT_FILES):
+            raise GoemoError(f"{out_dir}: --force replaces only an earlier export (files only, among them "
+                             f"{', '.join(EXPORT_FILES[:-1])} or {EXPORT_FILES[-1]}); choose a new folder")  # fmt: skip
     # Its own temporary folder (two exports to one target at once never write into each other's), and the ones
     # that killed exports of this machine left are removed.
     remove_dead_partials(out_dir)
@@ -255,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("ckpt", help="best, last, a run folder (lightning_logs/version_N) or a .ckpt file")
     parser.add_argument("out_dir", type=Path, help="folder to write")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch and sequence axes)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR whole if it is a folder that is not empty")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR whole if it holds an earlier export")
     args = parser.parse_args(argv)
     # SIGTERM as an exception, so the temporary folder is removed as after any other failure (status 143).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -2,11 +2,11 @@
 
 `onnx` runs the export's model (`goemo.export.export_onnx`: goemo's own module, checked against the checkpoint);
 `int8` runs it after onnxruntime's dynamic int8 quantization (weights stored as int8 with a scale per output
-channel, activations quantized per batch). Both are made once per checkpoint and cached beside the run
-(`RUN/onnx/CKPT-KEY.onnx`, `CKPT-KEY.int8.onnx`, written atomically; KEY names the checkpoint file's size and
-modification time, so a rewritten `last.ckpt` gets a new export and its old one is removed). Tokenization,
-length-sorted batching, thresholds and the output structure are the classifier's own, so only the forward pass
-differs. The session uses as many threads as torch does, so backends
+channel in a 7-bit range, activations quantized per batch). Both are made once per checkpoint and cached beside the
+run (`RUN/onnx/CKPT-KEY.onnx`, `CKPT-KEY.int8.onnx`, written atomically; KEY names the checkpoint file's size and
+modification time, and int8's recipe, so a rewritten `last.ckpt` gets a new export and its old one is removed).
+Tokenization, length-sorted batching, thresholds and the output structure are the classifier's own, so only the
+forward pass differs. The session uses as many threads as torch does, so backends
 compare on equal terms.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Literal, Union
 
@@ -24,7 +23,7 @@ import torch
 
 from goemo.classifier import Classifier, load_run
 from goemo.errors import GoemoError
-from goemo.files import no_space
+from goemo.files import no_space, partial_path, remove_dead_partials
 from goemo.runs import RUNS_DIR, resolve_checkpoint
 
 Backend = Literal["torch", "onnx", "int8"]
@@ -40,52 +39,64 @@ def _atomic(target: Path, make: Callable[[Path], None]) -> Path:
     """`make(tmp)` writes a file, renamed to `target` when complete; skipped when `target` exists."""
     if target.is_file():
         return target
+    tmp = partial_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        remove_dead_partials(target)  # a killed export's (kill -9, out of memory)
+        # Made here, not by mkstemp: the umask's mode (0644), as the run's other files, not mkstemp's 0600, which other
+        # users could not read (their load would then fail); and the folder is known writable before the export.
+        tmp.touch(exist_ok=False)
     except OSError as e:
         if no_space(e):
             raise GoemoError(f"no space left on device while writing {target}; free space and run again") from None
         raise GoemoError(f"{target.parent}: cannot write the ONNX model there ({e.strerror or e}); make it a writable "
                          "folder, or copy the run folder to one") from None  # fmt: skip
-    os.close(fd)
     try:
-        make(Path(tmp))
+        make(tmp)
         os.replace(tmp, target)
     except (OSError, RuntimeError) as e:  # torch.onnx's writer may wrap the OSError in a RuntimeError
         if not no_space(e):
             raise
         raise GoemoError(f"no space left on device while writing {target}; free space and run again") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return target
 
 
 def onnx_files(clf: Classifier, ckpt: Path, int8: bool, stat: os.stat_result) -> Path:
     """The checkpoint's ONNX model (fp32, or int8-quantized), made on first use; `stat`: the file's when `clf`
     was loaded from it."""
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise GoemoError("backend onnx/int8 needs onnx, onnxscript and onnxruntime: pip install -e '.[onnx]'") from None
-    from goemo.export import export_onnx
+    from goemo.export import export_onnx, require_onnx
+
+    require_onnx("backend onnx/int8")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = cache_dir(ckpt)
     # The checkpoint as loaded: a resumed fit rewrites last.ckpt under the same name, and an export of the old
-    # weights beside the new thresholds would score wrongly without a word.
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    name = f"{ckpt.stem}-{key}"
+    # weights beside the new thresholds would score wrongly without a word. int8's recipe is part of its key, so a
+    # file quantized otherwise (before reduce_range) is not reused.
+    def key(*recipe: str) -> str:
+        return hashlib.sha256(":".join(map(str, (stat.st_size, stat.st_mtime_ns, *recipe))).encode()).hexdigest()[:12]
+
+    fp32, quantized = folder / f"{ckpt.stem}-{key()}.onnx", folder / f"{ckpt.stem}-{key('reduce_range')}.int8.onnx"
     earlier = re.compile(re.escape(ckpt.stem) + r"-[0-9a-f]{12}(\.int8)?\.onnx")  # this file's earlier contents
     for old in folder.glob("*.onnx") if folder.is_dir() else ():
-        if earlier.fullmatch(old.name) and not old.name.startswith(f"{name}."):
-            old.unlink(missing_ok=True)
-    fp32 = _atomic(folder / f"{name}.onnx", lambda tmp: export_onnx(clf, tmp))
+        if earlier.fullmatch(old.name) and old not in (fp32, quantized):
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:  # e.g. another user's, in a folder this one may not change: left, it is never read
+                pass
+    _atomic(fp32, lambda tmp: export_onnx(clf, tmp))
     if not int8:
         return fp32
     # Per-channel weight scales: on the MiniLM recipe's checkpoint, tuned test macro-F1 0.5462 against fp32's 0.5473,
-    # where one scale per tensor lost 0.014 (0.5332; benchmarks/README.md).
-    quantize = lambda tmp: quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8, per_channel=True)  # noqa: E731
-    return _atomic(folder / f"{name}.int8.onnx", quantize)
+    # where one scale per tensor lost 0.014 (0.5332; benchmarks/README.md). reduce_range (7-bit weights): on x86 CPUs
+    # without VNNI, uint8 activations times int8 weights can saturate (onnxruntime's quantize_dynamic says so), and
+    # the cached file travels with the run folder to such machines (on the MiniLM checkpoint: 0.5479).
+    quantize = lambda tmp: quantize_dynamic(  # noqa: E731
+        fp32, tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
+    )
+    return _atomic(quantized, quantize)
 
 
 def onnx_forward(path: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -16,14 +16,21 @@ of each other are predicted in one forward pass, up to `--max-batch` requests (L
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
 import argparse
+import contextlib
 import errno
 import os
 import socket
 from pathlib import Path
 from typing import Any, Optional
 
-import litserve as ls
-from pydantic import BaseModel, ConfigDict, model_validator
+try:
+    import litserve as ls
+    from pydantic import BaseModel, ConfigDict, model_validator
+except ImportError as e:  # `python -m goemo.serve` without the extra: one line, not this import's traceback
+    from goemo.errors import GoemoError, exit_on_error
+
+    with exit_on_error() if __name__ == "__main__" else contextlib.nullcontext():
+        raise GoemoError(f"goemo.serve needs LitServe ({e.name or e} is not installed): pip install -e '.[serve]'") from None
 
 # The request limits, as environment variables: `main` sets them, and the HTTP server processes it starts inherit them.
 MAX_TEXTS, MAX_CHARS = "GOEMO_SERVE_MAX_TEXTS", "GOEMO_SERVE_MAX_CHARS"

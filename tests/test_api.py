@@ -194,3 +194,24 @@ def test_a_tokenizer_changed_since_training_is_noted(tiny_run, tiny_model, monke
         f"note: the tokenizer {tiny_model} is not the one this run was trained with (its files changed, or another "
         "transformers reads them otherwise): predictions may differ from the run's"
     )
+
+
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch):
+    """'mps' off a Mac, 'xla', 'meta' or a GPU index past the machine's GPUs failed deep inside torch, a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs and no MPS
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device, message in (
+        ("mps", "device 'mps': this torch has no MPS device (Apple silicon only); use device='cpu'"),
+        ("xla", "device 'xla': goemo runs on 'cpu', 'cuda' (or 'cuda:N') and 'mps'; use device='cpu'"),
+        ("meta", "device 'meta': goemo runs on 'cpu', 'cuda' (or 'cuda:N') and 'mps'; use device='cpu'"),
+        ("cuda:2", "device 'cuda:2': this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+    ):
+        with pytest.raises(GoemoError, match="^" + re.escape(message) + "$"):
+            load(tmp_path / "nope", device=device)
+    for device in ("cpu", "cuda", "cuda:1", torch.device("cpu")):  # past the device check: the missing run is next
+        with pytest.raises(GoemoError, match="no such file or run folder"):
+            load(tmp_path / "nope", device=device)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(GoemoError, match="no such file or run folder"):
+        load(tmp_path / "nope", device="mps")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_an_onnx_model_that_cannot_be_written_is_one_line(run, tmp_path, monkeyp
     def no_room(*args, **kwargs):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
 
-    monkeypatch.setattr("goemo.onnx_backend.tempfile.mkstemp", no_room)  # full before the export starts
+    monkeypatch.setattr("goemo.onnx_backend.Path.touch", no_room)  # full before the export starts (its partial file)
     with pytest.raises(GoemoError, match="^no space left on device while writing .*; free space and run again$"):
         load(work, backend="onnx")
     assert onnx_backend.cache_dir(work / "checkpoints" / "x.ckpt") == work / "onnx"
@@ -118,3 +119,113 @@ def test_predict_command_with_a_backend_writes_what_torch_writes(run):
     assert [r["text"] for r in outs["onnx"]] == [t for t in TEXTS[:12]]
     for a, b in zip(outs["onnx"], outs["torch"]):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+# -- the cached ONNX files: readable by others, a killed export's partial removed, a stale file left if it must be ---
+def test_cached_onnx_files_are_readable_by_other_users(tmp_path, tiny_model):
+    """mkstemp's 0600 went with the rename: another user could not read RUN/onnx/*.onnx (and their load failed)."""
+    import os
+    import stat
+
+    from goemo import load
+    from tests.test_export import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    umask = os.umask(0o022)
+    try:
+        load(ckpt, backend="int8")
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.glob("*.onnx")}
+    assert len(modes) == 2 and set(modes.values()) == {"0o644"}, modes
+
+
+def fake_onnx_files(monkeypatch, tmp_path):
+    """goemo.onnx_backend.onnx_files(ckpt, int8) for a checkpoint file, its export a few bytes."""
+    from goemo.onnx_backend import onnx_files
+
+    monkeypatch.setattr("goemo.export.export_onnx", lambda clf, path: path.write_bytes(b"onnx"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"weights")
+    return lambda int8=False: onnx_files(None, ckpt, int8, ckpt.stat())
+
+
+def test_a_killed_exports_partial_file_is_removed_by_the_next(tmp_path, monkeypatch):
+    """kill -9 or the OOM killer during the export left `.NAME.*.partial` in RUN/onnx for good."""
+    import re
+    import subprocess
+    import sys
+
+    from goemo.files import partial_path
+
+    make = fake_onnx_files(monkeypatch, tmp_path)
+    target = make()
+    target.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    left = partial_path(target)
+    left = left.with_name(re.sub(r"-\d+-(?=[0-9a-f]{8}\.partial$)", f"-{int(dead.stdout)}-", left.name))
+    left.write_bytes(b"half an export")
+    assert make().read_bytes() == b"onnx" and sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_a_stale_cached_file_that_cannot_be_removed_is_left(tmp_path, monkeypatch):
+    """After a resume, the old checkpoint's export is removed; one this user may not remove raised PermissionError."""
+    import errno
+
+    make = fake_onnx_files(monkeypatch, tmp_path)
+    stale = tmp_path / "onnx" / "last-0123456789ab.onnx"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old weights")
+    unlink = Path.unlink
+
+    def denied(self, *args, **kwargs):
+        if self == stale:  # as root (the tests), permissions would not stop it
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    assert make().read_bytes() == b"onnx" and stale.read_bytes() == b"old weights"
+
+
+def without_onnxscript(code: str, *args: str, cwd: Path):
+    """`code` run by a fresh Python in which onnxscript cannot be imported (in this process torch.onnx may hold it)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['onnxscript'] = None\n" + code, *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_a_missing_onnx_extra_is_one_line_before_anything_is_written(tmp_path, tiny_model):
+    """Without onnxscript, torch.onnx failed deep inside the export with ModuleNotFoundError, a traceback."""
+    from tests.test_export import write_checkpoint
+
+    write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    code = "from goemo import load\nfrom goemo.errors import exit_on_error\nwith exit_on_error(): load('run.ckpt', backend='onnx')"
+    r = without_onnxscript(code, cwd=tmp_path)
+    message = "error: backend onnx/int8 needs onnx, onnxscript and onnxruntime (onnxscript is not installed): pip install -e '.[onnx]'\n"
+    assert (r.returncode, r.stderr) == (2, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+def test_int8_is_quantized_with_reduce_range_and_an_earlier_int8_file_is_not_reused(tmp_path, monkeypatch):
+    """7-bit weights (reduce_range): uint8 x int8 products can saturate on x86 CPUs without VNNI, and the cached
+    file goes wherever the run folder goes. A file quantized before (without it) is made again, not read."""
+    import onnxruntime.quantization
+
+    calls = []
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic",
+                        lambda src, dst, **kw: calls.append(kw) or Path(dst).write_bytes(b"int8"))  # fmt: skip
+    make = fake_onnx_files(monkeypatch, tmp_path)
+    fp32 = make()
+    before = fp32.with_name(fp32.name.replace(".onnx", ".int8.onnx"))  # where the int8 file was cached before
+    before.write_bytes(b"int8 at full range")
+    got = make(int8=True)
+    assert got.read_bytes() == b"int8" and got != before and not before.exists()
+    assert calls == [{"weight_type": onnxruntime.quantization.QuantType.QInt8, "per_channel": True, "reduce_range": True}]
+    assert sorted(p.name for p in fp32.parent.iterdir()) == sorted([fp32.name, got.name])

@@ -132,3 +132,90 @@ def test_mean_pooling_exports_goemo_class_and_onnx(tmp_path, tiny_model, pooling
     assert np.abs(probs - clf.predict_proba(TEXTS)).max() <= 1e-4
     labels = [{n for n, p in zip(thresholds, row) if p > thresholds[n]} for row in probs]
     assert labels == [set(r["labels"]) for r in clf.predict(TEXTS)]
+
+
+# -- the export folder: readable by others, --force only over an earlier export, one-line errors ------------------
+def test_exported_files_are_readable_by_other_users(tmp_path, tiny_model):
+    """safetensors writes model.safetensors 0600: with umask 022 another user could not load the export."""
+    import stat
+
+    ckpt = write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    umask = os.umask(0o022)
+    try:
+        export(str(ckpt), tmp_path / "out")
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_force_replaces_only_an_earlier_export_never_the_working_folder(tmp_path, tiny_model, monkeypatch, capsys):
+    """`python -m goemo.export RUN . --force` (or `~`) renamed and removed the working folder (or the home folder)."""
+    from goemo.errors import GoemoError
+    from goemo.export import main
+
+    ckpt = write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    work, home = tmp_path / "home" / "work", tmp_path / "home"
+    (work / "src").mkdir(parents=True)
+    (work / "config.json").write_text("{}")  # a project's config and its own thresholds: still not an export
+    (work / "thresholds.json").write_text("{}")
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work / "src")
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere" / "docs").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "model.onnx").write_text("someone's")
+    capsys.readouterr()  # the model's loading bar
+    for target, message in (
+        (".", f"{work / 'src'}: --force would remove the working folder or one above it; export to a new folder"),
+        ("..", f"{work}: --force would remove the working folder or one above it"),
+        (str(home), f"{home}: --force would remove the working folder or one above it"),
+        ("~", (f"{tmp_path / 'elsewhere'}: --force replaces only an earlier export (files only, among them config.json, "
+               "thresholds.json, model.safetensors or model.onnx); choose a new folder")),
+    ):  # fmt: skip
+        (work / "src" / "main.py").write_text("print()")
+        with pytest.raises(SystemExit) as e:
+            main([str(ckpt), target, "--force"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert (work / "src" / "main.py").is_file() and (home / "notes.txt").is_file()
+    assert (tmp_path / "elsewhere" / "model.onnx").read_text() == "someone's"
+    mine = tmp_path / "mine"  # files only, but none an export writes
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(GoemoError, match="--force replaces only an earlier export"):
+        export(str(ckpt), mine, force=True)
+    old = tmp_path / "old-export"  # an earlier export is replaced whole
+    old.mkdir()
+    for name in ("config.json", "thresholds.json", "tokenizer.json", "model.onnx"):
+        (old / name).write_text("{}")
+    export(str(ckpt), old, force=True)
+    assert not (old / "model.onnx").exists() and (old / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or set-aside folder left
+
+
+def test_onnx_without_onnxscript_is_one_line_before_anything_is_written(tmp_path, tiny_model):
+    """torch.onnx imports onnxscript deep inside the export: a traceback, after the HF folder had been written."""
+    from tests.test_backends import without_onnxscript
+
+    write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    r = without_onnxscript("from goemo.export import main\nmain(sys.argv[1:])", "run.ckpt", "out", "--onnx", cwd=tmp_path)
+    message = "error: --onnx needs onnx, onnxscript and onnxruntime (onnxscript is not installed): pip install -e '.[onnx]'\n"
+    assert (r.returncode, r.stderr) == (2, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+def test_a_full_disk_during_the_export_is_one_line(tmp_path, tiny_model, monkeypatch):
+    """safetensors' writer fails with a SafetensorError that names the OS error only in its message: a traceback."""
+    from safetensors import SafetensorError
+
+    from goemo.errors import GoemoError
+
+    def full(*args, **kwargs):  # what safetensors raises on a full disk (tried on a 64 KiB tmpfs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    ckpt = write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
+    out = tmp_path / "out"
+    with pytest.raises(GoemoError, match=f"^no space left on device while writing the export {out}; free space and run again$"):
+        export(str(ckpt), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
