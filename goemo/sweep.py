@@ -8,7 +8,7 @@ the reports and `goemo.compare` work on any trial. The objective is a logged val
 come (`goemo.sweep.OptunaReport`, a callback in the trial's config), so Optuna's pruner stops unpromising trials.
 
 The study lives in a database: a SQLite file in lightning_logs/ by default, or any SQLAlchemy URL
-(`--storage postgresql://...`), which is how several workers on several machines share one study (Optuna's
+(`--storage postgresql+psycopg://...`), which is how several workers on several machines share one study (Optuna's
 own distributed mode). Workers send heartbeats; a worker killed mid-trial loses only that trial, which the next
 worker to look marks failed and runs again (Optuna's RetryHeartbeatStaleTrialCallback). `--trials N` counts finished
 trials (complete or pruned) over all workers. At the end the summary (best trial, its run folder and config,
