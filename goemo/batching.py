@@ -82,6 +82,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         pool_batches: int = 64,
         num_replicas: int = 1,
         rank: int = 0,
+        order: int = 2,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise GoemoError(f"rank {rank} is outside 0..{num_replicas - 1}")
@@ -92,7 +93,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.consumed = 0  # batches of this epoch, over all ranks, already taken by the training loop
-        self.order = 2  # how (seed, epoch) seed the order: 1 up to 2026-12-06 (see epoch_seed), kept by resumed fits
+        self.order = order  # how (seed, epoch) seed the order: 1 up to 2026-12-06 (see epoch_seed), kept by resumed fits
         # Evaluation's order never changes: cut it once. (E,) row-index tensors, E a multiple of num_replicas.
         self._evaluation = None if shuffle else self._evaluation_batches()
 

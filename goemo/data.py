@@ -161,10 +161,14 @@ def rows_digest(raw) -> str:
     import pyarrow.compute as pc
 
     table, h = raw.with_format("arrow")[:], hashlib.sha256()  # the rows in order, column-wise (row by row: seconds)
-    for column in ("text", "id"):
+    for column in ("text", "id"):  # the ids travel into the cache too
         if column in raw.column_names:
-            h.update("\0".join(map(str, table.column(column).to_pylist())).encode("utf-8"))
-        h.update(b"\1")
+            values = table.column(column)
+            h.update(f"{column}:{values.type}:".encode())  # an id 7 is not an id "7"
+            values = pc.fill_null(values.cast("string"), "")
+            # each value's length too: no two lists of texts join into the same string
+            h.update(pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            h.update("".join(values.to_pylist()).encode("utf-8"))
     labels = table.column("labels")  # (rows,) lists of ids
     h.update(pc.list_value_length(labels).to_numpy().astype(np.int64).tobytes())
     h.update(pc.list_flatten(labels).to_numpy().astype(np.int64).tobytes())
@@ -270,6 +274,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
         self.datasets: dict = {}
         self._tokenizer = None
         self._training_digest: str | None = None  # `training_digest`, computed at the first checkpoint
+        self._order = 2  # how the training batches' order is seeded (LengthGroupedBatchSampler.order); 1 for older fits
 
     @property
     def num_labels(self) -> int:
@@ -417,11 +422,15 @@ class GoEmotionsDataModule(L.LightningDataModule):
             return {}
         if self._training_digest is None:  # once per process: the rows do not change
             self._training_digest = self.training_digest()
-        return {"training_digest": self._training_digest, "tokenizer": self.tokenizer_hash}
+        return {"training_digest": self._training_digest, "tokenizer": self.tokenizer_hash, "order": self._order}
 
     def load_state_dict(self, state: dict) -> None:
         # Lightning calls this after `setup`, at every start from a checkpoint; only a fit trains on the rows.
         note_tokenizer_change(state.get("tokenizer"), self.tokenizer_hash, self.hparams.tokenizer_name)
+        if "training_digest" in state:  # a fit's checkpoint: one by goemo up to 2026-12-06 holds no order, 1
+            # Here, not only in the loader's state, which Lightning restores only mid-epoch: a fit resumed from an
+            # epoch's end must go on in the orders it started with too.
+            self._order = int(state.get("order", 1))
         if self.trainer is None or self.trainer.state.fn != "fit" or "training_digest" not in state:
             return  # test and predict read other splits; checkpoints from before the digest are taken as they are
         if self.state_dict()["training_digest"] != state["training_digest"]:
@@ -457,7 +466,7 @@ class GoEmotionsDataModule(L.LightningDataModule):
             seed = int(self.trainer.strategy.broadcast(seed, src=0))
         sampler = LengthGroupedBatchSampler(
             lengths, batch_size, shuffle=shuffle, seed=seed, pool_batches=64 if hp.group_by_length else 1,
-            num_replicas=world, rank=rank,
+            num_replicas=world, rank=rank, order=self._order,
         )  # fmt: skip
         loader = ResumableDataLoader if shuffle else DataLoader
         # Its own generator: starting an iterator draws a worker seed from it, not from the global random

@@ -1,9 +1,9 @@
 """Where models and datasets come from: local folders, Python packages, or the Hugging Face Hub.
 
 The Hub's own clients retry a dead connection for ~30-50 s before failing with a
-long traceback. We probe the endpoint once (a TCP connect, 3 s timeout); if it is
-unreachable we use only what is already in the local cache, and otherwise fail at
-once with a one-line message that names the offline alternatives.
+long traceback. We probe the endpoint once (a TCP connect, or a CONNECT through the proxy set for it; 3 s
+timeout); if it is unreachable we use only what is already in the local cache, and otherwise fail at once with a
+one-line message that names the offline alternatives.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -75,7 +76,8 @@ def resolve_model_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the Hub endpoint accepts a TCP connection, or a proxy is set for it (and offline mode is not forced)."""
+    """True when the Hub endpoint accepts a TCP connection, or the proxy set for it a tunnel (and offline mode is not
+    forced)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's true values
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -85,13 +87,31 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except ValueError:  # a port that is not a number
         raise GoemoError(f"HF_ENDPOINT {endpoint!r} is not a URL (its port); unset it or give https://HOST[:PORT]") from None
     proxies = urllib.request.getproxies()  # HTTPS_PROXY, ALL_PROXY, ...: huggingface_hub's client goes through them
-    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.hostname or ""):
-        return True  # behind a proxy a direct connection fails and says nothing about the Hub: let the client try
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        return _proxy_connects(proxy, url.hostname, port, timeout)  # a direct connection would say nothing
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _proxy_connects(proxy: str, host: str, port: int, timeout: float) -> bool:
+    """Whether an HTTP proxy opens a tunnel to host:port (CONNECT answered 200). A proxy that refuses the Hub
+    (403, or 407 for credentials) counts as unreachable, so the local cache is used: huggingface_hub raises a
+    ProxyError there rather than fall back to it. Other kinds of proxy (SOCKS) are left to the client to try."""
+    url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    if url.scheme not in ("http", "https"):
+        return True
+    try:
+        with socket.create_connection((url.hostname, url.port or 80), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            status = conn.recv(64).split(b"\r\n", 1)[0].split()  # b"HTTP/1.1 200 Connection established"
+    except (OSError, ValueError):
+        return False
+    return len(status) >= 2 and status[1] == b"200"
 
 
 def hub_kwargs(name: str) -> dict:
@@ -202,6 +222,11 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()[:20]
 
 
+# What transformers writes into a saved tokenizer_config.json about how the tokenizer was loaded.
+LOAD_KEYS = {"local_files_only", "is_local", "name_or_path", "_commit_hash", "cache_dir", "revision", "token",
+             "trust_remote_code", "force_download", "proxies", "subfolder"}  # fmt: skip
+
+
 def tokenizer_digest(tok) -> str:
     """sha256 of what a tokenizer does: its backend's JSON (fast tokenizers) or its saved files (Python-only ones,
     e.g. BERTweet's, which have no backend), and truncation_side, which lives outside both."""
@@ -211,6 +236,10 @@ def tokenizer_digest(tok) -> str:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tok.save_pretrained(tmp)
+            config = Path(tmp) / "tokenizer_config.json"
+            if config.is_file():  # without how it was loaded (offline or not, from where), which changes no token
+                settings = json.loads(config.read_text(encoding="utf-8"))
+                config.write_text(json.dumps({k: v for k, v in settings.items() if k not in LOAD_KEYS}, sort_keys=True))
             spec = type(tok).__name__ + folder_digest(Path(tmp))
     return hashlib.sha256(f"{spec}|{tok.truncation_side}".encode()).hexdigest()
 

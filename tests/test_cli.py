@@ -186,24 +186,44 @@ def test_hub_offline_reads_huggingface_hubs_true_values(value, offline, monkeypa
 
 
 
-def test_behind_a_proxy_the_hub_is_not_judged_by_a_direct_connection(monkeypatch):
-    """Where only a proxy reaches out, the direct probe failed and goemo went offline though downloads would work."""
+def test_behind_a_proxy_the_hub_is_judged_by_the_proxys_answer(monkeypatch):
+    """Where only a proxy reaches out, the direct probe failed and goemo went offline though downloads would work;
+    a proxy that refuses the Hub must still send goemo to the local cache (huggingface_hub raises on its 403)."""
+    import socket
+    import threading
+
     from goemo.hub import hub_reachable
+
+    def proxy(answer: bytes) -> tuple[str, list]:
+        server = socket.create_server(("127.0.0.1", 0))
+        asked = []
+
+        def serve():
+            conn, _ = server.accept()
+            with conn:
+                asked.append(conn.recv(256))
+                conn.sendall(answer)
+            server.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{server.getsockname()[1]}", asked
 
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "https://hf.example")
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    dialled = []
-    monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or pytest.fail("dialled"))
-    hub_reachable.cache_clear()
     try:
-        assert hub_reachable() is True and dialled == []
-        monkeypatch.setenv("NO_PROXY", "hf.example")  # not through the proxy: probed directly (and refused here)
-        monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or (_ for _ in ()).throw(OSError()))
+        for answer, reachable in ((b"HTTP/1.1 200 Connection established\r\n\r\n", True), (b"HTTP/1.1 403 Forbidden\r\n\r\n", False)):
+            url, asked = proxy(answer)
+            monkeypatch.setenv("HTTPS_PROXY", url)
+            hub_reachable.cache_clear()
+            assert hub_reachable() is reachable
+            assert asked == [b"CONNECT hf.example:443 HTTP/1.1\r\nHost: hf.example:443\r\n\r\n"]
+        monkeypatch.setenv("NO_PROXY", "hf.example")  # not through the proxy: probed directly
+        dialled = []
+        monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or contextlib.nullcontext())
         hub_reachable.cache_clear()
-        assert hub_reachable() is False and dialled == [(("hf.example", 443),)]
+        assert hub_reachable() is True and dialled == [(("hf.example", 443),)]
     finally:
         hub_reachable.cache_clear()
 

@@ -318,7 +318,7 @@ def test_ddp_ranks_cut_rank_0s_order_when_each_process_drew_its_own_seed(tiny_da
 
 def test_a_tokenizer_without_a_fast_backend_gets_a_cache_key(tiny_data, tmp_path):
     """Python-only tokenizers (BERTweet's, CANINE's, ...) have no backend_tokenizer: hashing it was a traceback."""
-    from transformers import CanineTokenizer
+    from transformers import AutoTokenizer, CanineTokenizer
 
     from goemo.hub import tokenizer_digest
 
@@ -329,6 +329,9 @@ def test_a_tokenizer_without_a_fast_backend_gets_a_cache_key(tiny_data, tmp_path
     tok = dm.tokenizer
     key = tokenizer_digest(tok)
     assert tokenizer_digest(tok) == key
+    # loaded offline (HF_HUB_OFFLINE, or the Hub down): transformers records local_files_only in what it saves
+    offline = AutoTokenizer.from_pretrained(str(tmp_path / "canine"), local_files_only=True)
+    assert tokenizer_digest(offline) == key
     tok.truncation_side = "left"
     assert tokenizer_digest(tok) != key
 
@@ -345,3 +348,59 @@ def test_evaluating_with_another_tokenizer_than_the_checkpoints_is_noted(tiny_da
     assert capsys.readouterr().err == ""
     dm.load_state_dict({**saved, "tokenizer": "0" * 64})
     assert capsys.readouterr().err.startswith(f"note: the tokenizer {tiny_model} is not the one this run was trained with")
+
+
+def test_a_fit_started_by_older_code_resumes_from_an_epoch_end_in_its_own_orders(tiny_data, tiny_model, tmp_path):
+    """Lightning restores the loader's state only mid-epoch: the order's version rides in the data module's state,
+    which every resume restores. A checkpoint without it (goemo up to 2026-12-06) goes on in order 1."""
+    import lightning as L
+
+    from goemo.model import EmotionClassifier
+    from goemo.runs import load_checkpoint
+
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(trainer.train_dataloader.batch_sampler.order)
+
+    def fit(epochs: int, ckpt_path=None) -> L.Trainer:
+        dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+        trainer = L.Trainer(
+            max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", default_root_dir=tmp_path,
+            logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Look()],
+        )  # fmt: skip
+        trainer.fit(EmotionClassifier(str(tiny_model), label_names=dm.label_names), dm, ckpt_path=ckpt_path)
+        return trainer
+
+    path = fit(1).checkpoint_callback.best_model_path  # saved at the epoch's end
+    ckpt = load_checkpoint(path)
+    assert ckpt["GoEmotionsDataModule"]["order"] == 2 and seen == [2]
+    fit(2, ckpt_path=path)
+    assert seen == [2, 2]
+    for state in ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]:
+        state.pop("order")  # as older code saved them
+    del ckpt["GoEmotionsDataModule"]["order"]
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    fit(2, ckpt_path=tmp_path / "older.ckpt")
+    assert seen == [2, 2, 1]
+
+
+def test_the_cache_key_follows_every_text_label_and_id_and_their_types():
+    import datasets
+
+    from goemo.data import rows_digest
+
+    def digest(text, labels, ids):
+        return rows_digest(datasets.Dataset.from_dict({"text": text, "labels": labels, "id": ids}))
+
+    base = digest(["ab", "c"], [[1], [2, 3]], ["x", "y"])
+    assert base == digest(["ab", "c"], [[1], [2, 3]], ["x", "y"])
+    others = [
+        digest(["a", "bc"], [[1], [2, 3]], ["x", "y"]),  # the same characters cut otherwise
+        digest(["ab", "c"], [[1, 2], [3]], ["x", "y"]),
+        digest(["ab", "c"], [[1], [2, 3]], ["x", "z"]),
+        digest(["ab", "c"], [[1], [2, 3]], [1, 2]),
+        digest(["ab", "c"], [[1], [2, 3]], ["1", "2"]),
+    ]
+    assert len({base, *others}) == 6
