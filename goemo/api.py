@@ -64,13 +64,15 @@ def check_arguments(ckpt, device, batch_size) -> None:
     except (RuntimeError, TypeError):
         raise GoemoError(f"device {device!r}: not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
     # Only devices that can run the model here: others ('mps' off a Mac, 'xla', 'meta', 'cuda:3' with 2 GPUs) failed
-    # deep inside torch with a traceback.
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise GoemoError(f"device {device!r}: this torch sees no CUDA device; use device='cpu'")
-    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
-        raise GoemoError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
-    if where.type == "mps" and not torch.backends.mps.is_available():
-        raise GoemoError(f"device {device!r}: this torch has no MPS device (Apple silicon only); use device='cpu'")
-    if where.type not in ("cpu", "cuda", "mps"):
-        raise GoemoError(f"device {device!r}: goemo runs on 'cpu', 'cuda' (or 'cuda:N') and 'mps'; use device='cpu'")
+    # deep inside torch with a traceback. torch.cuda, torch.mps, torch.xpu, ... each say whether theirs is there.
+    if where.type == "cpu":
+        return
+    backend = getattr(torch, where.type, None)
+    if where.type == "meta" or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        raise GoemoError(f"device {device!r}: goemo runs on 'cpu', 'cuda' (or 'cuda:N'), 'mps' or 'xpu'; use device='cpu'")
+    if not backend.is_available():
+        raise GoemoError(f"device {device!r}: this torch sees no {where.type.upper()} device; use device='cpu'")
+    if (where.index or 0) >= backend.device_count():
+        n = backend.device_count()
+        raise GoemoError(f"device {device!r}: this machine has {n} {where.type.upper()} device(s), "
+                         f"{where.type}:0 to {where.type}:{n - 1}")  # fmt: skip

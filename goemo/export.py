@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import importlib
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from goemo.runs import resolve_checkpoint
 PROBE_TEXTS = ["", "I love it!", "😂😂😂", "thanks, that is so kind of you " * 40, "ugh. why would anyone do that?"]
 HF_TOLERANCE = 1e-5  # max abs difference of probabilities, checkpoint vs exported HF model
 ONNX_TOLERANCE = 1e-4  # max abs difference of logits, checkpoint vs onnxruntime
-EXPORT_FILES = ("config.json", "thresholds.json", "model.safetensors", "model.onnx")  # what --force may replace
+EXPORT_FILES = ("config.json", "thresholds.json")  # every export writes both; --force replaces only such a folder
 
 
 def _probe_batch(clf: Classifier) -> dict[str, torch.Tensor]:
@@ -127,16 +128,16 @@ def save_goemo_model(clf: Classifier, out: Path) -> None:
     _check("the exported GoemoForSequenceClassification", reloaded, clf)
 
 
-def require_onnx(what: str) -> None:
+def require_onnx(what: str, modules: tuple[str, ...] = ("onnx", "onnxscript", "onnxruntime")) -> None:
     """One line when the `onnx` extra is missing, before anything is written: torch.onnx imports onnxscript only
-    deep inside the export (a traceback, after the HF folder was written)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise GoemoError(f"{what} needs onnx, onnxscript and onnxruntime ({e.name or e} is not installed): "
-                         "pip install -e '.[onnx]'") from None  # fmt: skip
+    deep inside the export (a traceback, after the HF folder was written). Running a model already exported needs
+    onnxruntime alone."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            names = " and ".join([", ".join(modules[:-1]), modules[-1]] if len(modules) > 1 else modules)
+            raise GoemoError(f"{what} needs {names} ({e.name or module} is not installed): pip install -e '.[onnx]'") from None
 
 
 def export_onnx(clf: Classifier, path: Path) -> float:
@@ -245,9 +246,9 @@ def _claim_target(out_dir: Path, force: bool) -> Path:
         if out_dir == cwd or out_dir in cwd.parents:
             raise GoemoError(f"{out_dir}: --force would remove the working folder or one above it; export to a new folder")
         entries = list(out_dir.iterdir())
-        if any(e.is_dir() for e in entries) or not {e.name for e in entries} & set(EXPORT_FILES):
+        if any(e.is_dir() for e in entries) or not set(EXPORT_FILES) <= {e.name for e in entries}:
             raise GoemoError(f"{out_dir}: --force replaces only an earlier export (files only, among them "
-                             f"{', '.join(EXPORT_FILES[:-1])} or {EXPORT_FILES[-1]}); choose a new folder")  # fmt: skip
+                             f"{' and '.join(EXPORT_FILES)}); choose a new folder")  # fmt: skip
     # Its own temporary folder (two exports to one target at once never write into each other's), and the ones
     # that killed exports of this machine left are removed.
     remove_dead_partials(out_dir)

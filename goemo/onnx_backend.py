@@ -68,8 +68,7 @@ def onnx_files(clf: Classifier, ckpt: Path, int8: bool, stat: os.stat_result) ->
     was loaded from it."""
     from goemo.export import export_onnx, require_onnx
 
-    require_onnx("backend onnx/int8")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    require_onnx("backend onnx/int8", ("onnxruntime",))  # the export and quantization check the rest, if needed
 
     folder = cache_dir(ckpt)
     # The checkpoint as loaded: a resumed fit rewrites last.ckpt under the same name, and an export of the old
@@ -86,6 +85,8 @@ def onnx_files(clf: Classifier, ckpt: Path, int8: bool, stat: os.stat_result) ->
                 old.unlink(missing_ok=True)
             except OSError:  # e.g. another user's, in a folder this one may not change: left, it is never read
                 pass
+    if not fp32.is_file():  # to be exported: checked before anything is written
+        require_onnx("backend onnx/int8")
     _atomic(fp32, lambda tmp: export_onnx(clf, tmp))
     if not int8:
         return fp32
@@ -93,9 +94,12 @@ def onnx_files(clf: Classifier, ckpt: Path, int8: bool, stat: os.stat_result) ->
     # where one scale per tensor lost 0.014 (0.5332; benchmarks/README.md). reduce_range (7-bit weights): on x86 CPUs
     # without VNNI, uint8 activations times int8 weights can saturate (onnxruntime's quantize_dynamic says so), and
     # the cached file travels with the run folder to such machines (on the MiniLM checkpoint: 0.5479).
-    quantize = lambda tmp: quantize_dynamic(  # noqa: E731
-        fp32, tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
-    )
+    def quantize(tmp: Path) -> None:
+        require_onnx("backend int8 (quantizing the model once)", ("onnx", "onnxruntime"))
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+
     return _atomic(quantized, quantize)
 
 

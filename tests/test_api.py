@@ -198,13 +198,15 @@ def test_a_tokenizer_changed_since_training_is_noted(tiny_run, tiny_model, monke
 
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch):
     """'mps' off a Mac, 'xla', 'meta' or a GPU index past the machine's GPUs failed deep inside torch, a traceback."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs and no MPS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs, no MPS, no XPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
     for device, message in (
-        ("mps", "device 'mps': this torch has no MPS device (Apple silicon only); use device='cpu'"),
-        ("xla", "device 'xla': goemo runs on 'cpu', 'cuda' (or 'cuda:N') and 'mps'; use device='cpu'"),
-        ("meta", "device 'meta': goemo runs on 'cpu', 'cuda' (or 'cuda:N') and 'mps'; use device='cpu'"),
+        ("mps", "device 'mps': this torch sees no MPS device; use device='cpu'"),
+        ("xpu", "device 'xpu': this torch sees no XPU device; use device='cpu'"),
+        ("xla", "device 'xla': goemo runs on 'cpu', 'cuda' (or 'cuda:N'), 'mps' or 'xpu'; use device='cpu'"),
+        ("meta", "device 'meta': goemo runs on 'cpu', 'cuda' (or 'cuda:N'), 'mps' or 'xpu'; use device='cpu'"),
         ("cuda:2", "device 'cuda:2': this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
     ):
         with pytest.raises(GoemoError, match="^" + re.escape(message) + "$"):
@@ -212,6 +214,9 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch):
     for device in ("cpu", "cuda", "cuda:1", torch.device("cpu")):  # past the device check: the missing run is next
         with pytest.raises(GoemoError, match="no such file or run folder"):
             load(tmp_path / "nope", device=device)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    with pytest.raises(GoemoError, match="no such file or run folder"):
-        load(tmp_path / "nope", device="mps")
+    for kind in (torch.mps, torch.xpu):  # an Apple or an Intel GPU: taken as cuda is
+        monkeypatch.setattr(kind, "is_available", lambda: True)
+        monkeypatch.setattr(kind, "device_count", lambda: 1)
+    for device in ("mps", "xpu"):
+        with pytest.raises(GoemoError, match="no such file or run folder"):
+            load(tmp_path / "nope", device=device)

@@ -229,3 +229,17 @@ def test_int8_is_quantized_with_reduce_range_and_an_earlier_int8_file_is_not_reu
     assert got.read_bytes() == b"int8" and got != before and not before.exists()
     assert calls == [{"weight_type": onnxruntime.quantization.QuantType.QInt8, "per_channel": True, "reduce_range": True}]
     assert sorted(p.name for p in fp32.parent.iterdir()) == sorted([fp32.name, got.name])
+
+
+def test_a_model_exported_before_runs_without_onnxscript(tmp_path, tiny_model):
+    """onnxscript only exports: a run folder whose ONNX model is cached (copied to a slim inference machine) loads
+    with onnxruntime alone."""
+    from goemo import load
+    from tests.test_export import write_checkpoint
+
+    write_checkpoint(tmp_path / "run.ckpt", tiny_model, "cls")
+    want = load(tmp_path / "run.ckpt", backend="onnx").predict_proba(["I love it", "ugh"])
+    code = "from goemo import load\nprint(load('run.ckpt', backend='onnx').predict_proba(['I love it', 'ugh']).tolist())"
+    r = without_onnxscript(code, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    np.testing.assert_allclose(eval(r.stdout), want, atol=1e-6)

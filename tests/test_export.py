@@ -169,8 +169,8 @@ def test_force_replaces_only_an_earlier_export_never_the_working_folder(tmp_path
         (".", f"{work / 'src'}: --force would remove the working folder or one above it; export to a new folder"),
         ("..", f"{work}: --force would remove the working folder or one above it"),
         (str(home), f"{home}: --force would remove the working folder or one above it"),
-        ("~", (f"{tmp_path / 'elsewhere'}: --force replaces only an earlier export (files only, among them config.json, "
-               "thresholds.json, model.safetensors or model.onnx); choose a new folder")),
+        ("~", (f"{tmp_path / 'elsewhere'}: --force replaces only an earlier export (files only, among them config.json "
+               "and thresholds.json); choose a new folder")),
     ):  # fmt: skip
         (work / "src" / "main.py").write_text("print()")
         with pytest.raises(SystemExit) as e:
@@ -179,9 +179,11 @@ def test_force_replaces_only_an_earlier_export_never_the_working_folder(tmp_path
         assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert (work / "src" / "main.py").is_file() and (home / "notes.txt").is_file()
     assert (tmp_path / "elsewhere" / "model.onnx").read_text() == "someone's"
-    mine = tmp_path / "mine"  # files only, but none an export writes
+    mine = tmp_path / "mine"  # files only, but not both that every export writes (a Hugging Face model folder)
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    (mine / "model.safetensors").write_text("weights")
     with pytest.raises(GoemoError, match="--force replaces only an earlier export"):
         export(str(ckpt), mine, force=True)
     old = tmp_path / "old-export"  # an earlier export is replaced whole

@@ -161,7 +161,8 @@ def test_export_force_replaces_the_folder_whole(tiny_run, tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"stale")
+    for name in ("config.json", "thresholds.json", "model.onnx"):  # an earlier export, with --onnx
+        (out / name).write_bytes(b"stale")
     export(str(tiny_run / "lightning_logs" / "version_0"), out, force=True)
     assert not (out / "model.onnx").exists() and (out / "thresholds.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial or .old left beside it
