@@ -3,6 +3,7 @@
     python benchmarks/ensemble_cv.py RUN RUN RUN [--repeats 10] [--threshold-resamples N]
     python benchmarks/ensemble_cv.py RUN            # one run's held-out score alone, on the same halves
     python benchmarks/ensemble_cv.py RUN RUN RUN --shrink 0    # each label's threshold on its own (no pull)
+    python benchmarks/ensemble_cv.py RUN --baseline BASE       # RUN minus BASE, half by half (paired)
 
 A test macro-F1 at tuned thresholds moves by about 0.01 between seeds of one recipe (docs/results.md), so one test
 figure cannot say whether averaging members helps. This splits the validation rows in two at random, tunes goemo's
@@ -11,6 +12,13 @@ scores macro-F1 on the other (and the other way round), `--repeats` times, for
 each member and for the average of the members' probabilities. Prints mean ± std (the spread of the halves: numpy's
 std, ddof 0) over the 2 x repeats held-out halves and the ensemble's gain over the members' mean on the same halves;
 JSON to benchmarks/out/.
+
+`--baseline RUN [RUN ...]`: also scores that run (or those runs' ensemble) on the same halves and prints the
+candidate's (the ensemble's, for several runs) score minus the baseline's, half by half: the spread of that paired
+difference is what a comparison between the two can lean on (their separate spreads are mostly the halves' own). The
+JSON keeps every half's scores. The halves depend only on the number of validation rows (seed 0), so runs scored in
+separate invocations are scored on the same halves. Tuning sees half the rows goemo tunes on: a change to the tuning
+itself (resampling, shrinkage) is judged at half its sample size.
 
 `--shrink K` (default: the first run's `model.threshold_shrink`): each label's tuned threshold t_j becomes
 `w t_j + (1 - w) g`, w = n_j / (n_j + K), n_j the label's positives among the tuning rows and g the one grid threshold
@@ -52,23 +60,33 @@ def heldout_macro(
 
 def cross_validate(
     members: list[np.ndarray], targets: np.ndarray, repeats: int = 10, seed: int = 0, resamples: int = 0,
-    fallback: float = 0.5, shrink: float = 0.0,
+    fallback: float = 0.5, shrink: float = 0.0, baseline: np.ndarray | None = None,
 ) -> dict:
-    """Held-out macro-F1 of each member and of their mean probability over 2 x `repeats` random halves."""
+    """Held-out macro-F1 of each member and of their mean probability over 2 x `repeats` random halves; with
+    `baseline` ((N, L) probabilities), the candidate's (the mean's) score minus the baseline's, half by half."""
     rng = np.random.default_rng(seed)
     candidates = [*members, np.mean(members, axis=0)] if len(members) > 1 else members  # one run: its own "mean"
+    candidates += [baseline] if baseline is not None else []
     scores = []  # (2 * repeats, candidates)
     for _ in range(repeats):
         order = rng.permutation(len(targets))
         a, b = order[: len(order) // 2], order[len(order) // 2 :]
         for tune_rows, score_rows in ((a, b), (b, a)):
             scores.append([heldout_macro(p, targets, tune_rows, score_rows, resamples, fallback, shrink) for p in candidates])
-    s = np.asarray(scores)
+    s = np.asarray(scores)  # (halves, candidates)
+    base, s = (s[:, -1], s[:, :-1]) if baseline is not None else (None, s)
     m = s[:, : len(members)]  # (halves, members)
     gain = s[:, -1] - m.mean(1)  # ensemble minus the members' mean, half by half
-    return {"members": m.mean(0).tolist(), "members_std": m.std(0).tolist(),
-            "ensemble": float(s[:, -1].mean()), "ensemble_std": float(s[:, -1].std()),
-            "gain": float(gain.mean()), "gain_std": float(gain.std()), "halves": len(s), "threshold_resamples": resamples, "shrink": shrink}  # fmt: skip
+    r = {"members": m.mean(0).tolist(), "members_std": m.std(0).tolist(),
+         "ensemble": float(s[:, -1].mean()), "ensemble_std": float(s[:, -1].std()),
+         "gain": float(gain.mean()), "gain_std": float(gain.std()), "halves": len(s), "threshold_resamples": resamples,
+         "shrink": shrink, "rows": len(targets), "seed": seed, "per_half": s.tolist()}  # fmt: skip
+    if base is not None:
+        diff = s[:, -1] - base  # the candidate (the ensemble, for several members) minus the baseline
+        r |= {"baseline": float(base.mean()), "baseline_std": float(base.std()), "baseline_per_half": base.tolist(),
+              "vs_baseline": float(diff.mean()), "vs_baseline_std": float(diff.std()),
+              "vs_baseline_wins": int((diff > 0).sum())}  # fmt: skip
+    return r
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shrink", type=float, default=None, metavar="K",
                         help="pull each label's threshold toward one shared threshold, by K / (positives + K); 0: none "
                         "(default: the first run's model.threshold_shrink)")  # fmt: skip
+    parser.add_argument("--baseline", nargs="+", metavar="RUN", default=None,
+                        help="run folder(s) to compare with on the same halves (several: their ensemble)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
     try:
@@ -93,6 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
     import goemo
     from goemo.ensemble import Ensemble, note_differing, splits_of
     from goemo.files import check_writable
+    from goemo.runs import resolve_checkpoint
 
     if args.repeats < 1 or (args.threshold_resamples is not None and args.threshold_resamples < 0):
         raise GoemoError(f"--repeats must be at least 1 and --threshold-resamples at least 0, got {args.repeats} and {args.threshold_resamples}")
@@ -115,17 +136,34 @@ def measure(args: argparse.Namespace) -> dict:
     keys = ["threshold"] + (["threshold_resamples"] if args.threshold_resamples is None else [])
     keys += ["threshold_shrink"] if args.shrink is None else []
     # then a run's row here is not its score alone, and the order of the runs moves the figures
-    note_differing(runs, keys, "every run and the ensemble are")
-    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback, shrink=shrink)
+    baseline = None
+    if args.baseline:
+        base_runs = goemo.load(args.baseline).members if len(args.baseline) > 1 else [goemo.load(args.baseline[0])]
+        if base_runs[0].label_names != runs[0].label_names:
+            raise GoemoError(f"--baseline {args.baseline[0]}: its labels differ from {args.runs[0]}'s")
+        if splits_of(base_runs[0])["validation"]["text"] != val["text"]:
+            raise GoemoError(f"--baseline {args.baseline[0]}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
+        runs_and_base = [*runs, *base_runs]
+        baseline = np.mean([m.predict_proba(val["text"]) for m in base_runs], axis=0)
+    note_differing(runs if baseline is None else runs_and_base, keys, "every run and the ensemble are")
+    r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback, shrink=shrink,
+                       baseline=baseline)  # fmt: skip
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]
     lines += [f"| {run} | {m:.4f} ± {s:.4f} |" for run, m, s in zip(args.runs, r["members"], r["members_std"])]
     if len(args.runs) > 1:
         lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
                   f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
+    if baseline is not None:
+        name = " + ".join(args.baseline)
+        lines += [f"| baseline {name} | {r['baseline']:.4f} ± {r['baseline_std']:.4f} |",
+                  f"| {'ensemble' if len(args.runs) > 1 else args.runs[0]} minus the baseline (paired) | "
+                  f"{r['vs_baseline']:+.4f} ± {r['vs_baseline_std']:.4f}, higher in {r['vs_baseline_wins']} of {r['halves']} halves |"]  # fmt: skip
     pulled = f", thresholds shrunk with K {shrink:g}" if shrink else ""
     print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples{pulled}\n" + "\n".join(lines))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    (args.out / f"ensemble-cv-{stamp}.json").write_text(json.dumps({"runs": args.runs, **r}, indent=2) + "\n")
+    resolved = [str(resolve_checkpoint(run)[0]) for run in args.runs]  # which checkpoint each run's score is of
+    checkpoints = {"runs": args.runs, "checkpoints": resolved, "baseline_runs": args.baseline}
+    (args.out / f"ensemble-cv-{stamp}.json").write_text(json.dumps({**checkpoints, **r}, indent=2) + "\n")
     return r
 
 

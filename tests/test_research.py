@@ -1151,6 +1151,25 @@ def test_ensemble_cv_can_shrink_each_labels_threshold_toward_one_global_threshol
     assert cross_validate([p], y, repeats=1, shrink=10)["shrink"] == 10
 
 
+def test_ensemble_cv_compares_with_a_baseline_half_by_half():
+    """The candidate's score minus the baseline's on each half: the spread a comparison of the two can lean on."""
+    from benchmarks.ensemble_cv import cross_validate
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 3)) < 0.3).astype(np.uint8)
+    good = np.clip(0.5 * y + 0.6 * rng.random((300, 3)), 0, 1).astype(np.float32)
+    noisy = np.clip(0.3 * y + 0.8 * rng.random((300, 3)), 0, 1).astype(np.float32)
+    alone = cross_validate([noisy], y, repeats=3)
+    r = cross_validate([good], y, repeats=3, baseline=noisy)
+    assert r["baseline"] == alone["members"][0] and r["baseline_per_half"] == [h[0] for h in alone["per_half"]]
+    diff = np.array([h[0] for h in r["per_half"]]) - np.array(r["baseline_per_half"])
+    assert r["vs_baseline"] == pytest.approx(diff.mean()) and r["vs_baseline_std"] == pytest.approx(diff.std())
+    assert r["vs_baseline"] > 0 and r["vs_baseline_wins"] == 6 and r["halves"] == 6 and r["rows"] == 300
+    assert cross_validate([good], y, repeats=3, baseline=good)["vs_baseline"] == 0.0
+    ens = cross_validate([good, noisy], y, repeats=3, baseline=noisy)  # several runs: their ensemble against it
+    assert ens["vs_baseline"] == pytest.approx(ens["ensemble"] - r["baseline"])
+
+
 def test_ensemble_cv_command_errors_are_one_line(tmp_path, capsys):
     from benchmarks import ensemble_cv
 
@@ -1168,6 +1187,7 @@ def test_ensemble_cv_command_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_path, capsys):
     from benchmarks import ensemble_cv
+    from goemo.runs import best_checkpoint
 
     runs = [str(tiny_run / "lightning_logs/version_0"), str(learned_run / "lightning_logs/version_0")]
     r = ensemble_cv.main([*runs, "--repeats", "2", "--out", str(tmp_path)])
@@ -1184,11 +1204,16 @@ def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_p
     assert alone["members"] == [r["members"][1]] and alone["members_std"] == [r["members_std"][1]]
     out = capsys.readouterr().out
     assert f"| {runs[1]} | {r['members'][1]:.4f}" in out and "ensemble" not in out.split("\n", 1)[1]
+    # Against a baseline run: the same halves, the paired difference, and which checkpoints were scored
+    paired = ensemble_cv.main([runs[1], "--baseline", runs[0], "--repeats", "2", "--out", str(tmp_path / "b")])
+    assert paired["baseline"] == r["members"][0] and paired["vs_baseline"] == pytest.approx(r["members"][1] - r["members"][0])
+    out = capsys.readouterr().out
+    assert f"| {runs[1]} minus the baseline (paired) | {paired['vs_baseline']:+.4f} ± " in out
+    saved = json.loads(next((tmp_path / "b").glob("ensemble-cv-*.json")).read_text())
+    assert saved["baseline_runs"] == [runs[0]] and saved["checkpoints"] == [str(best_checkpoint(Path(runs[1])))]
 
     # A run whose fallback threshold differs: tuned with the first run's here, which the command says.
     import shutil
-
-    from goemo.runs import best_checkpoint
 
     other = tmp_path / "other"
     shutil.copytree(learned_run / "lightning_logs/version_0", other)
