@@ -154,10 +154,10 @@ def measure(args: argparse.Namespace) -> dict:
         lines += [f"| ensemble of {len(args.runs)} | {r['ensemble']:.4f} ± {r['ensemble_std']:.4f} |",
                   f"| ensemble minus the members' mean | {r['gain']:+.4f} ± {r['gain_std']:.4f} |"]  # fmt: skip
     if baseline is not None:
-        name = " + ".join(args.baseline)
+        name, candidate = " + ".join(args.baseline), "ensemble" if len(args.runs) > 1 else args.runs[0]
+        diff = f"{r['vs_baseline']:+.4f} ± {r['vs_baseline_std']:.4f}, higher in {r['vs_baseline_wins']} of {r['halves']} halves"
         lines += [f"| baseline {name} | {r['baseline']:.4f} ± {r['baseline_std']:.4f} |",
-                  f"| {'ensemble' if len(args.runs) > 1 else args.runs[0]} minus the baseline (paired) | "
-                  f"{r['vs_baseline']:+.4f} ± {r['vs_baseline_std']:.4f}, higher in {r['vs_baseline_wins']} of {r['halves']} halves |"]  # fmt: skip
+                  f"| {candidate} minus the baseline (paired) | {diff} |"]  # fmt: skip
     pulled = f", thresholds shrunk with K {shrink:g}" if shrink else ""
     print(f"{len(val['text'])} validation rows, {r['halves']} held-out halves, {resamples} threshold resamples{pulled}\n" + "\n".join(lines))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
