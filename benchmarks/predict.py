@@ -6,7 +6,8 @@ On the full test split (5,427 texts), the same machine and thread count for all:
 "text-classification")` on the run's export (`python -m goemo.export`) at batch 32 and at batch 1, and
 `goemo.load(RUN, backend=...)` with torch, onnx and int8. Each contestant runs in a fresh process and reports
 samples/s (all texts, after the first), time to first prediction (from the start of loading the model to the first
-text's result; the libraries are imported before, the same for all), peak RSS, and test macro-F1 at the run's tuned thresholds (int8 shows its accuracy cost).
+text's result; the libraries are imported before, the same for all), peak RSS (the test texts come from a file this
+script writes first, so no contestant loads goemo's torch model but its own), and test macro-F1 at the run's tuned thresholds (int8 shows its accuracy cost).
 Prints a table; JSON and the table go to benchmarks/out/.
 """
 
@@ -29,26 +30,31 @@ sys.path.insert(0, str(REPO))
 CONTESTANTS = ("pipeline-32", "pipeline-1", "torch", "onnx", "int8")
 
 
-def test_split(run: str) -> tuple[list[str], "np.ndarray"]:  # noqa: F821
-    """The test texts and (N, L) targets of the data the run was trained on."""
+def write_test_split(run: str, path: Path) -> None:
+    """The test texts and (N, L) targets of the data the run was trained on, into `path` (.npz), read by every
+    contestant: loading the run here, once, keeps goemo's torch model out of the others' peak RSS."""
+    import numpy as np
+
     from goemo.classifier import load_run
     from goemo.ensemble import splits_of
 
     test = splits_of(load_run(run))["test"]
-    return test["text"], test["targets"]
+    np.savez(path, texts=np.array(test["text"], dtype=str), targets=test["targets"])
 
 
-def child(kind: str, run: str, export: Path, threads: int) -> dict:
+def child(kind: str, run: str, export: Path, threads: int, split: Path) -> dict:
     """One contestant, in this process: load, first prediction, all predictions, macro-F1."""
     import numpy as np
     import torch
+    from transformers import pipeline  # imported before the clock, as goemo is
+
+    import goemo  # noqa: F401
 
     torch.set_num_threads(threads)
-    texts, targets = test_split(run)
+    with np.load(split) as f:  # written by this script's parent
+        texts, targets = f["texts"].tolist(), f["targets"]
     t_load = time.perf_counter()
     if kind.startswith("pipeline"):
-        from transformers import pipeline
-
         batch = int(kind.split("-")[1])
         pipe = pipeline("text-classification", model=str(export), top_k=None, function_to_apply="sigmoid",
                         trust_remote_code=True, device="cpu")  # fmt: skip
@@ -90,10 +96,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out")
     a = p.parse_args(argv)
     export = a.export or a.out_dir / "predict-export"
+    split = a.out_dir / "predict-test-split.npz"
     if a.child:
-        print(json.dumps(child(a.child, a.run, export, a.threads)), flush=True)
+        print(json.dumps(child(a.child, a.run, export, a.threads, split)), flush=True)
         return []
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    write_test_split(a.run, split)
     only = [c for c in a.only.split(",") if c]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if any(c.startswith("pipeline") for c in only) and not (export / "config.json").is_file():
@@ -103,7 +111,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     results = []
     for kind in only:
         print(f"running {kind} ...", flush=True)
-        r = subprocess.run([sys.executable, __file__, a.run, "--child", kind, "--threads", str(a.threads), "--export", str(export)],
+        r = subprocess.run([sys.executable, __file__, a.run, "--child", kind, "--threads", str(a.threads), "--export", str(export),
+                            "--out-dir", str(a.out_dir)],
                            capture_output=True, text=True, env=env)  # fmt: skip
         if r.returncode != 0:
             raise SystemExit(f"error: {kind} failed:\n{r.stderr[-3000:]}")
