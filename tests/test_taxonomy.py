@@ -69,11 +69,10 @@ def test_original_keeps_28_labels(goemotions, tiny_model):
 
 
 def test_cache_key_includes_taxonomy(goemotions, tiny_model):
-    raw = None  # a data_dir split is keyed by its file, not by a Hub fingerprint
+    dm = GoEmotionsDataModule(data_dir=str(goemotions), tokenizer_name=str(tiny_model))
+    raw = dm._raw_splits()["validation"]  # the same rows for every taxonomy
     keys = {
-        t: GoEmotionsDataModule(data_dir=str(goemotions), tokenizer_name=str(tiny_model), taxonomy=t)._fingerprint(
-            "validation", raw
-        )
+        t: GoEmotionsDataModule(data_dir=str(goemotions), tokenizer_name=str(tiny_model), taxonomy=t)._fingerprint("validation", raw)
         for t in ("original", "ekman", "sentiment")
     }
     assert len(set(keys.values())) == 3
