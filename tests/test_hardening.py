@@ -499,7 +499,7 @@ def test_a_dead_writers_partial_that_cannot_be_removed_is_left_and_windows_kills
 
     from goemo.files import AtomicFile, partial_path, remove_dead_partials
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     left = partial_path(tmp_path / "out.jsonl")
     left = left.with_name(re.sub(r"-\d+-(?=[0-9a-f]{8}\.partial$)", f"-{int(dead.stdout)}-", left.name))
     left.write_text("theirs")
