@@ -8,6 +8,7 @@ one-line message that names the offline alternatives.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import importlib.util
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from goemo.errors import GoemoError
 
@@ -107,7 +108,11 @@ def _proxy_connects(proxy: str, host: str, port: int, timeout: float) -> bool:
     try:
         with socket.create_connection((url.hostname, url.port or 80), timeout=timeout) as conn:
             conn.settimeout(timeout)
-            conn.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            auth = ""  # credentials in the proxy's URL (http://USER:PASS@HOST:PORT), as the client sends them
+            if url.username:
+                token = base64.b64encode(f"{unquote(url.username)}:{unquote(url.password or '')}".encode()).decode()
+                auth = f"Proxy-Authorization: Basic {token}\r\n"
+            conn.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}\r\n".encode())
             status = conn.recv(64).split(b"\r\n", 1)[0].split()  # b"HTTP/1.1 200 Connection established"
     except (OSError, ValueError):
         return False

@@ -219,6 +219,11 @@ def test_behind_a_proxy_the_hub_is_judged_by_the_proxys_answer(monkeypatch):
             hub_reachable.cache_clear()
             assert hub_reachable() is reachable
             assert asked == [b"CONNECT hf.example:443 HTTP/1.1\r\nHost: hf.example:443\r\n\r\n"]
+        url, asked = proxy(b"HTTP/1.1 200 Connection established\r\n\r\n")  # with credentials, as the client sends
+        monkeypatch.setenv("HTTPS_PROXY", url.replace("http://", "http://me:p%40ss@"))
+        hub_reachable.cache_clear()
+        assert hub_reachable() is True
+        assert asked == [b"CONNECT hf.example:443 HTTP/1.1\r\nHost: hf.example:443\r\nProxy-Authorization: Basic bWU6cEBzcw==\r\n\r\n"]
         monkeypatch.setenv("NO_PROXY", "hf.example")  # not through the proxy: probed directly
         dialled = []
         monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or contextlib.nullcontext())
