@@ -426,7 +426,8 @@ class GoEmotionsDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         # Lightning calls this after `setup`, at every start from a checkpoint; only a fit trains on the rows.
-        note_tokenizer_change(state.get("tokenizer"), self.tokenizer_hash, self.hparams.tokenizer_name)
+        if self.trainer is None or self.trainer.is_global_zero:  # once, not once per DDP process
+            note_tokenizer_change(state.get("tokenizer"), self.tokenizer_hash, self.hparams.tokenizer_name)
         if "training_digest" in state:  # a fit's checkpoint: one by goemo up to 2026-12-06 holds no order, 1
             # Here, not only in the loader's state, which Lightning restores only mid-epoch: a fit resumed from an
             # epoch's end must go on in the orders it started with too.

@@ -348,6 +348,11 @@ def test_evaluating_with_another_tokenizer_than_the_checkpoints_is_noted(tiny_da
     assert capsys.readouterr().err == ""
     dm.load_state_dict({**saved, "tokenizer": "0" * 64})
     assert capsys.readouterr().err.startswith(f"note: the tokenizer {tiny_model} is not the one this run was trained with")
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(is_global_zero=False, state=SimpleNamespace(fn="test"))  # another DDP rank: rank 0 says it
+    dm.load_state_dict({**saved, "tokenizer": "0" * 64})
+    assert capsys.readouterr().err == ""
 
 
 def test_a_fit_started_by_older_code_resumes_from_an_epoch_end_in_its_own_orders(tiny_data, tiny_model, tmp_path):
