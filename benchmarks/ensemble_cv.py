@@ -125,6 +125,9 @@ def measure(args: argparse.Namespace) -> dict:
     if len(args.runs) == 1 and isinstance(runs[0], Ensemble):
         raise GoemoError(f"{args.runs[0]}: an ensemble's folder; give its member runs (their average is scored too)")
     val = splits_of(runs[0])["validation"]
+    for run, m in zip(args.runs[1:], runs[1:]):  # the halves are of row positions: every run must score these rows
+        if splits_of(m, ("validation",))["validation"]["text"] != val["text"]:
+            raise GoemoError(f"{run}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
     members = [m.predict_proba(val["text"]) for m in runs]
     resamples = args.threshold_resamples
     if resamples is None:
@@ -141,8 +144,9 @@ def measure(args: argparse.Namespace) -> dict:
         base_runs = goemo.load(args.baseline).members if len(args.baseline) > 1 else [goemo.load(args.baseline[0])]
         if base_runs[0].label_names != runs[0].label_names:
             raise GoemoError(f"--baseline {args.baseline[0]}: its labels differ from {args.runs[0]}'s")
-        if splits_of(base_runs[0])["validation"]["text"] != val["text"]:
-            raise GoemoError(f"--baseline {args.baseline[0]}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
+        for run, m in zip(args.baseline, base_runs):
+            if splits_of(m, ("validation",))["validation"]["text"] != val["text"]:
+                raise GoemoError(f"--baseline {run}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
         runs_and_base = [*runs, *base_runs]
         baseline = np.mean([m.predict_proba(val["text"]) for m in base_runs], axis=0)
     note_differing(runs if baseline is None else runs_and_base, keys, "every run and the ensemble are")

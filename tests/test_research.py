@@ -1212,8 +1212,24 @@ def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_p
     saved = json.loads(next((tmp_path / "b").glob("ensemble-cv-*.json")).read_text())
     assert saved["baseline_runs"] == [runs[0]] and saved["checkpoints"] == [str(best_checkpoint(Path(runs[1])))]
 
-    # A run whose fallback threshold differs: tuned with the first run's here, which the command says.
+    # A run of other validation rows: the halves are positions, so it is refused (as a member and as a baseline)
     import shutil
+
+    from tests.conftest import synthetic_rows, write_split, write_tiny_data
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(learned_run / "lightning_logs/version_0", elsewhere)
+    data = write_tiny_data(tmp_path / "other-data")
+    write_split(data / "dev.tsv", synthetic_rows(32, 9))
+    moved = torch.load(best_checkpoint(elsewhere), weights_only=True)
+    moved["datamodule_hyper_parameters"]["data_dir"] = str(data)
+    torch.save(moved, best_checkpoint(elsewhere))
+    for argv, who in (([runs[0], str(elsewhere)], str(elsewhere)), ([runs[0], "--baseline", str(elsewhere)], f"--baseline {elsewhere}")):
+        with pytest.raises(SystemExit):
+            ensemble_cv.main([*argv, "--repeats", "2", "--out", str(tmp_path)])
+        assert capsys.readouterr().err.endswith(f"error: {who}: its validation rows differ from {runs[0]}'s; compare runs of one data set\n")
+
+    # A run whose fallback threshold differs: tuned with the first run's here, which the command says.
 
     other = tmp_path / "other"
     shutil.copytree(learned_run / "lightning_logs/version_0", other)
