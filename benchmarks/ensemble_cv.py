@@ -125,10 +125,6 @@ def measure(args: argparse.Namespace) -> dict:
     if len(args.runs) == 1 and isinstance(runs[0], Ensemble):
         raise GoemoError(f"{args.runs[0]}: an ensemble's folder; give its member runs (their average is scored too)")
     val = splits_of(runs[0])["validation"]
-    for run, m in zip(args.runs[1:], runs[1:]):  # the halves are of row positions: every run must score these rows
-        if splits_of(m, ("validation",))["validation"]["text"] != val["text"]:
-            raise GoemoError(f"{run}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
-    members = [m.predict_proba(val["text"]) for m in runs]
     resamples = args.threshold_resamples
     if resamples is None:
         resamples = int(runs[0].model.hparams.threshold_resamples)
@@ -138,18 +134,20 @@ def measure(args: argparse.Namespace) -> dict:
     fallback = float(runs[0].model.hparams.threshold)  # as the runs' own tuning and goemo.ensemble
     keys = ["threshold"] + (["threshold_resamples"] if args.threshold_resamples is None else [])
     keys += ["threshold_shrink"] if args.shrink is None else []
-    # then a run's row here is not its score alone, and the order of the runs moves the figures
-    baseline = None
+    baseline, base_runs = None, []
     if args.baseline:
         base_runs = goemo.load(args.baseline).members if len(args.baseline) > 1 else [goemo.load(args.baseline[0])]
         if base_runs[0].label_names != runs[0].label_names:
             raise GoemoError(f"--baseline {args.baseline[0]}: its labels differ from {args.runs[0]}'s")
-        for run, m in zip(args.baseline, base_runs):
-            if splits_of(m, ("validation",))["validation"]["text"] != val["text"]:
-                raise GoemoError(f"--baseline {run}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
-        runs_and_base = [*runs, *base_runs]
+    others = [*zip(args.runs[1:], runs[1:]), *((f"--baseline {b}", m) for b, m in zip(args.baseline or [], base_runs))]
+    for name, m in others:  # the halves are of row positions: every run must score the first run's rows
+        if splits_of(m, ("validation",))["validation"]["text"] != val["text"]:
+            raise GoemoError(f"{name}: its validation rows differ from {args.runs[0]}'s; compare runs of one data set")
+    members = [m.predict_proba(val["text"]) for m in runs]
+    if base_runs:
         baseline = np.mean([m.predict_proba(val["text"]) for m in base_runs], axis=0)
-    note_differing(runs if baseline is None else runs_and_base, keys, "every run and the ensemble are")
+    # then a run's row here is not its score alone, and the order of the runs moves the figures
+    note_differing([*runs, *base_runs], keys, "every run and the ensemble are")
     r = cross_validate(members, val["targets"], args.repeats, resamples=resamples, fallback=fallback, shrink=shrink,
                        baseline=baseline)  # fmt: skip
     lines = ["| run | held-out validation macro-F1 (tuned on the other half) |", "| --- | --- |"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import errno
 import importlib
 import json
 import os
@@ -222,14 +221,9 @@ def export(ckpt: str, out_dir: Path, onnx: bool = False, force: bool = False) ->
         _put_in_place(tmp, out_dir, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(e):
+        if no_space(e):
             raise GoemoError(f"no space left on device while writing the export {out_dir}; free space and run again") from None
         raise
-
-
-def _no_space(e: BaseException) -> bool:
-    """`goemo.files.no_space`, and safetensors' SafetensorError, which only names the OS error in its message."""
-    return no_space(e) or any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)))
 
 
 def _claim_target(out_dir: Path, force: bool) -> Path:
@@ -241,7 +235,7 @@ def _claim_target(out_dir: Path, force: bool) -> Path:
         if not force:
             raise GoemoError(f"{out_dir}: the folder is not empty; choose a new folder, or pass --force to replace it whole")
         # --force removes the folder: never `.`, `~` or any folder above the working one, and only what looks like
-        # an earlier export (files only, one of them named as the export names its own)
+        # an earlier export (files only, among them the two every export writes)
         cwd = Path.cwd().resolve()
         if out_dir == cwd or out_dir in cwd.parents:
             raise GoemoError(f"{out_dir}: --force would remove the working folder or one above it; export to a new folder")

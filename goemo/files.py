@@ -145,9 +145,10 @@ _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # the disk, or t
 
 def no_space(e: BaseException | None) -> bool:
     """Whether a write failed because the disk is full. torch.save's zip writer raises a RuntimeError ("unexpected
-    pos ...") while handling the file's OSError, so the cause is looked for along the exception's context too."""
+    pos ...") while handling the file's OSError, so the cause is looked for along the exception's context too;
+    safetensors' SafetensorError names the OS error only in its message ("... (os error 28)")."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in _FULL:
+        if isinstance(e, OSError) and e.errno in _FULL or any(f"(os error {n})" in str(e) for n in _FULL):
             return True
         e = e.__cause__ or e.__context__
     return False
