@@ -91,6 +91,11 @@ class EpochAveraging(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # A resumed mean was read from the checkpoint on the CPU, before the model moved to its device.
         params = self._params(pl_module)
+        epoch = trainer.current_epoch
+        if self.start_epoch is not None and not self._count and epoch > self.start_epoch and trainer.is_global_zero:
+            # A fit resumed with averaging turned on later than its start: the epochs it ended without averaging are gone.
+            print(f"note: weight_averaging.start_epoch {self.start_epoch}, but this fit resumes in epoch {epoch} with no "
+                  f"mean begun: the mean starts with epoch {epoch}'s weights", file=sys.stderr)  # fmt: skip
         self._mean = {name: mean.to(params[name].device) for name, mean in self._mean.items() if name in params}
 
     # -- the mean in place of the trained weights --------------------------------------------

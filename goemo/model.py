@@ -91,6 +91,10 @@ def load_encoder(path: str, pretrained: bool = True, attention_dropout: Optional
         return build()
 
 
+# RoBERTa's copies, whose positions also start after the padding index (checked on tiny models, transformers 5.25).
+PADDED_POSITIONS = ("camembert", "data2vec-text", "ibert", "longformer", "xmod", "luke", "markuplm", "esm")
+
+
 def max_positions(config) -> Optional[int]:
     """The longest input (in tokens) an encoder's position embeddings take, if its config says."""
     n = getattr(config, "max_position_embeddings", None)
@@ -98,11 +102,17 @@ def max_positions(config) -> Optional[int]:
     if n is None or relative or getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative only
         return None  # relative/rotary positions: no fixed table to run off
     model_type = getattr(config, "model_type", "")
-    if "roberta" in model_type or model_type == "camembert":
+    if "roberta" in model_type or model_type in PADDED_POSITIONS:
         n -= (getattr(config, "pad_token_id", None) or 0) + 1  # positions start after the padding index
     elif model_type == "mpnet":
         n -= 2  # the same, from MPNetEmbeddings' padding index, fixed at 1 whatever the config's pad_token_id
     return n
+
+
+# The optimizer's and schedule's settings a resumed fit keeps (`_check_resumed_targets`); pos_weight_max only under
+# loss bce_pos_weight, whose weights come back from the checkpoint's loss_fn.pos_weight.
+RESUME_KEEPS = ("learning_rate", "head_learning_rate", "weight_decay", "layer_decay", "freeze_embeddings", "warmup_ratio",
+                "lr_schedule", "pos_weight_max")
 
 
 def _check_hparams(
@@ -141,7 +151,8 @@ def _encoder_depths(names: list[str]) -> dict[str, int]:
     if not layer:
         raise GoemoError("model.layer_decay needs an encoder whose layers are named *.layer.<i>.* (BERT, RoBERTa, MPNet); set it to 1")
     top = max(layer.values())
-    embeddings = {n: top + 1 for n in names if n.startswith("encoder.") and ".embeddings." in n and n not in layer}
+    # The embeddings, and ELECTRA's projection of them to the hidden size (embeddings_project) with them.
+    embeddings = {n: top + 1 for n in names if n.startswith("encoder.") and re.search(r"\.embeddings[._]", n) and n not in layer}
     return {n: top - i for n, i in layer.items()} | embeddings
 
 
@@ -252,8 +263,8 @@ class EmotionClassifier(L.LightningModule):
             weight_decay: AdamW weight decay, not applied to biases and LayerNorm weights.
             layer_decay: Layer-wise learning-rate decay: of an encoder with n layers (named `*.layer.<i>.*`, as in
                 BERT, RoBERTa, MPNet), layer i (0 = the lowest) trains at `learning_rate * layer_decay^(n-1-i)` and
-                the embeddings at `learning_rate * layer_decay^n`; the rest of the encoder (pooler) and the head
-                keep theirs. 1 (default): one learning rate for the whole encoder.
+                the embeddings (and ELECTRA's projection of them) at `learning_rate * layer_decay^n`; the rest of the
+                encoder (the pooler, MPNet's relative attention bias that all layers share) and the head keep theirs. 1 (default): one learning rate for the whole encoder.
             warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then `lr_schedule`.
             lr_schedule: The learning rates after the warmup: `linear`: down to 0 at the last step (as the Hugging Face
                 `Trainer`); `cosine`: down to 0 along a half cosine; `constant`: held at their peaks (stochastic weight
@@ -737,8 +748,8 @@ class EmotionClassifier(L.LightningModule):
             checkpoint["encoder_start"] = self.encoder_start
 
     def _check_resumed_targets(self, checkpoint: dict) -> None:
-        """A resumed fit goes on with the soft targets it started with: model.self_distill's share, the teacher, its
-        weight, temperature and table (test and predict need none)."""
+        """A resumed fit goes on with the optimizer settings (RESUME_KEEPS) and soft targets it started with:
+        model.self_distill's share, the teacher, its weight, temperature and table (test and predict need none)."""
         saved_hp = checkpoint.get("hyper_parameters", {})
         if not saved_hp:  # nothing to compare with
             return
@@ -747,6 +758,14 @@ class EmotionClassifier(L.LightningModule):
                 return
         except RuntimeError:  # no trainer: load_from_checkpoint
             return
+        # The optimizer's groups and the scheduler's base rates come back from the checkpoint, so another rate or
+        # decay would be recorded in hparams yet never used (another layer_decay or freeze_embeddings changes the
+        # groups: PyTorch's multi-line ValueError), and another warmup or schedule would join two lines mid-fit.
+        changed = [f"model.{k} {saved_hp[k]}, now {self.hparams[k]}" for k in RESUME_KEEPS
+                   if k in saved_hp and saved_hp[k] != self.hparams[k] and (k != "pos_weight_max" or self.hparams.loss == "bce_pos_weight")]
+        if changed:
+            raise GoemoError(f"this fit started with {'; '.join(changed)}; resume with the settings it started with (a "
+                             "longer fit: only trainer.max_epochs or max_steps), or start a new fit")  # fmt: skip
         was_sd, now_sd = saved_hp.get("self_distill", 0.0), self.hparams.self_distill
         if was_sd != now_sd:  # 0 -> x: epoch e's targets would be an empty table; x -> 0: the rest on labels alone
             raise GoemoError(f"this fit started with model.self_distill {was_sd}, now {now_sd}; resume with the "

@@ -158,6 +158,22 @@ def test_a_resumed_mean_goes_on_only_with_the_start_and_spacing_it_began_with():
         EpochAveraging(start_epoch=2).load_state_dict(old)
     EpochAveraging(start_epoch=1).load_state_dict(old)
 
+def test_averaging_turned_on_at_a_resume_past_its_start_says_the_mean_starts_later(capsys):
+    """A fit that ran without averaging, resumed in epoch 3 with start_epoch 1: epochs 1-2 ended unaveraged."""
+    def at(epoch: int) -> SimpleNamespace:
+        return SimpleNamespace(current_epoch=epoch, is_global_zero=True)
+
+    EpochAveraging(start_epoch=1).on_train_start(at(3), Small())
+    assert capsys.readouterr().err == ("note: weight_averaging.start_epoch 1, but this fit resumes in epoch 3 with no mean "
+                                       "begun: the mean starts with epoch 3's weights\n")  # fmt: skip
+    for cb, epoch in ((EpochAveraging(start_epoch=1), 1), (EpochAveraging(start_epoch=1), 0), (EpochAveraging(), 3)):
+        cb.on_train_start(at(epoch), Small())  # at or before its start, or no averaging: nothing missed
+    began = EpochAveraging(start_epoch=1)
+    began.load_state_dict({"count": 2, "last_epoch": 2, "last_batch": 3, "start_epoch": 1, "updates_per_epoch": 1})
+    began.on_train_start(at(3), Small())  # a mean under way resumes whole
+    assert capsys.readouterr().err == ""
+
+
 def test_a_resumed_bf16_fit_carries_on_the_exact_mean_not_the_saved_rounded_one():
     """Under bf16-true the state_dict holds the mean rounded to bf16 (what validation scored); a resumed fit must go
     on from the float32 mean, or the rest of the averaging drifts from an uninterrupted fit's."""

@@ -245,6 +245,9 @@ def test_layer_decay_scales_each_layer_learning_rate(tiny_model):
         EmotionClassifier(str(tiny_model), layer_decay=0.0)
     with pytest.raises(GoemoError, match=r"named \*\.layer\.<i>\.\*"):
         _encoder_depths(["encoder.embeddings.word.weight", "encoder.blocks.0.attn.weight", "head.weight"])
+    electra = ["encoder.embeddings.word_embeddings.weight", "encoder.embeddings_project.weight", "encoder.encoder.layer.0.a.weight",
+               "encoder.encoder.layer.1.a.weight", "encoder.encoder.relative_attention_bias.weight"]  # fmt: skip
+    assert _encoder_depths(electra) == {electra[0]: 2, electra[1]: 2, electra[2]: 1, electra[3]: 0}  # the projection too
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
@@ -535,3 +538,57 @@ def test_checkpoints_say_what_the_encoder_started_from_and_a_resume_keeps_it(tin
     out = {}
     resumed.on_save_checkpoint(out)
     assert "encoder_start" not in out
+
+
+@pytest.mark.parametrize("key,was,now", [("learning_rate", 2e-5, 1e-3), ("head_learning_rate", None, 2e-3), ("weight_decay", 0.01, 0.0),
+                                         ("layer_decay", 1.0, 0.8), ("freeze_embeddings", False, True),
+                                         ("warmup_ratio", 0.0, 0.1), ("lr_schedule", "linear", "cosine")])
+def test_a_resumed_fit_keeps_its_optimizer_settings(tiny_model, key, was, now):
+    """Lightning restores the optimizer's groups and the scheduler's base rates: another rate or decay would be in the
+    run's hparams and never used; another layer_decay or freeze_embeddings fails in PyTorch's load_state_dict."""
+    from types import SimpleNamespace
+
+    model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], **{key: now})
+    model._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    saved = {"hyper_parameters": {**dict(model.hparams), key: was}}
+    with pytest.raises(GoemoError, match=f"^this fit started with model.{key} {was}, now {now}; resume with the settings"):
+        model._check_resumed_targets(saved)
+    model._check_resumed_targets({"hyper_parameters": dict(model.hparams)})  # the same settings: resumed
+    model._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"))  # test and predict train nothing
+    model._check_resumed_targets(saved)
+
+
+def test_pos_weight_max_is_kept_only_where_it_weighs(tiny_model):
+    from types import SimpleNamespace
+
+    for loss, refused in (("bce_pos_weight", True), ("bce", False)):
+        model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=loss, pos_weight_max=10.0)
+        model._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+        saved = {"hyper_parameters": {**dict(model.hparams), "pos_weight_max": 100.0}}
+        if refused:
+            with pytest.raises(GoemoError, match="^this fit started with model.pos_weight_max 100.0, now 10.0;"):
+                model._check_resumed_targets(saved)
+        else:
+            model._check_resumed_targets(saved)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "data2vec-text", "ibert", "longformer",
+                                        "xmod", "luke", "markuplm", "esm"])
+def test_max_positions_is_the_longest_input_the_encoder_takes(model_type):
+    """data.max_length is checked against it: one more token than an encoder takes is an IndexError deep in its first
+    long batch. RoBERTa's copies number positions from the padding index + 1."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from goemo.model import max_positions
+
+    extra = {"longformer": {"attention_window": 4}, "xmod": {"languages": ["en_XX"], "default_language": "en_XX"},
+             "luke": {"entity_vocab_size": 10, "entity_emb_size": 8}}.get(model_type, {})  # fmt: skip
+    cfg = AutoConfig.for_model(model_type, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=20, pad_token_id=1, vocab_size=50, **extra)  # fmt: skip
+    model = AutoModel.from_config(cfg).eval()
+    n = max_positions(cfg)
+    with torch.no_grad():
+        model(input_ids=torch.full((1, n), 5))  # the longest it takes (5: any token but padding)
+        with pytest.raises((IndexError, RuntimeError)):  # an index out of the position (or token type) table
+            model(input_ids=torch.full((1, n + 1), 5))

@@ -370,6 +370,11 @@ def test_a_resume_on_other_training_rows_or_another_self_distill_is_refused(tiny
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == ("error: this fit started with model.self_distill 0.0, now 0.5; resume "
                                                  "with the settings it started with, or start a new fit")  # fmt: skip
+    # Lightning would restore the old rates over the new one (and PyTorch fail on other parameter groups)
+    for flag, was, now in (("--model.learning_rate", "2e-05", "0.001"), ("--model.layer_decay", "1.0", "0.8")):
+        r = run_main("fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", flag, now, cwd=work, env=ONE_THREAD)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+            f"error: this fit started with {flag[2:]} {was}, now {now}; resume with the settings"), r.stderr[-3000:]
     assert not list((work / "lightning_logs/version_0/checkpoints").glob("epoch02*"))  # nothing trained
 
 
