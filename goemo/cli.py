@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
-import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
@@ -34,7 +33,7 @@ from goemo.model import EmotionClassifier
 from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter, check_not_the_input
 from goemo.reliability import Interrupts, LastCheckpoint, OutsideLoopsSIGTERM
-from goemo.runs import load_lightning_checkpoint, rewrite_args
+from goemo.runs import HELP_FLAGS, config_files, load_lightning_checkpoint, options, read_config, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
 # with the loss, validation metrics and it/s, and a model summary table.
@@ -49,6 +48,10 @@ RELIABILITY_CALLBACKS = [{"class_path": f"goemo.reliability.{name}"} for name in
 # Metric names shown as columns in TensorBoard's hparams tab (fixed: dashboards and scripts read them).
 HPARAM_METRICS = [f"{s}/{m}" for s in ("val", "test") for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
 HPARAM_METRICS += [f"test/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]  # per-label thresholds
+# What --checkpoint.monitor can name: EmotionClassifier's logged metrics (goemo.model) and ModelCheckpoint's epoch/step.
+MONITORED = [f"val/{m}" for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
+MONITORED += [f"val/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]
+MONITORED += [f"train/{m}" for m in ("loss", "aux_loss", "distill_loss")] + ["epoch", "step"]
 
 
 class HParamsTensorBoardLogger(TensorBoardLogger):
@@ -224,19 +227,32 @@ class GoemoCLI(LightningCLI):
         beneath = ["--model", json.dumps(hparams), *(["--data", json.dumps(encoding)] if encoding else [])]
         self.config = self.parser.parse_args([*self._args[:i], *beneath, *self._args[i:]])
         threshold = self.config[sub].model.get("threshold")
-        typed = any(a == "--model.threshold" or a.startswith("--model.threshold=") for a in self._args)
         tuned = "thresholds" in (ckpt.get("state_dict") or {})  # an older checkpoint has none: it labels at model.threshold
-        if sub == "predict" and typed and tuned and threshold != hparams.get("threshold"):
+        # Whatever set it (the flag, or a config file: the hyperparameters lie beneath both), it would change nothing.
+        if sub == "predict" and tuned and "threshold" in hparams and threshold != hparams["threshold"]:
             raise GoemoError(f"predict labels texts at the checkpoint's tuned per-label thresholds, so --model.threshold {threshold} "
                              "would change nothing: drop it, and cut each record's scores (every label's probability) instead")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
+        if self.run_dir is not None and trainer.logger is False and not trainer.default_root_dir:
+            # Without a logger Lightning writes where default_root_dir says (the working folder): the run's folder
+            # instead, where its test report, config_<stage>.yaml and predictions belong.
+            trainer.default_root_dir = str(self.run_dir)
+        logger_args, root = folder_logger(trainer.logger), trainer.default_root_dir
+        if root and logger_args is not None and Path(root).resolve() != Path(logger_args.save_dir).resolve():
+            # The logger's folder is where runs go (goemo's default logger pins save_dir "."): default_root_dir moves nothing.
+            raise GoemoError(f"--trainer.default_root_dir {trainer.default_root_dir}: runs go where the logger's save_dir points "
+                             f"({logger_args.save_dir}), not there; use --trainer.logger.init_args.save_dir {trainer.default_root_dir} instead")  # fmt: skip
+        if self.subcommand in ("validate", "test") and not cfg.get("ckpt_path"):  # as predict: scores of an untrained head
+            raise GoemoError(f"{self.subcommand} needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to score")
         if self.subcommand == "predict":  # without a file, predictions would stay in memory and be dropped
             if not cfg.data.predict_file:
                 raise GoemoError("predict needs --data.predict_file FILE (.txt, .jsonl or .csv: the texts to predict); "
                                  "`test` scores the test split")  # fmt: skip
+            if Path(cfg.data.predict_file).expanduser().is_dir():
+                raise GoemoError(f"--data.predict_file {cfg.data.predict_file} is a folder; give a file of texts (.txt, .jsonl or .csv)")
             check_file(Path(cfg.data.predict_file).expanduser())  # fail before loading the model, not after
             if not cfg.get("ckpt_path"):  # the head would be untrained: scores near 0.5 that look like predictions
                 raise GoemoError("predict needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to predict with")
@@ -249,9 +265,14 @@ class GoemoCLI(LightningCLI):
             output = cfg.get("output") or (folder / "predictions.jsonl" if folder else None)
             if output:
                 check_not_the_input(Path(output), Path(cfg.data.predict_file))
+                check_not_a_run_file(Path(output), Path(cfg.ckpt_path), self.run_dir)
         if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).expanduser().is_file():  # e.g. `ckpt_path: best` in a config file
             raise GoemoError(f"ckpt_path {cfg.ckpt_path}: no such checkpoint file (best, last and run folders work as the flag --ckpt_path)")
         self._check_outputs(cfg)
+        if cfg.get("ckpt_path") and self._args is not None and not any(a.partition("=")[0] == "--ckpt_path" for a in self._args):
+            # goemo.runs resolves the flag only (its run's config.yaml and folder are reused): not one from a config file
+            raise GoemoError(f"ckpt_path {cfg.ckpt_path} is set in a config file, where the run's config and folder are not "
+                             "reused as with the flag: give it as --ckpt_path instead (or add --ckpt_path null to start anew)")  # fmt: skip
         data = cfg.data
         if data.get("data_dir") is not None and (data.get("hub_dataset"), data.get("hub_config")) != (HUB_DATASET, HUB_CONFIG):
             if self.subcommand == "fit" and not cfg.get("ckpt_path"):  # a new run would train on data_dir, silently
@@ -387,11 +408,23 @@ class GoemoCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._before_run()
+        self._check_monitor()
         teacher = getattr(self.model.hparams, "teacher", None)
         if teacher is not None:  # the file and its labels now, before the data module tokenizes every split
             from goemo.teacher import check_teacher
 
             check_teacher(teacher, self.model.label_names)
+
+    def _check_monitor(self) -> None:
+        """A checkpoint.monitor the model never logs fails in Lightning's check at the first epoch's end: here, now.
+        A subclass, or a callback of the user's, may log more names: those are left to Lightning's check."""
+        cfg = self.config[self.subcommand]
+        monitor = cfg.checkpoint.monitor if cfg.get("checkpoint") else None
+        custom = type(self.model) is not EmotionClassifier or any(
+            not type(cb).__module__.startswith(("goemo.", "lightning.", "pytorch_lightning.")) for cb in self.trainer.callbacks
+        )
+        if monitor is not None and monitor not in MONITORED and not custom:
+            raise GoemoError(f"checkpoint.monitor {monitor}: the model logs no metric of that name; use one of {', '.join(MONITORED)}")
 
     def predict(
         self,
@@ -455,6 +488,21 @@ def folder_logger(logger: Any) -> Any:
     return first.init_args if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) else None
 
 
+def check_not_a_run_file(output: Path, ckpt: Path, run_dir: Path | None) -> None:
+    """One line if --output is the checkpoint predicted with, a .ckpt, or the run's config*.yaml or hparams.yaml."""
+    out, run = output.expanduser().resolve(), run_dir.resolve() if run_dir is not None else None
+    if out == ckpt.expanduser().resolve():
+        what = "the checkpoint it predicts with"
+    elif out.suffix == ".ckpt":
+        what = "a checkpoint file"
+    elif out.parent == run and (out.name == "hparams.yaml" or out.name.startswith("config") and out.suffix == ".yaml"):
+        what = f"the run's {out.name}"
+    else:
+        return
+    raise GoemoError(f"--output {output} is {what}, which the predictions would replace; write them elsewhere "
+                     "(by default: predictions.jsonl in the run folder)")
+
+
 def note(text: str) -> None:
     """A value changed between parsing and instantiation, said on stderr (and kept in the saved config)."""
     print(f"note: {text}", file=sys.stderr)
@@ -464,17 +512,13 @@ def trainer_setting_given(args: list[str], run_dir: Path, key: str = "precision"
     """Whether the command line chooses trainer.<key> itself: a --trainer.<key> flag, a --trainer dict, or a config
     file other than the run's own config.yaml that sets it (the run's holds what it trained with)."""
     own = (run_dir / "config.yaml").resolve()
-    for i, a in enumerate(args):
-        flag, _, value = a.partition("=")
-        if not value and i + 1 < len(args):
-            value = args[i + 1]
-        if flag == f"--trainer.{key}" or (flag == "--trainer" and key in value):
+    for flag, value in options(args):  # -c is --config
+        if flag == f"--trainer.{key}":
             return True
+        if flag == "--trainer" and value is not None and isinstance(section := read_config(value), dict) and key in section:
+            return True  # --trainer FILE or --trainer YAML
         if flag == "--config" and value and Path(value).expanduser().resolve() != own:
-            try:
-                config = yaml.safe_load(Path(value).expanduser().read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                continue  # the parser has read it already; a config it could not read never gets this far
+            config = read_config(value)  # the parser has read it already; a config it could not read never gets this far
             if isinstance(config, dict) and isinstance(config.get("trainer"), dict) and key in config["trainer"]:
                 return True
     return False
@@ -521,7 +565,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     default = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if default else None
     try:
-        args, run_dir = rewrite_args(argv)
+        # Help and --print_config resolve nothing: `test --ckpt_path best --help` helps where no run exists yet.
+        help_only = any(a in HELP_FLAGS or a.startswith("--print_config=") for a in argv)
+        args, run_dir = (list(argv), None) if help_only else rewrite_args(argv)
+        for config in config_files(args):  # jsonargparse's UnicodeDecodeError would be a traceback
+            read_config(config, strict=True)
         if run_dir is not None:
             print(f"using run {run_dir} ({args[args.index('--ckpt_path') + 1]})", file=sys.stderr)
         sys.argv[1:] = args  # LightningCLI reads sys.argv; the rewritten one stays visible in tracebacks
@@ -567,8 +615,7 @@ def one_line(e: BaseException) -> str:
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     if isinstance(e, ArgumentError):
         args = sys.argv[1:]
-        configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-        configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+        configs = config_files(args)
         if len(configs) == 1:  # YAML errors name the text they parsed, not the file
             text = text.replace('"<unicode string>"', configs[0])
         if configs:

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from goemo.errors import GoemoError
 from goemo.files import write_text
@@ -230,6 +231,8 @@ class TestReport(Callback):
         # What was scored: goemo.compare puts these figures beside the best checkpoint's only if they are its.
         step = pl_module.tested_step()
         rep["checkpoint"] = {"file": Path(trainer.ckpt_path).name if trainer.ckpt_path else None, "global_step": step}
+        if trainer.received_sigterm:  # it came during the bootstrap, after the loop's last check: stop as the loop would
+            raise SIGTERMException()  # (goemo.reliability.Interrupts says so; goemo.cli exits 143)
         js, md = write_report(rep, trainer.log_dir or ".")
         print_report(rep)
         print(f"test report: {js} and {md}", flush=True)

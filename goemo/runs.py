@@ -22,6 +22,56 @@ RUNS_DIR = Path("lightning_logs")
 ALIASES = ("best", "last")
 LOGGER_FOLDER_FLAGS = tuple(f"--trainer.logger.{a}{k}" for a in ("init_args.", "") for k in ("save_dir", "name"))
 ENSEMBLE_FILE = "ensemble.json"  # what marks a folder `python -m goemo.ensemble` wrote
+HELP_FLAGS = ("-h", "--help", "--print_config")  # they print and exit: nothing to resolve
+
+
+def options(args: list[str]) -> list[tuple[str, str | None]]:
+    """(flag, value) of each argument, for `--flag value`, `--flag=value` (and `-cFILE`) alike, -c named --config
+    (the value is the next argument whether or not it belongs to the flag: callers look only at flags that take one)."""
+    out = []
+    for i, a in enumerate(args):
+        flag, eq, value = a.partition("=")
+        if flag.startswith("-c") and len(flag) > 2 and not eq:  # -cFILE, as argparse reads it (-c: LightningCLI's --config)
+            flag, eq, value = "-c", "=", a[2:]
+        out.append(("--config" if flag == "-c" else flag, value if eq else args[i + 1] if i + 1 < len(args) else None))
+    return out
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The config files given by --config/-c, in order."""
+    return [value for flag, value in options(args) if flag == "--config" and value is not None]
+
+
+def read_config(value: str, strict: bool = False) -> Any:
+    """A YAML config: the file `value` names, else `value` itself (as jsonargparse reads `--trainer FILE|YAML`).
+    None where it cannot be read (the parser then says why), or with `strict` a one-line error for a file that is not
+    UTF-8 text (jsonargparse's UnicodeDecodeError would be a traceback)."""
+    import yaml
+
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else value
+        return yaml.safe_load(text)
+    except UnicodeDecodeError:
+        if strict:
+            raise GoemoError(f"{value}: not UTF-8 text, so not a YAML config file; give the config's .yaml file") from None
+        return None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def run_config(run: Path) -> dict:
+    """The run's config.yaml as a dict ({} where it has none or it cannot be read)."""
+    config = read_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else None
+    return config if isinstance(config, dict) else {}
+
+
+def checkpoint_dir(run: Path) -> Path:
+    """Where the run's checkpoints are: its checkpoints/ folder, or the `checkpoint.dirpath` its config.yaml gives
+    (relative to the working folder, as at fit)."""
+    section = run_config(run).get("checkpoint")
+    dirpath = section.get("dirpath") if isinstance(section, dict) else None
+    return Path(dirpath).expanduser() if dirpath else run / "checkpoints"
 
 
 def _version(run: Path) -> int:
@@ -30,8 +80,8 @@ def _version(run: Path) -> int:
 
 
 def newest_run(root: Path = RUNS_DIR) -> Path:
-    """The highest `version_N` under `root` that holds a checkpoint."""
-    runs = sorted((p for p in root.glob("version_*") if any(p.glob("checkpoints/*.ckpt"))), key=_version)
+    """The highest `version_N` under `root` that holds a checkpoint (in checkpoints/ or its checkpoint.dirpath)."""
+    runs = sorted((p for p in root.glob("version_*") if any(checkpoint_dir(p).glob("*.ckpt"))), key=_version)
     if not runs:
         raise GoemoError(
             f"no run with checkpoints under {root}/: train one first (python main.py fit --config configs/minilm.yaml) "
@@ -92,7 +142,7 @@ def _reason(e: Exception) -> str:
 
 
 def last_checkpoint(run: Path) -> Path:
-    ckpts = run / "checkpoints"
+    ckpts = checkpoint_dir(run)
     if (ckpts / "last.ckpt").is_file():
         return ckpts / "last.ckpt"
     files = sorted(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -105,20 +155,42 @@ def last_checkpoint(run: Path) -> Path:
 
 
 def best_checkpoint(run: Path) -> Path:
-    """The best checkpoint recorded by ModelCheckpoint in the run's newest checkpoint."""
+    """The best checkpoint recorded by the run's `checkpoint` callback in the run's newest checkpoint."""
     last = last_checkpoint(run)
     ckpt = load_checkpoint(last, mmap=True)
     state = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else None  # a weights-only file has none: {}
     if not isinstance(state, dict):
         raise GoemoError(f"{last}: not a Lightning checkpoint (no dict of callbacks' states); give a .ckpt file of the run instead")
-    for key, cb in state.items():
-        if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(cb, dict) and cb.get("best_model_path"):
-            # Look it up by name in this run: the run folder may have moved since training.
-            best = run / "checkpoints" / Path(cb["best_model_path"]).name
-            if not best.is_file():  # not `last` in its place: that would be another epoch's weights, without a word
-                raise GoemoError(f"{run}: its best checkpoint {best.name} is gone; restore it, or give `last` or a .ckpt file of the run")
-            return best
+    cb = _checkpoint_state(run, state, last)
+    if cb is not None and cb.get("best_model_path"):
+        # Look it up by name in this run: the run folder may have moved since training.
+        best = last.parent / Path(cb["best_model_path"]).name
+        if not best.is_file():  # not `last` in its place: that would be another epoch's weights, without a word
+            raise GoemoError(f"{run}: its best checkpoint {best.name} is gone; restore it, or give `last` or a .ckpt file of the run")
+        return best
     return last  # nothing monitored (e.g. no validation ran): the newest is the best we know
+
+
+def _checkpoint_state(run: Path, states: dict, last: Path) -> dict | None:
+    """The state of goemo's `checkpoint` callback: trainer.callbacks may hold other ModelCheckpoints (monitoring
+    val/loss, say), so it is found by its state_key, made from the run's config.yaml as Lightning makes it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    found = {k: v for k, v in states.items() if isinstance(k, str) and k.startswith("ModelCheckpoint") and isinstance(v, dict)}
+    section = run_config(run).get("checkpoint")
+    if isinstance(section, dict):
+        keys = ("monitor", "mode", "every_n_train_steps", "every_n_epochs", "train_time_interval")
+        try:
+            key = ModelCheckpoint(**{k: section[k] for k in keys if k in section}).state_key
+        except (MisconfigurationException, TypeError, ValueError):  # a setting it refuses: the fit could not have run with it
+            key = None
+        if key in found:
+            return found[key]
+    if len(found) > 1:
+        raise GoemoError(f"{last}: it holds the states of {len(found)} ModelCheckpoint callbacks and the run's config.yaml does "
+                         f"not tell which is its `checkpoint` section's; give the .ckpt file to use (in {last.parent})")  # fmt: skip
+    return next(iter(found.values()), None)
 
 
 def resolve_checkpoint(value: str, root: Path = RUNS_DIR, resume: bool = False) -> tuple[Path, Optional[Path]]:
@@ -158,28 +230,29 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
     if sub is None:
         return argv, None
     args = list(argv)
-    for i, a in enumerate(args):
-        if a == "--ckpt_path" and i + 1 < len(args):
-            idx, value = i + 1, args[i + 1]
-            break
-        if a.startswith("--ckpt_path="):
-            idx, value = i, a.split("=", 1)[1]
-            args[i : i + 1] = ["--ckpt_path", value]
-            idx = i + 1
-            break
-    else:
+    given = [i for i, a in enumerate(args) if a == "--ckpt_path" or a.startswith("--ckpt_path=")]
+    if len(given) > 1:  # the parser takes the last; resolving the first would mix one run's config with another's weights
+        raise GoemoError(f"--ckpt_path is given {len(given)} times; give it once: one checkpoint, with its run's config and folder")
+    if not given or (args[given[0]] == "--ckpt_path" and given[0] + 1 == len(args)):
         return argv, None
+    i = given[0]
+    if args[i] == "--ckpt_path":
+        idx, value = i + 1, args[i + 1]
+    else:
+        value = args[i].split("=", 1)[1]
+        args[i : i + 1] = ["--ckpt_path", value]
+        idx = i + 1
     if value in ("", "null", "None"):
         return argv, None
     if value in ALIASES:  # resolved before parsing: a logger flag or config file would not move where `best` looks
         folder, typed = {"save_dir": ".", "name": "lightning_logs"}, False  # the CLI's logger defaults
-        for i, a in enumerate(args):  # in order: a later flag or file wins, as in the parser
-            flag, eq, given = a.partition("=")
-            given = given if eq else args[i + 1] if i + 1 < len(args) else None
-            if flag in LOGGER_FOLDER_FLAGS and given is not None:
-                folder[flag.rsplit(".", 1)[1]], typed = given, True
-            elif flag == "--config" and given is not None and (found := _config_logger_folder(given)):
-                folder, typed = {**folder, **found}, True
+        for flag, given_value in options(args):  # in order: a later flag or file wins, as in the parser
+            if flag in LOGGER_FOLDER_FLAGS and given_value is not None:
+                folder[flag.rsplit(".", 1)[1]], typed = given_value, True
+            elif flag in ("--config", "--trainer") and given_value is not None:
+                config = read_config(given_value)  # a config file, or a trainer file or YAML (--trainer FILE|YAML)
+                if found := _logger_folder(config.get("trainer") if flag == "--config" and isinstance(config, dict) else config):
+                    folder, typed = {**folder, **found}, True
         if typed and Path(folder["save_dir"], folder["name"]).resolve() != root.resolve():
             raise GoemoError(f"--ckpt_path {value} takes the newest run in {root}, not in {Path(folder['save_dir'], folder['name'])} "
                              "where the logger settings point; give the run folder instead (--ckpt_path DIR/version_N)")  # fmt: skip
@@ -190,16 +263,8 @@ def rewrite_args(argv: list[str], root: Path = RUNS_DIR) -> tuple[list[str], Opt
     return args, run
 
 
-def _config_logger_folder(path: str) -> dict:
-    """The save_dir and name that a --config file gives the (first) logger; {} where it gives none, or where the file
-    cannot be read (the parser then says why)."""
-    import yaml
-
-    try:
-        config = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    trainer = config.get("trainer") if isinstance(config, dict) else None
+def _logger_folder(trainer: Any) -> dict:
+    """The save_dir and name that a trainer section gives the (first) logger; {} where it gives none."""
     logger = trainer.get("logger") if isinstance(trainer, dict) else None
     logger = logger[0] if isinstance(logger, list) and logger else logger
     args = logger.get("init_args", logger) if isinstance(logger, dict) else None

@@ -1,0 +1,244 @@
+"""The command line's guards: one --ckpt_path, the run's own checkpoint callback and folder, -c as --config,
+outputs that would overwrite a run's files, settings that would do nothing, checks made before training."""
+
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from goemo.cli import MONITORED, GoemoCLI, main, one_line, trainer_setting_given
+from goemo.errors import GoemoError
+from goemo.model import EmotionClassifier
+from goemo.runs import best_checkpoint, resolve_checkpoint, rewrite_args
+from tests.conftest import LABELS4
+
+LIGHTNING = {"state_dict": {}, "pytorch-lightning_version": "2.6.6", "hyper_parameters": {}, "callbacks": {}}
+
+
+def fake_run(work: Path, version: int = 0, config: str = "{}", ckpt: dict = LIGHTNING) -> Path:
+    """lightning_logs/version_N with a config.yaml and checkpoints/last.ckpt (no weights: nothing here loads them)."""
+    run = work / "lightning_logs" / f"version_{version}"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(config, encoding="utf-8")
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def cli(capsys, monkeypatch, cwd: Path, *args: str, code: int = 2) -> str:
+    """`python main.py ARGS` in-process in `cwd`, offline; it must exit with `code`. Returns the last line of stderr."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["main.py"])  # main() rewrites sys.argv[1:] for LightningCLI
+    try:
+        main(list(args))
+        status = 0
+    except SystemExit as e:
+        status = e.code or 0
+    out, err = capsys.readouterr()
+    assert status == code and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1] if code else out
+
+
+def test_ckpt_path_is_given_once(tmp_path):
+    """The parser takes the last --ckpt_path; resolving the first scored one run's weights with another's config."""
+    fake_run(tmp_path)
+    for twice in (["--ckpt_path", "best", "--ckpt_path", "x.ckpt"], ["--ckpt_path=best", "--ckpt_path", "last"]):
+        with pytest.raises(GoemoError, match="^--ckpt_path is given 2 times; give it once: one checkpoint, with its run's config and folder$"):
+            rewrite_args(["test", *twice], tmp_path / "lightning_logs")
+
+
+def test_best_is_the_checkpoint_sections_best_among_several_model_checkpoints(tmp_path):
+    """Another ModelCheckpoint in trainer.callbacks (here on val/loss, saved first) does not decide what `best` is;
+    goemo.load("best") resolves through the same resolve_checkpoint."""
+    run = fake_run(tmp_path, config="checkpoint:\n  monitor: val/f1_micro\n  mode: max\n")
+    ckpts = run / "checkpoints"
+    for name in ("epoch00-step1.ckpt", "epoch01-step2.ckpt"):
+        torch.save({}, ckpts / name)
+    states = {ModelCheckpoint(monitor="val/loss", mode="min").state_key: {"best_model_path": "/old/place/epoch00-step1.ckpt"},
+              ModelCheckpoint(monitor="val/f1_micro", mode="max").state_key: {"best_model_path": "/old/place/epoch01-step2.ckpt"}}  # fmt: skip
+    torch.save({"callbacks": states}, ckpts / "last.ckpt")
+    assert best_checkpoint(run) == ckpts / "epoch01-step2.ckpt"
+    assert resolve_checkpoint("best", tmp_path / "lightning_logs") == (ckpts / "epoch01-step2.ckpt", run)
+    (run / "config.yaml").write_text("checkpoint:\n  monitor: val/f1_macro\n")  # matches neither: not a guess
+    with pytest.raises(GoemoError, match=r"last.ckpt: it holds the states of 2 ModelCheckpoint callbacks and the run's config.yaml "
+                                         r"does not tell which is its `checkpoint` section's; give the .ckpt file to use \(in "):  # fmt: skip
+        best_checkpoint(run)
+
+
+def test_best_and_last_find_a_run_whose_checkpoints_went_elsewhere(tmp_path, monkeypatch):
+    """A fit with --checkpoint.dirpath keeps its checkpoints outside its run folder: `best`/`last` look there, and
+    neither test nor fit falls back to an older run."""
+    monkeypatch.chdir(tmp_path)
+    root = Path("lightning_logs")
+    fake_run(tmp_path, 0)
+    newer = root / "version_1"
+    newer.mkdir()
+    (newer / "config.yaml").write_text("checkpoint:\n  dirpath: myckpts\n")
+    Path("myckpts").mkdir()
+    torch.save(LIGHTNING, Path("myckpts", "last.ckpt"))
+    for sub in ("test", "fit"):
+        for alias in ("best", "last"):
+            assert rewrite_args([sub, "--ckpt_path", alias], root) == (
+                [sub, "--config", str(newer / "config.yaml"), "--ckpt_path", str(Path("myckpts", "last.ckpt"))], newer)
+
+
+def test_a_checkpoint_monitor_the_model_never_logs_stops_before_training(tmp_path, tiny_model, tiny_data, capsys, monkeypatch):
+    line = cli(capsys, monkeypatch, tmp_path, "fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
+               "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+               "--trainer.enable_progress_bar", "false", "--checkpoint.monitor", "val/f1-micro")  # fmt: skip
+    assert line == f"error: checkpoint.monitor val/f1-micro: the model logs no metric of that name; use one of {', '.join(MONITORED)}"
+    assert not list(tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))
+
+
+def test_a_subclass_or_a_users_callback_may_log_other_metrics_to_monitor():
+    """Names goemo cannot know up front are left to Lightning's own check (at the first validation's end)."""
+    from jsonargparse import Namespace
+
+    class Mine(EmotionClassifier):
+        pass
+
+    class LogsMore(Callback):
+        pass
+
+    def check(model, callbacks=()) -> None:
+        cli = SimpleNamespace(config={"fit": Namespace(checkpoint=Namespace(monitor="val/mine"))}, subcommand="fit",
+                              model=object.__new__(model), trainer=SimpleNamespace(callbacks=list(callbacks)))  # fmt: skip
+        GoemoCLI._check_monitor(cli)
+
+    check(Mine)
+    check(EmotionClassifier, [LogsMore()])
+    with pytest.raises(GoemoError, match="^checkpoint.monitor val/mine: the model logs no metric of that name"):
+        check(EmotionClassifier, [ModelCheckpoint()])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
+    for flag in ("--config", "-c"):
+        line = cli(capsys, monkeypatch, tmp_path, "fit", flag, "bin.yaml")
+        assert line == "error: bin.yaml: not UTF-8 text, so not a YAML config file; give the config's .yaml file"
+    run = fake_run(tmp_path)  # a run's config.yaml, damaged
+    (run / "config.yaml").write_bytes(b"\xff\xfe\x00bad")
+    line = cli(capsys, monkeypatch, tmp_path, "test", "--ckpt_path", "best")
+    assert line == f"error: {Path('lightning_logs', 'version_0', 'config.yaml')}: not UTF-8 text, so not a YAML config file; give the config's .yaml file"
+
+
+def test_dash_c_and_trainer_files_count_as_config_files(tmp_path, monkeypatch):
+    moved = tmp_path / "moved.yaml"
+    moved.write_text("trainer:\n  logger:\n    init_args: {save_dir: exp}\n")
+    (tmp_path / "trainer.yaml").write_text("logger:\n  init_args: {save_dir: exp}\n")
+    for given in (["-c", str(moved)], [f"-c={moved}"], [f"-c{moved}"], [f"--config={moved}"], ["--trainer", str(tmp_path / "trainer.yaml")]):
+        with pytest.raises(GoemoError, match="^--ckpt_path best takes the newest run in lightning_logs, not in exp/lightning_logs"):
+            rewrite_args(["test", *given, "--ckpt_path", "best"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    (tmp_path / "mine.yaml").write_text("trainer:\n  precision: bf16-mixed\n")
+    (tmp_path / "precision.yaml").write_text("precision: bf16-mixed\n")  # a trainer file
+    (tmp_path / "precision_free.yaml").write_text("max_epochs: 1\n")  # its name says precision; it sets none
+    own = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", "x.ckpt"]
+    for extra in (["-c", str(tmp_path / "mine.yaml")], [f"-c={tmp_path / 'mine.yaml'}"], ["--trainer", str(tmp_path / "precision.yaml")]):
+        assert trainer_setting_given([*own, *extra], run), extra
+    assert not trainer_setting_given([*own, "--trainer", str(tmp_path / "precision_free.yaml")], run)
+    from jsonargparse import ArgumentError
+
+    monkeypatch.setattr(sys, "argv", ["main.py", "fit", "-c", "x.yaml"])
+    assert one_line(ArgumentError(None, "bad value")) == "bad value (config: x.yaml) (see: python main.py fit --help)"
+
+
+def test_predict_output_never_replaces_the_checkpoint_or_the_runs_configs(tmp_path, capsys, monkeypatch):
+    run = fake_run(tmp_path)
+    (tmp_path / "texts.txt").write_text("happy\n")
+    for output, what in (("lightning_logs/version_0/checkpoints/last.ckpt", "the checkpoint it predicts with"),
+                         ("other.ckpt", "a checkpoint file"),
+                         ("lightning_logs/version_0/config.yaml", "the run's config.yaml"),
+                         ("lightning_logs/version_0/config_predict.yaml", "the run's config_predict.yaml"),
+                         ("lightning_logs/version_0/hparams.yaml", "the run's hparams.yaml")):  # fmt: skip
+        line = cli(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "best", "--data.predict_file", "texts.txt",
+                   "--model.model_name_or_path", str(tmp_path / "no-model"), "--output", output)  # fmt: skip
+        assert line == (f"error: --output {output} is {what}, which the predictions would replace; write them elsewhere "
+                        "(by default: predictions.jsonl in the run folder)")  # fmt: skip
+    assert (run / "config.yaml").read_text() == "{}"
+
+
+def test_predict_refuses_a_threshold_from_a_config_file_too(tmp_path, capsys, monkeypatch):
+    tuned = {**LIGHTNING, "state_dict": {"thresholds": torch.full((4,), 0.4)}, "hyper_parameters": {"threshold": 0.5}}
+    fake_run(tmp_path, config="model:\n  threshold: 0.5\n", ckpt=tuned)
+    (tmp_path / "texts.txt").write_text("happy\n")
+    (tmp_path / "thr.yaml").write_text("model:\n  threshold: 0.3\n")
+    for given in (["--config", "thr.yaml"], ["--model.threshold", "0.3"]):
+        line = cli(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "best", "--data.predict_file", "texts.txt", *given)
+        assert line == ("error: predict labels texts at the checkpoint's tuned per-label thresholds, so --model.threshold 0.3 would "
+                        "change nothing: drop it, and cut each record's scores (every label's probability) instead")  # fmt: skip
+    (tmp_path / "thr.yaml").write_text("model:\n  threshold: 0.5\n")  # the checkpoint's own: on to the next check
+    line = cli(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "best", "--config", "thr.yaml")
+    assert line.startswith("error: predict needs --data.predict_file FILE")
+
+
+@pytest.mark.slow
+def test_test_without_a_logger_writes_its_report_into_the_run_folder(tiny_run, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(tiny_run / "lightning_logs" / "version_0", run, ignore=shutil.ignore_patterns("test_report.*", "config_*.yaml"))
+    cli(capsys, monkeypatch, tmp_path, "test", "--ckpt_path", "best", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", code=0)  # fmt: skip
+    assert (run / "test_report.json").is_file() and (run / "test_report.md").is_file() and (run / "config_test.yaml").is_file()
+    assert not list(tmp_path.glob("*test*")) and not list(tmp_path.glob("checkpoints"))
+
+
+def test_default_root_dir_that_moves_no_run_is_refused(tmp_path, capsys, monkeypatch):
+    model = ("--model.model_name_or_path", str(tmp_path / "no-model"))  # never loaded: refused before
+    line = cli(capsys, monkeypatch, tmp_path, "fit", "--trainer.default_root_dir", "out", *model)
+    assert line == ("error: --trainer.default_root_dir out: runs go where the logger's save_dir points (.), not there; "
+                    "use --trainer.logger.init_args.save_dir out instead")  # fmt: skip
+    line = cli(capsys, monkeypatch, tmp_path, "fit", "--trainer.default_root_dir", "out", "--trainer.logger.init_args.save_dir", "out", *model)
+    assert line.startswith(f"error: model '{tmp_path / 'no-model'}'")  # both say the same: on to loading the model
+
+
+def test_test_and_validate_need_a_checkpoint(tmp_path, tiny_model, tiny_data, capsys, monkeypatch):
+    """As predict: without one they scored an untrained head and wrote a full report of it."""
+    for sub in ("test", "validate"):
+        line = cli(capsys, monkeypatch, tmp_path, sub, "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data),
+                   "--data.cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false")  # fmt: skip
+        assert line == f"error: {sub} needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to score"
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_help_needs_no_run(tmp_path, capsys, monkeypatch):
+    out = cli(capsys, monkeypatch, tmp_path, "test", "--ckpt_path", "best", "--help", code=0)
+    assert out.startswith("usage: ") and "--ckpt_path" in out
+
+
+def test_a_predict_file_that_is_a_folder_says_so(tmp_path, capsys, monkeypatch):
+    fake_run(tmp_path)
+    (tmp_path / "d.txt").mkdir()
+    line = cli(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "best", "--data.predict_file", "d.txt")
+    assert line == "error: --data.predict_file d.txt is a folder; give a file of texts (.txt, .jsonl or .csv)"
+
+
+def test_sigterm_during_the_reports_bootstrap_stops_the_test(tmp_path):
+    """Lightning's loop checks for SIGTERM at batch ends only: one arriving while the report is computed stopped
+    nothing (report written, status 0). It is raised as the loop would (goemo.cli then exits 143), before writing."""
+    from goemo.report import JSON_NAME, TestReport
+
+    torch.manual_seed(0)
+    model = SimpleNamespace(test_predictions=(torch.rand(8, 4), (torch.rand(8, 4) > 0.5).float()), thresholds=torch.full((4,), 0.5),
+                            label_names=LABELS4, hparams=SimpleNamespace(threshold=0.5), tested_step=lambda: 3)  # fmt: skip
+    trainer = SimpleNamespace(is_global_zero=True, received_sigterm=True, ckpt_path=None, log_dir=str(tmp_path), logger=None)
+    with pytest.raises(SIGTERMException):
+        TestReport(resamples=10).on_test_end(trainer, model)
+    assert not (tmp_path / JSON_NAME).exists()
+    trainer.received_sigterm = False
+    TestReport(resamples=10).on_test_end(trainer, model)
+    assert (tmp_path / JSON_NAME).is_file()
+
+
+def test_ckpt_path_from_a_config_file_is_refused(tmp_path, capsys, monkeypatch):
+    """goemo.runs resolves the flag (the run's config and folder are reused); from a config file it was a bare file."""
+    run = fake_run(tmp_path)
+    (tmp_path / "ck.yaml").write_text(f"ckpt_path: {run / 'checkpoints' / 'last.ckpt'}\n")
+    line = cli(capsys, monkeypatch, tmp_path, "test", "--config", "ck.yaml", "--model.model_name_or_path", str(tmp_path / "no-model"))
+    assert line == (f"error: ckpt_path {run / 'checkpoints' / 'last.ckpt'} is set in a config file, where the run's config and folder "
+                    "are not reused as with the flag: give it as --ckpt_path instead (or add --ckpt_path null to start anew)")  # fmt: skip
