@@ -33,7 +33,7 @@ from goemo.model import EmotionClassifier
 from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter, check_not_the_input
 from goemo.reliability import Interrupts, LastCheckpoint, OutsideLoopsSIGTERM
-from goemo.runs import HELP_FLAGS, config_files, load_lightning_checkpoint, options, read_config, rewrite_args
+from goemo.runs import config_files, load_lightning_checkpoint, options, read_config, rewrite_args
 
 # Rich terminal output, explicit rather than left to Lightning's "is rich installed" check: a live bar
 # with the loss, validation metrics and it/s, and a model summary table.
@@ -168,6 +168,7 @@ class GoemoCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt every N steps
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")  # one last.ckpt, beside the epoch checkpoints
         parser.add_lightning_class_args(EpochAveraging, "weight_averaging")  # off unless start_epoch is set
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
@@ -228,8 +229,10 @@ class GoemoCLI(LightningCLI):
         self.config = self.parser.parse_args([*self._args[:i], *beneath, *self._args[i:]])
         threshold = self.config[sub].model.get("threshold")
         tuned = "thresholds" in (ckpt.get("state_dict") or {})  # an older checkpoint has none: it labels at model.threshold
-        # Whatever set it (the flag, or a config file: the hyperparameters lie beneath both), it would change nothing.
-        if sub == "predict" and tuned and "threshold" in hparams and threshold != hparams["threshold"]:
+        # Given by a flag or a config file of the user's (the hyperparameters lie beneath both), it would change nothing;
+        # the run's own config.yaml may differ from an older best checkpoint's (a fit resumed with another threshold).
+        given = self.run_dir is None or trainer_setting_given(self._args, self.run_dir, "threshold", "model")
+        if sub == "predict" and tuned and given and "threshold" in hparams and threshold != hparams["threshold"]:
             raise GoemoError(f"predict labels texts at the checkpoint's tuned per-label thresholds, so --model.threshold {threshold} "
                              "would change nothing: drop it, and cut each record's scores (every label's probability) instead")  # fmt: skip
 
@@ -241,7 +244,7 @@ class GoemoCLI(LightningCLI):
             # instead, where its test report, config_<stage>.yaml and predictions belong.
             trainer.default_root_dir = str(self.run_dir)
         logger_args, root = folder_logger(trainer.logger), trainer.default_root_dir
-        if root and logger_args is not None and Path(root).resolve() != Path(logger_args.save_dir).resolve():
+        if self.run_dir is None and root and logger_args is not None and Path(root).resolve() != Path(logger_args.save_dir).resolve():
             # The logger's folder is where runs go (goemo's default logger pins save_dir "."): default_root_dir moves nothing.
             raise GoemoError(f"--trainer.default_root_dir {trainer.default_root_dir}: runs go where the logger's save_dir points "
                              f"({logger_args.save_dir}), not there; use --trainer.logger.init_args.save_dir {trainer.default_root_dir} instead")  # fmt: skip
@@ -379,6 +382,10 @@ class GoemoCLI(LightningCLI):
             given = {"weights_only": weights_only} if weights_only is not None else {}  # Lightning 2.6 and newer
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **given)
         except ValueError as e:
+            if "parameter group" in str(e) and ckpt_path:  # torch's Optimizer.load_state_dict, past EmotionClassifier's checks
+                raise GoemoError(f"{ckpt_path}: its optimizer has other parameter groups than this model's (other model "
+                                 "settings, or goemo's grouping changed since); resume with the code and settings it started "
+                                 "with, or start a new fit") from None  # fmt: skip
             if "val_check_interval" not in str(e):
                 raise
             raise GoemoError(f"trainer settings: {one_line(e)}") from None
@@ -508,18 +515,18 @@ def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-def trainer_setting_given(args: list[str], run_dir: Path, key: str = "precision") -> bool:
-    """Whether the command line chooses trainer.<key> itself: a --trainer.<key> flag, a --trainer dict, or a config
-    file other than the run's own config.yaml that sets it (the run's holds what it trained with)."""
+def trainer_setting_given(args: list[str], run_dir: Path, key: str = "precision", section: str = "trainer") -> bool:
+    """Whether the command line chooses <section>.<key> itself: a --<section>.<key> flag, a --<section> dict or file,
+    or a config file other than the run's own config.yaml that sets it (the run's holds what it trained with)."""
     own = (run_dir / "config.yaml").resolve()
     for flag, value in options(args):  # -c is --config
-        if flag == f"--trainer.{key}":
+        if flag == f"--{section}.{key}":
             return True
-        if flag == "--trainer" and value is not None and isinstance(section := read_config(value), dict) and key in section:
+        if flag == f"--{section}" and value is not None and isinstance(part := read_config(value), dict) and key in part:
             return True  # --trainer FILE or --trainer YAML
         if flag == "--config" and value and Path(value).expanduser().resolve() != own:
             config = read_config(value)  # the parser has read it already; a config it could not read never gets this far
-            if isinstance(config, dict) and isinstance(config.get("trainer"), dict) and key in config["trainer"]:
+            if isinstance(config, dict) and isinstance(config.get(section), dict) and key in config[section]:
                 return True
     return False
 
@@ -566,8 +573,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if default else None
     try:
         # Help and --print_config resolve nothing: `test --ckpt_path best --help` helps where no run exists yet.
-        help_only = any(a in HELP_FLAGS or a.startswith("--print_config=") for a in argv)
-        args, run_dir = (list(argv), None) if help_only else rewrite_args(argv)
+        # --print_config shows the run's config where one resolves, else the command as given.
+        args, run_dir = list(argv), None
+        if not any(a in ("-h", "--help") for a in argv):
+            try:
+                args, run_dir = rewrite_args(argv)
+            except GoemoError:
+                if not any(a.partition("=")[0] == "--print_config" for a in argv):
+                    raise
         for config in config_files(args):  # jsonargparse's UnicodeDecodeError would be a traceback
             read_config(config, strict=True)
         if run_dir is not None:

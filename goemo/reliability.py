@@ -82,7 +82,7 @@ def _check_finite(state: dict, path: Path) -> None:
 
 
 class LastCheckpoint(ModelCheckpoint):
-    def __init__(self, every_n_train_steps: int = DEFAULT_EVERY_N_TRAIN_STEPS) -> None:
+    def __init__(self, every_n_train_steps: int = DEFAULT_EVERY_N_TRAIN_STEPS, dirpath: str | None = None) -> None:
         """Saves `last.ckpt` in the run's checkpoints folder every N optimizer steps, for resuming after a crash.
 
         The epoch checkpoints (`--checkpoint.*`) also write `last.ckpt` after each validation; this adds the saves
@@ -91,13 +91,15 @@ class LastCheckpoint(ModelCheckpoint):
         Args:
             every_n_train_steps: Optimizer steps between saves; 0 turns them off (last.ckpt then comes only
                 with a new best epoch checkpoint and at the end of training).
+            dirpath: The folder of last.ckpt; linked from `checkpoint.dirpath` by the CLI, so there is one last.ckpt
+                (unset: the run's checkpoints/ folder).
         """
         if every_n_train_steps < 0:
             raise GoemoError(f"last_checkpoint.every_n_train_steps must be >= 0 (0 = off), got {every_n_train_steps}")
         # save_top_k=0: only last.ckpt. No version counter: it must overwrite the last.ckpt that the epoch
         # checkpoints write too, never add last-v1.ckpt.
         super().__init__(
-            save_top_k=0, save_last=every_n_train_steps > 0, every_n_train_steps=every_n_train_steps,
+            dirpath=dirpath, save_top_k=0, save_last=every_n_train_steps > 0, every_n_train_steps=every_n_train_steps,
             every_n_epochs=0, enable_version_counter=False,
         )  # fmt: skip
 
@@ -283,13 +285,15 @@ def _step_of(path: Path) -> Optional[int]:
 
 def resume_hint(run_dir: Path) -> str:
     """The command that resumes the fit logged in `run_dir`: `--ckpt_path last` when it is the newest run."""
-    from goemo.runs import RUNS_DIR, resolve_checkpoint
+    from goemo.runs import RUNS_DIR, checkpoint_dir, resolve_checkpoint
 
     try:
         newest = resolve_checkpoint("last", RUNS_DIR, resume=True)[1].resolve() == run_dir.resolve()
     except GoemoError:
         newest = False
-    return f"python main.py fit --ckpt_path {'last' if newest else run_dir / 'checkpoints' / 'last.ckpt'}"
+    # Its last.ckpt; a run whose checkpoint.dirpath put it elsewhere by its folder (a bare file there names no run).
+    own = run_dir / "checkpoints"
+    return f"python main.py fit --ckpt_path {'last' if newest else own / 'last.ckpt' if checkpoint_dir(run_dir) == own else run_dir}"
 
 
 class OutsideLoopsSIGTERM(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way swallows it
@@ -391,6 +395,7 @@ class Interrupts(Callback):
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
         folder = _checkpoint_dir(trainer)
+        run = Path(trainer.log_dir) if trainer.log_dir and folder is not None else folder.parent if folder is not None else None
         saveable = (
             trainer.state.fn == TrainerFn.FITTING
             and trainer.state.stage == RunningStage.TRAINING  # not during the sanity check or validation
@@ -416,10 +421,10 @@ class Interrupts(Callback):
             kept = "predictions" if trainer.state.fn == TrainerFn.PREDICTING else "metrics or report"
             msg = f"interrupted by {what} during {trainer.state.fn.value}: stopped before the end, so no {kept} were written"
         elif saved is not None:
-            msg = f"interrupted by {what} {where}: saved {saved}; resume with: {resume_hint(folder.parent)}"
+            msg = f"interrupted by {what} {where}: saved {saved}; resume with: {resume_hint(run)}"
         elif last is not None and last.is_file():
             kept = f"kept the last checkpoint, {last} (step {_step_of(last)})"
-            msg = f"interrupted by {what} {where}: {kept}; resume with: {resume_hint(folder.parent)}"
+            msg = f"interrupted by {what} {where}: {kept}; resume with: {resume_hint(run)}"
         else:
             msg = f"interrupted by {what} {where}: no checkpoint saved yet, nothing to resume"
         print(f"error: {msg}", file=sys.stderr, flush=True)

@@ -22,18 +22,24 @@ RUNS_DIR = Path("lightning_logs")
 ALIASES = ("best", "last")
 LOGGER_FOLDER_FLAGS = tuple(f"--trainer.logger.{a}{k}" for a in ("init_args.", "") for k in ("save_dir", "name"))
 ENSEMBLE_FILE = "ensemble.json"  # what marks a folder `python -m goemo.ensemble` wrote
-HELP_FLAGS = ("-h", "--help", "--print_config")  # they print and exit: nothing to resolve
+NO_VALUE_FLAGS = ("-h", "--help", "--print_config")  # the CLI's flags that take no separate value
 
 
 def options(args: list[str]) -> list[tuple[str, str | None]]:
-    """(flag, value) of each argument, for `--flag value`, `--flag=value` (and `-cFILE`) alike, -c named --config
-    (the value is the next argument whether or not it belongs to the flag: callers look only at flags that take one)."""
-    out = []
-    for i, a in enumerate(args):
+    """(flag, value) of each flag, for `--flag value`, `--flag=value` (and `-cFILE`) alike, -c named --config; a
+    separate value is skipped as a flag (`--trainer.logger.init_args.name -cv` names no config file -cv)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
         flag, eq, value = a.partition("=")
-        if flag.startswith("-c") and len(flag) > 2 and not eq:  # -cFILE, as argparse reads it (-c: LightningCLI's --config)
+        if flag.startswith("-c") and len(flag) > 2 and not flag.startswith("--") and not eq:  # -cFILE, as argparse reads it
             flag, eq, value = "-c", "=", a[2:]
-        out.append(("--config" if flag == "-c" else flag, value if eq else args[i + 1] if i + 1 < len(args) else None))
+        if not flag.startswith("-"):  # the subcommand, or a value the loop did not expect
+            i += 1
+            continue
+        takes_next = not eq and flag not in NO_VALUE_FLAGS and i + 1 < len(args)
+        out.append(("--config" if flag == "-c" else flag, value if eq else args[i + 1] if takes_next else None))
+        i += 2 if takes_next else 1
     return out
 
 
@@ -81,7 +87,10 @@ def _version(run: Path) -> int:
 
 def newest_run(root: Path = RUNS_DIR) -> Path:
     """The highest `version_N` under `root` that holds a checkpoint (in checkpoints/ or its checkpoint.dirpath)."""
-    runs = sorted((p for p in root.glob("version_*") if any(checkpoint_dir(p).glob("*.ckpt"))), key=_version)
+    def saved(run: Path) -> bool:  # (checkpoints/ too for a dirpath run: last_checkpoint says why)
+        return any(checkpoint_dir(run).glob("*.ckpt")) or (run / "checkpoints" / "last.ckpt").is_file()
+
+    runs = sorted((p for p in root.glob("version_*") if saved(p)), key=_version)
     if not runs:
         raise GoemoError(
             f"no run with checkpoints under {root}/: train one first (python main.py fit --config configs/minilm.yaml) "
@@ -143,8 +152,11 @@ def _reason(e: Exception) -> str:
 
 def last_checkpoint(run: Path) -> Path:
     ckpts = checkpoint_dir(run)
-    if (ckpts / "last.ckpt").is_file():
-        return ckpts / "last.ckpt"
+    # A run fitted with checkpoint.dirpath by goemo before 2026-12-07 saved its periodic last.ckpt in checkpoints/ and
+    # the epoch checkpoints' (and Ctrl-C's) in the dirpath: the later step of the two.
+    lasts = [f for f in dict.fromkeys((ckpts / "last.ckpt", run / "checkpoints" / "last.ckpt")) if f.is_file()]
+    if lasts:
+        return max(lasts, key=lambda f: (_saved_step(f), f.parent == ckpts))
     files = sorted(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not files and (run / ENSEMBLE_FILE).is_file():
         raise GoemoError(f"{run}: an ensemble's folder, not a run: its test report is {run / 'test_report.md'}, "
@@ -152,6 +164,14 @@ def last_checkpoint(run: Path) -> Path:
     if not files:
         raise GoemoError(f"{ckpts}: no checkpoint files (the fit stopped before its first save?); give a run that has them, or a .ckpt file")
     return files[-1]
+
+
+def _saved_step(path: Path) -> int:
+    """The global step a checkpoint holds (memory-mapped: only that number is read); -1 where it cannot be read."""
+    try:
+        return int(load_checkpoint(path, mmap=True)["global_step"])
+    except (GoemoError, KeyError, TypeError, ValueError):
+        return -1
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -164,7 +184,7 @@ def best_checkpoint(run: Path) -> Path:
     cb = _checkpoint_state(run, state, last)
     if cb is not None and cb.get("best_model_path"):
         # Look it up by name in this run: the run folder may have moved since training.
-        best = last.parent / Path(cb["best_model_path"]).name
+        best = checkpoint_dir(run) / Path(cb["best_model_path"]).name
         if not best.is_file():  # not `last` in its place: that would be another epoch's weights, without a word
             raise GoemoError(f"{run}: its best checkpoint {best.name} is gone; restore it, or give `last` or a .ckpt file of the run")
         return best
@@ -187,6 +207,10 @@ def _checkpoint_state(run: Path, states: dict, last: Path) -> dict | None:
             key = None
         if key in found:
             return found[key]
+        # A key not rebuilt exactly (train_time_interval is saved as text, the key holds a timedelta): its monitor.
+        same = [v for v in found.values() if "monitor" in section and v.get("monitor") == section["monitor"]]
+        if len(same) == 1:
+            return same[0]
     if len(found) > 1:
         raise GoemoError(f"{last}: it holds the states of {len(found)} ModelCheckpoint callbacks and the run's config.yaml does "
                          f"not tell which is its `checkpoint` section's; give the .ckpt file to use (in {last.parent})")  # fmt: skip

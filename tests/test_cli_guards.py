@@ -242,3 +242,82 @@ def test_ckpt_path_from_a_config_file_is_refused(tmp_path, capsys, monkeypatch):
     line = cli(capsys, monkeypatch, tmp_path, "test", "--config", "ck.yaml", "--model.model_name_or_path", str(tmp_path / "no-model"))
     assert line == (f"error: ckpt_path {run / 'checkpoints' / 'last.ckpt'} is set in a config file, where the run's config and folder "
                     "are not reused as with the flag: give it as --ckpt_path instead (or add --ckpt_path null to start anew)")  # fmt: skip
+
+
+def test_a_dirpath_runs_last_checkpoint_is_the_later_of_its_two_folders(tmp_path, monkeypatch):
+    """goemo before 2026-12-07 saved a dirpath run's periodic last.ckpt in checkpoints/ and the epoch checkpoints' in
+    the dirpath: `last` takes the later step, and a run with only the periodic one is found at all."""
+    monkeypatch.chdir(tmp_path)
+    root = Path("lightning_logs")
+    run = fake_run(tmp_path, 0, config="checkpoint:\n  dirpath: myckpts\n", ckpt={**LIGHTNING, "global_step": 9}).relative_to(tmp_path)
+    assert rewrite_args(["fit", "--ckpt_path", "last"], root)[0][-1] == str(run / "checkpoints" / "last.ckpt")
+    Path("myckpts").mkdir()
+    torch.save({**LIGHTNING, "global_step": 7}, Path("myckpts", "last.ckpt"))
+    assert rewrite_args(["fit", "--ckpt_path", "last"], root)[0][-1] == str(run / "checkpoints" / "last.ckpt")
+    torch.save({**LIGHTNING, "global_step": 12}, Path("myckpts", "last.ckpt"))
+    assert rewrite_args(["fit", "--ckpt_path", str(run)], root)[0][-1] == str(Path("myckpts", "last.ckpt"))
+
+
+def test_last_checkpoint_follows_checkpoint_dirpath(tmp_path, tiny_model, tiny_data, monkeypatch):
+    """One last.ckpt, beside the epoch checkpoints: the periodic saves go to checkpoint.dirpath too."""
+    from goemo.data import GoEmotionsDataModule
+    from goemo.reliability import LastCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data), "--trainer.accelerator", "cpu"]
+    for given, folder in (([], None), (["--checkpoint.dirpath", "myckpts"], str(tmp_path / "myckpts"))):
+        cli = GoemoCLI(EmotionClassifier, GoEmotionsDataModule, run=False, args=[*args, *given])
+        (last,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LastCheckpoint)]
+        (epochs,) = [cb for cb in cli.trainer.callbacks if type(cb) is ModelCheckpoint]
+        assert last.dirpath == epochs.dirpath == folder  # unset: both take the run's checkpoints/ at fit
+
+
+def test_a_runs_own_config_may_hold_default_root_dir_and_another_threshold(tmp_path, capsys, monkeypatch):
+    """Older goemo ignored --trainer.default_root_dir and saved it; a fit resumed with another model.threshold saved that
+    while its best checkpoint holds the old one: neither is the user's doing now, so neither is refused."""
+    tuned = {**LIGHTNING, "state_dict": {"thresholds": torch.full((4,), 0.4)}, "hyper_parameters": {"threshold": 0.5}}
+    fake_run(tmp_path, config="trainer:\n  default_root_dir: elsewhere\nmodel:\n  threshold: 0.4\n", ckpt=tuned)
+    (tmp_path / "texts.txt").write_text("happy\n")
+    line = cli(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "best", "--data.predict_file", "texts.txt",
+               "--model.model_name_or_path", str(tmp_path / "no-model"))  # fmt: skip
+    assert line.startswith(f"error: model '{tmp_path / 'no-model'}'"), line  # past both checks, on to loading the model
+
+
+def test_print_config_shows_the_resolved_run(tmp_path, capsys, monkeypatch):
+    fake_run(tmp_path, config="data:\n  max_length: 77\n")
+    out = cli(capsys, monkeypatch, tmp_path, "test", "--ckpt_path", "best", "--print_config", code=0)
+    assert "max_length: 77" in out and f"ckpt_path: {Path('lightning_logs', 'version_0', 'checkpoints', 'last.ckpt')}" in out
+    out = cli(capsys, monkeypatch, tmp_path / "lightning_logs", "test", "--ckpt_path", "best", "--print_config", code=0)
+    assert "ckpt_path: best" in out  # no run here: the command as given
+
+
+def test_best_falls_back_to_the_monitor_where_the_key_cannot_be_rebuilt(tmp_path):
+    """jsonargparse saves train_time_interval as text ('1:30:00'); Lightning's state key holds a timedelta."""
+    from datetime import timedelta
+
+    run = fake_run(tmp_path, config="checkpoint:\n  monitor: val/f1_micro\n  mode: max\n  train_time_interval: '1:30:00'\n")
+    ckpts = run / "checkpoints"
+    states = {ModelCheckpoint(monitor="val/loss", mode="min").state_key: {"monitor": "val/loss", "best_model_path": "a/epoch00.ckpt"},
+              ModelCheckpoint(monitor="val/f1_micro", mode="max", train_time_interval=timedelta(hours=1.5)).state_key:
+              {"monitor": "val/f1_micro", "best_model_path": "a/epoch01.ckpt"}}  # fmt: skip
+    torch.save({"callbacks": states}, ckpts / "last.ckpt")
+    torch.save({}, ckpts / "epoch01.ckpt")
+    assert best_checkpoint(run) == ckpts / "epoch01.ckpt"
+
+
+def test_options_read_a_flags_value_as_its_value():
+    from goemo.runs import config_files, options
+
+    assert config_files(["fit", "--trainer.logger.init_args.name", "-cv", "--config", "a.yaml", "-cb.yaml"]) == ["a.yaml", "b.yaml"]
+    assert options(["test", "--print_config", "-c", "x.yaml", "--model.x=-1", "--help"]) == [
+        ("--print_config", None), ("--config", "x.yaml"), ("--model.x", "-1"), ("--help", None)]
+
+
+def test_a_resume_whose_optimizer_groups_differ_is_one_line():
+    """torch's load_state_dict ValueError (e.g. ELECTRA layer decay's groups changed in 2026-12) is one line."""
+    def fails(*args, **kwargs):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+
+    cli = SimpleNamespace(trainer=SimpleNamespace(fit=fails))
+    with pytest.raises(GoemoError, match="^run/last.ckpt: its optimizer has other parameter groups than this model's"):
+        GoemoCLI.fit(cli, None, None, ckpt_path="run/last.ckpt")
