@@ -361,6 +361,14 @@ class GoemoCLI(LightningCLI):
         """Every place this command will write is writable, checked before any model is loaded or work is done."""
         if cfg.get("output"):
             check_output_file(Path(cfg.output), "--output")
+        dirpath = cfg.checkpoint.get("dirpath") if self.subcommand == "fit" and cfg.get("checkpoint") else None
+        if dirpath:
+            folder = Path(dirpath).expanduser()
+            if not cfg.get("ckpt_path") and folder.is_dir() and any(folder.glob("*.ckpt")):
+                # Checkpoints are named by epoch and step, last.ckpt shared (no version counter): a second run overwrites them
+                raise GoemoError(f"checkpoint.dirpath {dirpath} holds another run's checkpoints, which this fit would overwrite; "
+                                 "choose an empty folder, or resume that run with --ckpt_path")  # fmt: skip
+            check_writable(folder, "checkpoint.dirpath")
         args = folder_logger(cfg.trainer.logger)
         if self.run_dir is not None and (args is not None or not cfg.get("output")):
             check_writable(self.run_dir, "run folder")  # its events and config_<stage>.yaml go there, --output or not

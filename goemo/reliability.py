@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
@@ -51,6 +52,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
             with AtomicFile(path, "wb") as f:  # a kill during the save leaves the previous file whole
                 torch.save(checkpoint, f)
         except (OSError, RuntimeError) as e:
+            if isinstance(e, OSError) and not no_space(e):  # a read-only or vanished folder, permissions
+                raise GoemoError(f"cannot save {path} ({e.strerror or e}); the previous file there is kept; make the folder "
+                                 "writable and resume the fit (python main.py fit --ckpt_path last, or the run's folder)") from None  # fmt: skip
             if not no_space(e):
                 raise
             last = path.with_name("last.ckpt")
@@ -90,7 +94,7 @@ class LastCheckpoint(ModelCheckpoint):
 
         Args:
             every_n_train_steps: Optimizer steps between saves; 0 turns them off (last.ckpt then comes only
-                with a new best epoch checkpoint and at the end of training).
+                with a new best epoch checkpoint, so it holds the best epoch, not the end of training).
             dirpath: The folder of last.ckpt; linked from `checkpoint.dirpath` by the CLI, so there is one last.ckpt
                 (unset: the run's checkpoints/ folder).
         """
@@ -263,15 +267,18 @@ class ExactResume(Callback):
 
 
 def _checkpoint_dir(trainer) -> Optional[Path]:
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-            return Path(cb.dirpath)
-    return None
+    """The folder of the run's last.ckpt: LastCheckpoint's (the `checkpoint` section's dirpath, linked), not that of
+    another ModelCheckpoint in trainer.callbacks, which come first."""
+    found = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    own = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint) and cb.dirpath]
+    return (own or found or [None])[0]
 
 
 def _last_saved_step(trainer) -> int:
-    """The global step of the newest checkpoint saved in this process (0 also when none was)."""
-    steps = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    """The global step of the newest last.ckpt saved in this process into the run's folder (0 also when none was)."""
+    folder = _checkpoint_dir(trainer)
+    steps = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks
+             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and Path(cb.dirpath) == folder]  # fmt: skip
     return max((s for s in steps if s is not None), default=0)
 
 
@@ -328,8 +335,11 @@ class Interrupts(Callback):
         self._group = 0  # batches of an unfinished accumulation group taken (0: the last batch ended a step)
         self._forced = False  # Ctrl-C twice: stopped mid-step, nothing consistent to save
         self._previous_handler: Any = None
+        self._pid = os.getpid()  # the training process (on_train_start sets it again)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker, which inherited the handler: Ctrl-C reaches it too
+            return
         if self._sigint:
             self._forced = True
             raise KeyboardInterrupt
@@ -338,6 +348,7 @@ class Interrupts(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._pid = os.getpid()
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -395,7 +406,8 @@ class Interrupts(Callback):
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
         folder = _checkpoint_dir(trainer)
-        run = Path(trainer.log_dir) if trainer.log_dir and folder is not None else folder.parent if folder is not None else None
+        log_dir = getattr(trainer, "log_dir", None)  # the run folder (the logger's version folder)
+        run = Path(log_dir) if log_dir and folder is not None else folder.parent if folder is not None else None
         saveable = (
             trainer.state.fn == TrainerFn.FITTING
             and trainer.state.stage == RunningStage.TRAINING  # not during the sanity check or validation
@@ -414,6 +426,8 @@ class Interrupts(Callback):
                                   "whose step will miss their gradients")  # fmt: skip
                 except KeyboardInterrupt:  # Ctrl-C while saving: SafeCheckpointIO kept the previous file whole
                     saved, where = None, f"{where}, then by Ctrl-C while saving"
+                except GoemoError as e:  # a full disk, say: still the interrupt's exit (143 for a requeue), said in full
+                    saved, where = None, f"{where}, then the save failed ({e})"
         if not trainer.is_global_zero:
             return
         last = folder / "last.ckpt" if folder is not None else None
@@ -425,6 +439,8 @@ class Interrupts(Callback):
         elif last is not None and last.is_file():
             kept = f"kept the last checkpoint, {last} (step {_step_of(last)})"
             msg = f"interrupted by {what} {where}: {kept}; resume with: {resume_hint(run)}"
+        elif getattr(trainer, "ckpt_path", None):  # a resumed fit stopped before its first save (while the data is tokenized, say)
+            msg = f"interrupted by {what} before training went on: {trainer.ckpt_path} is as it was; run the same command to resume"
         else:
             msg = f"interrupted by {what} {where}: no checkpoint saved yet, nothing to resume"
         print(f"error: {msg}", file=sys.stderr, flush=True)

@@ -321,3 +321,19 @@ def test_a_resume_whose_optimizer_groups_differ_is_one_line():
     cli = SimpleNamespace(trainer=SimpleNamespace(fit=fails))
     with pytest.raises(GoemoError, match="^run/last.ckpt: its optimizer has other parameter groups than this model's"):
         GoemoCLI.fit(cli, None, None, ckpt_path="run/last.ckpt")
+
+
+def test_a_new_fit_into_a_checkpoint_dirpath_of_another_run_or_one_it_cannot_write_is_refused(tmp_path, capsys, monkeypatch):
+    """No version counter: a second fit overwrites the first's epoch checkpoints and last.ckpt by name; a folder that
+    cannot be made fails at the first save, after training, with a traceback."""
+    model = ("--model.model_name_or_path", str(tmp_path / "no-model"))  # never loaded: refused before
+    (tmp_path / "shared").mkdir()
+    torch.save({}, tmp_path / "shared" / "epoch00-step6.ckpt")
+    line = cli(capsys, monkeypatch, tmp_path, "fit", "--checkpoint.dirpath", "shared", *model)
+    assert line == ("error: checkpoint.dirpath shared holds another run's checkpoints, which this fit would overwrite; choose an "
+                    "empty folder, or resume that run with --ckpt_path")  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    line = cli(capsys, monkeypatch, tmp_path, "fit", "--checkpoint.dirpath", "afile/ck", *model)
+    assert line.startswith("error: checkpoint.dirpath afile/ck: cannot write there")
+    line = cli(capsys, monkeypatch, tmp_path, "fit", "--checkpoint.dirpath", "fresh", *model)
+    assert line.startswith(f"error: model '{tmp_path / 'no-model'}'")  # an empty or new folder: on to loading the model

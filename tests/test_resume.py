@@ -545,3 +545,82 @@ def test_cuda_random_states_restore_on_fewer_visible_gpus(monkeypatch):
     set_rng_states({**states, "cuda": [torch.tensor([d], dtype=torch.uint8) for d in range(4)]})  # an older checkpoint
     set_rng_states({**states, "cuda": [torch.tensor([0], dtype=torch.uint8)]})  # saved with fewer GPUs than device 1
     assert set_to == [7, 1]
+
+
+def interrupted(capsys, callbacks: list, save_checkpoint=None, global_step: int = 5, ckpt_path=None) -> str:
+    """Interrupts.on_exception after a Ctrl-C seen at a batch end, on a stub trainer: what it printed."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+
+    from goemo.reliability import Interrupts
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING, stage=RunningStage.TRAINING), checkpoint_callbacks=callbacks,
+                              global_step=global_step, current_epoch=0, is_global_zero=True, save_checkpoint=save_checkpoint,
+                              ckpt_path=ckpt_path)  # fmt: skip
+    stop = Interrupts()
+    stop._sigint = True
+    stop.on_exception(trainer, None, KeyboardInterrupt())
+    return capsys.readouterr().err
+
+
+def test_ctrl_c_saves_where_last_checkpoint_saves_not_in_another_callbacks_folder(tmp_path, monkeypatch, capsys):
+    """A ModelCheckpoint of the user's (trainer.callbacks come first) has its own dirpath: the resume would miss a save there."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from goemo.reliability import LastCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    saved = []
+    err = interrupted(capsys, [ModelCheckpoint(dirpath=tmp_path / "extra"), LastCheckpoint(dirpath=str(tmp_path / "own"))],
+                      lambda path, weights_only=False: saved.append(path))  # fmt: skip
+    assert saved == [tmp_path / "own" / "last.ckpt"] and f"saved {tmp_path / 'own' / 'last.ckpt'}; resume with: " in err
+
+
+def test_a_save_that_fails_during_an_interrupt_is_said_and_keeps_the_interrupt(tmp_path, monkeypatch, capsys):
+    """A full disk while Ctrl-C (or SIGTERM, for a requeue) saves: the interrupt's exit, with the reason, not exit 2."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from goemo.errors import GoemoError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    torch.save({"global_step": 3}, tmp_path / "ckpts" / "last.ckpt")
+
+    def full(path, weights_only=False):
+        raise GoemoError("no space left on device while saving it")
+
+    err = interrupted(capsys, [ModelCheckpoint(dirpath=tmp_path / "ckpts")], full)
+    assert err.startswith("error: interrupted by Ctrl-C at step 5 (epoch 0), then the save failed (no space left on device while "
+                          f"saving it): kept the last checkpoint, {tmp_path / 'ckpts' / 'last.ckpt'} (step 3); resume with: ")  # fmt: skip
+
+
+def test_ctrl_c_before_a_resumed_fit_trains_says_its_checkpoint_stands(tmp_path, monkeypatch, capsys):
+    """In setup (tokenizing) nothing is restored yet and the checkpoint folder is unresolved: not 'nothing to resume'."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    err = interrupted(capsys, [ModelCheckpoint()], global_step=0, ckpt_path="lightning_logs/version_0/checkpoints/last.ckpt")
+    assert err == ("error: interrupted by Ctrl-C before training went on: lightning_logs/version_0/checkpoints/last.ckpt is as "
+                   "it was; run the same command to resume\n")  # fmt: skip
+
+
+def test_a_dataloader_worker_ignores_the_ctrl_c_handler_it_inherited(capsys):
+    from goemo.reliability import Interrupts
+
+    stop = Interrupts()
+    stop._pid = -1  # another process's: this one is a forked worker
+    stop._on_sigint(2, None)
+    assert not stop._sigint and capsys.readouterr().err == ""
+    stop._pid = os.getpid()
+    stop._on_sigint(2, None)
+    assert stop._sigint and capsys.readouterr().err.startswith("\nCtrl-C: stopping after this batch")
+
+
+def test_a_save_into_a_folder_that_cannot_be_written_is_one_line(tmp_path):
+    from goemo.errors import GoemoError
+    from goemo.reliability import SafeCheckpointIO
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(GoemoError, match=r"^cannot save .*afile/ck/last.ckpt \(Not a directory\); the previous file there is kept"):
+        SafeCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "afile" / "ck" / "last.ckpt")
