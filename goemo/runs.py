@@ -169,7 +169,8 @@ def last_checkpoint(run: Path) -> Path:
 def _saved_step(path: Path) -> int:
     """The global step a checkpoint holds (memory-mapped: only that number is read); -1 where it cannot be read."""
     try:
-        return int(load_checkpoint(path, mmap=True)["global_step"])
+        ckpt = load_checkpoint(path, mmap=True)
+        return int(ckpt["global_step"]) if isinstance(ckpt, dict) else -1  # another shape: said by the caller's checks
     except (GoemoError, KeyError, TypeError, ValueError):
         return -1
 
