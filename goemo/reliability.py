@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from goemo.errors import GoemoError
 from goemo.files import AtomicFile, no_space
-from goemo.runs import load_checkpoint, load_lightning_checkpoint
+from goemo.runs import load_checkpoint, load_lightning_checkpoint, saved_step
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 500  # BERT-base on a GPU: about a minute of training between saves
 
@@ -58,7 +58,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
             if not no_space(e):
                 raise
             last = path.with_name("last.ckpt")
-            kept = f"the previous last.ckpt (step {_step_of(last)}) is kept" if last.is_file() else "no earlier checkpoint exists"
+            kept = f"the previous last.ckpt (step {saved_step(last)}) is kept" if last.is_file() else "no earlier checkpoint exists"
             raise GoemoError(f"no space left on device while saving {path}; {kept}; free space and resume with --ckpt_path last") from None
 
     def load_checkpoint(
@@ -282,14 +282,6 @@ def _last_saved_step(trainer) -> int:
     return max((s for s in steps if s is not None), default=0)
 
 
-def _step_of(path: Path) -> Optional[int]:
-    """The global step a checkpoint file holds (memory-mapped: only that number is read)."""
-    try:
-        return int(load_checkpoint(path, mmap=True)["global_step"])
-    except (GoemoError, KeyError, TypeError, ValueError):
-        return None
-
-
 def resume_hint(run_dir: Path) -> str:
     """The command that resumes the fit logged in `run_dir`: `--ckpt_path last` when it is the newest run."""
     from goemo.runs import RUNS_DIR, checkpoint_dir, resolve_checkpoint
@@ -437,7 +429,7 @@ class Interrupts(Callback):
         elif saved is not None:
             msg = f"interrupted by {what} {where}: saved {saved}; resume with: {resume_hint(run)}"
         elif last is not None and last.is_file():
-            kept = f"kept the last checkpoint, {last} (step {_step_of(last)})"
+            kept = f"kept the last checkpoint, {last} (step {saved_step(last)})"
             msg = f"interrupted by {what} {where}: {kept}; resume with: {resume_hint(run)}"
         elif getattr(trainer, "ckpt_path", None):  # a resumed fit stopped before its first save (while the data is tokenized, say)
             msg = f"interrupted by {what} before training went on: {trainer.ckpt_path} is as it was; run the same command to resume"
@@ -462,7 +454,7 @@ class StopOnNonFiniteLoss(Callback):
         folder = _checkpoint_dir(trainer)
         last = folder / "last.ckpt" if folder is not None else None
         if last is not None and last.is_file():
-            kept = f"the last checkpoint, {last} (step {_step_of(last)}), is kept"
+            kept = f"the last checkpoint, {last} (step {saved_step(last)}), is kept"
         else:
             kept = "no checkpoint was saved before it"
         raise GoemoError(

@@ -156,7 +156,7 @@ def last_checkpoint(run: Path) -> Path:
     # the epoch checkpoints' (and Ctrl-C's) in the dirpath: the later step of the two.
     lasts = [f for f in dict.fromkeys((ckpts / "last.ckpt", run / "checkpoints" / "last.ckpt")) if f.is_file()]
     if lasts:
-        return max(lasts, key=lambda f: (_saved_step(f), f.parent == ckpts))
+        return max(lasts, key=lambda f: (step if (step := saved_step(f)) is not None else -1, f.parent == ckpts))
     files = sorted(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not files and (run / ENSEMBLE_FILE).is_file():
         raise GoemoError(f"{run}: an ensemble's folder, not a run: its test report is {run / 'test_report.md'}, "
@@ -166,13 +166,13 @@ def last_checkpoint(run: Path) -> Path:
     return files[-1]
 
 
-def _saved_step(path: Path) -> int:
-    """The global step a checkpoint holds (memory-mapped: only that number is read); -1 where it cannot be read."""
+def saved_step(path: Path) -> int | None:
+    """The global step a checkpoint holds (memory-mapped: only that number is read); None where it cannot be read."""
     try:
         ckpt = load_checkpoint(path, mmap=True)
-        return int(ckpt["global_step"]) if isinstance(ckpt, dict) else -1  # another shape: said by the caller's checks
+        return int(ckpt["global_step"]) if isinstance(ckpt, dict) else None  # another shape: said by the caller's checks
     except (GoemoError, KeyError, TypeError, ValueError):
-        return -1
+        return None
 
 
 def best_checkpoint(run: Path) -> Path:
