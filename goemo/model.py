@@ -264,7 +264,8 @@ class EmotionClassifier(L.LightningModule):
             layer_decay: Layer-wise learning-rate decay: of an encoder with n layers (named `*.layer.<i>.*`, as in
                 BERT, RoBERTa, MPNet), layer i (0 = the lowest) trains at `learning_rate * layer_decay^(n-1-i)` and
                 the embeddings (and ELECTRA's projection of them) at `learning_rate * layer_decay^n`; the rest of the
-                encoder (the pooler, MPNet's relative attention bias that all layers share) and the head keep theirs. 1 (default): one learning rate for the whole encoder.
+                encoder (the pooler, MPNet's relative attention bias that all layers share) and the head keep theirs.
+                1 (default): one learning rate for the whole encoder.
             warmup_ratio: Fraction of all optimizer steps spent warming up linearly from 0; then `lr_schedule`.
             lr_schedule: The learning rates after the warmup: `linear`: down to 0 at the last step (as the Hugging Face
                 `Trainer`); `cosine`: down to 0 along a half cosine; `constant`: held at their peaks (stochastic weight

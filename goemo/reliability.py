@@ -52,10 +52,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
             with AtomicFile(path, "wb") as f:  # a kill during the save leaves the previous file whole
                 torch.save(checkpoint, f)
         except (OSError, RuntimeError) as e:
-            if isinstance(e, OSError) and not no_space(e):  # a read-only or vanished folder, permissions
-                raise GoemoError(f"cannot save {path} ({e.strerror or e}); the previous file there is kept; make the folder "
-                                 "writable and resume the fit (python main.py fit --ckpt_path last, or the run's folder)") from None  # fmt: skip
             if not no_space(e):
+                if isinstance(e, OSError):  # a read-only or vanished folder, permissions
+                    raise GoemoError(f"cannot save {path} ({e.strerror or e}); the previous file there is kept; make the folder "
+                                     "writable and resume the fit (python main.py fit --ckpt_path last, or the run's folder)") from None  # fmt: skip
                 raise
             last = path.with_name("last.ckpt")
             kept = f"the previous last.ckpt (step {saved_step(last)}) is kept" if last.is_file() else "no earlier checkpoint exists"
