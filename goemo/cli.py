@@ -231,7 +231,7 @@ class GoemoCLI(LightningCLI):
         tuned = "thresholds" in (ckpt.get("state_dict") or {})  # an older checkpoint has none: it labels at model.threshold
         # Given by a flag or a config file of the user's (the hyperparameters lie beneath both), it would change nothing;
         # the run's own config.yaml may differ from an older best checkpoint's (a fit resumed with another threshold).
-        given = self.run_dir is None or trainer_setting_given(self._args, self.run_dir, "threshold", "model")
+        given = self.run_dir is None or setting_given(self._args, self.run_dir, "threshold", "model")
         if sub == "predict" and tuned and given and "threshold" in hparams and threshold != hparams["threshold"]:
             raise GoemoError(f"predict labels texts at the checkpoint's tuned per-label thresholds, so --model.threshold {threshold} "
                              "would change nothing: drop it, and cut each record's scores (every label's probability) instead")  # fmt: skip
@@ -315,12 +315,12 @@ class GoemoCLI(LightningCLI):
             print(f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {strategy}", file=sys.stderr)
             trainer.strategy = strategy
         from_run = self.subcommand != "fit" and self.run_dir is not None and self._args is not None
-        if from_run and (trainer.num_nodes or 1) > 1 and not trainer_setting_given(self._args, self.run_dir, "num_nodes"):
+        if from_run and (trainer.num_nodes or 1) > 1 and not setting_given(self._args, self.run_dir, "num_nodes"):
             # A fit on several nodes (a SLURM job) evaluated on one machine would wait for the other nodes' processes.
             note(f"trainer.num_nodes 1: the run trained on {trainer.num_nodes} nodes; {self.subcommand} runs on this "
                  f"machine (--trainer.num_nodes {trainer.num_nodes} to keep it)")  # fmt: skip
             trainer.num_nodes = 1
-        if from_run and "16" in str(trainer.precision) and not trainer_setting_given(self._args, self.run_dir):
+        if from_run and "16" in str(trainer.precision) and not setting_given(self._args, self.run_dir):
             # The run's config.yaml holds the precision it trained in (bf16-mixed by default on a GPU); its checkpoint
             # is evaluated in float32, as goemo.load, serve and the ONNX export do, so predictions agree everywhere.
             note(f"trainer.precision 32-true: the run trained in {trainer.precision}; {self.subcommand} runs in float32, "
@@ -523,7 +523,7 @@ def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-def trainer_setting_given(args: list[str], run_dir: Path, key: str = "precision", section: str = "trainer") -> bool:
+def setting_given(args: list[str], run_dir: Path, key: str = "precision", section: str = "trainer") -> bool:
     """Whether the command line chooses <section>.<key> itself: a --<section>.<key> flag, a --<section> dict or file,
     or a config file other than the run's own config.yaml that sets it (the run's holds what it trained with)."""
     own = (run_dir / "config.yaml").resolve()
@@ -580,8 +580,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     default = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if default else None
     try:
-        # Help and --print_config resolve nothing: `test --ckpt_path best --help` helps where no run exists yet.
-        # --print_config shows the run's config where one resolves, else the command as given.
+        # Help resolves nothing (`test --ckpt_path best --help` helps where no run exists yet); --print_config shows the
+        # run's config where one resolves, else the command as given.
         args, run_dir = list(argv), None
         if not any(a in ("-h", "--help") for a in argv):
             try:

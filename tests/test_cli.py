@@ -410,7 +410,7 @@ def test_python_m_goemo_cli_is_main_py(tmp_path):
 
 def test_trainer_settings_given_on_the_command_line_or_in_a_users_config(tmp_path):
     """`test/predict` from a run evaluate in float32 and on one node unless the command line chooses otherwise."""
-    from goemo.cli import trainer_setting_given
+    from goemo.cli import setting_given
 
     run = tmp_path / "lightning_logs" / "version_0"
     run.mkdir(parents=True)
@@ -419,13 +419,13 @@ def test_trainer_settings_given_on_the_command_line_or_in_a_users_config(tmp_pat
     (tmp_path / "other.yaml").write_text("data:\n  eval_batch_size: 8\n")
     own = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", "x.ckpt"]  # as rewrite_args writes it
     for key in ("precision", "num_nodes"):
-        assert not trainer_setting_given(own, run, key)
-        assert not trainer_setting_given([*own, "--config", str(tmp_path / "other.yaml")], run, key)
+        assert not setting_given(own, run, key)
+        assert not setting_given([*own, "--config", str(tmp_path / "other.yaml")], run, key)
     for extra in (["--trainer.precision", "bf16-mixed"], ["--trainer.precision=bf16-mixed"], ["--config", str(tmp_path / "mine.yaml")],
                   [f"--config={tmp_path / 'mine.yaml'}"], ["--trainer", '{"precision": "bf16-mixed"}']):
-        assert trainer_setting_given([*own, *extra], run), extra
-        assert not trainer_setting_given([*own, *extra], run, "num_nodes"), extra
-    assert trainer_setting_given([*own, "--trainer.num_nodes", "2"], run, "num_nodes")
+        assert setting_given([*own, *extra], run), extra
+        assert not setting_given([*own, *extra], run, "num_nodes"), extra
+    assert setting_given([*own, "--trainer.num_nodes", "2"], run, "num_nodes")
 
 
 @pytest.mark.slow

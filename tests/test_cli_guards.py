@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from goemo.cli import MONITORED, GoemoCLI, main, one_line, trainer_setting_given
+from goemo.cli import MONITORED, GoemoCLI, main, one_line, setting_given
 from goemo.errors import GoemoError
 from goemo.model import EmotionClassifier
 from goemo.runs import best_checkpoint, resolve_checkpoint, rewrite_args
@@ -141,8 +141,8 @@ def test_dash_c_and_trainer_files_count_as_config_files(tmp_path, monkeypatch):
     (tmp_path / "precision_free.yaml").write_text("max_epochs: 1\n")  # its name says precision; it sets none
     own = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", "x.ckpt"]
     for extra in (["-c", str(tmp_path / "mine.yaml")], [f"-c={tmp_path / 'mine.yaml'}"], ["--trainer", str(tmp_path / "precision.yaml")]):
-        assert trainer_setting_given([*own, *extra], run), extra
-    assert not trainer_setting_given([*own, "--trainer", str(tmp_path / "precision_free.yaml")], run)
+        assert setting_given([*own, *extra], run), extra
+    assert not setting_given([*own, "--trainer", str(tmp_path / "precision_free.yaml")], run)
     from jsonargparse import ArgumentError
 
     monkeypatch.setattr(sys, "argv", ["main.py", "fit", "-c", "x.yaml"])
