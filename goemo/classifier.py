@@ -11,6 +11,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from goemo.compare import BEFORE
 from goemo.errors import GoemoError
 from goemo.hub import load_tokenizer, note_tokenizer_change, resolve_model_path, tokenizer_digest
 from goemo.model import EmotionClassifier, max_positions
@@ -18,6 +19,9 @@ from goemo.predict import encode_batches, label_thresholds, to_records
 from goemo.runs import RUNS_DIR, load_lightning_checkpoint, resolve_checkpoint
 
 CHUNK_BATCHES = 32  # batches tokenized and length-sorted together
+# What runs did before each later model option existed (goemo.compare's record of them); pretrained: a checkpoint's
+# weights are loaded whatever the encoder started from.
+OLD_MODEL_SETTINGS = {k.removeprefix("model."): v for k, v in BEFORE.items() if k.startswith("model.") and k != "model.pretrained"}
 
 
 class Classifier:
@@ -107,6 +111,9 @@ def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
     # Drop what Lightning adds (e.g. `_instantiator`) and settings a newer goemo no longer has; and `compile`, a
     # training setting: inference would pay torch.compile's warm-up (and need a C++ compiler on a CPU).
     args = {k: v for k, v in hparams.items() if k in accepted and k not in ("pretrained", "compile")}
+    # A setting the checkpoint lacks (older than the option) is what the run did then, not today's default: e.g.
+    # thresholds tuned without resamples, which goemo.ensemble tunes an ensemble of old runs with.
+    args = {**{k: v for k, v in OLD_MODEL_SETTINGS.items() if k in accepted}, **args}
     model = EmotionClassifier(**args, pretrained=False)
     model.on_load_checkpoint(ckpt)  # as Lightning's load: thresholds of an older checkpoint; a mismatch in one line
     model.load_state_dict(ckpt["state_dict"])

@@ -28,7 +28,13 @@ import yaml
 from goemo.errors import GoemoError, exit_on_error
 
 # Keys that name where things are, not what the run did.
-IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir")
+IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir",
+           "checkpoint.dirpath", "last_checkpoint.dirpath")
+# Settings that decide what a test report scored (the split's rows and labels, the validation rows its thresholds are
+# tuned on, the fixed threshold, the tuning): a test run with other values than the fit's config scored something else.
+SCORED_WITH = ("data.data_dir", "data.hub_dataset", "data.hub_config", "data.max_length", "data.taxonomy",
+               "data.holdout_fold", "data.num_folds", "data.fold_seed",
+               "model.threshold", "model.threshold_resamples", "model.threshold_shrink")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
 # A new model, data or weight-averaging option goes here too (tests/test_research.py checks the signatures against it).
@@ -167,11 +173,11 @@ def run_row(run: Path) -> dict[str, Any]:
                       f"checkpoint (step {step}): its test figures are left out; run `python main.py test --ckpt_path "
                       f"{run}` again", file=sys.stderr)  # fmt: skip
                 return row
-            limit = tested_part(run)
-            if limit is not None:  # the report's own config (config_test.yaml, beside it) limited the test batches
-                print(f"note: {report} scored part of the test split (trainer.limit_test_batches {limit}): its test "
-                      f"figures are left out; run `python main.py test --ckpt_path {run} --trainer.limit_test_batches 1.0` "
-                      "again", file=sys.stderr)  # fmt: skip
+            unlike = tested_unlike(run, rep)
+            if unlike is not None:  # the report's own config (config_test.yaml, beside it) scored something else
+                why, flags = unlike
+                print(f"note: {report} {why}: its test figures are left out; run `python main.py test --ckpt_path {run}"
+                      f"{flags}` again", file=sys.stderr)  # fmt: skip
                 return row
             for kind in ("fixed", "tuned"):
                 for avg in ("micro", "macro"):
@@ -184,16 +190,30 @@ def run_row(run: Path) -> dict[str, Any]:
     return row
 
 
-def tested_part(run: Path) -> Any:
-    """The trainer.limit_test_batches of the run's last test (config_test.yaml) where it scored part of the split:
-    a whole number of batches, or a fraction under 1; None for the whole split or without that file."""
-    try:
-        limit = ((yaml.safe_load((run / "config_test.yaml").read_text(encoding="utf-8")) or {}).get("trainer") or {}).get(
-            "limit_test_batches")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-        return None
-    whole = limit is None or (isinstance(limit, float) and limit >= 1.0)  # Lightning: int = batches, float = fraction
-    return None if whole else limit
+def tested_unlike(run: Path, report: dict) -> tuple[str, str] | None:
+    """Why the run's test report did not score what the run's config.yaml says, and the flags that test it so: part
+    of the split (trainer.limit_test_batches under the whole), or a SCORED_WITH setting the test was given another
+    value of (its config_test.yaml; keys the run's config does not hold, from before they existed, are not compared),
+    or a fixed threshold the report records as other than the config's. None when it scored the run as configured."""
+    def read(name: str) -> dict:
+        try:
+            loaded = yaml.safe_load((run / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return {}
+        return flatten(loaded) if isinstance(loaded, dict) else {}
+
+    fit, test = read("config.yaml"), read("config_test.yaml")
+    limit = test.get("trainer.limit_test_batches")
+    if not (limit is None or (isinstance(limit, float) and limit >= 1.0)):  # Lightning: int = batches, float = fraction
+        return f"scored part of the test split (trainer.limit_test_batches {limit})", " --trainer.limit_test_batches 1.0"
+    for key in SCORED_WITH:
+        if key in fit and key in test and test[key] != fit[key]:
+            value = json.dumps(fit[key]) if fit[key] is None or isinstance(fit[key], bool) else fit[key]  # null, true
+            return f"was made with {key} {test[key]}, the run's config.yaml says {value}", f" --{key} {value}"
+    fixed = (report.get("thresholds") or {}).get("fixed")
+    if isinstance(fixed, (int, float)) and isinstance(fit.get("model.threshold"), (int, float)) and fixed != fit["model.threshold"]:
+        return f"scored at the fixed threshold {fixed}, the run's config.yaml says {fit['model.threshold']}", ""
+    return None
 
 
 def differing_keys(rows: list[dict]) -> list[str]:
@@ -294,6 +314,10 @@ def expand(paths: list[Path]) -> list[Path]:
             if done and not found:  # the summary names its trials' folders as the sweep saw them
                 raise GoemoError(f"{p / 'summary.json'}: none of the trials' run folders it names is there (first: {done[0]}); "
                                  "give the trials' run folders where they are now")  # fmt: skip
+            missing = [r for r in done if r not in found]
+            if missing and found:
+                print(f"note: {p / 'summary.json'}: {len(missing)} finished trial(s) are left out, their run folders are not "
+                      f"there (first: {missing[0]}); give the trials' run folders where they are now", file=sys.stderr)  # fmt: skip
             runs += found
         elif p.is_dir():
             found = sorted((q.parent for q in p.rglob("config.yaml")), key=str)
@@ -308,6 +332,16 @@ def expand(paths: list[Path]) -> list[Path]:
     return list(unique.values())
 
 
+def check_not_a_run_file(path: Path, flag: str, folders: list[Path]) -> None:
+    """One line if an output would replace a file that a compared run or sweep folder is read from (its config*.yaml,
+    hparams.yaml, test report, sweep summary, ensemble.json) or a checkpoint."""
+    out = path.expanduser().resolve()
+    names = ("hparams.yaml", "test_report.json", "test_report.md", "summary.json", "summary.md", "ensemble.json")
+    ours = out.name in names or out.name.startswith("config") and out.suffix == ".yaml"
+    if out.suffix == ".ckpt" or ours and any(out.parent == f.expanduser().resolve() for f in folders):
+        raise GoemoError(f"{flag} {path} is a file of the runs compared, which the table would replace; write it elsewhere")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from goemo.files import write_text
 
@@ -319,10 +353,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     with exit_on_error():
         from goemo.files import check_output_file
 
-        for flag, path, example in (("--md", args.md, "results.md"), ("--csv", args.csv, "results.csv")):
-            if path is not None:
-                check_output_file(path, flag, example)  # before the runs are read
-        header, body = table(expand(args.runs))
+        outputs = [(flag, path) for flag, path in (("--md", args.md), ("--csv", args.csv)) if path is not None]
+        for flag, path in outputs:
+            check_output_file(path, flag, "results.md" if flag == "--md" else "results.csv")  # before the runs are read
+        if args.md is not None and args.csv is not None and args.md.expanduser().resolve() == args.csv.expanduser().resolve():
+            raise GoemoError(f"--md and --csv both name {args.md}; give each its own file")
+        runs = expand(args.runs)
+        for flag, path in outputs:
+            check_not_a_run_file(path, flag, [*runs, *(p for p in args.runs if (p / "summary.json").is_file())])
+        header, body = table(runs)
     md = to_markdown(header, body)
     print(md, end="")
     if args.md:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-from goemo.errors import GoemoError, exit_on_error
 from goemo.classifier import as_texts
+from goemo.errors import GoemoError, exit_on_error
 from goemo.onnx_backend import load_backend
 from goemo.predict import to_records
 from goemo.runs import ENSEMBLE_FILE, RUNS_DIR
@@ -68,6 +69,7 @@ class Ensemble:
         from goemo.thresholds import tune_thresholds
 
         data = splits_of(self.members[0])
+        check_same_data(self.members, data)
         probs = self.predict_proba(data["validation"]["text"])
         hp = self.members[0].model.hparams
         keys = ["threshold"] + (["threshold_resamples"] if resamples is None else []) + (["threshold_shrink"] if shrink is None else [])
@@ -87,6 +89,28 @@ def note_differing(members: list, keys: list[str], what: str) -> None:
         first = ", ".join(f"{k} {getattr(members[0].model.hparams, k, 0.0)}" for k in differ)
         print(f"note: the runs' model.{' and model.'.join(differ)} differ: {what} tuned with the first run's ({first})",
               file=sys.stderr)
+
+
+DATA_KEYS = ("data_dir", "hub_dataset", "hub_config", "taxonomy")  # what splits_of reads the splits from
+
+
+def check_same_data(members: list, data: dict) -> None:
+    """One line unless every member was trained on the splits of the first (`data`, splits_of's): the report is
+    scored on those, which a member trained on other data may have learned from. Members whose data settings differ
+    (a copy of the data elsewhere, the Hub against a folder) are compared by their splits' texts and labels."""
+    first = getattr(members[0], "data_hparams", None) or {}
+    for m in members[1:]:
+        hp = getattr(m, "data_hparams", None) or {}
+        if all(hp.get(k) == first.get(k) for k in DATA_KEYS):
+            continue
+        other = splits_of(m)
+        same = all(
+            other[s]["text"] == data[s]["text"] and np.array_equal(other[s]["targets"], data[s]["targets"]) for s in data
+        )  # fmt: skip
+        if not same:
+            differ = ", ".join(f"{k} {first.get(k)} / {hp.get(k)}" for k in DATA_KEYS if hp.get(k) != first.get(k))
+            raise GoemoError(f"ensemble members were trained on different data ({differ}: their validation and test "
+                             "splits differ); combine runs of one dataset")  # fmt: skip
 
 
 def splits_of(member, splits: tuple[str, ...] = ("validation", "test")) -> dict:
@@ -165,12 +189,21 @@ def check_distinct(runs: list, runs_dir: Union[str, Path] = RUNS_DIR) -> None:
     """Raise a one-line GoemoError if two of `runs` name the same checkpoint: it would count twice in the mean."""
     from goemo.runs import resolve_checkpoint
 
+    from goemo.runs import saved_step
+
     seen: dict[Path, str] = {}
+    points: dict[tuple, str] = {}
     for r in runs:
         path = resolve_checkpoint(str(r), Path(runs_dir))[0].resolve()
         if path in seen:
             raise GoemoError(f"{r} and {seen[path]} are the same checkpoint ({path}); give each member once")
         seen[path] = str(r)
+        # Two files of one run at one step (its best epoch's checkpoint and a last.ckpt saved there) hold one model.
+        point = (path.parent, saved_step(path))
+        if point[1] is not None and point in points:
+            raise GoemoError(f"{r} and {points[point]} are checkpoints of one run at one step ({point[1]}): the same "
+                             "weights; give each member once")  # fmt: skip
+        points[point] = str(r)
 
 
 def build(
@@ -190,13 +223,23 @@ def build(
         raise GoemoError(f"--threshold-resamples must be >= 0 (0: tune once on the validation rows), got {threshold_resamples}")
     if threshold_shrink is not None and not 0 <= threshold_shrink < float("inf"):
         raise GoemoError(f"--threshold-shrink must be a number >= 0 (0: none), got {threshold_shrink}")
+    if len(runs) < 2:
+        raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
     if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():  # its reports would become the ensemble's
         raise GoemoError(f"--out {out}: a run's folder; give the ensemble a folder of its own (e.g. --out ens)")
-    check_writable(out, "--out")  # before any model is loaded
     # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
     # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
     # Stamped before loading those files: one rewritten from then on (last.ckpt of a fit still running) is refused.
     members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
+    if (out / ENSEMBLE_FILE).is_file():  # built again (the same members: a rerun) or another ensemble's folder
+        try:
+            before = read_spec(out / ENSEMBLE_FILE)["members"]
+        except GoemoError:  # a damaged one is built again
+            before = members
+        if sorted(before) != sorted(members):
+            raise GoemoError(f"--out {out} holds an ensemble of other members; give this one a folder of its own, "
+                             "or remove that one first")  # fmt: skip
+    check_writable(out, "--out")  # before any model is loaded
     stamps = [stamp(m) for m in members]
     ens = load_ensemble(members)
     data = ens.tune(threshold_resamples, threshold_shrink)
@@ -216,6 +259,14 @@ def build(
     return rep
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the process is (by `terminate`, main's handler)."""
+
+
+def terminate(signum: int, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m goemo.ensemble", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints) or .ckpt files; 2 or more")
@@ -228,8 +279,16 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="pull each label's threshold toward one shared threshold, by K / (positives + K); 0: none "
                         "(default: the first run's model.threshold_shrink)")  # fmt: skip
     args = parser.parse_args(argv)
-    with exit_on_error():
-        build(args.runs, args.out, args.resamples, args.threshold_resamples, args.threshold_shrink)
+    # SIGTERM as Ctrl-C: one line and its own exit status, not a silent end (its default action) or a traceback.
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        with exit_on_error():
+            build(args.runs, args.out, args.resamples, args.threshold_resamples, args.threshold_shrink)
+    except (KeyboardInterrupt, Terminated) as e:
+        what, signum = ("SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("Ctrl-C", signal.SIGINT)
+        print(f"error: interrupted by {what}: {args.out} holds no new ensemble (ensemble.json is written last); "
+              "run the command again", file=sys.stderr)  # fmt: skip
+        sys.exit(128 + signum)
     print(f"ensemble of {len(args.runs)} runs: {args.out / 'test_report.json'}, {args.out / 'test_report.md'}")
 
 

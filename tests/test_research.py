@@ -690,6 +690,82 @@ def test_compare_leaves_out_a_test_report_of_part_of_the_split(tmp_path, capsys,
                                    "again\n")  # fmt: skip
 
 
+def test_compare_leaves_out_a_test_report_made_on_other_data_or_at_another_threshold(tmp_path, capsys):
+    """`test --ckpt_path RUN --data.data_dir OTHER` (or --model.threshold X) writes the run's test report too: its
+    figures are not the run's, and a seed group's mean would mix them in."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "a", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": 0.5})
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["data_dir"], config["model"]["threshold"], config["data"]["holdout_fold"] = "d1", 0.5, None
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rep = json.loads((run / "test_report.json").read_text())
+    note = f"note: {run / 'test_report.json'} {{}}: its test figures are left out; run `python main.py test --ckpt_path {run}{{}}` again\n"
+    as_tested = {**config, "ckpt_path": "x.ckpt", "model": {**config["model"], "pretrained": False, "threshold_shrink": 10.0}}
+    cases = [  # (config_test.yaml, the report's fixed threshold, the note or "" when the figures are kept)
+        (as_tested, 0.5, ""),  # what the test CLI adds (ckpt_path, pretrained false), and a key the run predates
+        ({**as_tested, "data": {**config["data"], "data_dir": "d2"}}, 0.5,
+         note.format("was made with data.data_dir d2, the run's config.yaml says d1", " --data.data_dir d1")),
+        ({**as_tested, "data": {**config["data"], "holdout_fold": 1}}, 0.5,
+         note.format("was made with data.holdout_fold 1, the run's config.yaml says null", " --data.holdout_fold null")),
+        ({**as_tested, "model": {**as_tested["model"], "threshold": 0.05}}, 0.05,
+         note.format("was made with model.threshold 0.05, the run's config.yaml says 0.5", " --model.threshold 0.5")),
+        (None, 0.05, note.format("scored at the fixed threshold 0.05, the run's config.yaml says 0.5", "")),  # no config_test.yaml
+    ]  # fmt: skip
+    for tested, fixed, err in cases:
+        (run / "config_test.yaml").unlink(missing_ok=True)
+        if tested is not None:
+            (run / "config_test.yaml").write_text(yaml.safe_dump(tested))
+        (run / "test_report.json").write_text(json.dumps({**rep, "thresholds": {"fixed": fixed, "tuned": [0.3]}}))
+        assert (compare.run_row(run).get("tuned/macro") == 0.5) is (err == "")
+        assert capsys.readouterr().err == err
+
+
+def test_compare_groups_seeds_whose_checkpoints_were_saved_in_other_folders(tmp_path):
+    """--checkpoint.dirpath says where files go, not what the run did: no column of its own, no split group."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    t = {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5}
+    runs = []
+    for seed in (42, 1):
+        run = fake_run(tmp_path / f"s{seed}", 1e-4, seed, val, t)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["checkpoint"] = {"dirpath": str(tmp_path / f"ckpts_{seed}"), "monitor": "val/f1_micro"}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        runs.append(run)
+    header, body = compare.table(runs)
+    assert "checkpoint.dirpath" not in header and len(body) == 1 and body[0][header.index("n")] == "2"
+
+
+def test_compare_of_a_sweep_folder_says_which_finished_trials_are_not_there(tmp_path, capsys):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "version_0", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    moved = tmp_path / "version_1"  # a finished trial's folder, moved away since
+    (sweep_dir / "summary.json").write_text(json.dumps({"runs": [{"state": "complete", "run": str(run)},
+                                                                 {"state": "pruned", "run": str(moved)}]}))  # fmt: skip
+    assert compare.expand([sweep_dir]) == [run]  # was one seed less in the group without a word
+    assert capsys.readouterr().err == (f"note: {sweep_dir / 'summary.json'}: 1 finished trial(s) are left out, their run "
+                                       f"folders are not there (first: {moved}); give the trials' run folders where they are now\n")  # fmt: skip
+
+
+def test_compare_never_writes_its_table_over_a_runs_files(tmp_path, capsys):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "runs" / "version_0", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for flag, name in (("--csv", "config.yaml"), ("--md", "test_report.json"), ("--csv", "hparams.yaml"),
+                       ("--md", "checkpoints/last.ckpt")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            compare.main([str(tmp_path / "runs"), flag, str(run / name)])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: {flag} {run / name} is a file of the runs compared, which the table would replace; write it elsewhere\n"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    with pytest.raises(SystemExit):
+        compare.main([str(run), "--md", str(tmp_path / "t"), "--csv", str(tmp_path / "t")])
+    assert capsys.readouterr().err == f"error: --md and --csv both name {tmp_path / 't'}; give each its own file\n"
+    compare.main([str(run), "--md", str(run / "table.md")])  # a new file beside the run's own: fine
+    assert (run / "table.md").read_text() == capsys.readouterr().out
+
+
 def test_compare_refuses_an_empty_folder_and_a_broken_sweep_summary(tmp_path):
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     run = fake_run(tmp_path / "runs" / "version_0", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.6, "tuned_macro": 0.5})
@@ -1064,6 +1140,97 @@ def test_an_ensembles_folder_is_named_for_what_it_is(tmp_path):
     with pytest.raises(GoemoError) as e:
         load(ens)
     assert str(e.value) == not_one
+
+
+def test_ensemble_refuses_members_trained_on_other_data(monkeypatch):
+    """The report is scored on the first member's test split, which a member fitted on other data may have learned."""
+    splits = {"d1": (["0", "1"], ["2", "3"]), "copy_of_d1": (["0", "1"], ["2", "3"]), "d2": (["0", "1"], ["2", "9"])}
+    y = np.array([[1, 0], [0, 1]], np.uint8)
+
+    def splits_of(member):
+        val, test = splits[member.data_hparams["data_dir"]]
+        return {"validation": {"text": val, "targets": y}, "test": {"text": test, "targets": y}}
+
+    monkeypatch.setattr(ensemble, "splits_of", splits_of)
+    members = []
+    for data_dir in ("d1", "copy_of_d1", "d2"):
+        member = FakeMember(np.full((10, 2), 0.5, np.float32))
+        member.data_hparams = {"data_dir": data_dir, "hub_dataset": "x", "taxonomy": "original"}
+        members.append(member)
+    ensemble.Ensemble(members[:2]).tune()  # other settings, the same rows: fine
+    with pytest.raises(GoemoError) as e:
+        ensemble.Ensemble([members[0], members[2]]).tune()
+    assert str(e.value) == ("ensemble members were trained on different data (data_dir d1 / d2: their validation and test "
+                            "splits differ); combine runs of one dataset")  # fmt: skip
+
+
+def test_ensemble_refuses_two_checkpoints_of_one_run_at_one_step(tmp_path):
+    from goemo import load
+
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    run = fake_run(tmp_path / "version_0", 1e-4, 42, val, {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")})
+    last = run / "checkpoints" / "last.ckpt"  # saved at the best checkpoint's step 21: the same weights
+    with pytest.raises(GoemoError, match=r"are checkpoints of one run at one step \(21\): the same weights; give each member once"):
+        load([str(run), str(last)])
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, "global_step": 30}, last)  # trained on past its best: other weights
+    ensemble.check_distinct([str(run), str(last)])
+
+
+def test_ensemble_refuses_an_out_folder_of_another_ensemble_and_checks_its_members_first(tmp_path):
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    test = {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")}
+    a = fake_run(tmp_path / "a", 1e-4, 42, val, test)
+    with pytest.raises(GoemoError, match="^an ensemble needs at least 2 runs, got 1$"):
+        ensemble.build([str(a)], tmp_path / "one")
+    assert not (tmp_path / "one").exists()  # was left behind, empty
+    out = tmp_path / "ens"
+    out.mkdir()
+    spec = {"members": [str(tmp_path / "other.ckpt"), str(tmp_path / "another.ckpt")], "thresholds": [0.5], "labels": ["a"]}
+    (out / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(GoemoError, match=f"^--out {out} holds an ensemble of other members; give this one a folder of its own"):
+        ensemble.build([str(a), str(a / "checkpoints" / "last.ckpt")], out)  # was replaced without a word
+    assert json.loads((out / "ensemble.json").read_text()) == spec
+
+
+@pytest.mark.parametrize("signum", [None, 15])
+def test_an_interrupted_ensemble_says_so_in_one_line(monkeypatch, capsys, signum):
+    import os
+    import signal
+    import time
+
+    def build(*args):
+        if signum is None:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises here
+
+    monkeypatch.setattr(ensemble, "build", build)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            ensemble.main(["a", "b", "--out", "ens"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    what = "Ctrl-C" if signum is None else "SIGTERM"
+    assert e.value.code == (130 if signum is None else 143)  # SIGTERM was a silent end; Ctrl-C a traceback
+    assert capsys.readouterr().err == (f"error: interrupted by {what}: ens holds no new ensemble (ensemble.json is "
+                                       "written last); run the command again\n")  # fmt: skip
+
+
+def test_a_checkpoint_from_before_an_option_loads_with_what_the_run_did_then(tiny_run, tmp_path):
+    """goemo.ensemble tunes with the first member's threshold_resamples: a run from before the option tuned without
+    resamples (0), not with today's default (100)."""
+    from goemo.classifier import load_model
+    from goemo.runs import best_checkpoint
+
+    ckpt = torch.load(best_checkpoint(tiny_run / "lightning_logs/version_0"), weights_only=False)
+    assert ckpt["hyper_parameters"]["threshold_resamples"] == 100  # the tiny run's, today's default
+    for key in ("threshold_resamples", "threshold_shrink", "token_cutoff"):
+        del ckpt["hyper_parameters"][key]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    hp = load_model(tmp_path / "old.ckpt")[0].hparams
+    assert (hp.threshold_resamples, hp.threshold_shrink, hp.token_cutoff) == (0, 0.0, 0.0)
 
 
 def test_ensemble_refuses_members_with_other_labels():
