@@ -103,11 +103,13 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
             raise GoemoError(f"{where}: {kind} needs a non-empty list of values")
         if any(isinstance(v, (dict, list)) for v in value):
             raise GoemoError(f"{where}: {kind} values must be plain numbers, strings, booleans or null")
-        seen = []  # (type, value): 1, 1.0 and true are three values
-        for v in value:
-            if (type(v), v) in seen:
+        for i, v in enumerate(value):
+            same = [w for w in value[:i] if w == v]
+            if same and type(same[0]) is type(v):
                 raise GoemoError(f"{where}: {kind} lists {v!r} twice (each value is one trial of the same recipe)")
-            seen.append((type(v), v))
+            if same:  # Optuna keeps a choice as its place in the list (list.index): 1, 1.0 and true are one to it
+                raise GoemoError(f"{where}: {kind} lists {same[0]!r} and {v!r}, which Optuna takes for one value (it would "
+                                 f"run {same[0]!r} for both); keep one of them, and sweep the other in a study of its own")  # fmt: skip
         return {"kind": kind, "values": value}
     if not (isinstance(value, list) and len(value) == 2):
         raise GoemoError(f"{where}: {kind} needs [low, high]")
@@ -115,12 +117,17 @@ def parse_entry(key: str, spec: Any, path: Path) -> dict:
     low, high = value
     if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, num) or not isinstance(high, num):
         raise GoemoError(f"{where}: {kind} bounds must be {'integers' if kind == 'int' else 'numbers'}, got {low!r} and {high!r}")
+    big = sys.float_info.max  # Optuna draws within high - low as floats: inf, nan or a wider range is an OverflowError
+    if not (abs(low) <= big and abs(high) <= big and float(high) - float(low) <= big):
+        raise GoemoError(f"{where}: {kind} bounds and their distance must be finite numbers, got {low!r} and {high!r}")
     if not low < high:
         raise GoemoError(f"{where}: empty or inverted range [{low}, {high}]: low must be below high")
+    if kind == "float":  # its trials get floats (1.0 to 3.0 for [1, 3]): the space check probes those
+        low, high = float(low), float(high)
     log, step = spec.get("log", False), spec.get("step")
     if log and low <= 0:
         raise GoemoError(f"{where}: a log range must be above 0, got low {low}")
-    if step is not None and (log or isinstance(step, bool) or not isinstance(step, num) or step <= 0):
+    if step is not None and (log or isinstance(step, bool) or not isinstance(step, num) or not 0 < step < math.inf):
         raise GoemoError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'} and cannot go with log")
     return {"kind": kind, "low": low, "high": high, "log": log, "step": step}
 
@@ -310,17 +317,29 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one)
-            # SIGTERM: a fit the signal did not reach stops at its batch's end and saves, as after Ctrl-C
-            proc.terminate()
-            proc.wait()
-            run = trial.study.trials[trial.number].user_attrs.get("run")
-            if run:
-                trial.set_user_attr("run", run)
-            # failed without an "error" (not a reason to give up on its values), and queued again: the next
-            # command runs the same values first (a grid's point would otherwise count as visited)
-            trial.set_user_attr("interrupted", True)
-            trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
-            a.interrupted = trial.number
+            # Further Ctrl-C and SIGTERM are ignored until the trial is recorded: one raised in here left the trial
+            # failed as if its worker had died, its values never run again. (A second Ctrl-C at the terminal still
+            # reaches the fit, which then stops at once, unsaved.) The fit's own message goes to the trial's log.
+            ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                a.interrupted = trial.number
+                print(f"stopping trial {trial.number} after its fit saves its last.ckpt (its log: {log})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                # SIGTERM: a fit the signal did not reach stops at its batch's end and saves, as after Ctrl-C
+                proc.terminate()
+                proc.wait()
+                run = trial.study.trials[trial.number].user_attrs.get("run")
+                if run:
+                    trial.set_user_attr("run", run)
+                # failed without an "error" (not a reason to give up on its values), and queued again: the next
+                # command runs the same values first (a grid's point would otherwise count as visited). Queued after
+                # the fit stopped, not before: killed while it saves, the worker leaves the trial to the heartbeat's
+                # retry, which would queue the values a second time.
+                trial.set_user_attr("interrupted", True)
+                trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+            finally:
+                for s, handler in ignored.items():
+                    signal.signal(s, handler)
             return float("nan")
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     if returncode != 0:
@@ -363,11 +382,24 @@ def shown(url: str) -> str:
         return url
 
 
+def sqlite_url(path: Path) -> str:
+    """The URL of a SQLite file whatever its path holds: written as is, a ? or # would start the URL's query and
+    a % an escape, and the study's database would be made elsewhere. SQLAlchemy 2.1 quotes them; an older one
+    cannot, and Optuna would read braces as a template: such a path is refused."""
+    from sqlalchemy.engine import URL, make_url
+
+    url = URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+    if make_url(url).database != str(path) or "{" in url or "}" in url:
+        raise GoemoError(f"cannot name the study's database {path} in a SQLite URL with this SQLAlchemy (its path holds "
+                         "?, braces or the like); run the sweep in another folder, or upgrade SQLAlchemy to 2.1")  # fmt: skip
+    return url
+
+
 def storage_for(a: argparse.Namespace):
     import optuna
     from sqlalchemy.engine import make_url
 
-    url = a.storage or f"sqlite:///{(a.sweep_dir.parent.parent / 'sweeps.db').resolve()}"  # lightning_logs/sweeps.db
+    url = a.storage or sqlite_url((a.sweep_dir.parent.parent / "sweeps.db").resolve())  # lightning_logs/sweeps.db
     try:
         password = make_url(url).password
     except Exception:  # noqa: BLE001 (RDBStorage below names what is wrong with the URL)
@@ -453,32 +485,42 @@ def run_sweep(a: argparse.Namespace) -> dict:
     def done() -> int:  # a grid is done when each point finished, failed with a reason or was given up (once each)
         return finished(study) + (len({json.dumps(t.params, sort_keys=True) for t in failed() + given_up()}) if grid else 0)
 
-    while done() < trials:
-        running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-        if done() + running >= trials:  # the rest are in flight on other workers: wait for them
-            if a.heartbeat <= 0:  # nothing would ever fail a dead worker's trial: do not wait forever
-                print(f"note: {running} trial(s) still running, on other workers or on dead ones (with --heartbeat 0 "
-                      "nothing marks a dead worker's trial failed); this worker stops here", file=sys.stderr)  # fmt: skip
-                break
-            import time
+    try:
+        while done() < trials:
+            running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+            if done() + running >= trials:  # the rest are in flight on other workers: wait for them
+                if a.heartbeat <= 0:  # nothing would ever fail a dead worker's trial: do not wait forever
+                    print(f"note: {running} trial(s) still running, on other workers or on dead ones (with --heartbeat 0 "
+                          "nothing marks a dead worker's trial failed); this worker stops here", file=sys.stderr)  # fmt: skip
+                    break
+                import time
 
-            time.sleep(min(5.0, a.heartbeat))
-            optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial: its trial is failed and queued again
-            continue
-        if grid and study.sampler.is_exhausted(study) and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            # a point Optuna counts as visited that done() cannot name (a trial that died before it took its values):
-            # the GridSampler would run a random point again
-            print(f"note: every grid point was tried but {trials - done()} left no result and no retry; this worker stops "
-                  f"rather than run a point twice (see {a.sweep_dir / 'summary.md'})", file=sys.stderr)  # fmt: skip
-            break
-        study.optimize(objective, n_trials=1, callbacks=[enough])
-        if a.interrupted is not None:
-            log = a.sweep_dir / f"trial_{a.interrupted}.log"
-            raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command runs "
-                              "its values again and goes on with the study")  # fmt: skip
-        own = [t for t in failed() if t.number in mine]
-        if len(own) >= a.max_failures:
-            raise GoemoError(f"{len(own)} trials failed (last: {own[-1].user_attrs['error']}); see {a.sweep_dir}")
+                time.sleep(min(5.0, a.heartbeat))
+                optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial: its trial is failed and queued again
+                continue
+            if grid and study.sampler.is_exhausted(study) and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                # a point Optuna counts as visited that done() cannot name (a trial that died before it took its values):
+                # the GridSampler would run a random point again
+                print(f"note: every grid point was tried but {trials - done()} left no result and no retry; this worker stops "
+                      f"rather than run a point twice (see {a.sweep_dir / 'summary.md'})", file=sys.stderr)  # fmt: skip
+                break
+            study.optimize(objective, n_trials=1, callbacks=[enough])
+            if a.interrupted is not None:
+                log = a.sweep_dir / f"trial_{a.interrupted}.log"
+                raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command runs "
+                                  "its values again and goes on with the study")  # fmt: skip
+            own = [t for t in failed() if t.number in mine]
+            if len(own) >= a.max_failures:
+                raise GoemoError(f"{len(own)} trials failed (last: {own[-1].user_attrs['error']}); see {a.sweep_dir}")
+    except BaseException:
+        # Interrupted, --max-failures, Ctrl-C while waiting: the summary still shows the study as it stands (what
+        # `goemo.compare SWEEP_FOLDER` reads), and the reason the sweep stopped stays the one the worker gives
+        try:
+            summarize(study, a)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 (a database gone, a full disk, Ctrl-C again)
+            print(f"note: {a.sweep_dir / 'summary.json'} was not updated ({(str(e).splitlines() or [type(e).__name__])[0]})",
+                  file=sys.stderr)  # fmt: skip
+        raise
     for t in given_up() if grid else []:
         deaths = len(t.system_attrs.get("retry_history", [])) + 1
         print(f"note: trial {t.number} ({', '.join(f'{k}={v}' for k, v in t.params.items())}) has no result: its worker "

@@ -112,7 +112,7 @@ def test_a_space_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "s.yaml").write_bytes(b"model.loss: {categorical: [caf\xe9]}")
     with pytest.raises(GoemoError, match=r"s.yaml: cannot read the space file \('utf-8' codec can't decode byte 0xe9"):
         sweep.read_space(tmp_path / "s.yaml")
-    assert sweep.read_space(space_file(tmp_path, "seed_everything: {grid: [1, 1.0, true]}"))  # three types, three values
+    assert sweep.read_space(space_file(tmp_path, "model.loss: {categorical: [bce, focal]}"))  # a UTF-8 one reads
 
 
 def test_a_seed_group_is_never_pruned_and_never_runs_a_seed_twice(tmp_path, capsys):
