@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -30,11 +31,9 @@ from goemo.errors import GoemoError, exit_on_error
 # Keys that name where things are, not what the run did.
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir",
            "checkpoint.dirpath", "last_checkpoint.dirpath")
-# Settings that decide what a test report scored (the split's rows and labels, the validation rows its thresholds are
-# tuned on, the fixed threshold, the tuning): a test run with other values than the fit's config scored something else.
-SCORED_WITH = ("data.data_dir", "data.hub_dataset", "data.hub_config", "data.max_length", "data.taxonomy",
-               "data.holdout_fold", "data.num_folds", "data.fold_seed",
-               "model.threshold", "model.threshold_resamples", "model.threshold_shrink")
+# Settings that decide what a test report scored (the split's rows, labels and truncation, the fixed threshold; the
+# tuned thresholds are the checkpoint's): a test run with other values than the fit's config scored something else.
+SCORED_WITH = ("data.data_dir", "data.hub_dataset", "data.hub_config", "data.max_length", "data.taxonomy", "model.threshold")
 SWEEP_REPORT = "goemo.sweep.OptunaReport"
 # Settings added after runs were made, at what those runs did: a run without the key is the same recipe as one with it.
 # A new model, data or weight-averaging option goes here too (tests/test_research.py checks the signatures against it).
@@ -207,13 +206,20 @@ def tested_unlike(run: Path, report: dict) -> tuple[str, str] | None:
     if not (limit is None or (isinstance(limit, float) and limit >= 1.0)):  # Lightning: int = batches, float = fraction
         return f"scored part of the test split (trainer.limit_test_batches {limit})", " --trainer.limit_test_batches 1.0"
     for key in SCORED_WITH:
-        if key in fit and key in test and test[key] != fit[key]:
-            value = json.dumps(fit[key]) if fit[key] is None or isinstance(fit[key], bool) else fit[key]  # null, true
-            return f"was made with {key} {test[key]}, the run's config.yaml says {value}", f" --{key} {value}"
+        if key in fit and key in test and same_setting(key, test[key]) != same_setting(key, fit[key]):
+            value = json.dumps(fit[key]) if fit[key] is None or isinstance(fit[key], bool) else str(fit[key])  # null, true
+            return f"was made with {key} {test[key]}, the run's config.yaml says {value}", f" --{key} {shlex.quote(value)}"
     fixed = (report.get("thresholds") or {}).get("fixed")
     if isinstance(fixed, (int, float)) and isinstance(fit.get("model.threshold"), (int, float)) and fixed != fit["model.threshold"]:
         return f"scored at the fixed threshold {fixed}, the run's config.yaml says {fit['model.threshold']}", ""
     return None
+
+
+def same_setting(key: str, value: Any) -> Any:
+    """A setting as compared: a data folder by the folder it names (`./data` and its absolute path are one)."""
+    if key == "data.data_dir" and isinstance(value, str) and not value.startswith("pkg:"):
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def differing_keys(rows: list[dict]) -> list[str]:

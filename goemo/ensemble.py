@@ -14,10 +14,12 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
 
 from goemo.classifier import as_texts
 from goemo.errors import GoemoError, exit_on_error
@@ -103,7 +105,12 @@ def check_same_data(members: list, data: dict) -> None:
         hp = getattr(m, "data_hparams", None) or {}
         if all(hp.get(k) == first.get(k) for k in DATA_KEYS):
             continue
-        other = splits_of(m)
+        try:
+            other = splits_of(m)
+        except GoemoError as e:  # trained on a copy elsewhere (another machine's): nothing here to compare with
+            print(f"note: an ensemble member was trained on data that cannot be read here ({e}); it is taken to be "
+                  "the first member's", file=sys.stderr)  # fmt: skip
+            continue
         same = all(
             other[s]["text"] == data[s]["text"] and np.array_equal(other[s]["targets"], data[s]["targets"]) for s in data
         )  # fmt: skip
@@ -192,18 +199,31 @@ def check_distinct(runs: list, runs_dir: Union[str, Path] = RUNS_DIR) -> None:
     from goemo.runs import saved_step
 
     seen: dict[Path, str] = {}
-    points: dict[tuple, str] = {}
     for r in runs:
         path = resolve_checkpoint(str(r), Path(runs_dir))[0].resolve()
         if path in seen:
             raise GoemoError(f"{r} and {seen[path]} are the same checkpoint ({path}); give each member once")
+        # Two files of one model: a run's best checkpoint and the last.ckpt saved at its step, or a copy. Only files
+        # at one step are compared (the seeds of one recipe are, and differ in their weights).
+        step = saved_step(path)
+        for other, name in seen.items():
+            if step is not None and saved_step(other) == step and same_weights(path, other):
+                raise GoemoError(f"{r} and {name} hold the same weights (step {step}); give each member once")
         seen[path] = str(r)
-        # Two files of one run at one step (its best epoch's checkpoint and a last.ckpt saved there) hold one model.
-        point = (path.parent, saved_step(path))
-        if point[1] is not None and point in points:
-            raise GoemoError(f"{r} and {points[point]} are checkpoints of one run at one step ({point[1]}): the same "
-                             "weights; give each member once")  # fmt: skip
-        points[point] = str(r)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoint files hold equal state_dicts (memory-mapped; stops at the first tensor that differs)."""
+    from goemo.runs import load_checkpoint
+
+    try:
+        sa, sb = load_checkpoint(a, mmap=True).get("state_dict"), load_checkpoint(b, mmap=True).get("state_dict")
+    except (GoemoError, AttributeError):
+        return False  # not checkpoints goemo can read: the members' loading says so
+    if not isinstance(sa, dict) or not isinstance(sb, dict) or sa.keys() != sb.keys():
+        return False
+    return all(isinstance(sa[k], torch.Tensor) and isinstance(sb[k], torch.Tensor) and sa[k].shape == sb[k].shape
+               and torch.equal(sa[k], sb[k]) for k in sa)  # fmt: skip
 
 
 def build(
@@ -231,15 +251,15 @@ def build(
     # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
     # Stamped before loading those files: one rewritten from then on (last.ckpt of a fit still running) is refused.
     members = [str(resolve_checkpoint(str(r))[0].resolve()) for r in runs]
-    if (out / ENSEMBLE_FILE).is_file():  # built again (the same members: a rerun) or another ensemble's folder
+    check_writable(out, "--out")  # before any model is loaded
+    if (out / ENSEMBLE_FILE).is_file():  # built again: the same members (a rerun, a member's new best) or others
         try:
             before = read_spec(out / ENSEMBLE_FILE)["members"]
         except GoemoError:  # a damaged one is built again
             before = members
         if sorted(before) != sorted(members):
-            raise GoemoError(f"--out {out} holds an ensemble of other members; give this one a folder of its own, "
-                             "or remove that one first")  # fmt: skip
-    check_writable(out, "--out")  # before any model is loaded
+            print(f"note: --out {out} held an ensemble of other checkpoints ({', '.join(before)}); this one replaces it",
+                  file=sys.stderr)  # fmt: skip
     stamps = [stamp(m) for m in members]
     ens = load_ensemble(members)
     data = ens.tune(threshold_resamples, threshold_shrink)
@@ -259,8 +279,9 @@ def build(
     return rep
 
 
-class Terminated(Exception):
-    """SIGTERM, raised where the process is (by `terminate`, main's handler)."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (by `terminate`, main's handler); a BaseException, as KeyboardInterrupt,
+    so that no `except Exception` on the way (a checkpoint's loading) takes it for a failure of its own."""
 
 
 def terminate(signum: int, frame) -> None:
@@ -280,7 +301,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "(default: the first run's model.threshold_shrink)")  # fmt: skip
     args = parser.parse_args(argv)
     # SIGTERM as Ctrl-C: one line and its own exit status, not a silent end (its default action) or a traceback.
-    signal.signal(signal.SIGTERM, terminate)
+    # Only where signal handlers can be set, over the default, and put back after (main called from Python).
+    default = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, terminate) if default else None
     try:
         with exit_on_error():
             build(args.runs, args.out, args.resamples, args.threshold_resamples, args.threshold_shrink)
@@ -289,6 +312,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: interrupted by {what}: {args.out} holds no new ensemble (ensemble.json is written last); "
               "run the command again", file=sys.stderr)  # fmt: skip
         sys.exit(128 + signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"ensemble of {len(args.runs)} runs: {args.out / 'test_report.json'}, {args.out / 'test_report.md'}")
 
 

@@ -303,6 +303,13 @@ def fit_args(a: argparse.Namespace, params: dict[str, Any]) -> list[str]:
     return args
 
 
+def release_signals(a: argparse.Namespace) -> None:
+    """Put back the Ctrl-C and SIGTERM handlers that run_trial set aside while it stopped an interrupted trial."""
+    for s, handler in (getattr(a, "held_signals", None) or {}).items():
+        signal.signal(s, handler)
+    a.held_signals = None
+
+
 def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> float:
     import optuna
 
@@ -317,29 +324,27 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into one)
-            # Further Ctrl-C and SIGTERM are ignored until the trial is recorded: one raised in here left the trial
-            # failed as if its worker had died, its values never run again. (A second Ctrl-C at the terminal still
-            # reaches the fit, which then stops at once, unsaved.) The fit's own message goes to the trial's log.
-            ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                a.interrupted = trial.number
-                print(f"stopping trial {trial.number} after its fit saves its last.ckpt (its log: {log})",
-                      file=sys.stderr, flush=True)  # fmt: skip
-                # SIGTERM: a fit the signal did not reach stops at its batch's end and saves, as after Ctrl-C
-                proc.terminate()
-                proc.wait()
-                run = trial.study.trials[trial.number].user_attrs.get("run")
-                if run:
-                    trial.set_user_attr("run", run)
-                # failed without an "error" (not a reason to give up on its values), and queued again: the next
-                # command runs the same values first (a grid's point would otherwise count as visited). Queued after
-                # the fit stopped, not before: killed while it saves, the worker leaves the trial to the heartbeat's
-                # retry, which would queue the values a second time.
-                trial.set_user_attr("interrupted", True)
-                trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
-            finally:
-                for s, handler in ignored.items():
-                    signal.signal(s, handler)
+            # Further Ctrl-C and SIGTERM are ignored until Optuna has recorded the trial (run_sweep puts them back
+            # after study.optimize): one raised in here left the trial failed as if its worker had died, its values
+            # never run again; one while Optuna records it left it running, its values queued twice (here and by the
+            # heartbeat's retry). A second Ctrl-C at the terminal still reaches the fit, which then stops at once,
+            # unsaved. The fit's own message goes to the trial's log.
+            a.held_signals = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            a.interrupted = trial.number
+            print(f"stopping trial {trial.number} after its fit saves its last.ckpt (its log: {log})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            # SIGTERM: a fit the signal did not reach stops at its batch's end and saves, as after Ctrl-C
+            proc.terminate()
+            proc.wait()
+            run = trial.study.trials[trial.number].user_attrs.get("run")
+            if run:
+                trial.set_user_attr("run", run)
+            # failed without an "error" (not a reason to give up on its values), and queued again: the next
+            # command runs the same values first (a grid's point would otherwise count as visited). Queued after
+            # the fit stopped, not before: killed while it saves, the worker leaves the trial to the heartbeat's
+            # retry, which would queue the values a second time.
+            trial.set_user_attr("interrupted", True)
+            trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
             return float("nan")
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     if returncode != 0:
@@ -505,6 +510,7 @@ def run_sweep(a: argparse.Namespace) -> dict:
                       f"rather than run a point twice (see {a.sweep_dir / 'summary.md'})", file=sys.stderr)  # fmt: skip
                 break
             study.optimize(objective, n_trials=1, callbacks=[enough])
+            release_signals(a)  # held by run_trial while an interrupted trial is recorded
             if a.interrupted is not None:
                 log = a.sweep_dir / f"trial_{a.interrupted}.log"
                 raise Interrupted(f"trial {a.interrupted} stopped (marked failed, its log {log}); the same command runs "
@@ -513,6 +519,7 @@ def run_sweep(a: argparse.Namespace) -> dict:
             if len(own) >= a.max_failures:
                 raise GoemoError(f"{len(own)} trials failed (last: {own[-1].user_attrs['error']}); see {a.sweep_dir}")
     except BaseException:
+        release_signals(a)
         # Interrupted, --max-failures, Ctrl-C while waiting: the summary still shows the study as it stands (what
         # `goemo.compare SWEEP_FOLDER` reads), and the reason the sweep stopped stays the one the worker gives
         try:

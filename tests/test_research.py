@@ -696,17 +696,22 @@ def test_compare_leaves_out_a_test_report_made_on_other_data_or_at_another_thres
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     run = fake_run(tmp_path / "a", 1e-4, 42, val, {"fixed_micro": 0.6, "fixed_macro": 0.5, "tuned_micro": 0.62, "tuned_macro": 0.5})
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"]["data_dir"], config["model"]["threshold"], config["data"]["holdout_fold"] = "d1", 0.5, None
+    config["data"]["data_dir"], config["model"]["threshold"] = "my d1", 0.5
+    config["data"]["holdout_fold"], config["data"]["max_length"], config["model"]["threshold_resamples"] = None, 128, 100
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rep = json.loads((run / "test_report.json").read_text())
     note = f"note: {run / 'test_report.json'} {{}}: its test figures are left out; run `python main.py test --ckpt_path {run}{{}}` again\n"
     as_tested = {**config, "ckpt_path": "x.ckpt", "model": {**config["model"], "pretrained": False, "threshold_shrink": 10.0}}
     cases = [  # (config_test.yaml, the report's fixed threshold, the note or "" when the figures are kept)
         (as_tested, 0.5, ""),  # what the test CLI adds (ckpt_path, pretrained false), and a key the run predates
+        # what does not change a test's figures: the training rows (cross-fitting), how thresholds are tuned (the
+        # report scores the checkpoint's), the data folder named another way
+        ({**as_tested, "data": {**config["data"], "holdout_fold": 1, "data_dir": str(Path("my d1").resolve())},
+          "model": {**as_tested["model"], "threshold_resamples": 0}}, 0.5, ""),
         ({**as_tested, "data": {**config["data"], "data_dir": "d2"}}, 0.5,
-         note.format("was made with data.data_dir d2, the run's config.yaml says d1", " --data.data_dir d1")),
-        ({**as_tested, "data": {**config["data"], "holdout_fold": 1}}, 0.5,
-         note.format("was made with data.holdout_fold 1, the run's config.yaml says null", " --data.holdout_fold null")),
+         note.format("was made with data.data_dir d2, the run's config.yaml says my d1", " --data.data_dir 'my d1'")),
+        ({**as_tested, "data": {**config["data"], "max_length": 16}}, 0.5,
+         note.format("was made with data.max_length 16, the run's config.yaml says 128", " --data.max_length 128")),
         ({**as_tested, "model": {**as_tested["model"], "threshold": 0.05}}, 0.05,
          note.format("was made with model.threshold 0.05, the run's config.yaml says 0.5", " --model.threshold 0.5")),
         (None, 0.05, note.format("scored at the fixed threshold 0.05, the run's config.yaml says 0.5", "")),  # no config_test.yaml
@@ -1164,33 +1169,73 @@ def test_ensemble_refuses_members_trained_on_other_data(monkeypatch):
                             "splits differ); combine runs of one dataset")  # fmt: skip
 
 
-def test_ensemble_refuses_two_checkpoints_of_one_run_at_one_step(tmp_path):
+def test_ensemble_refuses_two_checkpoints_of_one_model(tmp_path):
+    """A run's best checkpoint and the last.ckpt saved at its step (or a copy) hold one model: it would count twice.
+    Other weights at one step (the seeds of one recipe, copied into one folder) are other members."""
     from goemo import load
 
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     run = fake_run(tmp_path / "version_0", 1e-4, 42, val, {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")})
-    last = run / "checkpoints" / "last.ckpt"  # saved at the best checkpoint's step 21: the same weights
-    with pytest.raises(GoemoError, match=r"are checkpoints of one run at one step \(21\): the same weights; give each member once"):
+    best, last = run / "checkpoints" / "epoch01-step21.ckpt", run / "checkpoints" / "last.ckpt"
+    for path in (best, last):
+        torch.save({**torch.load(path, weights_only=True), "state_dict": {"head.weight": torch.ones(2, 3)}}, path)
+    with pytest.raises(GoemoError, match=r"last.ckpt and .*version_0 hold the same weights \(step 21\); give each member once"):
         load([str(run), str(last)])
-    ckpt = torch.load(last, weights_only=True)
-    torch.save({**ckpt, "global_step": 30}, last)  # trained on past its best: other weights
+    members = tmp_path / "members"
+    members.mkdir()
+    for seed, value in ((42, 1.0), (1, 2.0)):  # two seeds' best checkpoints at one step, side by side
+        torch.save({"global_step": 21, "epoch": 1, "state_dict": {"head.weight": torch.full((2, 3), value)}}, members / f"seed{seed}.ckpt")
+    ensemble.check_distinct([str(members / "seed42.ckpt"), str(members / "seed1.ckpt")])  # was refused
+    torch.save({**torch.load(last, weights_only=True), "global_step": 30}, last)  # trained on past its best
     ensemble.check_distinct([str(run), str(last)])
 
 
-def test_ensemble_refuses_an_out_folder_of_another_ensemble_and_checks_its_members_first(tmp_path):
+def test_ensemble_notes_an_out_folder_of_another_ensemble_and_checks_its_members_first(tmp_path, monkeypatch, capsys):
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     test = {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")}
     a = fake_run(tmp_path / "a", 1e-4, 42, val, test)
     with pytest.raises(GoemoError, match="^an ensemble needs at least 2 runs, got 1$"):
         ensemble.build([str(a)], tmp_path / "one")
     assert not (tmp_path / "one").exists()  # was left behind, empty
+
+    class Loaded(Exception):
+        pass
+
+    def load_ensemble(members):
+        raise Loaded
+
+    monkeypatch.setattr(ensemble, "load_ensemble", load_ensemble)
     out = tmp_path / "ens"
     out.mkdir()
-    spec = {"members": [str(tmp_path / "other.ckpt"), str(tmp_path / "another.ckpt")], "thresholds": [0.5], "labels": ["a"]}
-    (out / "ensemble.json").write_text(json.dumps(spec))
-    with pytest.raises(GoemoError, match=f"^--out {out} holds an ensemble of other members; give this one a folder of its own"):
-        ensemble.build([str(a), str(a / "checkpoints" / "last.ckpt")], out)  # was replaced without a word
-    assert json.loads((out / "ensemble.json").read_text()) == spec
+    members = [str(a / "checkpoints" / "epoch01-step21.ckpt"), str(tmp_path / "gone.ckpt")]
+    (out / "ensemble.json").write_text(json.dumps({"members": members, "thresholds": [0.5], "labels": ["a"]}))
+    b = fake_run(tmp_path / "b", 1e-4, 1, val, test)
+    with pytest.raises(Loaded):
+        ensemble.build([str(a), str(b)], out)  # was replaced without a word
+    assert capsys.readouterr().err == (f"note: --out {out} held an ensemble of other checkpoints ({', '.join(members)}); "
+                                       "this one replaces it\n")  # fmt: skip
+    (out / "ensemble.json").write_text(json.dumps({"members": [str((r / "checkpoints/epoch01-step21.ckpt").resolve()) for r in (a, b)],
+                                                   "thresholds": [0.5], "labels": ["a"]}))  # fmt: skip
+    with pytest.raises(Loaded):
+        ensemble.build([str(b), str(a)], out)  # the same members again (a rerun): no note
+    assert capsys.readouterr().err == ""
+
+
+def test_ensemble_members_data_that_is_not_here_is_noted(monkeypatch, capsys):
+    """A member fitted on a copy of the data on another machine: nothing to compare with, not a reason to refuse."""
+    y = np.array([[1, 0], [0, 1]], np.uint8)
+
+    def splits_of(member):
+        if member.data_hparams["data_dir"] != "d1":
+            raise GoemoError("data_dir '/scratch/goemotions': no such folder")
+        return {"validation": {"text": ["0", "1"], "targets": y}, "test": {"text": ["2", "3"], "targets": y}}
+
+    monkeypatch.setattr(ensemble, "splits_of", splits_of)
+    members = [FakeMember(np.full((4, 2), 0.5, np.float32)) for _ in range(2)]
+    members[0].data_hparams, members[1].data_hparams = {"data_dir": "d1"}, {"data_dir": "/scratch/goemotions"}
+    ensemble.Ensemble(members).tune()
+    assert capsys.readouterr().err == ("note: an ensemble member was trained on data that cannot be read here (data_dir "
+                                       "'/scratch/goemotions': no such folder); it is taken to be the first member's\n")  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [None, 15])
@@ -1202,14 +1247,18 @@ def test_an_interrupted_ensemble_says_so_in_one_line(monkeypatch, capsys, signum
     def build(*args):
         if signum is None:
             raise KeyboardInterrupt
-        os.kill(os.getpid(), signum)
-        time.sleep(5)  # the handler raises here
+        try:  # as loading a checkpoint does: any Exception there is "not a loadable checkpoint"
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here
+        except Exception:  # noqa: BLE001
+            raise GoemoError("x.ckpt: not a loadable checkpoint") from None
 
     monkeypatch.setattr(ensemble, "build", build)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as e:
             ensemble.main(["a", "b", "--out", "ens"])
+        assert signal.getsignal(signal.SIGTERM) == previous  # put back: main may be called from Python
     finally:
         signal.signal(signal.SIGTERM, previous)
     what = "Ctrl-C" if signum is None else "SIGTERM"
@@ -1226,11 +1275,9 @@ def test_a_checkpoint_from_before_an_option_loads_with_what_the_run_did_then(tin
 
     ckpt = torch.load(best_checkpoint(tiny_run / "lightning_logs/version_0"), weights_only=False)
     assert ckpt["hyper_parameters"]["threshold_resamples"] == 100  # the tiny run's, today's default
-    for key in ("threshold_resamples", "threshold_shrink", "token_cutoff"):
-        del ckpt["hyper_parameters"][key]
+    del ckpt["hyper_parameters"]["threshold_resamples"]  # the one BEFORE value that is not today's default
     torch.save(ckpt, tmp_path / "old.ckpt")
-    hp = load_model(tmp_path / "old.ckpt")[0].hparams
-    assert (hp.threshold_resamples, hp.threshold_shrink, hp.token_cutoff) == (0, 0.0, 0.0)
+    assert load_model(tmp_path / "old.ckpt")[0].hparams.threshold_resamples == 0
 
 
 def test_ensemble_refuses_members_with_other_labels():

@@ -58,10 +58,21 @@ def test_a_second_signal_while_the_fit_saves_still_queues_the_trials_values_agai
     monkeypatch.setattr(sweep.subprocess, "Popen", Fit)
     monkeypatch.setattr(sweep, "_SIGTERM_SEEN", [])
     command = ["--seeds", "42,1", "--heartbeat", "0"]
+    real_run_trial, held = sweep.run_trial, []
+
+    def run_trial(*args):  # what a third signal would meet while Optuna records the trial: still ignored
+        value = real_run_trial(*args)
+        held.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return value
+
+    monkeypatch.setattr(sweep, "run_trial", run_trial)
     previous = signal.signal(signal.SIGTERM, sweep._sigterm)  # as sweep.main installs it
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises((sweep.Interrupted, KeyboardInterrupt)) as e:  # the old code let the second one out
             sweep.run_sweep(sweep.parse_args(command))
+        assert held == [(signal.SIG_IGN, signal.SIG_IGN)]
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (sigint, sweep._sigterm)  # put back
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert e.type is sweep.Interrupted and str(e.value).startswith("trial 0 stopped (marked failed")
