@@ -194,22 +194,20 @@ def read_spec(path: Path) -> dict:
 
 def check_distinct(runs: list, runs_dir: Union[str, Path] = RUNS_DIR) -> None:
     """Raise a one-line GoemoError if two of `runs` name the same checkpoint: it would count twice in the mean."""
-    from goemo.runs import resolve_checkpoint
+    from goemo.runs import resolve_checkpoint, saved_step
 
-    from goemo.runs import saved_step
-
-    seen: dict[Path, str] = {}
+    seen: dict[Path, tuple[str, int | None]] = {}  # checkpoint file: (the member as given, its step)
     for r in runs:
         path = resolve_checkpoint(str(r), Path(runs_dir))[0].resolve()
         if path in seen:
-            raise GoemoError(f"{r} and {seen[path]} are the same checkpoint ({path}); give each member once")
+            raise GoemoError(f"{r} and {seen[path][0]} are the same checkpoint ({path}); give each member once")
         # Two files of one model: a run's best checkpoint and the last.ckpt saved at its step, or a copy. Only files
         # at one step are compared (the seeds of one recipe are, and differ in their weights).
         step = saved_step(path)
-        for other, name in seen.items():
-            if step is not None and saved_step(other) == step and same_weights(path, other):
+        for other, (name, other_step) in seen.items():
+            if step is not None and other_step == step and same_weights(path, other):
                 raise GoemoError(f"{r} and {name} hold the same weights (step {step}); give each member once")
-        seen[path] = str(r)
+        seen[path] = (str(r), step)
 
 
 def same_weights(a: Path, b: Path) -> bool:
