@@ -222,6 +222,9 @@ class TestReport(Callback):
         self.resamples = resamples
 
     def on_test_end(self, trainer, pl_module) -> None:
+        # log_dir is a broadcast from rank 0 that every rank must join (Lightning's note on Trainer.log_dir): read
+        # here, by rank 0 alone it was one collective more than the others made (a traceback or a hang under DDP).
+        log_dir = trainer.log_dir
         outputs = getattr(pl_module, "test_predictions", None)
         if outputs is None or not trainer.is_global_zero:
             return
@@ -233,7 +236,7 @@ class TestReport(Callback):
         rep["checkpoint"] = {"file": Path(trainer.ckpt_path).name if trainer.ckpt_path else None, "global_step": step}
         if trainer.received_sigterm:  # it came during the bootstrap, after the loop's last check: stop as the loop would
             raise SIGTERMException()  # (goemo.reliability.Interrupts says so; goemo.cli exits 143)
-        js, md = write_report(rep, trainer.log_dir or ".")
+        js, md = write_report(rep, log_dir or ".")
         print_report(rep)
         print(f"test report: {js} and {md}", flush=True)
         experiment = getattr(trainer.logger, "experiment", None)

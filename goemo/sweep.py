@@ -206,7 +206,12 @@ class OptunaReport(Callback):
         self._validations = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:
+        if stage != "fit":
+            return
+        # log_dir is a broadcast from rank 0 that every rank must join (Lightning's note on Trainer.log_dir): read by
+        # rank 0 alone, the other ranks took its answer for a later collective's (SaveConfigCallback's) under DDP.
+        log_dir = trainer.log_dir
+        if trainer.is_global_zero:
             import optuna
             from optuna.trial import TrialState
 
@@ -225,7 +230,7 @@ class OptunaReport(Callback):
                 return print(f"note: trial {self.trial} of study {self.study!r} is {state}: this fit reports to no "
                              "study", file=sys.stderr)  # fmt: skip
             self._trial = optuna.Trial(study, trial._trial_id)
-            self._trial.set_user_attr("run", str(Path(trainer.log_dir).resolve()))
+            self._trial.set_user_attr("run", str(Path(log_dir).resolve()))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -1,6 +1,7 @@
 """Scale-out: the batch sampler deals batches to ranks itself; 2-process DDP on the CPU (gloo) scores like 1 process."""
 
 import itertools
+import json
 import random
 import shutil
 
@@ -203,3 +204,39 @@ def test_sigterm_to_rank_zero_before_the_loops_is_one_line(learned_run, tiny_mod
         "error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): nothing more was saved"
     )
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_test_writes_its_report_and_exits_cleanly(learned_run, tiny_model, tmp_path):
+    """Trainer.log_dir is a broadcast every rank must join: read by rank 0 alone in the report's hook, `test` under
+    DDP wrote the report and then died in a mismatched collective (exit 1, a traceback; a hang under NCCL)."""
+    ckpt = tmp_path / "fixed.ckpt"  # outside any run folder: the test logs into its own folder
+    (best,) = (learned_run / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt")
+    shutil.copy(best, ckpt)
+    r = run_main("test", "--model.model_name_or_path", str(tiny_model), "--model.pooling", "mean",
+                 "--data.data_dir", str(learned_run / "data"), "--data.cache_dir", str(learned_run / "cache"),
+                 "--data.eval_batch_size", "8", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt), *ddp(),
+                 cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "lightning_logs" / "version_0" / "test_report.json").read_text())
+    assert rep["num_examples"] == 32  # every test row once, gathered from both ranks
+
+
+@pytest.mark.slow
+def test_two_process_sweep_trial_reports_to_its_study(learned_run, tiny_model, tmp_path):
+    """goemo.sweep's OptunaReport under DDP (a trial on a multi-GPU node): its rank-0-only read of Trainer.log_dir
+    made the other rank take that answer for SaveConfigCallback's broadcast, and every such trial failed at setup."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    trial = study.ask()  # RUNNING, as the sweep leaves it while its fit runs
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
+                 "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "1",
+                 *ddp("--trainer.callbacks+=goemo.sweep.OptunaReport", "--trainer.callbacks.storage", storage,
+                      "--trainer.callbacks.study", "s", "--trainer.callbacks.trial", str(trial.number)),
+                 cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = optuna.load_study(study_name="s", storage=storage).trials[0]
+    assert recorded.user_attrs["run"] == str((tmp_path / "lightning_logs" / "version_0").resolve())
+    assert list(recorded.intermediate_values) == [0]  # epoch 0's validation, reported by rank 0

@@ -436,7 +436,7 @@ def test_optuna_report_stops_every_rank_when_rank_0_prunes():
         return True  # rank 0 said prune
 
     cb = sweep.OptunaReport("sqlite://", "s", 0)  # rank 1: setup loads no trial
-    trainer = SimpleNamespace(is_global_zero=False, sanity_checking=False, should_stop=False, world_size=2,
+    trainer = SimpleNamespace(is_global_zero=False, sanity_checking=False, should_stop=False, world_size=2, log_dir=".",
                               callback_metrics={"val/f1_macro": torch.tensor(0.1)}, strategy=SimpleNamespace(broadcast=broadcast))  # fmt: skip
     cb.setup(trainer, None, "fit")
     cb.on_validation_end(trainer, None)
