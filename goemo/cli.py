@@ -306,6 +306,13 @@ class GoemoCLI(LightningCLI):
             note("checkpoint.enable_version_counter false: last.ckpt is shared with last_checkpoint, never last-v1.ckpt")
             cfg.checkpoint.enable_version_counter = False
         trainer.callbacks = self._callbacks(trainer)
+        if self.subcommand == "predict" and device_count(trainer) > 1:
+            # A file is predicted by one process (goemo.predict.PredictionWriter refuses more): a multi-GPU fit's
+            # config.yaml, or `auto` on a multi-GPU machine, started every process only for each to refuse.
+            if self._args is not None and setting_given(self._args, self.run_dir or Path("."), "devices"):
+                raise GoemoError(f"predicting a file runs on one device, not {trainer.devices}; pass --trainer.devices 1")
+            note(f"trainer.devices 1: predicting a file runs on one device (the run's config or `auto` gave {trainer.devices})")
+            trainer.devices = 1
         auto_ddp = trainer.strategy == "auto" and (device_count(trainer) > 1 or trainer.num_nodes > 1)
         if (trainer.strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook") or auto_ddp) and cfg.model.pooling == "mean":
             # The encoder's pooler (over [CLS]) gets no gradient when pooling by the mean, and DDP stops at the

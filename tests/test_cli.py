@@ -441,3 +441,25 @@ def test_a_run_fitted_on_several_nodes_is_evaluated_on_this_one(tiny_run, tmp_pa
     r = run_main("validate", "--ckpt_path", str(run), "--data.data_dir", str(tiny_run / "data"), cwd=tmp_path, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "note: trainer.num_nodes 1: the run trained on 2 nodes; validate runs on this machine (--trainer.num_nodes 2 to keep it)" in r.stderr
+
+
+@pytest.mark.slow
+def test_predicting_a_file_after_a_multi_device_fit_runs_on_one(tiny_run, tmp_path):
+    """The run's config.yaml holds the devices it trained on: `predict` started every process, each then refusing
+    ("predicting a file runs on one device"); now one, with a note. Devices the user asks for are refused at once."""
+    import shutil
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(tiny_run / "lightning_logs" / "version_0", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["devices"], config["trainer"]["strategy"] = 2, "ddp"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "texts.txt").write_text("I love it\nugh\n")
+    args = ("predict", "--ckpt_path", str(run), "--data.data_dir", str(tiny_run / "data"), "--data.predict_file", "texts.txt")
+    r = run_main(*args, cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "note: trainer.devices 1: predicting a file runs on one device (the run's config or `auto` gave 2)" in r.stderr
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 2
+    r = run_main(*args, "--trainer.devices", "2", cwd=tmp_path, timeout=240)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: predicting a file runs on one device, not 2; pass --trainer.devices 1")
