@@ -1254,11 +1254,11 @@ def test_an_interrupted_ensemble_says_so_in_one_line(monkeypatch, capsys, signum
             raise GoemoError("x.ckpt: not a loadable checkpoint") from None
 
     monkeypatch.setattr(ensemble, "build", build)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a new process starts (other tests' commands set theirs)
     try:
         with pytest.raises(SystemExit) as e:
             ensemble.main(["a", "b", "--out", "ens"])
-        assert signal.getsignal(signal.SIGTERM) == previous  # put back: main may be called from Python
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back: main may be called from Python
     finally:
         signal.signal(signal.SIGTERM, previous)
     what = "Ctrl-C" if signum is None else "SIGTERM"
