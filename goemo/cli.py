@@ -319,8 +319,12 @@ class GoemoCLI(LightningCLI):
             # second step over parameters without one unless told to look for them. `auto` picks DDP for
             # several devices or nodes.
             strategy = f"{'ddp' if auto_ddp else trainer.strategy}_find_unused_parameters_true"  # each registered
-            print(f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {strategy}", file=sys.stderr)
+            note(f"mean pooling leaves the encoder's pooler unused, so DDP runs as {strategy}")
             trainer.strategy = strategy
+        elif cfg.model.pooling == "mean" and _is_ddp_class(trainer.strategy) and not trainer.strategy.init_args.find_unused_parameters:
+            # The class form (DDPStrategy with its timeout or backend): its DistributedDataParallel keyword, saved as such.
+            note("mean pooling leaves the encoder's pooler unused, so trainer.strategy.init_args.find_unused_parameters is true")
+            trainer.strategy.init_args.find_unused_parameters = True
         from_run = self.subcommand != "fit" and self.run_dir is not None and self._args is not None
         if from_run and (trainer.num_nodes or 1) > 1 and not setting_given(self._args, self.run_dir, "num_nodes"):
             # A fit on several nodes (a SLURM job) evaluated on one machine would wait for the other nodes' processes.
@@ -526,8 +530,10 @@ def check_not_a_run_file(output: Path, ckpt: Path, run_dir: Path | None) -> None
 
 
 def note(text: str) -> None:
-    """A value changed between parsing and instantiation, said on stderr (and kept in the saved config)."""
-    print(f"note: {text}", file=sys.stderr)
+    """A value changed between parsing and instantiation, said on stderr (and kept in the saved config); by one
+    process: under DDP every rank parses the same command (Lightning sets its rank from the environment at import)."""
+    if rank_zero_only.rank == 0:
+        print(f"note: {text}", file=sys.stderr)
 
 
 def setting_given(args: list[str], run_dir: Path, key: str = "precision", section: str = "trainer") -> bool:
@@ -553,12 +559,12 @@ def default_precision(precision: Any, accelerator: Any, subcommand: str | None =
     CPU (AVX512-BF16, no AMX) bf16-mixed was slower (README, Benchmark); validate, test and predict stay in float32,
     as goemo.load predicts."""
     if str(precision) in ("16-mixed", "16") and not torch.cuda.is_available():
-        print("note: no CUDA device, so precision 16-mixed falls back to 32-true", file=sys.stderr)
+        note("no CUDA device, so precision 16-mixed falls back to 32-true")
         return "32-true"
     if precision is not None or str(accelerator) not in ("auto", "gpu", "cuda") or subcommand != "fit":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        print("note: precision bf16-mixed on this CUDA device (--trainer.precision 32-true for full precision)", file=sys.stderr)
+        note("precision bf16-mixed on this CUDA device (--trainer.precision 32-true for full precision)")
         return "bf16-mixed"
     return precision
 
@@ -569,6 +575,15 @@ def _class_of(callback: Any) -> type:
         return type(callback)
     module, _, name = callback.class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def _is_ddp_class(strategy: Any) -> bool:
+    """Whether trainer.strategy, as parsed, is a DDPStrategy given by class_path (whose init_args then hold
+    DistributedDataParallel's keywords, find_unused_parameters among them)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    init_args = getattr(strategy, "init_args", None)
+    return hasattr(strategy, "class_path") and hasattr(init_args, "find_unused_parameters") and issubclass(_class_of(strategy), DDPStrategy)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -598,7 +613,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     raise
         for config in config_files(args):  # jsonargparse's UnicodeDecodeError would be a traceback
             read_config(config, strict=True)
-        if run_dir is not None:
+        if run_dir is not None and rank_zero_only.rank == 0:
             print(f"using run {run_dir} ({args[args.index('--ckpt_path') + 1]})", file=sys.stderr)
         sys.argv[1:] = args  # LightningCLI reads sys.argv; the rewritten one stays visible in tracebacks
         GoemoCLI(

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -388,12 +389,15 @@ class Interrupts(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
-        if isinstance(exception, OutsideLoopsSIGTERM):  # in setup: under DDP the other ranks wait at a collective
-            launcher = getattr(trainer.strategy, "launcher", None)
-            if trainer.is_global_zero and hasattr(launcher, "kill"):  # as Lightning does after a Ctrl-C
-                launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
-            return
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            # Raised on rank 0 alone (SIGTERM in setup, a save refusing non-finite weights, a full disk, the report or
+            # study it alone writes), it leaves the other ranks waiting at a collective: a traceback on gloo once rank 0
+            # is gone, a wait for the process-group timeout under NCCL. End the processes Lightning started, as it does
+            # after Ctrl-C; the error is rank 0's to say. Processes started by srun or torchrun are their launcher's
+            # to end (`srun --kill-on-bad-exit=1`, docs/guide.md).
+            launcher = getattr(trainer.strategy, "launcher", None)
+            if trainer.world_size > 1 and trainer.is_global_zero and hasattr(launcher, "kill"):
+                launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
             return
         what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
@@ -457,8 +461,9 @@ class StopOnNonFiniteLoss(Callback):
             kept = f"the last checkpoint, {last} (step {saved_step(last)}), is kept"
         else:
             kept = "no checkpoint was saved before it"
+        value = loss.detach().float().item()  # this process's: under DDP another one's may be the non-finite one
         raise GoemoError(
-            f"non-finite training loss ({loss.detach().float().item()}) at step {trainer.global_step} "
+            f"non-finite training loss ({value if not math.isfinite(value) else 'on another process'}) at step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}): training stopped and saved nothing; {kept}; "
             f"lower --model.learning_rate or check the data"
         )

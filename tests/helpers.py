@@ -119,6 +119,16 @@ class TermRank0InSetup(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class NanWeightsOnRank0(Callback):
+    """Makes rank 0's head weights nan after the first validation, so its epoch checkpoint's save refuses them (an
+    error on rank 0 alone while the other ranks wait at the save's barrier)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0 and not trainer.sanity_checking:
+            with torch.no_grad():
+                pl_module.head.weight.fill_(float("nan"))
+
+
 class SignalAtBatch(Callback):
     def __init__(self, batch: int = 3, signal: str = "SIGINT", marker: str = "signalled") -> None:
         """Sends a signal (SIGINT: Ctrl-C) to this process as training batch `batch` (counted over all epochs from 0)

@@ -272,6 +272,21 @@ def test_last_checkpoint_follows_checkpoint_dirpath(tmp_path, tiny_model, tiny_d
         assert last.dirpath == epochs.dirpath == folder  # unset: both take the run's checkpoints/ at fit
 
 
+def test_a_ddp_strategy_class_with_mean_pooling_looks_for_unused_parameters(tmp_path, tiny_model, tiny_data, monkeypatch, capsys):
+    """DDPStrategy by class_path (to set its timeout, say): mean pooling leaves the pooler without gradients, and DDP
+    stops at the second step unless find_unused_parameters is on, as the `ddp` string is switched."""
+    from goemo.data import GoEmotionsDataModule
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.DDPStrategy"}']  # fmt: skip
+    for pooling, switched in (("mean", True), ("cls", False)):
+        cli = GoemoCLI(EmotionClassifier, GoEmotionsDataModule, run=False, args=[*args, "--model.pooling", pooling])
+        assert cli.config.trainer.strategy.init_args.find_unused_parameters is switched  # as the run's config.yaml says
+        assert cli.trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is switched  # what DDP is given
+        assert ("find_unused_parameters is true" in capsys.readouterr().err) is switched
+
+
 def test_a_runs_own_config_may_hold_default_root_dir_and_another_threshold(tmp_path, capsys, monkeypatch):
     """Older goemo ignored --trainer.default_root_dir and saved it; a fit resumed with another model.threshold saved that
     while its best checkpoint holds the old one: neither is the user's doing now, so neither is refused."""

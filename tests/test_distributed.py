@@ -2,7 +2,9 @@
 
 import itertools
 import json
+import math
 import random
+import re
 import shutil
 
 import pytest
@@ -128,6 +130,31 @@ def test_one_row_batches_are_joined_in_pairs_when_halving_cannot_divide():
     assert ranks == [[[1, 2]], [[3]], [[0]]]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_notes_are_said_by_rank_zero_alone(rank, monkeypatch, capsys):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from goemo.cli import note
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)  # what Lightning reads from LOCAL_RANK/RANK at import
+    note("something changed")
+    assert capsys.readouterr().err == ("note: something changed\n" if rank == 0 else "")
+
+
+@pytest.mark.parametrize("loss, said", [(float("nan"), "(nan)"), (0.7, "(on another process)")])
+def test_a_non_finite_loss_on_any_rank_stops_every_rank_saying_which(loss, said, tmp_path):
+    from types import SimpleNamespace
+
+    from goemo.reliability import StopOnNonFiniteLoss
+
+    decided = []
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda bad, all: decided.append(bad) or True)  # another rank's nan
+    trainer = SimpleNamespace(world_size=2, strategy=strategy, checkpoint_callbacks=[], global_step=5, current_epoch=1)
+    with pytest.raises(GoemoError, match="^" + re.escape(f"non-finite training loss {said} at step 5 (epoch 1)")):
+        StopOnNonFiniteLoss().on_before_backward(trainer, None, torch.tensor(loss))
+    assert decided == [math.isnan(loss)]  # this rank's own verdict went into the shared decision
+
+
 # -- DDP on the CPU ----------------------------------------------------------------------------------
 def ddp(*args: str) -> tuple[str, ...]:
     return ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", *args)
@@ -169,7 +196,8 @@ def test_two_process_fit_trains_and_rank_zero_saves(learned_run, tiny_model, tmp
                  env=ONE_THREAD, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     # strategy `auto` picks DDP for two devices; mean pooling (LEARNING_ARGS) needs it to look for unused parameters
-    assert f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {runs_as}_find_unused_parameters_true" in r.stderr
+    note = f"note: mean pooling leaves the encoder's pooler unused, so DDP runs as {runs_as}_find_unused_parameters_true"
+    assert r.stderr.count(note) == 1, r.stderr[-3000:]  # said once, though every rank parses the command
     cfg = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
     assert cfg["trainer"]["strategy"] == f"{runs_as}_find_unused_parameters_true"  # said in the run's config
     run = tmp_path / "lightning_logs" / "version_0"
@@ -204,6 +232,21 @@ def test_sigterm_to_rank_zero_before_the_loops_is_one_line(learned_run, tiny_mod
         "error: interrupted by SIGTERM outside the training and evaluation loops (loading, tokenizing): nothing more was saved"
     )
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_zero_alone_ends_every_rank_with_its_one_line(learned_run, tiny_model, tmp_path):
+    """An error raised on rank 0 alone (here its save refusing non-finite weights) left the other rank waiting at
+    the save's barrier: a traceback on gloo once rank 0 was gone, a wait for the process-group timeout under NCCL."""
+    r = run_main("fit", "--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(learned_run / "data"),
+                 "--data.cache_dir", str(learned_run / "cache"), *LEARNING_ARGS, "--trainer.max_epochs", "2",
+                 *ddp("--trainer.callbacks+=tests.helpers.NanWeightsOnRank0"), cwd=tmp_path, env=ONE_THREAD, timeout=300)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: not saving "), r.stderr[-3000:]
+    assert "the weights are not finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    saved = list((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in saved] == ["last.ckpt"]  # from a step before the validation: no epoch checkpoint of nan weights
+    assert torch.isfinite(load_checkpoint(saved[0])["state_dict"]["head.weight"]).all()
 
 
 @pytest.mark.slow
