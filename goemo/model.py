@@ -109,10 +109,14 @@ def max_positions(config) -> Optional[int]:
     return n
 
 
-# The optimizer's and schedule's settings a resumed fit keeps (`_check_resumed_targets`); pos_weight_max only under
-# loss bce_pos_weight, whose weights come back from the checkpoint's loss_fn.pos_weight.
+# The settings a resumed fit keeps (`_check_resumed_targets`): the optimizer's and schedule's; what the encoder's states
+# mean to the head (pooling: the weights trained on one pooling would be scored on another, the run's config.yaml then
+# telling `test` the new one); the objective (loss, the auxiliary head). Some only where they count: pos_weight_max
+# under loss bce_pos_weight (its weights come back from the checkpoint's loss_fn.pos_weight), the focal settings under
+# loss focal (KEPT_UNDER), aux_weight with an auxiliary head.
 RESUME_KEEPS = ("learning_rate", "head_learning_rate", "weight_decay", "layer_decay", "freeze_embeddings", "warmup_ratio",
-                "lr_schedule", "pos_weight_max")
+                "lr_schedule", "pooling", "loss", "aux_taxonomy", "pos_weight_max", "focal_gamma", "focal_alpha", "aux_weight")
+KEPT_UNDER = {"pos_weight_max": ("loss", "bce_pos_weight"), "focal_gamma": ("loss", "focal"), "focal_alpha": ("loss", "focal")}
 
 
 def _check_hparams(
@@ -749,7 +753,7 @@ class EmotionClassifier(L.LightningModule):
             checkpoint["encoder_start"] = self.encoder_start
 
     def _check_resumed_targets(self, checkpoint: dict) -> None:
-        """A resumed fit goes on with the optimizer settings (RESUME_KEEPS) and soft targets it started with:
+        """A resumed fit goes on with the settings (RESUME_KEEPS) and soft targets it started with:
         model.self_distill's share, the teacher, its weight, temperature and table (test and predict need none)."""
         saved_hp = checkpoint.get("hyper_parameters", {})
         if not saved_hp:  # nothing to compare with
@@ -762,8 +766,14 @@ class EmotionClassifier(L.LightningModule):
         # The optimizer's groups and the scheduler's base rates come back from the checkpoint, so another rate or
         # decay would be recorded in hparams yet never used (another layer_decay or freeze_embeddings changes the
         # groups: PyTorch's multi-line ValueError), and another warmup or schedule would join two lines mid-fit.
+        def counts(k: str) -> bool:
+            if k == "aux_weight":  # only with an auxiliary head
+                return self.hparams.aux_taxonomy is not None
+            key, value = KEPT_UNDER.get(k, (None, None))
+            return key is None or self.hparams[key] == value
+
         changed = [f"model.{k} {saved_hp[k]}, now {self.hparams[k]}" for k in RESUME_KEEPS
-                   if k in saved_hp and saved_hp[k] != self.hparams[k] and (k != "pos_weight_max" or self.hparams.loss == "bce_pos_weight")]
+                   if k in saved_hp and saved_hp[k] != self.hparams[k] and counts(k)]
         if changed:
             raise GoemoError(f"this fit started with {'; '.join(changed)}; resume with the settings it started with (a "
                              "longer fit: only trainer.max_epochs or max_steps), or start a new fit")  # fmt: skip

@@ -542,13 +542,16 @@ def test_checkpoints_say_what_the_encoder_started_from_and_a_resume_keeps_it(tin
 
 @pytest.mark.parametrize("key,was,now", [("learning_rate", 2e-5, 1e-3), ("head_learning_rate", None, 2e-3), ("weight_decay", 0.01, 0.0),
                                          ("layer_decay", 1.0, 0.8), ("freeze_embeddings", False, True),
-                                         ("warmup_ratio", 0.0, 0.1), ("lr_schedule", "linear", "cosine")])
-def test_a_resumed_fit_keeps_its_optimizer_settings(tiny_model, key, was, now):
+                                         ("warmup_ratio", 0.0, 0.1), ("lr_schedule", "linear", "cosine"),
+                                         ("pooling", "mean", "cls"), ("loss", "bce", "focal"), ("aux_taxonomy", None, "ekman")])
+def test_a_resumed_fit_keeps_its_settings(tiny_model, key, was, now):
     """Lightning restores the optimizer's groups and the scheduler's base rates: another rate or decay would be in the
     run's hparams and never used; another layer_decay or freeze_embeddings fails in PyTorch's load_state_dict."""
     from types import SimpleNamespace
 
-    model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], **{key: now})
+    from goemo.taxonomy import GOEMOTIONS_LABELS  # the auxiliary head's taxonomy maps these
+
+    model = EmotionClassifier(str(tiny_model), label_names=GOEMOTIONS_LABELS, **{key: now})
     model._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
     saved = {"hyper_parameters": {**dict(model.hparams), key: was}}
     with pytest.raises(GoemoError, match=f"^this fit started with model.{key} {was}, now {now}; resume with the settings"):
@@ -558,15 +561,22 @@ def test_a_resumed_fit_keeps_its_optimizer_settings(tiny_model, key, was, now):
     model._check_resumed_targets(saved)
 
 
-def test_pos_weight_max_is_kept_only_where_it_weighs(tiny_model):
+@pytest.mark.parametrize("key,was,now,setting,counts,idle", [
+    ("pos_weight_max", 100.0, 10.0, "loss", "bce_pos_weight", "bce"),
+    ("focal_gamma", 2.0, 1.0, "loss", "focal", "bce"),
+    ("aux_weight", 0.5, 0.2, "aux_taxonomy", "ekman", None),
+])  # fmt: skip
+def test_a_setting_of_the_objective_is_kept_only_where_it_weighs(tiny_model, key, was, now, setting, counts, idle):
     from types import SimpleNamespace
 
-    for loss, refused in (("bce_pos_weight", True), ("bce", False)):
-        model = EmotionClassifier(str(tiny_model), label_names=["a", "b"], loss=loss, pos_weight_max=10.0)
+    for value, refused in ((counts, True), (idle, False)):
+        from goemo.taxonomy import GOEMOTIONS_LABELS  # the auxiliary head's taxonomy maps these
+
+        model = EmotionClassifier(str(tiny_model), label_names=GOEMOTIONS_LABELS, **{setting: value, key: now})
         model._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
-        saved = {"hyper_parameters": {**dict(model.hparams), "pos_weight_max": 100.0}}
+        saved = {"hyper_parameters": {**dict(model.hparams), key: was}}
         if refused:
-            with pytest.raises(GoemoError, match="^this fit started with model.pos_weight_max 100.0, now 10.0;"):
+            with pytest.raises(GoemoError, match=f"^this fit started with model.{key} {was}, now {now};"):
                 model._check_resumed_targets(saved)
         else:
             model._check_resumed_targets(saved)
