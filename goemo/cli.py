@@ -239,6 +239,18 @@ class GoemoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
+        first = trainer.logger[0] if isinstance(trainer.logger, list) and trainer.logger else trainer.logger
+        if self.subcommand == "fit" and (trainer.logger is False or trainer.logger == []):  # None is Lightning's default logger
+            # The run folder is the logger's: without it config.yaml and the checkpoints land in the working folder,
+            # where `--ckpt_path best|last` never finds them and the next fit stops on the config.yaml left there.
+            raise GoemoError("fit needs a logger: its folder (lightning_logs/version_N) holds the run's config, checkpoints "
+                             "and reports; drop --trainer.logger false")  # fmt: skip
+        if self.run_dir is not None and self.subcommand != "fit" and first not in (None, False, True) and folder_logger(first) is None:
+            # A CSVLogger (say) logs into a new version_N, not the run's folder, and pinned to the run's folder it would
+            # replace the run's metrics.csv: test's report and config then go into the run folder without a logger.
+            note(f"trainer.logger false: the run's first logger ({getattr(first, 'class_path', first)}) cannot log into the "
+                 f"run's folder again; {self.subcommand} writes its files there without one")  # fmt: skip
+            trainer.logger = False
         if self.run_dir is not None and trainer.logger is False and not trainer.default_root_dir:
             # Without a logger Lightning writes where default_root_dir says (the working folder): the run's folder
             # instead, where its test report, config_<stage>.yaml and predictions belong.

@@ -188,6 +188,34 @@ def test_test_without_a_logger_writes_its_report_into_the_run_folder(tiny_run, t
     assert not list(tmp_path.glob("*test*")) and not list(tmp_path.glob("checkpoints"))
 
 
+@pytest.mark.slow
+def test_a_run_logged_by_another_logger_gets_its_test_report(tiny_run, tmp_path, capsys, monkeypatch):
+    """A run whose first logger is a CSVLogger: `test` logged into a new version_1 (its report not the run's, compare
+    then showing the run untested); pinned to the run's folder, the CSVLogger would replace its metrics.csv."""
+    import yaml
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(tiny_run / "lightning_logs" / "version_0", run, ignore=shutil.ignore_patterns("test_report.*", "config_*.yaml"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.csv").write_text("epoch,step\n0,12\n")  # what the fit's CSVLogger wrote
+    cli(capsys, monkeypatch, tmp_path, "test", "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", code=0)
+    assert (run / "test_report.json").is_file() and (run / "config_test.yaml").is_file()
+    assert not (run.parent / "version_1").exists() and (run / "metrics.csv").read_text() == "epoch,step\n0,12\n"
+
+
+def test_fit_without_a_logger_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """Its config.yaml and checkpoints went into the working folder, where best/last never look, and the next fit
+    stopped on that config.yaml with a traceback."""
+    model = ("--model.model_name_or_path", str(tmp_path / "no-model"))  # never loaded: refused before
+    for _ in range(2):
+        line = cli(capsys, monkeypatch, tmp_path, "fit", "--trainer.logger", "false", *model)
+        assert line == ("error: fit needs a logger: its folder (lightning_logs/version_N) holds the run's config, "
+                        "checkpoints and reports; drop --trainer.logger false")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_root_dir_that_moves_no_run_is_refused(tmp_path, capsys, monkeypatch):
     model = ("--model.model_name_or_path", str(tmp_path / "no-model"))  # never loaded: refused before
     line = cli(capsys, monkeypatch, tmp_path, "fit", "--trainer.default_root_dir", "out", *model)
