@@ -2,7 +2,7 @@
 
 Plain Lightning only knows `best` inside the process that ran `fit`. Here `best`/`last` (or a run
 folder, or a checkpoint file inside one) name a checkpoint on disk, and the command reuses that
-run's saved `config.yaml` and logs into the same `version_N` folder.
+run's saved `config.yaml` and logs into the same run folder (`version_N`, or the name its fit gave it).
 """
 
 from __future__ import annotations
@@ -85,18 +85,70 @@ def _version(run: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def newest_run(root: Path = RUNS_DIR) -> Path:
-    """The highest `version_N` under `root` that holds a checkpoint (in checkpoints/ or its checkpoint.dirpath)."""
-    def saved(run: Path) -> bool:  # (checkpoints/ too for a dirpath run: last_checkpoint says why)
-        return any(checkpoint_dir(run).glob("*.ckpt")) or (run / "checkpoints" / "last.ckpt").is_file()
+def _started(run: Path) -> float:
+    """When the run's fit (or its latest resume) started: the mtime of its config.yaml, which LightningCLI writes then
+    and nothing else rewrites (an evaluation adds config_<stage>.yaml and reports, moving the folder's own mtime; Linux
+    keeps no creation time). A run without one: its folder's."""
+    own = run / "config.yaml"
+    return (own if own.is_file() else run).stat().st_mtime
 
-    runs = sorted((p for p in root.glob("version_*") if saved(p)), key=_version)
-    if not runs:
+
+def newest(runs: list[Path]) -> Path | None:
+    """The newest of `runs`: of the version_N folders the highest N, as Lightning numbers them in the order it makes
+    them; a named run (`--trainer.logger.init_args.version NAME`) has no number, so named runs are ordered, and the
+    newest of them weighed against that version_N, by `_started` (a tie goes to the version_N)."""
+    numbered, named = [r for r in runs if _version(r) >= 0], [r for r in runs if _version(r) < 0]
+    top = [max(numbered, key=_version)] if numbered else []
+    top += [max(named, key=lambda r: (_started(r), r.name))] if named else []
+    return max(top, key=_started, default=None)
+
+
+def _saved(run: Path) -> bool:
+    """Whether the run holds a checkpoint, in checkpoints/ or its checkpoint.dirpath (checkpoints/ too for a dirpath
+    run: last_checkpoint says why)."""
+    return any(checkpoint_dir(run).glob("*.ckpt")) or (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def _subfolders(root: Path) -> list[Path]:
+    """The folders right under `root`: version_N and named runs alike (a sweep's, an ensemble's or an export's folder
+    holds neither a config.yaml nor checkpoints/, so the callers' tests leave it out)."""
+    return [p for p in root.glob("*") if p.is_dir()]
+
+
+def newest_run(root: Path = RUNS_DIR) -> Path:
+    """The newest run under `root` (see `newest`) that holds a checkpoint."""
+    run = newest([p for p in _subfolders(root) if _saved(p)])
+    if run is None:
         raise GoemoError(
             f"no run with checkpoints under {root}/: train one first (python main.py fit --config configs/minilm.yaml) "
             f"or pass --ckpt_path PATH/TO/FILE.ckpt"
         )
-    return runs[-1]
+    return run
+
+
+def _run_folder(path: Path) -> Path:
+    """The run folder `path` names: itself, or the run whose checkpoints/ it is. A folder plainly something else (a
+    working folder, a folder of runs, a model folder, a dirpath's checkpoints) is said in one line, not reported as a
+    run whose checkpoints/ is empty."""
+    if any((path / f).exists() for f in ("config.yaml", "hparams.yaml", "checkpoints", ENSEMBLE_FILE)):
+        return path  # a run (an ensemble's folder, one with no checkpoints: last_checkpoint says so)
+    if path.name == "checkpoints" and (path.parent / "config.yaml").is_file():
+        return path.parent  # RUN/checkpoints: one run it can mean
+    if (path / "config.json").is_file():  # what save_pretrained (and goemo.export) write
+        raise GoemoError(f"{path} is a model folder, not a run; --model.model_name_or_path takes it")
+    inner = path / RUNS_DIR if (path / RUNS_DIR).is_dir() else path
+    try:
+        hint: Path | None = newest_run(inner)
+    except GoemoError:
+        hint = None
+    if inner != path:
+        raise GoemoError(f"{path}: a working folder, not a run; give its run (--ckpt_path {hint or inner / 'version_N'}), "
+                         f"or run from {path} with --ckpt_path best|last")  # fmt: skip
+    if hint is not None:
+        raise GoemoError(f"{path}: a folder of runs, not a run; give one of them (--ckpt_path {hint}: the newest)")
+    if any(path.glob("*.ckpt")):
+        raise GoemoError(f"{path}: a folder of checkpoint files, not a run; give one of its .ckpt files, or its run's folder")
+    return path
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
@@ -219,16 +271,19 @@ def _checkpoint_state(run: Path, states: dict, last: Path) -> dict | None:
 
 
 def resolve_checkpoint(value: str, root: Path = RUNS_DIR, resume: bool = False) -> tuple[Path, Optional[Path]]:
-    """`best` | `last` | a run folder | a .ckpt file  ->  (checkpoint file, its run folder or None).
+    """`best` | `last` | a run folder (or its checkpoints/) | a .ckpt file  ->  (checkpoint file, its run folder or None).
 
     A run folder means its best checkpoint, or with `resume` (for `fit`) its last one: training goes on
     from where it stopped, not from its best epoch.
     """
     if value in ALIASES:
         run = newest_run(root)
-        fits = [p for p in root.glob("version_*") if (p / "config.yaml").is_file()] if resume else []  # fits started
-        started = max(fits, key=_version, default=run)
-        if _version(started) > _version(run):  # a fit that stopped before its first save: not the older run
+        # Fits started after `run` that stopped before their first save: resuming `run` would not go on with the newest.
+        # Each is weighed against `run` alone: named runs and version_N are ordered by different keys.
+        fits = [p for p in _subfolders(root) if (p / "config.yaml").is_file()] if resume else []  # fits started
+        unsaved = [p for p in fits if not _saved(p) and newest([p, run]) == p]
+        if unsaved:
+            started = newest(unsaved)
             raise GoemoError(
                 f"{started}, the newest run, has no checkpoint (it stopped before its first save), so there is nothing "
                 f"of it to resume: start it again, or resume an older run by its folder (--ckpt_path {run})"
@@ -240,7 +295,7 @@ def resolve_checkpoint(value: str, root: Path = RUNS_DIR, resume: bool = False) 
             return path, run if run is not None and (run / "config.yaml").is_file() else None
         if not path.is_dir():
             raise GoemoError(f"--ckpt_path {value!r}: no such file or run folder; use best, last, a run folder or a .ckpt file")
-        run = path
+        run = _run_folder(path)
     ckpt = last_checkpoint(run) if value == "last" or (resume and value != "best") else best_checkpoint(run)
     return ckpt, run
 
