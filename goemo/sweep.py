@@ -204,6 +204,7 @@ class OptunaReport(Callback):
         self.storage, self.study, self.trial, self.metric, self.prune = storage, study, trial, metric, prune
         self._trial = None
         self._validations = 0
+        self._validated = False  # a validation ran, whether or not it logged the metric
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -235,6 +236,7 @@ class OptunaReport(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
+        self._validated = True
         prune = False
         if self._trial is not None and self.metric in trainer.callback_metrics:  # rank 0 of a trial's fit
             # Reported at the validation's number in the run (0, 1, ...), not the optimizer step: trials of other
@@ -253,6 +255,13 @@ class OptunaReport(Callback):
             prune = trainer.strategy.broadcast(prune, src=0)
         if prune:
             trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._trial is not None and not self._validated:
+            # The sweep's reason for a trial without a value: the fit never validated (not a metric it did not log).
+            # Written only then: a write at every fit's end could fail a fit that trained well.
+            self._trial.set_user_attr("no_validation", f"trainer.max_epochs {trainer.max_epochs}, limit_val_batches "
+                                      f"{trainer.limit_val_batches}, check_val_every_n_epoch {trainer.check_val_every_n_epoch}")  # fmt: skip
 
 
 # -- the worker's side -------------------------------------------------------------------------------------------
@@ -362,6 +371,9 @@ def run_trial(trial, a: argparse.Namespace, space: dict, storage_url: str) -> fl
     if run:
         trial.set_user_attr("run", run)
     values = list(fresh.intermediate_values.values())
+    if not values and "no_validation" in fresh.user_attrs:
+        return failed_trial(trial, f"no validation ran ({fresh.user_attrs['no_validation']}), so no {a.metric} to score "
+                                   "the trial; give its fit at least one validation")  # fmt: skip
     if not values:
         return failed_trial(trial, f"no {a.metric} was logged (is it a validation metric of this config?)")
     if "pruned_at_step" in fresh.user_attrs:
@@ -538,7 +550,14 @@ def run_sweep(a: argparse.Namespace) -> dict:
         print(f"note: trial {t.number} ({', '.join(f'{k}={v}' for k, v in t.params.items())}) has no result: its worker "
               f"died {deaths} time(s) and it is not retried again; run the point as a plain fit, "
               f"`{shlex.join(['python', 'main.py', *fit_args(a, t.params)])}`, and compare it beside the sweep", file=sys.stderr)  # fmt: skip
-    return summarize(study, a)
+    summary = summarize(study, a)
+    own = [t for t in study.get_trials(deepcopy=False) if t.number in mine]
+    if own and all(t.state == TrialState.FAIL for t in own):
+        # Not one result: a failed command, as after --max-failures (which a grid of fewer points never reaches),
+        # so scripts and job arrays see it in the exit status, not only in the summary.
+        first = next((t.user_attrs["error"] for t in own if t.user_attrs.get("error")), "no reason recorded")
+        raise GoemoError(f"all {len(own)} trials failed; the first failure: {first}; see {a.sweep_dir}")
+    return summary
 
 
 def check_recipe(study, a: argparse.Namespace, space: dict) -> None:
@@ -612,7 +631,7 @@ def space_keys(trials) -> dict:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m goemo.sweep", description=__doc__.splitlines()[0],
                                 epilog="Flags after -- go to every trial's fit, e.g. -- --trainer.max_epochs 1")  # fmt: skip
-    p.add_argument("--config", type=Path, default=None, help="the recipe every trial starts from")
+    p.add_argument("-c", "--config", type=Path, default=None, help="the recipe every trial starts from")
     p.add_argument("--space", type=Path, default=None, help="the space file (see the module's help)")
     p.add_argument("--trials", type=int, default=None, help="finished trials (complete or pruned) wanted over all workers")
     p.add_argument("--seeds", default=None, help="run the config once per seed, e.g. 42,1,7 (a seed group)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -571,7 +572,10 @@ def test_a_sweep_summary_is_written_when_importance_needs_what_is_not_installed(
         raise ImportError("Tried to import 'sklearn' but failed. Please make sure that the package is installed correctly to use "
                           "this feature. Actual error: No module named 'sklearn'.")  # fmt: skip
 
-    monkeypatch.setattr(optuna.importance, "get_param_importances", needs_sklearn)
+    # The module itself: `optuna.importance` may be Optuna's lazy-import stand-in, which an attribute set on it bypasses
+    # (the test then passed only after another test had imported the module).
+    importlib.import_module("optuna.importance")
+    monkeypatch.setattr(sys.modules["optuna.importance"], "get_param_importances", needs_sklearn)
     a = SimpleNamespace(metric="val/f1_macro", direction="maximize", sweep_dir=tmp_path)
     summary = sweep.summarize(study, a)
     assert summary["importance"].startswith("not computed (Tried to import 'sklearn' but failed.")

@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -235,3 +236,118 @@ def test_a_path_this_sqlalchemy_cannot_put_in_a_url_is_refused(tmp_path, monkeyp
         with pytest.raises(GoemoError, match="^cannot name the study's database .* in a SQLite URL with this SQLAlchemy"):
             sweep.sqlite_url(tmp_path / name / "sweeps.db")
     assert sweep.sqlite_url(tmp_path / "a b" / "sweeps.db") == f"sqlite:///{tmp_path}/a b/sweeps.db"
+
+
+# -- a sweep whose trials all fail ---------------------------------------------------------------------------------
+def run_report(args: list[str], validated: bool, metrics: dict) -> None:
+    """What a trial's fit does to its study, without the fit: goemo.sweep.OptunaReport's hooks on a stand-in trainer."""
+    opt = dict(zip(args, args[1:]))  # each flag and the value after it
+    report = sweep.OptunaReport(opt["--trainer.callbacks.storage"], opt["--trainer.callbacks.study"],
+                                int(opt["--trainer.callbacks.trial"]), opt["--trainer.callbacks.metric"], prune=False)  # fmt: skip
+    trainer = SimpleNamespace(log_dir="lightning_logs/version_0", is_global_zero=True, sanity_checking=False, world_size=1,
+                              callback_metrics=metrics, global_step=0, max_epochs=0, limit_val_batches=1.0,
+                              check_val_every_n_epoch=1, should_stop=False)  # fmt: skip
+    report.setup(trainer, None, "fit")
+    if validated:
+        report.on_validation_end(trainer, None)
+    report.on_fit_end(trainer, None)
+
+
+@pytest.mark.parametrize(
+    "validated,reason",
+    [(False, "no validation ran (trainer.max_epochs 0, limit_val_batches 1.0, check_val_every_n_epoch 1), so no "
+              "val/f1_macro to score the trial; give its fit at least one validation"),
+     (True, "no val/f1_macro was logged (is it a validation metric of this config?)")],
+    ids=["never-validated", "validated-without-the-metric"],
+)  # fmt: skip
+def test_a_trial_without_a_value_says_whether_its_fit_validated_at_all(tmp_path, monkeypatch, validated, reason):
+    """The old reason blamed the metric's name when the fit never validated (e.g. --trainer.max_epochs 0)."""
+    monkeypatch.chdir(tmp_path)
+    no_space_check(monkeypatch)
+
+    class Fit:  # the trial's child process: only its OptunaReport's writes to the study
+        def __init__(self, args, stdout, stderr, preexec_fn) -> None:
+            run_report(args, validated, {"val/loss": 0.5, "train/loss": 0.7})
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Fit)
+    with pytest.raises(GoemoError, match="^all 2 trials failed; the first failure: " + re.escape(reason) + "; see "):
+        sweep.run_sweep(sweep.parse_args(["--seeds", "1,2", "--heartbeat", "0"]))
+    summary = json.loads(Path("lightning_logs/sweeps/seeds/summary.json").read_text())
+    assert [f["error"] for f in summary["failed"]] == [reason, reason]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_fits_that_never_validate_says_so_and_exits_with_an_error(tmp_path, monkeypatch, capsys, tiny_model, tiny_data):
+    """The repro: every trial of `--trainer.max_epochs 0` failed with "no val/f1_macro was logged", and the sweep exited 0."""
+    monkeypatch.chdir(tmp_path)
+    no_space_check(monkeypatch)
+    fit = ["--model.model_name_or_path", str(tiny_model), "--data.data_dir", str(tiny_data), "--data.cache_dir",
+           str(tmp_path / "cache"), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+           "--val_examples.num_examples", "0", "--trainer.max_epochs", "0"]  # fmt: skip
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--seeds", "1", "--study", "s0", "--heartbeat", "0", "--", *fit])
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() installs the sweep's own
+    reason = ("no validation ran (trainer.max_epochs 0, limit_val_batches 1.0, check_val_every_n_epoch 1), so no "
+              "val/f1_macro to score the trial; give its fit at least one validation")  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"trial 0 failed: {reason}\n" in err
+    assert e.value.code == 2 and err.endswith(f"error: all 1 trials failed; the first failure: {reason}; see lightning_logs/sweeps/s0\n")
+
+
+def test_a_sweep_none_of_whose_trials_completed_exits_with_an_error_after_its_summary(tmp_path, monkeypatch, capsys):
+    """Exit status 2 and one line, as after --max-failures, which a grid of fewer points than it never reaches; a
+    pruned trial is a result, and only this command's trials count."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    no_space_check(monkeypatch)
+    outcomes = []
+
+    def run_trial(trial, a, space, url):
+        sweep.suggest(trial, space)
+        outcome = outcomes.pop(0)
+        if outcome == "pruned":
+            raise optuna.TrialPruned("pruned at step 0")
+        return 0.5 if outcome == "complete" else sweep.failed_trial(trial, f"{outcome} (trial {trial.number})")
+
+    monkeypatch.setattr(sweep, "run_trial", run_trial)
+
+    def main(*args: str) -> int:
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            sweep.main(["--seeds", "1,2,3,4,5,6,7", "--heartbeat", "0", *args])
+        except SystemExit as e:
+            return e.code
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # main() installs the sweep's own
+        return 0
+
+    summary = Path("lightning_logs/sweeps/seeds/summary.json")
+    outcomes[:] = ["complete"]
+    assert main("--trials", "1") == 0
+    outcomes[:] = ["CUDA out of memory", "Killed"]  # the study has a result, this command none
+    capsys.readouterr()
+    assert main("--trials", "3") == 2
+    out, err = capsys.readouterr()
+    assert err.endswith("error: all 2 trials failed; the first failure: CUDA out of memory (trial 1); see lightning_logs/sweeps/seeds\n")
+    assert "| 2 | fail |" in out and json.loads(summary.read_text())["trials"] == {"complete": 1, "pruned": 0, "fail": 2}
+    outcomes[:] = ["pruned", "Killed"]
+    assert main("--trials", "5") == 0
+    outcomes[:] = ["Killed", "complete"]
+    assert main("--trials", "7") == 0
+    assert main() == 0  # nothing left to run: no trial of this command failed
+    assert json.loads(summary.read_text())["trials"] == {"complete": 2, "pruned": 1, "fail": 4} and not outcomes
+
+
+# -- -c ---------------------------------------------------------------------------------------------------------------
+def test_dash_c_is_short_for_config(tmp_path):
+    """The guide's "`-c FILE` is `--config FILE` everywhere": sweep's parser said `unrecognized arguments: -c`."""
+    config = tmp_path / "c.yaml"
+    for flags in (["-c", str(config)], [f"-c{config}"], ["--config", str(config)]):
+        assert sweep.parse_args([*flags, "--seeds", "1"]).config == config
