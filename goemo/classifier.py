@@ -96,7 +96,17 @@ def as_texts(texts: Iterable[str]) -> list[str]:
     return texts
 
 
-def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
+def fitted_path(name: str, run: Path | None) -> str:
+    """A relative path a run's config names (model, tokenizer, data folder) as its fit saw it: relative to the working
+    folder it was fitted in (the one holding lightning_logs/), where it is no path from here. Hub ids, `pkg:` names
+    and paths found from here stay as they are."""
+    if run is None or not name or ":" in name or Path(name).expanduser().is_absolute() or Path(name).exists():
+        return name
+    fitted_in = run.resolve().parent.parent  # save_dir/lightning_logs/version_N
+    return str(fitted_in / name) if (fitted_in / name).exists() else name
+
+
+def load_model(path: Path, run: Path | None = None) -> tuple[EmotionClassifier, dict]:
     """The EmotionClassifier saved in a Lightning checkpoint file, and the checkpoint's data-module hparams.
 
     The encoder is built from its config (no pretrained weights are read or fetched) and every
@@ -114,6 +124,8 @@ def load_model(path: Path) -> tuple[EmotionClassifier, dict]:
     # A setting the checkpoint lacks (older than the option) is what the run did then, not today's default: e.g.
     # thresholds tuned without resamples, which goemo.ensemble tunes an ensemble of old runs with.
     args = {**{k: v for k, v in OLD_MODEL_SETTINGS.items() if k in accepted}, **args}
+    if isinstance(args.get("model_name_or_path"), str):  # its config.json, which builds the encoder
+        args["model_name_or_path"] = fitted_path(args["model_name_or_path"], run)
     model = EmotionClassifier(**args, pretrained=False)
     model.on_load_checkpoint(ckpt)  # as Lightning's load: thresholds of an older checkpoint; a mismatch in one line
     model.load_state_dict(ckpt["state_dict"])
@@ -140,8 +152,10 @@ def load_run(
         batch_size: Texts per forward pass.
         runs_dir: Where `best`/`last` look for runs.
     """
-    path, _ = resolve_checkpoint(str(ckpt), Path(runs_dir))
-    model, data_hparams = load_model(path)
+    path, run = resolve_checkpoint(str(ckpt), Path(runs_dir))
+    model, data_hparams = load_model(path, run)
+    data_hparams = {**data_hparams, **{k: fitted_path(data_hparams[k], run) for k in ("tokenizer_name", "data_dir")
+                                       if isinstance(data_hparams.get(k), str)}}  # fmt: skip
     name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
     tokenizer = load_tokenizer(name)
     note_tokenizer_change(model.trained_tokenizer, tokenizer_digest(tokenizer), name)  # before calling it (hub.py)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,25 @@ def test_a_list_of_runs_looks_for_best_in_runs_dir_and_folders_may_start_with_a_
     (tmp_path / "ens" / ENSEMBLE_FILE).write_text(json.dumps(spec), encoding="utf-8")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load("~/ens").thresholds.tolist() == [0.5] * 4
+
+
+def test_a_run_fitted_with_relative_paths_loads_from_another_folder(tiny_run, tiny_model, clf, tmp_path, monkeypatch):
+    """`fit --model.model_name_or_path model --data.data_dir data` in a/: the run's paths are a/'s, and goemo.load (with
+    export, serve and ensemble) from b/ looked for ./model, then the Hub ("cannot load model 'model'")."""
+    work = tmp_path / "a"
+    run = shutil.copytree(tiny_run / "lightning_logs" / "version_0", work / "lightning_logs" / "version_0")
+    shutil.copytree(tiny_model, work / "model")
+    shutil.copytree(tiny_run / "data", work / "data")
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # as a fit with relative paths saves them
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")
+        state["hyper_parameters"]["model_name_or_path"] = "model"
+        state["datamodule_hyper_parameters"].update(tokenizer_name="model", data_dir="data")
+        torch.save(state, ckpt)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    moved = load(Path("..", "a", "lightning_logs", "version_0"), batch_size=2)
+    assert moved.predict_proba(PREDICT_TEXTS) == pytest.approx(clf.predict_proba(PREDICT_TEXTS), abs=1e-6)
+    assert moved.data_hparams["data_dir"] == str(work.resolve() / "data")  # the members' splits an ensemble reads
 
 
 def test_a_run_whose_best_checkpoint_was_deleted_is_one_line_not_its_last(tiny_run, tmp_path):
