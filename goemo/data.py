@@ -55,6 +55,10 @@ CACHE_VERSION = "2"  # bump when the encoding below changes, to invalidate old c
 def read_labels(path: Path) -> list[str]:
     """Label names from `labels.txt`, one a line; line i is label id i."""
     if not path.is_file():
+        folder = path.parent
+        if any(folder.glob("*/*.parquet")) or any(folder.glob("*.parquet")):  # a dataset laid out like its Hub repository
+            raise GoemoError(f"{folder} is laid out like a Hub dataset (parquet files), not the release's TSV splits: load it "
+                             f"with --data.data_dir null --data.hub_dataset {folder}")  # fmt: skip
         raise GoemoError(f"{path}: label file not found (expected labels.txt beside the TSV splits)")
     names = [line.strip() for line in read_release_text(path).splitlines()]
     while names and not names[-1]:

@@ -97,6 +97,13 @@ def test_hub_folder_loads_the_same_rows_as_the_release(tmp_path, monkeypatch):
         assert raw[split].to_dict() == cols
 
 
+def test_a_hub_folder_given_as_data_dir_says_how_to_load_it(tmp_path):
+    hub = write_hub_folder(tmp_path / "go_emotions", rows=5)
+    with pytest.raises(GoemoError, match=f"^{re.escape(str(hub))} is laid out like a Hub dataset .*: load it with "
+                                         f"--data.data_dir null --data.hub_dataset {re.escape(str(hub))}$"):  # fmt: skip
+        GoEmotionsDataModule(data_dir=str(hub), tokenizer_name="unused")
+
+
 def test_hub_folder_with_other_label_names_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # read once, when datasets is imported
     hub = write_hub_folder(tmp_path / "other", rows=10, names=[f"l{i}" for i in range(28)])
