@@ -14,7 +14,6 @@ Markdown; `--md FILE` and `--csv FILE` write it too. The results tables of goemo
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -26,7 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-from goemo.errors import GoemoError, exit_on_error
+from goemo.errors import ArgumentParser, GoemoError, exit_on_error
 
 # Keys that name where things are, not what the run did.
 IGNORED = ("ckpt_path", "config", "output", "data.cache_dir", "data.predict_file", "trainer.logger", "trainer.default_root_dir",
@@ -351,7 +350,7 @@ def check_not_a_run_file(path: Path, flag: str, folders: list[Path]) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     from goemo.files import write_text
 
-    parser = argparse.ArgumentParser(prog="python -m goemo.compare", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m goemo.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, folders holding them (lightning_logs), or a sweep's folder (lightning_logs/sweeps/NAME)")
     parser.add_argument("--md", type=Path, default=None, help="also write the table as Markdown here")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table as CSV here")

@@ -18,13 +18,12 @@ recipe then passes on what it learned from other rows, not its memory of the row
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from goemo.errors import GoemoError, exit_on_error
+from goemo.errors import ArgumentParser, GoemoError, exit_on_error
 from goemo.teacher import read_teacher_file, teacher_path, write_teacher
 
 
@@ -103,7 +102,7 @@ def teacher_probs(runs: list[str], batch_size: int = 64) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m goemo.distill", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m goemo.distill", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="teacher run folders (their best checkpoints), .ckpt files, or teacher "
                         "files (.npz) to join the mean")
     parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")

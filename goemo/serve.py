@@ -15,7 +15,6 @@ of each other are predicted in one forward pass, up to `--max-batch` requests (L
 
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation as the request type.
-import argparse
 import contextlib
 import errno
 import os
@@ -179,7 +178,9 @@ def check_address(host: str, port: int) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m goemo.serve", description=__doc__.splitlines()[0])
+    from goemo.errors import ArgumentParser
+
+    p = ArgumentParser(prog="python -m goemo.serve", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder, .ckpt file, best, last or an ensemble folder (as goemo.load takes)")
     p.add_argument("--port", type=int, default=8000, help="1024..65535")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on: 127.0.0.1 (this machine), 0.0.0.0 or :: (every interface)")

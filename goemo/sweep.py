@@ -48,7 +48,7 @@ from typing import Any, Optional
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from goemo.errors import GoemoError, exit_on_error
+from goemo.errors import ArgumentParser, GoemoError, exit_on_error
 
 KINDS = ("float", "int", "categorical", "grid")
 # Each trial's fit, and the space check's --print_config: goemo's CLI from a one-line launcher (a goemo installed
@@ -629,7 +629,7 @@ def space_keys(trials) -> dict:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m goemo.sweep", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m goemo.sweep", description=__doc__.splitlines()[0],
                                 epilog="Flags after -- go to every trial's fit, e.g. -- --trainer.max_epochs 1")  # fmt: skip
     p.add_argument("-c", "--config", type=Path, default=None, help="the recipe every trial starts from")
     p.add_argument("--space", type=Path, default=None, help="the space file (see the module's help)")

@@ -458,3 +458,17 @@ def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a
     (tmp_path / "ck.yaml").write_text("ckpt_path: best\n", encoding="utf-8")
     line = cli_error(capsys, monkeypatch, tmp_path, "predict", "--config", "ck.yaml", "--data.predict_file", "texts.txt")
     assert line == "error: ckpt_path best: no such checkpoint file (best, last and run folders work as the flag --ckpt_path)"
+
+
+@pytest.mark.parametrize("module", ["compare", "distill", "ensemble", "export", "models", "serve", "sweep"])
+def test_a_goemo_commands_argument_error_is_one_line(module, capsys):
+    """As main.py's: argparse printed its usage block above the error."""
+    import importlib
+
+    main = importlib.import_module(f"goemo.{module}").main
+    with pytest.raises(SystemExit) as exit:
+        main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and err.strip().endswith(f"(see: python -m goemo.{module} --help)"), err
+
