@@ -205,6 +205,17 @@ def test_a_run_logged_by_another_logger_gets_its_test_report(tiny_run, tmp_path,
     assert not (run.parent / "version_1").exists() and (run / "metrics.csv").read_text() == "epoch,step\n0,12\n"
 
 
+@pytest.mark.parametrize("sub", ["fit", "test"])
+def test_a_predict_file_outside_predict_is_refused(sub, tmp_path, capsys, monkeypatch):
+    """`test --ckpt_path RUN --data.predict_file x.txt` scored the test split and said nothing of the file."""
+    fake_run(tmp_path)
+    (tmp_path / "x.txt").write_text("happy\n")
+    given = ["--ckpt_path", "best"] if sub == "test" else ["--model.model_name_or_path", str(tmp_path / "no-model")]
+    line = cli(capsys, monkeypatch, tmp_path, sub, *given, "--data.predict_file", "x.txt")
+    assert line == (f"error: --data.predict_file is read by predict only ({sub} uses the data's splits): drop it, "
+                    "or run python main.py predict")  # fmt: skip
+
+
 def test_fit_without_a_logger_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
     """Its config.yaml and checkpoints went into the working folder, where best/last never look, and the next fit
     stopped on that config.yaml with a traceback."""
