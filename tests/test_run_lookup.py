@@ -73,7 +73,7 @@ def test_fit_last_refuses_to_resume_an_older_run_when_a_newer_named_fit_saved_no
     root = tmp_path / "lightning_logs"
     old = fake_run(root, "version_0", started=1_000)
     fake_run(root, "exp", started=2_000, saved=False)
-    with pytest.raises(GoemoError, match=rf"exp, the newest run, has no checkpoint .* \(--ckpt_path .*version_0\)$"):
+    with pytest.raises(GoemoError, match=r"exp, the newest run, has no checkpoint .* \(--ckpt_path .*version_0\)$"):
         resolve_checkpoint("last", root, resume=True)
     assert resolve_checkpoint("best", root)[1] == old  # test/predict: the newest run with checkpoints
 

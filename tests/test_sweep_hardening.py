@@ -3,6 +3,7 @@ values Optuna cannot keep apart, ranges it cannot draw from, and working folders
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -241,7 +242,7 @@ def test_a_path_this_sqlalchemy_cannot_put_in_a_url_is_refused(tmp_path, monkeyp
 # -- a sweep whose trials all fail ---------------------------------------------------------------------------------
 def run_report(args: list[str], validated: bool, metrics: dict) -> None:
     """What a trial's fit does to its study, without the fit: goemo.sweep.OptunaReport's hooks on a stand-in trainer."""
-    opt = dict(zip(args, args[1:]))  # each flag and the value after it
+    opt = dict(itertools.pairwise(args))  # each flag and the value after it
     report = sweep.OptunaReport(opt["--trainer.callbacks.storage"], opt["--trainer.callbacks.study"],
                                 int(opt["--trainer.callbacks.trial"]), opt["--trainer.callbacks.metric"], prune=False)  # fmt: skip
     trainer = SimpleNamespace(log_dir="lightning_logs/version_0", is_global_zero=True, sanity_checking=False, world_size=1,
@@ -255,8 +256,8 @@ def run_report(args: list[str], validated: bool, metrics: dict) -> None:
 
 @pytest.mark.parametrize(
     "validated,reason",
-    [(False, "no validation ran (trainer.max_epochs 0, limit_val_batches 1.0, check_val_every_n_epoch 1), so no "
-              "val/f1_macro to score the trial; give its fit at least one validation"),
+    [(False, ("no validation ran (trainer.max_epochs 0, limit_val_batches 1.0, check_val_every_n_epoch 1), so no "
+               "val/f1_macro to score the trial; give its fit at least one validation")),
      (True, "no val/f1_macro was logged (is it a validation metric of this config?)")],
     ids=["never-validated", "validated-without-the-metric"],
 )  # fmt: skip
