@@ -16,7 +16,7 @@ from goemo.errors import GoemoError
 from goemo.hub import load_tokenizer, note_tokenizer_change, resolve_model_path, tokenizer_digest
 from goemo.model import EmotionClassifier, max_positions
 from goemo.predict import encode_batches, label_thresholds, to_records
-from goemo.runs import RUNS_DIR, load_lightning_checkpoint, resolve_checkpoint
+from goemo.runs import RUNS_DIR, load_lightning_checkpoint, read_config, resolve_checkpoint
 
 CHUNK_BATCHES = 32  # batches tokenized and length-sorted together
 # What runs did before each later model option existed (goemo.compare's record of them); pretrained: a checkpoint's
@@ -98,12 +98,26 @@ def as_texts(texts: Iterable[str]) -> list[str]:
 
 def fitted_path(name: str, run: Path | None) -> str:
     """A relative path a run's config names (model, tokenizer, data folder) as its fit saw it: relative to the working
-    folder it was fitted in (the one holding lightning_logs/), where it is no path from here. Hub ids, `pkg:` names
-    and paths found from here stay as they are."""
-    if run is None or not name or ":" in name or Path(name).expanduser().is_absolute() or Path(name).exists():
+    folder it was fitted in, when that holds it (a `model/` of the caller's own is another model). Hub ids, `pkg:`
+    names, absolute paths and runs whose working folder cannot be told stay as they are."""
+    if run is None or not name or ":" in name or Path(name).expanduser().is_absolute():
         return name
-    fitted_in = run.resolve().parent.parent  # save_dir/lightning_logs/version_N
-    return str(fitted_in / name) if (fitted_in / name).exists() else name
+    fitted_in = fit_folder(run)
+    return str(fitted_in / name) if fitted_in is not None and (fitted_in / name).exists() else name
+
+
+def fit_folder(run: Path) -> Path | None:
+    """The working folder a run was fitted in: its folder less the logger's save_dir/name (config.yaml's; by default
+    ./lightning_logs/version_N). None for an absolute save_dir or one that climbs (`..`)."""
+    config = read_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else None
+    logger = ((config or {}).get("trainer") or {}).get("logger") if isinstance(config, dict) else None
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    args = (logger.get("init_args") if isinstance(logger, dict) else None) or {}
+    under = Path(str(args.get("save_dir") or "."), str(args.get("name", "lightning_logs") or ""))
+    folder = run.resolve()
+    if under.is_absolute() or ".." in under.parts or len(under.parts) >= len(folder.parents):
+        return None
+    return folder.parents[len(under.parts)]  # parents[0] is save_dir/name
 
 
 def load_model(path: Path, run: Path | None = None) -> tuple[EmotionClassifier, dict]:

@@ -110,9 +110,19 @@ def _saved(run: Path) -> bool:
 
 
 def _subfolders(root: Path) -> list[Path]:
-    """The folders right under `root`: version_N and named runs alike (a sweep's, an ensemble's or an export's folder
-    holds neither a config.yaml nor checkpoints/, so the callers' tests leave it out)."""
-    return [p for p in root.glob("*") if p.is_dir()]
+    """The folders right under `root`: version_N, and runs named by their fit (a sweep's, an ensemble's or an export's
+    folder holds neither a config.yaml nor checkpoints/, so the callers' tests leave it out)."""
+    return [p for p in root.glob("*") if p.is_dir() and (_version(p) >= 0 or _named_run(p))]
+
+
+def _named_run(folder: Path) -> bool:
+    """Whether the folder is a run its fit named (`--trainer.logger.init_args.version NAME`), as its config.yaml says:
+    not a copy of a run (`cp -r version_0 keep_v0`, which would be the newest by its fresh config.yaml)."""
+    config = read_config(str(folder / "config.yaml")) if (folder / "config.yaml").is_file() else None
+    logger = ((config or {}).get("trainer") or {}).get("logger") if isinstance(config, dict) else None
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    args = logger.get("init_args") if isinstance(logger, dict) else None
+    return isinstance(args, dict) and str(args.get("version")) == folder.name
 
 
 def newest_run(root: Path = RUNS_DIR) -> Path:

@@ -154,11 +154,21 @@ def test_a_run_fitted_with_relative_paths_loads_from_another_folder(tiny_run, ti
         state["hyper_parameters"]["model_name_or_path"] = "model"
         state["datamodule_hyper_parameters"].update(tokenizer_name="model", data_dir="data")
         torch.save(state, ckpt)
-    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "model").mkdir(parents=True)  # the caller's own model/ is another model than the run's
     monkeypatch.chdir(tmp_path / "b")
     moved = load(Path("..", "a", "lightning_logs", "version_0"), batch_size=2)
     assert moved.predict_proba(PREDICT_TEXTS) == pytest.approx(clf.predict_proba(PREDICT_TEXTS), abs=1e-6)
     assert moved.data_hparams["data_dir"] == str(work.resolve() / "data")  # the members' splits an ensemble reads
+    # Fitted with --trainer.logger.init_args.save_dir runs: the run is a/runs/lightning_logs/version_0, its paths a/'s.
+    import yaml
+
+    runs = work / "runs" / "lightning_logs"
+    shutil.move(work / "lightning_logs", runs)
+    config = yaml.safe_load((runs / "version_0" / "config.yaml").read_text())
+    config["trainer"]["logger"]["init_args"]["save_dir"] = "runs"
+    (runs / "version_0" / "config.yaml").write_text(yaml.safe_dump(config))
+    moved = load(Path("..", "a", "runs", "lightning_logs", "version_0"), batch_size=2)
+    assert moved.predict_proba(PREDICT_TEXTS) == pytest.approx(clf.predict_proba(PREDICT_TEXTS), abs=1e-6)
 
 
 def test_a_run_whose_best_checkpoint_was_deleted_is_one_line_not_its_last(tiny_run, tmp_path):

@@ -214,6 +214,9 @@ def test_a_predict_file_outside_predict_is_refused(sub, tmp_path, capsys, monkey
     line = cli(capsys, monkeypatch, tmp_path, sub, *given, "--data.predict_file", "x.txt")
     assert line == (f"error: --data.predict_file is read by predict only ({sub} uses the data's splits): drop it, "
                     "or run python main.py predict")  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text("data:\n  predict_file: x.txt\n")  # a shared recipe's, for its predict runs
+    line = cli(capsys, monkeypatch, tmp_path, sub, *given, "--config", "recipe.yaml")
+    assert "read by predict only" not in line  # on to the next check
 
 
 def test_fit_without_a_logger_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):

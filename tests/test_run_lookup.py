@@ -20,7 +20,9 @@ def fake_run(root: Path, name: str, started: float | None = None, saved: bool = 
     """root/NAME with a config.yaml (its mtime set to `started`) and, if `saved`, checkpoints/last.ckpt."""
     run = root / name
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text("{}", encoding="utf-8")
+    version = "null" if name.startswith("version_") else name  # as a fit named by --trainer.logger.init_args.version saves it
+    (run / "config.yaml").write_text(f"trainer:\n  logger:\n    class_path: goemo.cli.HParamsTensorBoardLogger\n"
+                                     f"    init_args:\n      version: {version}\n", encoding="utf-8")  # fmt: skip
     if saved:
         torch.save(LIGHTNING, run / "checkpoints" / "last.ckpt")
     if started is not None:
@@ -39,6 +41,18 @@ def test_best_and_last_take_a_named_run_fitted_after_version_0(tmp_path, monkeyp
                 [sub, "--config", str(exp / "config.yaml"), "--ckpt_path", str(exp / "checkpoints" / "last.ckpt")], exp)
     os.utime(exp / "config.yaml", (500, 500))
     assert rewrite_args(["test", "--ckpt_path", "best"], ROOT)[1] == old
+
+
+def test_a_copy_of_a_run_is_no_named_run(tmp_path):
+    """`cp -r version_0 keep_v0`: its config.yaml (fresh mtime) names no version, so it never becomes best or last."""
+    import shutil
+
+    root = tmp_path / "lightning_logs"
+    fake_run(root, "version_0", started=1_000)
+    newer = fake_run(root, "version_1", started=2_000)
+    shutil.copytree(root / "version_0", root / "keep_v0")
+    os.utime(root / "keep_v0" / "config.yaml", (3_000, 3_000))  # `cp -r` gives the copy a fresh time
+    assert newest_run(root) == newer and resolve_checkpoint("last", root, resume=True)[1] == newer
 
 
 def test_with_named_runs_only_the_newest_fit_is_best(tmp_path):
