@@ -16,7 +16,7 @@ from goemo.errors import GoemoError
 from goemo.hub import load_tokenizer, note_tokenizer_change, resolve_model_path, tokenizer_digest
 from goemo.model import EmotionClassifier, max_positions
 from goemo.predict import encode_batches, label_thresholds, to_records
-from goemo.runs import RUNS_DIR, load_lightning_checkpoint, read_config, resolve_checkpoint
+from goemo.runs import RUNS_DIR, load_lightning_checkpoint, logger_args, resolve_checkpoint
 
 CHUNK_BATCHES = 32  # batches tokenized and length-sorted together
 # What runs did before each later model option existed (goemo.compare's record of them); pretrained: a checkpoint's
@@ -109,10 +109,7 @@ def fitted_path(name: str, run: Path | None) -> str:
 def fit_folder(run: Path) -> Path | None:
     """The working folder a run was fitted in: its folder less the logger's save_dir/name (config.yaml's; by default
     ./lightning_logs/version_N). None for an absolute save_dir or one that climbs (`..`)."""
-    config = read_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else None
-    logger = ((config or {}).get("trainer") or {}).get("logger") if isinstance(config, dict) else None
-    logger = logger[0] if isinstance(logger, list) and logger else logger
-    args = (logger.get("init_args") if isinstance(logger, dict) else None) or {}
+    args = logger_args(run)
     under = Path(str(args.get("save_dir") or "."), str(args.get("name", "lightning_logs") or ""))
     folder = run.resolve()
     if under.is_absolute() or ".." in under.parts or len(under.parts) >= len(folder.parents):

@@ -118,11 +118,16 @@ def _subfolders(root: Path) -> list[Path]:
 def _named_run(folder: Path) -> bool:
     """Whether the folder is a run its fit named (`--trainer.logger.init_args.version NAME`), as its config.yaml says:
     not a copy of a run (`cp -r version_0 keep_v0`, which would be the newest by its fresh config.yaml)."""
-    config = read_config(str(folder / "config.yaml")) if (folder / "config.yaml").is_file() else None
+    return str(logger_args(folder).get("version")) == folder.name
+
+
+def logger_args(run: Path) -> dict:
+    """The init_args of the run's first logger, as its config.yaml holds them ({} where it holds none)."""
+    config = read_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else None
     logger = ((config or {}).get("trainer") or {}).get("logger") if isinstance(config, dict) else None
     logger = logger[0] if isinstance(logger, list) and logger else logger
     args = logger.get("init_args") if isinstance(logger, dict) else None
-    return isinstance(args, dict) and str(args.get("version")) == folder.name
+    return args if isinstance(args, dict) else {}
 
 
 def newest_run(root: Path = RUNS_DIR) -> Path:
