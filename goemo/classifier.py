@@ -96,14 +96,13 @@ def as_texts(texts: Iterable[str]) -> list[str]:
     return texts
 
 
-def fitted_path(name: str, run: Path | None) -> str:
+def fitted_path(name: str, fitted_in: Path | None) -> str:
     """A relative path a run's config names (model, tokenizer, data folder) as its fit saw it: relative to the working
-    folder it was fitted in, when that holds it (a `model/` of the caller's own is another model). Hub ids, `pkg:`
-    names, absolute paths and runs whose working folder cannot be told stay as they are."""
-    if run is None or not name or ":" in name or Path(name).expanduser().is_absolute():
+    folder it was fitted in (`fit_folder`), when that holds it (a `model/` of the caller's own is another model). Hub
+    ids, `pkg:` names, absolute paths and runs whose working folder cannot be told stay as they are."""
+    if fitted_in is None or not name or ":" in name or Path(name).expanduser().is_absolute():
         return name
-    fitted_in = fit_folder(run)
-    return str(fitted_in / name) if fitted_in is not None and (fitted_in / name).exists() else name
+    return str(fitted_in / name) if (fitted_in / name).exists() else name
 
 
 def fit_folder(run: Path) -> Path | None:
@@ -117,7 +116,7 @@ def fit_folder(run: Path) -> Path | None:
     return folder.parents[len(under.parts)]  # parents[0] is save_dir/name
 
 
-def load_model(path: Path, run: Path | None = None) -> tuple[EmotionClassifier, dict]:
+def load_model(path: Path, fitted_in: Path | None = None) -> tuple[EmotionClassifier, dict]:
     """The EmotionClassifier saved in a Lightning checkpoint file, and the checkpoint's data-module hparams.
 
     The encoder is built from its config (no pretrained weights are read or fetched) and every
@@ -136,7 +135,7 @@ def load_model(path: Path, run: Path | None = None) -> tuple[EmotionClassifier, 
     # thresholds tuned without resamples, which goemo.ensemble tunes an ensemble of old runs with.
     args = {**{k: v for k, v in OLD_MODEL_SETTINGS.items() if k in accepted}, **args}
     if isinstance(args.get("model_name_or_path"), str):  # its config.json, which builds the encoder
-        args["model_name_or_path"] = fitted_path(args["model_name_or_path"], run)
+        args["model_name_or_path"] = fitted_path(args["model_name_or_path"], fitted_in)
     model = EmotionClassifier(**args, pretrained=False)
     model.on_load_checkpoint(ckpt)  # as Lightning's load: thresholds of an older checkpoint; a mismatch in one line
     model.load_state_dict(ckpt["state_dict"])
@@ -164,8 +163,9 @@ def load_run(
         runs_dir: Where `best`/`last` look for runs.
     """
     path, run = resolve_checkpoint(str(ckpt), Path(runs_dir))
-    model, data_hparams = load_model(path, run)
-    data_hparams = {**data_hparams, **{k: fitted_path(data_hparams[k], run) for k in ("tokenizer_name", "data_dir")
+    fitted_in = fit_folder(run) if run is not None else None  # where the run's relative paths point
+    model, data_hparams = load_model(path, fitted_in)
+    data_hparams = {**data_hparams, **{k: fitted_path(data_hparams[k], fitted_in) for k in ("tokenizer_name", "data_dir")
                                        if isinstance(data_hparams.get(k), str)}}  # fmt: skip
     name = resolve_model_path(data_hparams.get("tokenizer_name") or model.hparams.model_name_or_path)
     tokenizer = load_tokenizer(name)
