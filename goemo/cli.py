@@ -29,7 +29,7 @@ from goemo.data import HUB_CONFIG, HUB_DATASET, GoEmotionsDataModule
 from goemo.errors import GoemoError
 from goemo.files import check_output_file, check_writable
 from goemo.inputs import check_file
-from goemo.model import EmotionClassifier
+from goemo.model import EmotionClassifier, unread
 from goemo.onnx_backend import Backend
 from goemo.predict import PredictionWriter, check_not_the_input
 from goemo.reliability import Interrupts, LastCheckpoint, OutsideLoopsSIGTERM
@@ -266,6 +266,13 @@ class GoemoCLI(LightningCLI):
             # Typed only: a shared recipe may hold one for its predict runs.
             raise GoemoError(f"--data.predict_file is read by predict only ({self.subcommand} uses the data's splits): "
                              f"drop it, or run python main.py predict")  # fmt: skip
+        if self.subcommand == "fit" and self._args is not None:
+            # Typed only, and a note: a recipe's teacher_weight stays under `--model.teacher null`, and a sweep may
+            # pair focal_gamma with loss bce in some trials. `--model.teacher_weight 0.9` alone trained without a word.
+            for flag in dict(options(self._args)):
+                key = flag.removeprefix("--model.")
+                if flag.startswith("--model.") and (why := unread(key, cfg.model)):
+                    note(f"--model.{key} {cfg.model.get(key)} has no effect: {why}")
         if self.subcommand in ("validate", "test") and not cfg.get("ckpt_path"):  # as predict: scores of an untrained head
             raise GoemoError(f"{self.subcommand} needs --ckpt_path (best, last, a run folder or a .ckpt file): the model to score")
         if self.subcommand == "predict":  # without a file, predictions would stay in memory and be dropped

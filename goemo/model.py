@@ -11,7 +11,8 @@ import hashlib
 import math
 import re
 import sys
-from typing import Literal, Optional, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, get_args
 
 import lightning as L
 import torch
@@ -113,10 +114,22 @@ def max_positions(config) -> Optional[int]:
 # mean to the head (pooling: the weights trained on one pooling would be scored on another, the run's config.yaml then
 # telling `test` the new one); the objective (loss, the auxiliary head). Some only where they count: pos_weight_max
 # under loss bce_pos_weight (its weights come back from the checkpoint's loss_fn.pos_weight), the focal settings under
-# loss focal (KEPT_UNDER), aux_weight with an auxiliary head.
+# loss focal, aux_weight with an auxiliary head (`unread`).
 RESUME_KEEPS = ("learning_rate", "head_learning_rate", "weight_decay", "layer_decay", "freeze_embeddings", "warmup_ratio",
                 "lr_schedule", "pooling", "loss", "aux_taxonomy", "pos_weight_max", "focal_gamma", "focal_alpha", "aux_weight")
-KEPT_UNDER = {"pos_weight_max": ("loss", "bce_pos_weight"), "focal_gamma": ("loss", "focal"), "focal_alpha": ("loss", "focal")}
+# The settings read only under another one: (that setting, the value it needs; None: any value but null).
+READ_UNDER = {"pos_weight_max": ("loss", "bce_pos_weight"), "focal_gamma": ("loss", "focal"), "focal_alpha": ("loss", "focal"),
+              "aux_weight": ("aux_taxonomy", None), "teacher_weight": ("teacher", None)}  # fmt: skip
+
+
+def unread(key: str, hparams: Mapping[str, Any]) -> Optional[str]:
+    """Why model.<key> has no effect under the other settings in `hparams` (None where it has one): a recipe's
+    teacher_weight stays in the config under `--model.teacher null`, a sweep's focal_gamma beside loss bce."""
+    other, needed = READ_UNDER.get(key, (None, None))
+    if other is None or (hparams.get(other) is not None if needed is None else hparams.get(other) == needed):
+        return None
+    now = hparams.get(other)
+    return f"it is read only with model.{other} {needed or 'set'} (now {'null' if now is None else now})"
 
 
 def _check_hparams(
@@ -766,14 +779,8 @@ class EmotionClassifier(L.LightningModule):
         # The optimizer's groups and the scheduler's base rates come back from the checkpoint, so another rate or
         # decay would be recorded in hparams yet never used (another layer_decay or freeze_embeddings changes the
         # groups: PyTorch's multi-line ValueError), and another warmup or schedule would join two lines mid-fit.
-        def counts(k: str) -> bool:
-            if k == "aux_weight":  # only with an auxiliary head
-                return self.hparams.aux_taxonomy is not None
-            key, value = KEPT_UNDER.get(k, (None, None))
-            return key is None or self.hparams[key] == value
-
         changed = [f"model.{k} {saved_hp[k]}, now {self.hparams[k]}" for k in RESUME_KEEPS
-                   if k in saved_hp and saved_hp[k] != self.hparams[k] and counts(k)]
+                   if k in saved_hp and saved_hp[k] != self.hparams[k] and unread(k, self.hparams) is None]
         if changed:
             raise GoemoError(f"this fit started with {'; '.join(changed)}; resume with the settings it started with (a "
                              "longer fit: only trainer.max_epochs or max_steps), or start a new fit")  # fmt: skip

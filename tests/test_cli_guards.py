@@ -394,3 +394,25 @@ def test_a_new_fit_into_a_checkpoint_dirpath_of_another_run_or_one_it_cannot_wri
     assert line.startswith("error: checkpoint.dirpath afile/ck: cannot write there")
     line = cli(capsys, monkeypatch, tmp_path, "fit", "--checkpoint.dirpath", "fresh", *model)
     assert line.startswith(f"error: model '{tmp_path / 'no-model'}'")  # an empty or new folder: on to loading the model
+
+
+def test_a_typed_setting_that_another_one_turns_off_is_said(tmp_path, capsys, monkeypatch):
+    """`--model.teacher_weight 0.9` without a teacher (or focal_gamma beside loss bce, ...) trained as if not given."""
+    model = ("--model.model_name_or_path", str(tmp_path / "no-model"))  # fails after the notes: nothing is trained
+    said: list[str] = []
+    monkeypatch.setattr("goemo.cli.note", lambda text: said.append(f"note: {text}"))
+
+    def notes(*args: str) -> list[str]:
+        said.clear()
+        cli(capsys, monkeypatch, tmp_path, "fit", *model, *args)
+        return [line for line in said if line.startswith("note: --model.")]
+
+    got = notes("--model.teacher_weight", "0.9", "--model.focal_gamma=1", "--model.aux_weight", "0.3", "--model.pos_weight_max", "5")
+    assert got == ["note: --model.teacher_weight 0.9 has no effect: it is read only with model.teacher set (now null)",
+                   "note: --model.focal_gamma 1.0 has no effect: it is read only with model.loss focal (now bce)",
+                   "note: --model.aux_weight 0.3 has no effect: it is read only with model.aux_taxonomy set (now null)",
+                   "note: --model.pos_weight_max 5.0 has no effect: it is read only with model.loss bce_pos_weight (now bce)"]  # fmt: skip
+    assert notes("--model.loss", "focal", "--model.focal_gamma", "1", "--model.aux_taxonomy", "ekman", "--model.aux_weight", "0.3") == []
+    # A recipe's teacher_weight stays in the config under --model.teacher null: not typed, not said.
+    (tmp_path / "recipe.yaml").write_text("model:\n  teacher_weight: 0.75\n  focal_gamma: 1.0\n")
+    assert notes("--config", "recipe.yaml") == []
