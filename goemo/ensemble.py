@@ -244,6 +244,10 @@ def build(
         raise GoemoError(f"an ensemble needs at least 2 runs, got {len(runs)}")
     if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():  # its reports would become the ensemble's
         raise GoemoError(f"--out {out}: a run's folder; give the ensemble a folder of its own (e.g. --out ens)")
+    if not (out / ENSEMBLE_FILE).is_file() and not _ensembles_report(out / report.JSON_NAME):
+        # Another tool's report (an export's, a copy of a run's) would be replaced; an ensemble's cut short keeps
+        # its members in it and is built again.
+        raise GoemoError(f"--out {out}: holds a {report.JSON_NAME} of no ensemble; give the ensemble a folder of its own (e.g. --out ens)")
     # The members' checkpoint files, not their folders: a member resumed later gets a new best checkpoint, which
     # these thresholds were not tuned for (the ensemble then says its member is gone rather than mix the two).
     # Stamped before loading those files: one rewritten from then on (last.ckpt of a fit still running) is refused.
@@ -274,6 +278,16 @@ def build(
     write_text(out / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
     report.print_report(rep)
     return rep
+
+
+def _ensembles_report(path: Path) -> bool:
+    """Whether `path` is free for an ensemble's report: no file there, or an ensemble's report (it names its members)."""
+    if not path.is_file():
+        return True
+    try:
+        return "members" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
 
 
 class Terminated(BaseException):

@@ -1225,6 +1225,30 @@ def test_ensemble_notes_an_out_folder_of_another_ensemble_and_checks_its_members
     assert capsys.readouterr().err == ""
 
 
+def test_ensemble_refuses_an_out_folder_holding_another_report(tmp_path, monkeypatch):
+    """`--out .` beside another tool's test_report.json replaced it; an ensemble's cut short is built again."""
+    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
+    test = {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")}
+    a, b = fake_run(tmp_path / "a", 1e-4, 42, val, test), fake_run(tmp_path / "b", 1e-4, 1, val, test)
+
+    class Loaded(Exception):
+        pass
+
+    def load_ensemble(members):
+        raise Loaded
+
+    monkeypatch.setattr(ensemble, "load_ensemble", load_ensemble)
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "test_report.json").write_text('{"micro": {}}')
+    with pytest.raises(GoemoError, match=f"^--out {out}: holds a test_report.json of no ensemble; give the ensemble a folder of its own"):
+        ensemble.build([str(a), str(b)], out)
+    assert (out / "test_report.json").read_text() == '{"micro": {}}'
+    (out / "test_report.json").write_text('{"members": ["a", "b"]}')  # an ensemble's, cut short before ensemble.json
+    with pytest.raises(Loaded):
+        ensemble.build([str(a), str(b)], out)
+
+
 def test_ensemble_members_data_that_is_not_here_is_noted(monkeypatch, capsys):
     """A member fitted on a copy of the data on another machine: nothing to compare with, not a reason to refuse."""
     y = np.array([[1, 0], [0, 1]], np.uint8)
