@@ -49,6 +49,13 @@ RELIABILITY_CALLBACKS = [{"class_path": f"goemo.reliability.{name}"} for name in
 HPARAM_METRICS = [f"{s}/{m}" for s in ("val", "test") for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
 HPARAM_METRICS += [f"test/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]  # per-label thresholds
 # What --checkpoint.monitor can name: EmotionClassifier's logged metrics (goemo.model) and ModelCheckpoint's epoch/step.
+CKPT_PATH_HELP = {
+    "fit": "Resume a fit: `last` (the newest run's last.ckpt), a run folder (lightning_logs/version_N: its last.ckpt) or "
+           "a .ckpt file. The run's config.yaml is read beneath the flags given and the fit goes on in its folder. Once, as a flag.",
+    "other": "The model: `best` or `last` (the newest run's best or last checkpoint), a run folder (lightning_logs/version_N: "
+             "its best checkpoint) or a .ckpt file. The run's config.yaml is read beneath the flags given and the files "
+             "go into its folder. Once, as a flag.",
+}  # fmt: skip
 MONITORED = [f"val/{m}" for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
 MONITORED += [f"val/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]
 MONITORED += [f"train/{m}" for m in ("loss", "aux_loss", "distill_loss")] + ["epoch", "step"]
@@ -187,6 +194,14 @@ class GoemoCLI(LightningCLI):
         # `add_arguments_to_parser` cannot tell subcommands apart, and parameters of `LightningCLI.predict` are not
         # exposed as flags (Lightning #12438), so predict's own flags are added here.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # The flags' help is Trainer.<subcommand>'s docstring, which names "hpc", "registry" and a weights_only false
+        # that goemo refuses: said as goemo reads them. No public way to set an argument's help once it is added
+        # (argparse keeps the actions in the private _actions).
+        for action in parser._actions:
+            if "--ckpt_path" in action.option_strings:
+                action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "other"]
+            elif "--weights_only" in action.option_strings:
+                action.help = "goemo loads checkpoints with weights_only=True only (a checkpoint never runs code): false is refused."
         if subcommand == "predict":
             parser.add_argument(
                 "--output", type=Optional[str], default=None,

@@ -253,6 +253,14 @@ def test_help_needs_no_run(tmp_path, capsys, monkeypatch):
     assert out.startswith("usage: ") and "--ckpt_path" in out
 
 
+@pytest.mark.parametrize("sub", ["fit", "validate", "test", "predict"])
+def test_help_says_ckpt_path_and_weights_only_as_goemo_reads_them(sub, tmp_path, capsys, monkeypatch):
+    """Trainer's docstrings offered "hpc", "registry" and weights_only false, which goemo refuses."""
+    out = " ".join(cli(capsys, monkeypatch, tmp_path, sub, "--help", code=0).split())
+    assert '"hpc"' not in out and '"registry"' not in out and "false is refused" in out
+    assert ("Resume a fit: `last`" in out) == (sub == "fit") and ("The model: `best` or `last`" in out) == (sub != "fit")
+
+
 def test_a_predict_file_that_is_a_folder_says_so(tmp_path, capsys, monkeypatch):
     fake_run(tmp_path)
     (tmp_path / "d.txt").mkdir()
