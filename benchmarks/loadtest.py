@@ -5,8 +5,9 @@
 For each server setting (batching on: up to 32 requests a forward pass, 10 ms window; off: one request a pass) the
 server starts on a free local port and is warmed up; then headless Locust runs N clients (each posting one random
 test-split text at a time, no pause) for `--seconds`, for N in `--users`. Reports requests/s, p50 and p99 latency,
-failed requests, and the server's memory (RSS of its processes) after warm-up and at the end. Prints a table; JSON
-and the table go to benchmarks/out/.
+failed requests, and the server's memory after warm-up and at the end: the RSS of its processes summed (pages they
+share counted once per process) and their PSS (each shared page split between them; the memory they hold). Prints a
+table; JSON and the table go to benchmarks/out/.
 
 Before the servers start, the same model is timed in this process without HTTP (`model_gain`): texts predicted one
 per call against random groups of as many texts as there are clients. Batching cannot make the server faster than
@@ -42,19 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Linux /proc), MiB."""
-    total, todo = 0, [pid]
+def tree_memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of a process and all its descendants (Linux /proc), MiB. RSS counts each page a process maps, so
+    its sum counts the pages the processes share (the model's weights in forked workers) once per process; PSS gives
+    each process its share of them, so its sum is the memory the tree holds."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
             status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+            rss += int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()  # Linux 4.14+
+            pss += int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, StopIteration, ValueError):
             continue
-    return round(total / 1024, 1)
+    return round(rss / 1024, 1), round(pss / 1024, 1)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -143,11 +149,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         try:
             wait_healthy(url, server)
             locust(url, 4, 5, work / "warmup", env)  # warm-up: the first requests pay for lazy initialisation
-            start_mib = tree_rss_mib(server.pid)
+            rss_start, pss_start = tree_memory_mib(server.pid)
             for n in users:
                 print(f"{name}, {n} clients, {a.seconds} s ...", flush=True)
                 row = locust(url, n, a.seconds, work / f"{name.split()[1]}-{n}", env)
-                results.append({"setting": name, "users": n, **row, "rss_start_mib": start_mib, "rss_end_mib": tree_rss_mib(server.pid)})
+                rss_end, pss_end = tree_memory_mib(server.pid)
+                results.append({"setting": name, "users": n, **row, "rss_start_mib": rss_start, "rss_end_mib": rss_end,
+                                "pss_start_mib": pss_start, "pss_end_mib": pss_end})  # fmt: skip
         finally:
             server.send_signal(signal.SIGINT)
             try:
@@ -158,11 +166,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 os.killpg(server.pid, signal.SIGKILL)  # LitServe's worker processes too
             except ProcessLookupError:
                 pass
-    lines = ["| setting | clients | requests/s | p50 (ms) | p99 (ms) | failed | server RSS after warm-up -> end (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = ["| setting | clients | requests/s | p50 (ms) | p99 (ms) | failed | server RSS after warm-up -> end (MiB) "
+             "| server PSS after warm-up -> end (MiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]  # fmt: skip
     for r in results:
         lines.append(f"| {r['setting']} | {r['users']} | {r['requests_per_s']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                     f"{r['failures']} of {r['requests']} | {r['rss_start_mib']:,} -> {r['rss_end_mib']:,} |")  # fmt: skip
+                     f"{r['failures']} of {r['requests']} | {r['rss_start_mib']:,} -> {r['rss_end_mib']:,} | "
+                     f"{r['pss_start_mib']:,} -> {r['pss_end_mib']:,} |")  # fmt: skip
     lines += ["", "| the model alone | texts a call | ms a text, one a call | ms a text, grouped | gain |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {g['backend']} | {g['group']} | {g['single_ms_per_text']} | {g['grouped_ms_per_text']} | {g['gain']}x |" for g in gains]
     table = "\n".join(lines)

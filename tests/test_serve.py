@@ -132,6 +132,23 @@ def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run):
     assert g["gain"] == pytest.approx(g["single_ms_per_text"] / g["grouped_ms_per_text"], abs=0.01)
 
 
+def test_load_test_memory_counts_pages_shared_by_a_forked_worker_once_in_pss():
+    """The server's RSS summed over its processes counted the weights a forked worker shares with its parent twice."""
+    from benchmarks.loadtest import tree_memory_mib
+
+    code = ("import os, sys, time; a = bytearray(os.urandom(1 << 20)) * 160; os.fork(); "
+            "os.write(1, b'ready\\n'); time.sleep(30)")  # 160 MiB written in the parent, shared after the fork
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n" and proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)  # the child is listed in its parent's children
+        rss, pss = tree_memory_mib(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert rss > 2 * 160 and pss < rss - 0.8 * 160  # both processes map the 160 MiB; PSS counts them once
+
+
 def test_an_ensemble_folder_is_served_and_its_missing_member_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     import shutil
 
