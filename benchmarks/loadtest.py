@@ -166,8 +166,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 os.killpg(server.pid, signal.SIGKILL)  # LitServe's worker processes too
             except ProcessLookupError:
                 pass
-    lines = ["| setting | clients | requests/s | p50 (ms) | p99 (ms) | failed | server RSS after warm-up -> end (MiB) "
-             "| server PSS after warm-up -> end (MiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]  # fmt: skip
+    header = ("| setting | clients | requests/s | p50 (ms) | p99 (ms) | failed | server RSS after warm-up -> end (MiB) "
+              "| server PSS after warm-up -> end (MiB) |")
+    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in results:
         lines.append(f"| {r['setting']} | {r['users']} | {r['requests_per_s']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
                      f"{r['failures']} of {r['requests']} | {r['rss_start_mib']:,} -> {r['rss_end_mib']:,} | "
