@@ -18,7 +18,9 @@ candidate's (the ensemble's, for several runs) score minus the baseline's, half 
 difference is what a comparison between the two can lean on (their separate spreads are mostly the halves' own). The
 JSON keeps every half's scores. The halves depend only on the number of validation rows (seed 0), so runs scored in
 separate invocations are scored on the same halves. Tuning sees half the rows goemo tunes on: a change to the tuning
-itself (resampling, shrinkage) is judged at half its sample size.
+itself (resampling, shrinkage) is judged at half its sample size. Each run is scored with its best checkpoint, which
+its fit picked on the whole validation split (checkpoint.monitor, val/f1_micro by default): the held-out halves had a
+say in that pick, a small optimistic bias shared by the runs compared (not by a run saved only at its last epoch).
 
 `--shrink K` (default: the first run's `model.threshold_shrink`): each label's tuned threshold t_j becomes
 `w t_j + (1 - w) g`, w = n_j / (n_j + K), n_j the label's positives among the tuning rows and g the one grid threshold
