@@ -295,8 +295,8 @@ def to_csv(header: list[str], body: list[list[str]]) -> str:
 
 def expand(paths: list[Path]) -> list[Path]:
     """Run folders as given; a sweep's folder (summary.json) stands for its trials' runs; another folder that is
-    not a run stands for the runs (version_*) inside it. A run named twice (`lightning_logs lightning_logs/version_0`)
-    counts once: two rows of one run would make a seed group of it."""
+    not a run stands for the runs under it (each folder with a config.yaml: version_N and named runs). A run named
+    twice (`lightning_logs lightning_logs/version_0`) counts once: two rows of one run would make a seed group of it."""
     runs = []
     for p in paths:
         if (p / "config.yaml").is_file():
