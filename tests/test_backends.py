@@ -16,10 +16,11 @@ TEXTS = PREDICT_TEXTS + ["happy glad", "angry mad angry", "scared", "table chair
 
 
 @pytest.fixture(scope="module")
-def run(tiny_run, tmp_path_factory):
-    """A copy of the tiny run (the backends cache their ONNX files in the run folder)."""
+def run(learned_run, tmp_path_factory):
+    """A copy of the learned tiny run (the backends cache their ONNX files in the run folder); its scores differ
+    between texts, so a backend that mixed up its rows would not pass for the model."""
     work = tmp_path_factory.mktemp("backends") / "work"
-    shutil.copytree(tiny_run, work)
+    shutil.copytree(learned_run, work)
     return work / "lightning_logs" / "version_0"
 
 
@@ -29,6 +30,7 @@ def test_onnx_backend_matches_torch(run):
     torch_clf, onnx_clf = load(run), load(run, backend="onnx", device="cpu:0", batch_size=np.int64(8))  # as torch takes them
     want, got = torch_clf.predict_proba(TEXTS), onnx_clf.predict_proba(TEXTS)
     assert got.shape == want.shape and onnx_clf.backend == "onnx"
+    assert np.abs(want - want[0]).max(0).min() > 100 * 1e-4  # every label's scores differ between texts
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert [r["labels"] for r in onnx_clf.predict(TEXTS)] == [r["labels"] for r in torch_clf.predict(TEXTS)]
     assert (run / "onnx").is_dir() and len(list((run / "onnx").glob("*.onnx"))) == 1
@@ -39,6 +41,7 @@ def test_int8_backend_is_close_and_keeps_the_top_label(run):
     from goemo import load
 
     want, got = load(run).predict_proba(TEXTS), load(run, backend="int8").predict_proba(TEXTS)
+    assert len(set(want.argmax(1))) > 1 and np.abs(want - want[0]).max() > 0.5  # texts the model tells apart
     assert np.abs(got - want).max() < 0.05  # dynamic int8 weights: small, bounded error
     same_top = (got.argmax(1) == want.argmax(1)).mean()
     assert same_top >= 0.9, same_top
@@ -116,6 +119,7 @@ def test_predict_command_with_a_backend_writes_what_torch_writes(run):
         assert r.returncode == 0, r.stderr[-3000:]
         outs[backend] = [json.loads(line) for line in (work / f"{backend}.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in outs["onnx"]] == [r["labels"] for r in outs["torch"]]
+    assert len({tuple(r["labels"]) for r in outs["torch"]}) > 1  # texts the model tells apart
     assert [r["text"] for r in outs["onnx"]] == [t for t in TEXTS[:12]]
     for a, b in zip(outs["onnx"], outs["torch"]):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)

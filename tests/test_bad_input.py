@@ -444,7 +444,8 @@ def test_predict_never_replaces_its_texts_and_a_config_files_ckpt_path_must_be_a
     main(["predict", "--ckpt_path", "old.ckpt", "--data.predict_file", "texts.txt", "--data.data_dir", str(tiny_run / "data"),
           "--model.threshold", "0.01", "--output", "p.jsonl", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     record = json.loads((tmp_path / "p.jsonl").read_text(encoding="utf-8"))
-    assert record["labels"] and all(record["scores"][k] > 0.01 for k in record["labels"])
+    # every label (each scores near 0.5 here; at the checkpoint's threshold 0.5 some would drop), best first
+    assert record["labels"] == sorted(LABELS4, key=lambda k: -record["scores"][k])
     with pytest.raises(GoemoError, match="is the file of texts it would replace"):
         predict_file(None, tmp_path / "texts.txt", tmp_path / "texts.txt")  # the Python path (the onnx backends')
     assert (tmp_path / "texts.txt").read_text(encoding="utf-8") == "happy glad\n"

@@ -180,7 +180,7 @@ def test_hub_offline_reads_huggingface_hubs_true_values(value, offline, monkeypa
     monkeypatch.setattr("socket.create_connection", lambda *a, **k: dialled.append(a) or contextlib.nullcontext())
     hub_reachable.cache_clear()
     try:
-        assert hub_reachable() is not offline and len(dialled) == (0 if offline else 1)
+        assert hub_reachable() is (not offline) and len(dialled) == (0 if offline else 1)
     finally:
         hub_reachable.cache_clear()
 

@@ -35,15 +35,15 @@ def post(url: str, body: bytes, timeout: float = 60, content_type: str = "applic
 
 
 @pytest.fixture(scope="module", params=[[], ["--fast-queue", "--api-servers", "2"]], ids=["default", "fast-queue-2-api-servers"])
-def server(tiny_run, tmp_path_factory, request):
-    """The tiny run served on a free port, batching up to 64 requests that come within 0.5 s; answers go back over
+def server(learned_run, tmp_path_factory, request):
+    """The learned tiny run (its scores differ between texts) served on a free port, batching up to 64 requests that come within 0.5 s; answers go back over
     LitServe's multiprocessing queues, then (`--fast-queue`) over ZeroMQ from two HTTP server processes."""
     stats = tmp_path_factory.mktemp("serve") / "stats.txt"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "goemo.serve", str(tiny_run / "lightning_logs/version_0"), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "goemo.serve", str(learned_run / "lightning_logs/version_0"), "--port", str(port),
                              "--max-batch", "64", "--batch-timeout", "0.5", "--max-texts", "100", "--max-chars", "5000",
-                             "--stats", str(stats), *request.param], cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--stats", str(stats), *request.param], cwd=learned_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
@@ -70,16 +70,19 @@ def server(tiny_run, tmp_path_factory, request):
 
 
 @pytest.mark.slow
-def test_server_answers_as_load_predicts(server, tiny_run):
+def test_server_answers_as_load_predicts(server, learned_run):
     from goemo import load
 
     url, _ = server
-    want = load(tiny_run / "lightning_logs/version_0").predict(["I am so happy and glad", "angry mad"])
-    status, one = post(url + "/predict", json.dumps({"text": "I am so happy and glad"}).encode())
+    texts = ["I am so happy and glad", "angry mad"]
+    want = load(learned_run / "lightning_logs/version_0").predict(texts)
+    assert max(abs(want[0]["scores"][k] - want[1]["scores"][k]) for k in want[0]["scores"]) > 0.01  # answers to tell apart
+    status, one = post(url + "/predict", json.dumps({"text": texts[0]}).encode())
     assert status == 200 and one["text"] == want[0]["text"] and one["labels"] == want[0]["labels"]
     assert one["scores"] == pytest.approx(want[0]["scores"], abs=1e-5)
-    status, many = post(url + "/predict", json.dumps({"texts": ["I am so happy and glad", "angry mad"]}).encode())
-    assert status == 200 and [r["labels"] for r in many] == [w["labels"] for w in want]
+    status, many = post(url + "/predict", json.dumps({"texts": texts}).encode())
+    assert status == 200 and [r["text"] for r in many] == texts and [r["labels"] for r in many] == [w["labels"] for w in want]
+    assert [r["scores"] for r in many] == [pytest.approx(w["scores"], abs=1e-5) for w in want]  # in the order asked
 
 
 @pytest.mark.slow
@@ -122,11 +125,16 @@ def test_bad_requests_get_a_4xx_with_one_line(server, body, status, message):
     assert ok == 200  # the server goes on
 
 
-def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run):
+def test_load_test_times_the_model_alone_one_text_a_call_and_grouped(tiny_run, monkeypatch):
     from benchmarks.loadtest import model_gain
+    from goemo.classifier import Classifier
 
     texts = [f"text number {i} " * (1 + i % 5) for i in range(40)]
+    sizes = []
+    predict = Classifier.predict
+    monkeypatch.setattr(Classifier, "predict", lambda self, texts: sizes.append(len(texts)) or predict(self, texts))
     g = model_gain(str(tiny_run / "lightning_logs/version_0"), "torch", texts, group=4, calls=8)
+    assert sizes == [4] + [1] * 8 + [4] * 2  # the warm-up, one text a call, then groups of 4 (as many texts)
     assert g["backend"] == "torch" and g["group"] == 4
     assert g["single_ms_per_text"] > 0 and g["grouped_ms_per_text"] > 0
     assert g["gain"] == pytest.approx(g["single_ms_per_text"] / g["grouped_ms_per_text"], abs=0.01)
