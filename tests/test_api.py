@@ -30,6 +30,27 @@ def test_predict_proba_shape_and_order(clf, tiny_run):
     assert clf.predict_proba([]).shape == (0, 4)
 
 
+def test_each_labels_threshold_stays_with_its_label_in_load_and_the_cli(tiny_run, tmp_path, monkeypatch):
+    """The tiny run's tuned thresholds are all 0.01 (its scores all near 0.5): thresholds put under the wrong labels
+    passed every check of them. Here two labels can be chosen (0.01) and two cannot (0.99)."""
+    from goemo.cli import main
+    from goemo.runs import best_checkpoint
+
+    ckpt = torch.load(best_checkpoint(tiny_run / "lightning_logs" / "version_0"), weights_only=True, map_location="cpu")
+    ckpt["state_dict"]["thresholds"] = torch.tensor([0.01, 0.01, 0.99, 0.99])
+    torch.save(ckpt, tmp_path / "model.ckpt")
+    clf = load(tmp_path / "model.ckpt")
+    assert clf.thresholds.tolist() == pytest.approx([0.01, 0.01, 0.99, 0.99])
+    texts = PREDICT_TEXTS[:4]
+    assert [sorted(r["labels"]) for r in clf.predict(texts)] == [sorted(LABELS4[:2])] * 4
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--ckpt_path", "model.ckpt", "--data.predict_file", "texts.txt", "--data.data_dir", str(tiny_run / "data"),
+          "--output", "p.jsonl", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [sorted(r["labels"]) for r in records] == [sorted(LABELS4[:2])] * 4
+
+
 def test_predict_agrees_with_predict_proba(clf):
     records = clf.predict(PREDICT_TEXTS)
     check_records(records, PREDICT_TEXTS, LABELS4, clf.thresholds.tolist())
@@ -136,10 +157,10 @@ def test_a_list_of_runs_looks_for_best_in_runs_dir_and_folders_may_start_with_a_
     # an ensemble folder under ~ (written by hand as goemo.ensemble writes it)
     members = [str(best_checkpoint(tiny_run / "lightning_logs" / "version_0")), str(best_checkpoint(other))]
     (tmp_path / "ens").mkdir()
-    spec = {"members": members, "labels": LABELS4, "thresholds": [0.5] * 4, "stamps": [stamp(m) for m in members]}
+    spec = {"members": members, "labels": LABELS4, "thresholds": [0.1, 0.2, 0.3, 0.4], "stamps": [stamp(m) for m in members]}
     (tmp_path / "ens" / ENSEMBLE_FILE).write_text(json.dumps(spec), encoding="utf-8")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert load("~/ens").thresholds.tolist() == [0.5] * 4
+    assert load("~/ens").thresholds.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])  # each under its own label
 
 
 def test_a_run_fitted_with_relative_paths_loads_from_another_folder(tiny_run, tiny_model, clf, tmp_path, monkeypatch):

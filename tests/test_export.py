@@ -37,12 +37,36 @@ def onnx_vs_torch(path: Path, clf, texts: list[str]) -> float:
     return float(np.abs(got - want).max())
 
 
+THRESHOLDS = [0.1, 0.2, 0.3, 0.4]
+
+
 @pytest.fixture(scope="module")
-def exported(tiny_run) -> Path:
-    """`python -m goemo.export best OUT --onnx` in the tiny run."""
-    out = tiny_run / "export"
+def export_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run whose best checkpoint tells texts apart and labels apart: its logits x 1000 about their
+    mean over TEXTS (the tiny run's scores differ between texts by under 5e-5, inside the tolerances below) and
+    thresholds THRESHOLDS (the tiny run's are all 0.01: one written under another label's name would pass)."""
+    import shutil
+
+    from goemo.runs import best_checkpoint
+
+    work = tmp_path_factory.mktemp("export") / "work"
+    shutil.copytree(tiny_run, work)
+    best = best_checkpoint(work / "lightning_logs" / "version_0")
+    mean_logit = torch.logit(torch.from_numpy(load(best).predict_proba(TEXTS)).double()).mean(0).float()  # (L,)
+    ckpt = torch.load(best, weights_only=True, map_location="cpu")
+    state, k = ckpt["state_dict"], 1000.0  # k (W h + b - mean) = k W h + k (b - mean)
+    state["head.weight"], state["head.bias"] = k * state["head.weight"], k * (state["head.bias"] - mean_logit)
+    state["thresholds"] = torch.tensor(THRESHOLDS)
+    torch.save(ckpt, best)
+    return work
+
+
+@pytest.fixture(scope="module")
+def exported(export_run) -> Path:
+    """`python -m goemo.export best OUT --onnx` in the export run."""
+    out = export_run / "export"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}  # this checkout's goemo
-    r = subprocess.run([sys.executable, "-m", "goemo.export", "best", str(out), "--onnx"], cwd=tiny_run, env=env,
+    r = subprocess.run([sys.executable, "-m", "goemo.export", "best", str(out), "--onnx"], cwd=export_run, env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "model.onnx matches the checkpoint" in r.stderr and f"exported to {out}" in r.stdout
@@ -50,33 +74,40 @@ def exported(tiny_run) -> Path:
 
 
 @pytest.mark.slow
-def test_hf_folder_layout(exported, tiny_run):
+def test_hf_folder_layout(exported, export_run):
+    from transformers import AutoTokenizer
+
     names = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "thresholds.json", "tokenizer.json", "model.onnx"} <= names
     cfg = json.loads((exported / "config.json").read_text())
     assert cfg["problem_type"] == "multi_label_classification"
     assert cfg["architectures"] == ["BertForSequenceClassification"] and "auto_map" not in cfg
     assert cfg["id2label"] == {str(i): n for i, n in enumerate(LABELS4)} and cfg["label2id"] == {n: i for i, n in enumerate(LABELS4)}
-    tuned = dict(zip(LABELS4, best_thresholds(tiny_run)))  # the checkpoint's per-label thresholds
-    assert json.loads((exported / "thresholds.json").read_text()) == pytest.approx(tuned)
+    assert best_thresholds(export_run) == pytest.approx(THRESHOLDS)  # the checkpoint's per-label thresholds
+    assert json.loads((exported / "thresholds.json").read_text()) == pytest.approx(dict(zip(LABELS4, THRESHOLDS)))
+    # pipeline(..., truncation=True) cuts texts where training did
+    max_length = load(export_run / "lightning_logs" / "version_0").max_length
+    assert AutoTokenizer.from_pretrained(exported).model_max_length == max_length
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_pipeline_scores_like_the_checkpoint(tiny_run, exported, batch_size):
+def test_pipeline_scores_like_the_checkpoint(export_run, exported, batch_size):
     from transformers import pipeline
 
-    clf = load(tiny_run / "lightning_logs" / "version_0")
+    clf = load(export_run / "lightning_logs" / "version_0")
     pipe = pipeline("text-classification", model=str(exported), top_k=None, function_to_apply="sigmoid")
     # truncation=True: the exported tokenizer's model_max_length is training's max_length
     out = pipe(TEXTS, batch_size=batch_size, truncation=True)
     got = np.array([[{d["label"]: d["score"] for d in row}[n] for n in LABELS4] for row in out])
-    assert np.abs(got - clf.predict_proba(TEXTS)).max() <= 1e-5
+    want = clf.predict_proba(TEXTS)
+    assert np.abs(want - want[0]).max(0).min() > 100 * 1e-5  # every label's scores differ between texts
+    assert np.abs(got - want).max() <= 1e-5
 
 
 @pytest.mark.slow
-def test_onnx_matches_on_varied_lengths(tiny_run, exported):
-    clf = load(tiny_run / "lightning_logs" / "version_0")
+def test_onnx_matches_on_varied_lengths(export_run, exported):
+    clf = load(export_run / "lightning_logs" / "version_0")
     assert onnx_vs_torch(exported / "model.onnx", clf, TEXTS) <= 1e-4
     # batch 1, and another sequence length than the export's example
     assert onnx_vs_torch(exported / "model.onnx", clf, ["just one text"]) <= 1e-4

@@ -124,8 +124,10 @@ def test_records_sort_labels_and_use_per_label_thresholds():
     # torchmetrics, the threshold tuning and the test report count (p > t)
     assert recs[0]["labels"] == ["anger"]
     assert recs[1]["labels"] == [] and recs[0]["scores"]["anger"] == pytest.approx(0.9)
-    (several,) = to_records(["c"], np.array([[0.6, 0.9, 0.7, 0.1]], dtype=np.float32), LABELS4, np.full(4, 0.5, np.float32))
-    assert several["labels"] == ["anger", "fear", "joy"]  # the most probable first, not in label order
+    several = to_records(["c", "d"], np.array([[0.6, 0.9, 0.7, 0.1], [0.9, 0.6, 0.1, 0.7]], dtype=np.float32), LABELS4,
+                         np.full(4, 0.5, np.float32))  # fmt: skip
+    # each text's most probable first, not in label order (nor in the first text's order)
+    assert [r["labels"] for r in several] == [["anger", "fear", "joy"], ["joy", "neutral", "anger"]]
 
 
 def test_label_thresholds_prefers_the_tuned_buffer():

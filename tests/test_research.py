@@ -1447,12 +1447,14 @@ def test_ensemble_cv_command_on_two_runs_and_on_one(tiny_run, learned_run, tmp_p
     out = capsys.readouterr().out
     assert f"| {runs[1]} | {r['members'][1]:.4f}" in out and "ensemble" not in out.split("\n", 1)[1]
     # Against a baseline run: the same halves, the paired difference, and which checkpoints were scored
-    paired = ensemble_cv.main([runs[1], "--baseline", runs[0], "--repeats", "2", "--out", str(tmp_path / "b")])
-    assert paired["baseline"] == r["members"][0] and paired["vs_baseline"] == pytest.approx(r["members"][1] - r["members"][0])
+    # (the learned run as the baseline: the tiny run labels every text alike, so its rows out of order would score alike)
+    assert r["members"][1] - r["members"][0] > 0.2
+    paired = ensemble_cv.main([runs[0], "--baseline", runs[1], "--repeats", "2", "--out", str(tmp_path / "b")])
+    assert paired["baseline"] == r["members"][1] and paired["vs_baseline"] == pytest.approx(r["members"][0] - r["members"][1])
     out = capsys.readouterr().out
-    assert f"| {runs[1]} minus the baseline (paired) | {paired['vs_baseline']:+.4f} ± " in out
+    assert f"| {runs[0]} minus the baseline (paired) | {paired['vs_baseline']:+.4f} ± " in out
     saved = json.loads(next((tmp_path / "b").glob("ensemble-cv-*.json")).read_text())
-    assert saved["baseline_runs"] == [runs[0]] and saved["checkpoints"] == [str(best_checkpoint(Path(runs[1])))]
+    assert saved["baseline_runs"] == [runs[1]] and saved["checkpoints"] == [str(best_checkpoint(Path(runs[0])))]
 
     # A run of other validation rows: the halves are positions, so it is refused (as a member and as a baseline)
     import shutil
