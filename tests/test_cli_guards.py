@@ -268,18 +268,22 @@ def test_a_predict_file_that_is_a_folder_says_so(tmp_path, capsys, monkeypatch):
     assert line == "error: --data.predict_file d.txt is a folder; give a file of texts (.txt, .jsonl or .csv)"
 
 
-def test_sigterm_during_the_reports_bootstrap_stops_the_test(tmp_path):
+def test_sigterm_during_the_reports_bootstrap_stops_the_test(tmp_path, monkeypatch):
     """Lightning's loop checks for SIGTERM at batch ends only: one arriving while the report is computed stopped
     nothing (report written, status 0). It is raised as the loop would (goemo.cli then exits 143), before writing."""
+    from goemo import report
     from goemo.report import JSON_NAME, TestReport
 
     torch.manual_seed(0)
     model = SimpleNamespace(test_predictions=(torch.rand(8, 4), (torch.rand(8, 4) > 0.5).float()), thresholds=torch.full((4,), 0.5),
                             label_names=LABELS4, hparams=SimpleNamespace(threshold=0.5), tested_step=lambda: 3)  # fmt: skip
-    trainer = SimpleNamespace(is_global_zero=True, received_sigterm=True, ckpt_path=None, log_dir=str(tmp_path), logger=None)
-    with pytest.raises(SIGTERMException):
+    trainer = SimpleNamespace(is_global_zero=True, received_sigterm=False, ckpt_path=None, log_dir=str(tmp_path), logger=None)
+    real = report.bootstrap_f1
+    monkeypatch.setattr(report, "bootstrap_f1", lambda *a, **k: setattr(trainer, "received_sigterm", True) or real(*a, **k))
+    with pytest.raises(SIGTERMException):  # the signal lands while the intervals are drawn
         TestReport(resamples=10).on_test_end(trainer, model)
-    assert not (tmp_path / JSON_NAME).exists()
+    assert trainer.received_sigterm and not (tmp_path / JSON_NAME).exists()
+    monkeypatch.setattr(report, "bootstrap_f1", real)
     trainer.received_sigterm = False
     TestReport(resamples=10).on_test_end(trainer, model)
     assert (tmp_path / JSON_NAME).is_file()

@@ -11,11 +11,18 @@ def test_default_num_workers():
     assert 1 <= default_num_workers(on_cuda=True) <= 4
 
 
-@pytest.mark.parametrize("on_cuda", [False, True])
-def test_loaders_pin_and_spawn_workers_only_for_cuda(tiny_data, tiny_model, tmp_path, monkeypatch, on_cuda):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_loaders_pin_and_spawn_workers_only_for_cuda(tiny_data, tiny_model, tmp_path, monkeypatch, device):
+    """The trainer's device decides, not CUDA's presence: a CPU fit on a GPU machine pins nothing."""
+    from types import SimpleNamespace
+
+    import torch
+
     dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path))
     dm.setup("fit")
-    monkeypatch.setattr(GoEmotionsDataModule, "_on_cuda", lambda self: on_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1, global_rank=0)
+    on_cuda = device == "cuda"
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         assert loader.pin_memory is on_cuda
         assert (loader.num_workers > 0) is on_cuda

@@ -282,27 +282,28 @@ def test_a_run_trained_in_bf16_predicts_in_float32_as_goemo_load_unless_told(tin
 def test_predict_writes_its_config_after_the_predictions_file(tiny_run, tmp_path, monkeypatch):
     """Both happen at predict's end: the writer commits predictions.jsonl first, so a failed commit (a full disk)
     leaves config_predict.yaml beside the earlier predictions it describes."""
-    import functools
     import shutil
     import sys
 
-    from lightning.pytorch import Trainer
-
-    from goemo.cli import RunConfigCallback, main
+    from goemo.cli import main
 
     work = tmp_path / "work"
     shutil.copytree(tiny_run, work, ignore=shutil.ignore_patterns("*.jsonl", "texts.*", "config_*.yaml"))
+    run = work / "lightning_logs" / "version_0"
     (work / "texts.txt").write_text("happy\n", encoding="utf-8")
-    seen = []
-
-    @functools.wraps(Trainer.predict)  # LightningCLI reads the subcommand's arguments off its signature
-    def predict(self, *args, **kwargs):
-        seen.extend(type(cb) for cb in self.callbacks if isinstance(cb, (PredictionWriter, RunConfigCallback)))
-        raise SystemExit(0)
-
-    monkeypatch.setattr(Trainer, "predict", predict)
+    (work / "other.txt").write_text("angry\nmad\n", encoding="utf-8")
     monkeypatch.chdir(work)
     monkeypatch.setattr(sys, "argv", ["main.py"])
+    flags = ["--trainer.enable_progress_bar", "false"]
+    main(["predict", "--ckpt_path", "last", "--data.predict_file", "texts.txt", *flags])
+    before = {name: (run / name).read_text(encoding="utf-8") for name in ("predictions.jsonl", "config_predict.yaml")}
+    assert "texts.txt" in before["config_predict.yaml"]
+
+    def full_disk(self, trainer, pl_module):
+        self.out.discard()
+        raise GoemoError(f"no space left on device while writing {self.path}; free space and run again")
+
+    monkeypatch.setattr(PredictionWriter, "on_predict_end", full_disk)
     with pytest.raises(SystemExit):
-        main(["predict", "--ckpt_path", "last", "--data.predict_file", "texts.txt"])
-    assert seen == [PredictionWriter, RunConfigCallback]
+        main(["predict", "--ckpt_path", "last", "--data.predict_file", "other.txt", *flags])
+    assert {name: (run / name).read_text(encoding="utf-8") for name in before} == before  # the earlier pair, as it was
