@@ -122,7 +122,7 @@ READ_UNDER = {"pos_weight_max": ("loss", "bce_pos_weight"), "focal_gamma": ("los
               "aux_weight": ("aux_taxonomy", None), "teacher_weight": ("teacher", None)}  # fmt: skip
 
 
-def unread(key: str, hparams: Mapping[str, Any]) -> Optional[str]:
+def unread(key: str, hparams: Mapping[str, Any]) -> str | None:
     """Why model.<key> has no effect under the other settings in `hparams` (None where it has one): a recipe's
     teacher_weight stays in the config under `--model.teacher null`, a sweep's focal_gamma beside loss bce."""
     other, needed = READ_UNDER.get(key, (None, None))

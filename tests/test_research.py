@@ -1194,26 +1194,31 @@ def test_ensemble_refuses_two_checkpoints_of_one_model(tmp_path):
     ensemble.check_distinct([str(run), str(last)])
 
 
-def test_ensemble_notes_an_out_folder_of_another_ensemble_and_checks_its_members_first(tmp_path, monkeypatch, capsys):
+class Loaded(Exception):
+    """Raised where goemo.ensemble.build would load its members: what it checked before that is done."""
+
+
+def two_runs_that_never_load(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """Two fake runs (seeds 42 and 1) as ensemble members; loading them raises Loaded."""
     val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
     test = {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")}
-    a = fake_run(tmp_path / "a", 1e-4, 42, val, test)
-    with pytest.raises(GoemoError, match="^an ensemble needs at least 2 runs, got 1$"):
-        ensemble.build([str(a)], tmp_path / "one")
-    assert not (tmp_path / "one").exists()  # was left behind, empty
-
-    class Loaded(Exception):
-        pass
 
     def load_ensemble(members):
         raise Loaded
 
     monkeypatch.setattr(ensemble, "load_ensemble", load_ensemble)
+    return fake_run(tmp_path / "a", 1e-4, 42, val, test), fake_run(tmp_path / "b", 1e-4, 1, val, test)
+
+
+def test_ensemble_notes_an_out_folder_of_another_ensemble_and_checks_its_members_first(tmp_path, monkeypatch, capsys):
+    a, b = two_runs_that_never_load(tmp_path, monkeypatch)
+    with pytest.raises(GoemoError, match="^an ensemble needs at least 2 runs, got 1$"):
+        ensemble.build([str(a)], tmp_path / "one")
+    assert not (tmp_path / "one").exists()  # was left behind, empty
     out = tmp_path / "ens"
     out.mkdir()
     members = [str(a / "checkpoints" / "epoch01-step21.ckpt"), str(tmp_path / "gone.ckpt")]
     (out / "ensemble.json").write_text(json.dumps({"members": members, "thresholds": [0.5], "labels": ["a"]}))
-    b = fake_run(tmp_path / "b", 1e-4, 1, val, test)
     with pytest.raises(Loaded):
         ensemble.build([str(a), str(b)], out)  # was replaced without a word
     assert capsys.readouterr().err == (f"note: --out {out} held an ensemble of other checkpoints ({', '.join(members)}); "
@@ -1227,17 +1232,7 @@ def test_ensemble_notes_an_out_folder_of_another_ensemble_and_checks_its_members
 
 def test_ensemble_refuses_an_out_folder_holding_another_report(tmp_path, monkeypatch):
     """`--out .` beside another tool's test_report.json replaced it; an ensemble's cut short is built again."""
-    val = {"val/f1_micro": 0.6, "val/f1_macro": 0.5, "val/exact_match": 0.4}
-    test = {f"{k}_{a}": 0.5 for k in ("fixed", "tuned") for a in ("micro", "macro")}
-    a, b = fake_run(tmp_path / "a", 1e-4, 42, val, test), fake_run(tmp_path / "b", 1e-4, 1, val, test)
-
-    class Loaded(Exception):
-        pass
-
-    def load_ensemble(members):
-        raise Loaded
-
-    monkeypatch.setattr(ensemble, "load_ensemble", load_ensemble)
+    a, b = two_runs_that_never_load(tmp_path, monkeypatch)
     out = tmp_path / "reports"
     out.mkdir()
     (out / "test_report.json").write_text('{"micro": {}}')
