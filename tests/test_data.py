@@ -1,6 +1,7 @@
 import csv
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,7 +184,8 @@ def test_collator_pads_right_and_makes_float_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 1, 1], [1, 0, 0]]
     left = MultiLabelCollator(pad_token_id=0, padding_side="left")(rows)
-    assert left["input_ids"].tolist()[1] == [0, 101, 102]
+    assert left["input_ids"].tolist() == [[101, 7, 102], [0, 101, 102]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]  # the mask pads on the same side
 
 
 def test_a_resume_with_other_batches_is_refused():
@@ -409,3 +411,18 @@ def test_the_cache_key_follows_every_text_label_and_id_and_their_types():
         digest(["ab", "c"], [[1], [2, 3]], ["1", "2"]),
     ]
     assert len({base, *others}) == 6
+
+
+def test_label_frequencies_of_groups_count_a_row_once(tiny_data, tiny_model, tmp_path):
+    """A row with two labels of one group counted twice: the group's "fraction" of rows went past 1 (head_bias prior's
+    auxiliary head then started at the log-odds of it). About a third of the synthetic rows hold two labels."""
+    from tests.conftest import synthetic_rows
+
+    dm = GoEmotionsDataModule(data_dir=str(tiny_data), tokenizer_name=str(tiny_model), cache_dir=str(tmp_path / "c"))
+    rows = [set(map(int, ids.split(","))) for _, ids in synthetic_rows(96, 0)]  # train.tsv's labels, by hand
+    assert sum(len(r) == 2 for r in rows) > 10
+    assert dm.label_frequencies().tolist() == pytest.approx([sum(j in r for r in rows) / 96 for j in range(4)])
+    groups = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])  # (L, K): {joy, anger}, {fear, neutral}
+    want = [sum(bool(r & {0, 1}) for r in rows) / 96, sum(bool(r & {2, 3}) for r in rows) / 96]
+    assert dm.label_frequencies(groups).tolist() == pytest.approx(want)
+    assert dm.label_frequencies(np.ones((4, 1))).tolist() == pytest.approx([1.0])  # every row has a label

@@ -142,12 +142,14 @@ def test_token_cutoff_changes_training_only(tiny_model):
     for p in (0.0, 0.5):
         torch.manual_seed(0)  # the same weights for both
         m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], token_cutoff=p).eval()  # no dropout: only the cut differs
-        m.log = lambda *a, **k: None  # no trainer attached
+        m.log = m.log_dict = lambda *a, **k: None  # no trainer attached
         losses[p] = m.training_step(batch, 0).item()
-        with torch.no_grad():
-            outputs[p] = m.model_step(batch)[1]  # validation's and test's step
+        with torch.no_grad():  # validation's and test's own steps, and what they keep for tuning and the report
+            m.validation_step({**batch, "row": torch.arange(4)}, 0)
+            m.test_step({**batch, "row": torch.arange(4)}, 0)
+        outputs[p] = (m.val_outputs.compute()[0], m.test_outputs.compute()[0])  # (4, 2) probabilities each
     assert losses[0.0] != losses[0.5]
-    assert torch.equal(outputs[0.0], outputs[0.5])  # evaluation sees whole texts
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0.0], outputs[0.5]))  # evaluation sees whole texts
 
 
 def test_optimizer_groups(tiny_model):

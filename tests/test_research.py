@@ -1510,3 +1510,12 @@ def test_a_storage_password_is_masked_and_flagged(tmp_path, capsys):
     assert "holds a password" in note and "~/.pgpass or PGPASSWORD" in note
     a.storage = f"sqlite:///{tmp_path / 'db.sqlite'}"  # no password: no note
     assert sweep.storage_for(a)[0] == a.storage and capsys.readouterr().err == ""
+
+
+def test_a_groups_cell_says_how_many_runs_it_averages_when_some_lack_the_figure():
+    """A seed group where one run has no test report showed the others' mean ± std as if it covered all n."""
+    from goemo.compare import fmt
+
+    assert fmt([0.5, None, 0.7]) == "0.600 (of 2)" and fmt([0.5, None]) == "0.500 (of 1)" and fmt([None, None]) == "-"
+    assert fmt([0.5, 0.7]) == f"0.600 ± {np.std([0.5, 0.7], ddof=1):.3f}" and fmt([0.5]) == "0.500"
+    assert fmt([0.5], ci=[0.4, 0.6]) == "0.500 [0.400, 0.600]"

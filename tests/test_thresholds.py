@@ -254,3 +254,12 @@ def test_validation_tunes_with_the_models_threshold_resamples(learned_run, tiny_
         EmotionClassifier(str(tiny_model), label_names=["a", "b"], threshold_resamples=-1)
     with pytest.raises(GoemoError, match=r"model.threshold_shrink must be a number >= 0 \(0: no pull"):
         EmotionClassifier(str(tiny_model), label_names=["a", "b"], threshold_shrink=float("nan"))
+
+
+def test_grid_reaches_0_99_in_steps_of_0_01():
+    """The tests above search GRID itself: a grid ending at 0.98, or a coarser one, passed them all."""
+    assert len(GRID) == 99 and GRID[0].item() == pytest.approx(0.01) and GRID[-1].item() == pytest.approx(0.99)
+    high = tune_thresholds(np.array([[0.995], [0.995], [0.985], [0.985]], np.float32), np.array([[1], [1], [0], [0]]), 0.5)
+    assert high.item() == pytest.approx(0.99)  # only 0.99 parts positives (0.995) from negatives (0.985)
+    step = tune_thresholds(np.array([[0.125], [0.125], [0.115], [0.115]], np.float32), np.array([[1], [1], [0], [0]]), 0.5)
+    assert step.item() == pytest.approx(0.12)
