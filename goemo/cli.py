@@ -48,7 +48,7 @@ RELIABILITY_CALLBACKS = [{"class_path": f"goemo.reliability.{name}"} for name in
 # Metric names shown as columns in TensorBoard's hparams tab (fixed: dashboards and scripts read them).
 HPARAM_METRICS = [f"{s}/{m}" for s in ("val", "test") for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
 HPARAM_METRICS += [f"test/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]  # per-label thresholds
-# What --checkpoint.monitor can name: EmotionClassifier's logged metrics (goemo.model) and ModelCheckpoint's epoch/step.
+# --ckpt_path's help, as goemo reads it (`_prepare_subcommand_parser`).
 CKPT_PATH_HELP = {
     "fit": "Resume a fit: `last` (the newest run's last.ckpt), a run folder (lightning_logs/version_N: its last.ckpt) or "
            "a .ckpt file. The run's config.yaml is read beneath the flags given and the fit goes on in its folder. Once, as a flag.",
@@ -56,6 +56,7 @@ CKPT_PATH_HELP = {
              "its best checkpoint) or a .ckpt file. The run's config.yaml is read beneath the flags given and the files "
              "go into its folder. Once, as a flag.",
 }  # fmt: skip
+# What --checkpoint.monitor can name: EmotionClassifier's logged metrics (goemo.model) and ModelCheckpoint's epoch/step.
 MONITORED = [f"val/{m}" for m in ("loss", "f1_micro", "f1_macro", "exact_match")]
 MONITORED += [f"val/{m}_tuned" for m in ("f1_micro", "f1_macro", "exact_match")]
 MONITORED += [f"train/{m}" for m in ("loss", "aux_loss", "distill_loss")] + ["epoch", "step"]
