@@ -534,7 +534,7 @@ def run_sweep(a: argparse.Namespace) -> dict:
                                   "its values again and goes on with the study")  # fmt: skip
             own = [t for t in failed() if t.number in mine]
             if len(own) >= a.max_failures:
-                raise GoemoError(f"{len(own)} trials failed (last: {own[-1].user_attrs['error']}); see {a.sweep_dir}")
+                raise GoemoError(f"{len(own)} of this worker's trials failed (last: {own[-1].user_attrs['error']}); see {a.sweep_dir}")
     except BaseException:
         release_signals(a)
         # Interrupted, --max-failures, Ctrl-C while waiting: the summary still shows the study as it stands (what
@@ -556,7 +556,7 @@ def run_sweep(a: argparse.Namespace) -> dict:
         # Not one result: a failed command, as after --max-failures (which a grid of fewer points never reaches),
         # so scripts and job arrays see it in the exit status, not only in the summary.
         first = next((t.user_attrs["error"] for t in own if t.user_attrs.get("error")), "no reason recorded")
-        raise GoemoError(f"all {len(own)} trials failed; the first failure: {first}; see {a.sweep_dir}")
+        raise GoemoError(f"all {len(own)} of this worker's trials failed; the first failure: {first}; see {a.sweep_dir}")
     return summary
 
 

@@ -551,7 +551,7 @@ def test_max_failures_counts_this_workers_failed_trials_not_the_other_workers(tm
     own_fails[:] = [False, False, False]
     assert sweep.run_sweep(sweep.parse_args([*args, "--trials", "3"]))["trials"] == {"complete": 3, "pruned": 0, "fail": 3}
     own_fails[:] = [True, False, True]  # this worker's own second failure stops it
-    with pytest.raises(GoemoError, match=r"^2 trials failed \(last: this worker's\); see "):
+    with pytest.raises(GoemoError, match=r"^2 of this worker's trials failed \(last: this worker's\); see "):
         sweep.run_sweep(sweep.parse_args([*args, "--trials", "6"]))
 
 

@@ -126,7 +126,7 @@ def test_an_interrupted_or_stopped_sweep_still_writes_its_summary(tmp_path, monk
     summary = json.loads(path.read_text())  # not the first session's: `goemo.compare` of the folder reads it
     assert summary["trials"] == {"complete": 2, "pruned": 0, "fail": 1} and [r["number"] for r in summary["runs"]] == [0, 1]
     outcomes[:] = ["failed"]
-    with pytest.raises(GoemoError, match=r"^1 trials failed \(last: CUDA out of memory\)"):
+    with pytest.raises(GoemoError, match=r"^1 of this worker's trials failed \(last: CUDA out of memory\)"):
         sweep.run_sweep(sweep.parse_args(args))
     assert json.loads(path.read_text())["failed"][-1] == {"number": 3, "error": "CUDA out of memory"}
     outcomes[:] = ["ctrl-c"]
@@ -274,7 +274,7 @@ def test_a_trial_without_a_value_says_whether_its_fit_validated_at_all(tmp_path,
             return 0
 
     monkeypatch.setattr(sweep.subprocess, "Popen", Fit)
-    with pytest.raises(GoemoError, match="^all 2 trials failed; the first failure: " + re.escape(reason) + "; see "):
+    with pytest.raises(GoemoError, match="^all 2 of this worker's trials failed; the first failure: " + re.escape(reason) + "; see "):
         sweep.run_sweep(sweep.parse_args(["--seeds", "1,2", "--heartbeat", "0"]))
     summary = json.loads(Path("lightning_logs/sweeps/seeds/summary.json").read_text())
     assert [f["error"] for f in summary["failed"]] == [reason, reason]
@@ -298,7 +298,7 @@ def test_a_sweep_of_fits_that_never_validate_says_so_and_exits_with_an_error(tmp
               "val/f1_macro to score the trial; give its fit at least one validation")  # fmt: skip
     err = capsys.readouterr().err
     assert f"trial 0 failed: {reason}\n" in err
-    assert e.value.code == 2 and err.endswith(f"error: all 1 trials failed; the first failure: {reason}; see lightning_logs/sweeps/s0\n")
+    assert e.value.code == 2 and err.endswith(f"error: all 1 of this worker's trials failed; the first failure: {reason}; see lightning_logs/sweeps/s0\n")
 
 
 def test_a_sweep_none_of_whose_trials_completed_exits_with_an_error_after_its_summary(tmp_path, monkeypatch, capsys):
@@ -336,7 +336,7 @@ def test_a_sweep_none_of_whose_trials_completed_exits_with_an_error_after_its_su
     capsys.readouterr()
     assert main("--trials", "3") == 2
     out, err = capsys.readouterr()
-    assert err.endswith("error: all 2 trials failed; the first failure: CUDA out of memory (trial 1); see lightning_logs/sweeps/seeds\n")
+    assert err.endswith("error: all 2 of this worker's trials failed; the first failure: CUDA out of memory (trial 1); see lightning_logs/sweeps/seeds\n")
     assert "| 2 | fail |" in out and json.loads(summary.read_text())["trials"] == {"complete": 1, "pruned": 0, "fail": 2}
     outcomes[:] = ["pruned", "Killed"]
     assert main("--trials", "5") == 0
