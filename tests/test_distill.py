@@ -82,6 +82,15 @@ def test_teacher_file_round_trip_and_one_line_errors(tmp_path):
         teacher_file.read_teacher(str(tmp_path / "damaged.npz"), labels, ["c", "a"])
 
 
+def test_a_students_teacher_name_says_its_teacher_weight_and_temperature():
+    student = {"model_name_or_path": "m", "teacher": "pkg:goemo/teachers/t.npz", "teacher_weight": 0.75}
+    assert distill.teacher_name(student) == "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75)"
+    assert distill.teacher_name({**student, "teacher": None}) == "m"
+    assert distill.teacher_name({**student, "teacher_temperature": 2.0}) == (
+        "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75 and temperature 2.0)"
+    )
+
+
 def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_run, learned_run, tmp_path, capsys):
     from goemo import load
 
@@ -111,6 +120,9 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
     distill.main([runs[1], str(out), "--out", str(tmp_path / "three.npz")])  # a file of two runs counts as one teacher
     np.testing.assert_allclose(teacher_file.read_teacher(str(tmp_path / "three.npz"), LABELS, texts),
                                (second + table) / 2, atol=1 / 510 + 1e-6)  # fmt: skip
+    distill.main([*runs, str(first), "--out", str(tmp_path / "four.npz")])  # two runs and a file: three teachers
+    np.testing.assert_allclose(teacher_file.read_teacher(str(tmp_path / "four.npz"), LABELS, texts),
+                               (mean * 2 + first_table) / 3, atol=1 / 510 + 1e-6)  # fmt: skip
     dot = str(first.parent / "." / first.name)
     for args, why in (([str(first)], "give at least one teacher run"),
                       ([runs[1], str(first), dot], f"{re.escape(dot)} and {re.escape(str(first))} are the same teacher file"),
@@ -119,12 +131,6 @@ def test_distill_command_writes_the_teachers_mean_training_probabilities(tiny_ru
         with pytest.raises(SystemExit):
             distill.main([*args, "--out", str(tmp_path / "x.npz")] if "--out" not in args else args)
         assert re.search(why, capsys.readouterr().err.strip())
-    student = {"model_name_or_path": "m", "teacher": "pkg:goemo/teachers/t.npz", "teacher_weight": 0.75}
-    assert distill.teacher_name(student) == "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75)"
-    assert distill.teacher_name({**student, "teacher": None}) == "m"
-    assert distill.teacher_name({**student, "teacher_temperature": 2.0}) == (
-        "m (distilled from pkg:goemo/teachers/t.npz at weight 0.75 and temperature 2.0)"
-    )
     with pytest.raises(SystemExit) as e:  # a folder for --out: one line, before any model is loaded
         distill.main([runs[0], "--out", str(tmp_path)])
     assert e.value.code == 2 and "is a folder" in capsys.readouterr().err

@@ -1244,6 +1244,24 @@ def test_ensemble_refuses_an_out_folder_holding_another_report(tmp_path, monkeyp
         ensemble.build([str(a), str(b)], out)
 
 
+def test_ensemble_report_scores_at_the_members_threshold_and_main_passes_its_options_on(tmp_path, monkeypatch):
+    a, b = two_runs_that_never_load(tmp_path, monkeypatch)
+    probs = np.array([[0.4, 0.2], [0.2, 0.35], [0.1, 0.1], [0.6, 0.45]], np.float32)
+    members = [FakeMember(probs), FakeMember(probs)]
+    for m in members:
+        m.model.hparams.threshold = 0.3  # fitted with --model.threshold 0.3
+    y = np.array([[1, 0], [0, 1], [0, 0], [1, 1]], np.uint8)
+    monkeypatch.setattr(ensemble, "load_ensemble", lambda paths: ensemble.Ensemble(members))
+    monkeypatch.setattr(ensemble, "splits_of", lambda m: {s: {"text": ["0", "1", "2", "3"], "targets": y} for s in ("validation", "test")})
+    rep = ensemble.build([str(a), str(b)], tmp_path / "ens", resamples=10)
+    # at 0.3 every positive (0.4, 0.6; 0.35, 0.45) is found and nothing else; at 0.5 only 0.6 would be
+    assert rep["thresholds"]["fixed"] == 0.3 and rep["fixed"]["micro"]["f1"] == 1.0
+    given = []
+    monkeypatch.setattr(ensemble, "build", lambda *args: given.append(args) or {})
+    ensemble.main(["r1", "r2", "--out", "e", "--resamples", "9", "--threshold-resamples", "7", "--threshold-shrink", "4"])
+    assert given == [(["r1", "r2"], Path("e"), 9, 7, 4.0)]
+
+
 def test_ensemble_members_data_that_is_not_here_is_noted(monkeypatch, capsys):
     """A member fitted on a copy of the data on another machine: nothing to compare with, not a reason to refuse."""
     y = np.array([[1, 0], [0, 1]], np.uint8)
@@ -1301,6 +1319,11 @@ def test_a_checkpoint_from_before_an_option_loads_with_what_the_run_did_then(tin
     del ckpt["hyper_parameters"]["threshold_resamples"]  # the one BEFORE value that is not today's default
     torch.save(ckpt, tmp_path / "old.ckpt")
     assert load_model(tmp_path / "old.ckpt")[0].hparams.threshold_resamples == 0
+    # and what a checkpoint holds is what it loads with, not the old defaults (0 resamples, no shrink)
+    ckpt["hyper_parameters"].update(threshold_resamples=100, threshold_shrink=10.0)
+    torch.save(ckpt, tmp_path / "new.ckpt")
+    hp = load_model(tmp_path / "new.ckpt")[0].hparams
+    assert (hp.threshold_resamples, hp.threshold_shrink) == (100, 10.0)
 
 
 def test_ensemble_refuses_members_with_other_labels():
