@@ -162,6 +162,8 @@ def corrupt(kind: str, good: Path, path: Path) -> None:
         path.write_text("hello, I am a text file\n")
     elif kind == "a bare tensor":
         torch.save(torch.zeros(3), path)
+    elif kind == "a dict without a state_dict":  # a bare state_dict, say
+        torch.save({"encoder.weight": torch.zeros(2)}, path)
     elif kind == "a state_dict of other things":
         torch.save({"state_dict": {"head.weight": [0.0, 1.0]}, "hyper_parameters": {}}, path)
     elif kind == "empty file":
@@ -175,6 +177,7 @@ CKPT_CASES = {
     "truncated": "error: {p}: not a loadable checkpoint (PytorchStreamReader failed reading zip archive: failed finding central directory)",
     "not a checkpoint": "error: {p}: not a loadable checkpoint (not a file written by torch.save)",
     "a bare tensor": "error: {p}: not a Lightning checkpoint (no state_dict)",
+    "a dict without a state_dict": "error: {p}: not a Lightning checkpoint (no state_dict)",
     "a state_dict of other things": "error: {p}: not a Lightning checkpoint (its state_dict holds more than named tensors)",
     "empty file": "error: {p}: not a loadable checkpoint (the file is empty or cut short)",
     "saved by hand": "error: {p}: not a checkpoint Lightning's Trainer wrote (no pytorch-lightning_version); goemo.load "
@@ -186,6 +189,15 @@ CKPT_CASES = {
 def test_broken_checkpoint(kind, good_ckpt, tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.ckpt"
     corrupt(kind, good_ckpt, bad)
+    args = fit(tiny_model, tiny_data, tmp_path / "cache")
+    line = cli_error(capsys, monkeypatch, tmp_path, "test", *args[1:], "--ckpt_path", str(bad))
+    assert line == CKPT_CASES[kind].format(p=bad), line
+
+
+def test_a_dict_without_a_state_dict_is_one_line(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    """The case above without a fitted run (that one is slow): the file alone is refused, before any model loads."""
+    kind, bad = "a dict without a state_dict", tmp_path / "bad.ckpt"
+    corrupt(kind, tmp_path / "unused.ckpt", bad)
     args = fit(tiny_model, tiny_data, tmp_path / "cache")
     line = cli_error(capsys, monkeypatch, tmp_path, "test", *args[1:], "--ckpt_path", str(bad))
     assert line == CKPT_CASES[kind].format(p=bad), line

@@ -65,6 +65,14 @@ def test_dropout_is_the_identity_in_eval_and_at_p_0():
     assert torch.equal(Dropout(0.999995).train()(x), torch.zeros_like(x))
 
 
+def test_use_cpu_dropout_keeps_each_modules_p_and_inplace():
+    m = nn.Sequential(nn.Dropout(0.3), nn.Dropout(0.0, inplace=True))
+    assert use_cpu_dropout(m) == 2
+    assert [type(d) for d in m] == [Dropout, Dropout]
+    assert [d.p for d in m] == pytest.approx([0.3, 0.0], abs=1 / 65536)  # keep_mask rounds p to 1/65536 steps
+    assert [d.inplace for d in m] == [False, True]
+
+
 def test_use_cpu_dropout_swaps_every_dropout_module_of_the_classifier(tiny_model):
     m = EmotionClassifier(str(tiny_model), label_names=["a", "b"], fast_dropout=True)
     drops = [mod for mod in m.modules() if isinstance(mod, nn.Dropout)]

@@ -322,6 +322,24 @@ def test_check_writable_refuses_a_file_in_the_way(tmp_path):
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the folder made, left empty
 
 
+def test_check_writable_refuses_an_existing_folder_it_cannot_write(tmp_path, monkeypatch):
+    """A folder that exists but takes no new files (root writes anywhere, so the probe file is refused here as the
+    file system would refuse it)."""
+    from types import SimpleNamespace
+
+    import goemo.files
+    from goemo.files import check_writable
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(goemo.files, "tempfile", SimpleNamespace(TemporaryFile=denied))
+    with pytest.raises(GoemoError) as e:
+        check_writable(tmp_path, "run folder")
+    want = f"run folder {tmp_path}: cannot write there (Permission denied); choose a folder you can write to"
+    assert str(e.value) == want
+
+
 def test_two_writers_of_one_file_never_mix_their_bytes(tmp_path):
     """Two `predict --output X` at once: each writes its own partial file; the last to commit wins, whole."""
     from goemo.files import AtomicFile

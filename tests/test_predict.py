@@ -53,6 +53,14 @@ def test_read_texts_round_trip(tmp_path, suffix):
     assert count_texts(path) == len(texts)
 
 
+@pytest.mark.parametrize("name", ["texts.TXT", "t.CSV", "t.JSONL"])
+def test_read_texts_takes_upper_case_suffixes(tmp_path, name):
+    texts = ["happy", "sad, and tired"]
+    path = write_inputs(tmp_path / name.lower(), texts).rename(tmp_path / name)
+    assert list(read_texts(path)) == texts
+    assert count_texts(path) == len(texts)
+
+
 def test_txt_keeps_empty_lines_and_strips_bom_and_crlf(tmp_path):
     path = tmp_path / "in.txt"
     path.write_bytes("\ufeffa\r\n\r\nb".encode())

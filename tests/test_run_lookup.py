@@ -92,6 +92,36 @@ def test_fit_last_refuses_to_resume_an_older_run_when_a_newer_named_fit_saved_no
     assert resolve_checkpoint("best", root)[1] == old  # test/predict: the newest run with checkpoints
 
 
+def test_fit_last_resumes_the_newest_run_past_an_older_fit_that_saved_nothing(tmp_path):
+    """version_0 crashed before its first save, then version_1 trained: `fit --ckpt_path last` resumes version_1."""
+    root = tmp_path / "lightning_logs"
+    fake_run(root, "version_0", started=1_000, saved=False)
+    new = fake_run(root, "version_1", started=2_000)
+    assert resolve_checkpoint("last", root, resume=True) == (new / "checkpoints" / "last.ckpt", new)
+
+
+def test_version_10_is_newer_than_version_9(tmp_path):
+    """version_N are ordered by N, not by name ("version_9" > "version_10"), even when both fits started together."""
+    root = tmp_path / "lightning_logs"
+    fake_run(root, "version_9", started=1_000)
+    ten = fake_run(root, "version_10", started=1_000)
+    assert newest_run(root) == ten
+    for alias in ("best", "last"):
+        assert resolve_checkpoint(alias, root, resume=alias == "last") == (ten / "checkpoints" / "last.ckpt", ten)
+
+
+def test_a_run_without_last_ckpt_resumes_from_its_newest_checkpoint(tmp_path):
+    """No last.ckpt (save_last off): `last` and the run folder take the checkpoint saved last, by its mtime."""
+    root = tmp_path / "lightning_logs"
+    run = fake_run(root, "version_0", saved=False)
+    old, new = run / "checkpoints" / "epoch=0-step=10.ckpt", run / "checkpoints" / "epoch=1-step=20.ckpt"
+    for f, mtime in ((old, 1_000), (new, 2_000)):
+        torch.save(LIGHTNING, f)
+        os.utime(f, (mtime, mtime))
+    assert resolve_checkpoint(str(run), resume=True) == (new, run)
+    assert resolve_checkpoint("last", root, resume=True) == (new, run)
+
+
 def test_a_working_folder_names_its_run(tmp_path, monkeypatch, capsys):
     from goemo.cli import main
 

@@ -148,6 +148,15 @@ def test_no_trust_remote_code_and_every_from_pretrained_gets_hub_kwargs():
     assert hub_kwargs("some-org/some-model")["trust_remote_code"] is False
 
 
+def test_hub_kwargs_takes_only_the_local_cache_when_the_hub_is_down(tmp_path, monkeypatch):
+    import goemo.hub
+    from goemo.hub import hub_kwargs
+
+    monkeypatch.setattr(goemo.hub, "hub_reachable", lambda: False)
+    assert hub_kwargs("org/model") == {"trust_remote_code": False, "local_files_only": True}
+    assert hub_kwargs(str(tmp_path)) == {"trust_remote_code": False}  # a local folder: nothing to fetch anyway
+
+
 def test_every_torch_load_is_weights_only():
     calls = [(name, m) for name, text in sources().items() for m in re.findall(r"torch\.load\(([^)]*)\)", text)]
     assert calls and all("weights_only=True" in args for _, args in calls), calls
