@@ -24,6 +24,19 @@ def run(learned_run, tmp_path_factory):
     return work / "lightning_logs" / "version_0"
 
 
+@pytest.mark.parametrize("backend", ["onnx", "int8"])
+def test_onnx_backends_refuse_another_device_than_the_cpu_before_loading(tmp_path, backend):
+    from goemo.onnx_backend import load_backend
+
+    missing = tmp_path / "none.ckpt"
+    for device in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(GoemoError, match=f"^backend {backend} runs on the CPU \\(onnxruntime's CPU provider\\); use device='cpu'$"):
+            load_backend(missing, device=device, backend=backend)
+    for device in ("cpu", "cpu:0"):  # the CPU: on to the checkpoint, which is not there
+        with pytest.raises(GoemoError, match="no such file or run folder"):
+            load_backend(missing, device=device, backend=backend)
+
+
 def test_onnx_backend_matches_torch(run):
     from goemo import load
 

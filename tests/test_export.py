@@ -217,6 +217,14 @@ def test_force_replaces_only_an_earlier_export_never_the_working_folder(tmp_path
     (mine / "model.safetensors").write_text("weights")
     with pytest.raises(GoemoError, match="--force replaces only an earlier export"):
         export(str(ckpt), mine, force=True)
+    project = tmp_path / "project"  # both files every export writes, and a folder of its own: no export either
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    (project / "thresholds.json").write_text("{}")
+    (project / "src" / "main.py").write_text("print()")
+    with pytest.raises(GoemoError, match="--force replaces only an earlier export"):
+        export(str(ckpt), project, force=True)
+    assert (project / "src" / "main.py").read_text() == "print()"
     old = tmp_path / "old-export"  # an earlier export is replaced whole
     old.mkdir()
     for name in ("config.json", "thresholds.json", "tokenizer.json", "model.onnx"):

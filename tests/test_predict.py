@@ -172,6 +172,19 @@ def test_stream_is_written_in_input_order(tmp_path, tiny_model, num_workers):
     assert [r["scores"]["joy"] for r in rows] == pytest.approx([i / 100 for i in range(23)])
 
 
+def test_a_missing_batch_fails_the_predictions_and_writes_no_file(tmp_path):
+    """Rows 2-3 never arrive: the rows after them wait, and at the end the file is refused, not committed short."""
+    writer = PredictionWriter(str(tmp_path / "p.jsonl"))
+    module = SimpleNamespace(label_names=LABELS4, hparams=SimpleNamespace(threshold=0.5))
+    writer.on_predict_start(SimpleNamespace(world_size=1, log_dir=str(tmp_path)), module)
+    for rows in ([0, 1], [4, 5]):  # the batch of rows 2 and 3 is lost
+        batch = {"index": torch.tensor(rows), "text": [f"t{i}" for i in rows]}
+        writer.write_on_batch_end(None, module, torch.zeros(2, 4), None, batch, 0, 0)
+    with pytest.raises(GoemoError, match=r"p\.jsonl: 2 predictions were never written \(rows missing before them\)$"):
+        writer.on_predict_end(None, module)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its partial
+
+
 # -- the CLI ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_predict_txt_writes_into_the_run_folder(tiny_run, txt_predictions):

@@ -190,6 +190,13 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert load_checkpoint(path)["global_step"] == 1
 
 
+def test_safe_checkpoint_io_refuses_weights_only_false(tmp_path):
+    """Lightning's own loading with weights_only=False (a Trainer built in Python, `fit(ckpt_path=..., weights_only=False)`)
+    would run code from the file: refused before the file is opened."""
+    with pytest.raises(GoemoError, match="^weights_only=False: goemo loads checkpoints with weights_only=True only"):
+        SafeCheckpointIO().load_checkpoint(tmp_path / "never-opened.ckpt", weights_only=False)
+
+
 # A child that saves ever larger checkpoints over one path, forever; killed while one is being written.
 SAVER = """
 import sys, torch

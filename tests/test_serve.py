@@ -293,6 +293,39 @@ def test_a_host_this_machine_cannot_listen_on_is_one_line(monkeypatch):
                             "cannot listen there; pick another --host")  # fmt: skip
 
 
+def test_check_address_opens_the_socket_family_of_its_host_and_takes_the_port_range_edges(monkeypatch):
+    from goemo import serve
+    from goemo.errors import GoemoError
+
+    families = []
+
+    class Recorder:
+        def __init__(self, family, kind):
+            families.append(family)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def setsockopt(self, *args):
+            pass
+
+        def bind(self, address):
+            pass
+
+    monkeypatch.setattr(serve.socket, "socket", Recorder)
+    for host in ("::", "0.0.0.0", "127.0.0.1"):
+        serve.check_address(host, 8765)
+    assert families == [socket.AF_INET6, socket.AF_INET, socket.AF_INET]
+    serve.check_address("127.0.0.1", 1024)  # LitServer.run's range, both ends
+    serve.check_address("127.0.0.1", 65535)
+    for port in (1023, 65536):
+        with pytest.raises(GoemoError, match=f"^--port must be within 1024..65535, got {port}$"):
+            serve.check_address("127.0.0.1", port)
+
+
 def test_a_port_this_machine_reserves_says_pick_another_port(monkeypatch):
     """A forbidden port (EACCES: Windows' excluded ranges, SELinux port labels) is not fixed by another --host."""
     import errno
