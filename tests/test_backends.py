@@ -24,6 +24,13 @@ def run(learned_run, tmp_path_factory):
     return work / "lightning_logs" / "version_0"
 
 
+def test_a_runs_onnx_files_go_into_its_own_folder_a_loose_checkpoints_beside_it():
+    from goemo.onnx_backend import cache_dir
+
+    assert cache_dir(Path("runs/version_3/checkpoints/best.ckpt")) == Path("runs/version_3/onnx")
+    assert cache_dir(Path("downloads/model.ckpt")) == Path("downloads")
+
+
 @pytest.mark.parametrize("backend", ["onnx", "int8"])
 def test_onnx_backends_refuse_another_device_than_the_cpu_before_loading(tmp_path, backend):
     from goemo.onnx_backend import load_backend

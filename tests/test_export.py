@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,6 @@ def export_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of the tiny run whose best checkpoint tells texts apart and labels apart: its logits x 1000 about their
     mean over TEXTS (the tiny run's scores differ between texts by under 5e-5, inside the tolerances below) and
     thresholds THRESHOLDS (the tiny run's are all 0.01: one written under another label's name would pass)."""
-    import shutil
-
     from goemo.runs import best_checkpoint
 
     work = tmp_path_factory.mktemp("export") / "work"
@@ -115,12 +114,13 @@ def test_onnx_matches_on_varied_lengths(export_run, exported):
 
 # -- mean pooling: no stock HF class, goemo's own (trust_remote_code) ------------------------------------------
 def write_checkpoint(path: Path, tiny_model: Path, pooling: str) -> Path:
-    """A checkpoint file as Lightning writes one (the keys goemo reads), with a random head."""
+    """A checkpoint file as Lightning writes one (the keys goemo reads), with a random head and thresholds THRESHOLDS."""
     from goemo.model import EmotionClassifier
 
     torch.manual_seed(1)
     model = EmotionClassifier(str(tiny_model), LABELS4, pooling=pooling)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+    state = {**model.state_dict(), "thresholds": torch.tensor(THRESHOLDS)}
+    torch.save({"state_dict": state, "hyper_parameters": dict(model.hparams),
                 "datamodule_hyper_parameters": {"max_length": 64, "tokenizer_name": str(tiny_model)}}, path)  # fmt: skip
     return path
 
@@ -160,6 +160,7 @@ def test_mean_pooling_exports_goemo_class_and_onnx(tmp_path, tiny_model, pooling
     logits = session.run(["logits"], {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})[0]
     probs = 1 / (1 + np.exp(-logits))
     thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds == pytest.approx(dict(zip(LABELS4, THRESHOLDS)))  # each under its own label
     assert np.abs(probs - clf.predict_proba(TEXTS)).max() <= 1e-4
     labels = [{n for n, p in zip(thresholds, row) if p > thresholds[n]} for row in probs]
     assert labels == [set(r["labels"]) for r in clf.predict(TEXTS)]
@@ -225,6 +226,14 @@ def test_force_replaces_only_an_earlier_export_never_the_working_folder(tmp_path
     with pytest.raises(GoemoError, match="--force replaces only an earlier export"):
         export(str(ckpt), project, force=True)
     assert (project / "src" / "main.py").read_text() == "print()"
+    inside = tmp_path / "with-ckpt"  # an earlier export, with the checkpoint to export saved into it
+    inside.mkdir()
+    (inside / "config.json").write_text("{}")
+    (inside / "thresholds.json").write_text("{}")
+    shutil.copy(ckpt, inside / "run.ckpt")
+    with pytest.raises(GoemoError, match=f"^{inside}: it holds the checkpoint to export .*; export to a folder outside it$"):
+        export(str(inside / "run.ckpt"), inside, force=True)
+    assert (inside / "run.ckpt").is_file()
     old = tmp_path / "old-export"  # an earlier export is replaced whole
     old.mkdir()
     for name in ("config.json", "thresholds.json", "tokenizer.json", "model.onnx"):
