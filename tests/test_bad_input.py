@@ -285,6 +285,8 @@ VALUE_CASES = {
     "devices -3 on a CPU": (("--trainer.devices", "-3"), "error: trainer settings: `devices` selected with `CPUAccelerator` should be an int > 0."),
     "val/loss ranked highest first": (("--checkpoint.monitor", "val/loss"),
         "error: checkpoint.monitor val/loss is lower-is-better, but checkpoint.mode is max (goemo's default, for val/f1_micro): add --checkpoint.mode min"),
+    "train loss ranked highest first": (("--checkpoint.monitor", "train/loss"),
+        "error: checkpoint.monitor train/loss is lower-is-better, but checkpoint.mode is max (goemo's default, for val/f1_micro): add --checkpoint.mode min"),
     "validating past the epoch": (("--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "5"),
         ("error: trainer settings: `val_check_interval` (5) must be less than or equal to the number of the training batches (2). "
          "If you want to disable validation set `limit_val_batches` to 0.0 instead. If you want to validate based on the total "
@@ -312,6 +314,20 @@ def test_a_hub_dataset_beside_a_data_dir_is_refused_for_a_new_fit(tiny_model, ti
         line = cli_error(capsys, monkeypatch, tmp_path, *fit(tiny_model, tiny_data, tmp_path / "cache", *flags))
         assert line == (f"error: data.hub_dataset and data.hub_config are read only with data.data_dir null (now {tiny_data}); "
                         "add --data.data_dir null to load that dataset")  # fmt: skip
+
+
+def test_a_resumed_fit_notes_the_hub_dataset_and_refuses_a_typed_loss_ranked_highest(tiny_run, tmp_path):
+    """Resuming a run (fit --ckpt_path last) with a Hub dataset beside its data_dir: a note, as the run's own config would
+    get, not the new fit's refusal. A typed --checkpoint.monitor val/loss at mode max is refused on a resume too."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run, work)
+    r = run_main("fit", "--ckpt_path", "last", "--data.hub_dataset", "my/copy", cwd=work)  # trained out: ends at once
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "note: data.hub_dataset my/copy (" in r.stderr and "is not read: the data comes from data.data_dir" in r.stderr
+    r = run_main("fit", "--ckpt_path", "last", "--checkpoint.monitor", "val/loss", cwd=work)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: checkpoint.monitor val/loss is lower-is-better, but checkpoint.mode is max (goemo's default, for "
+        "val/f1_micro): add --checkpoint.mode min")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(VALUE_CASES))

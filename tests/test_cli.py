@@ -91,6 +91,7 @@ def test_no_run_yet_is_one_line(tmp_path, monkeypatch, capsys):
         ("32-true", "auto", True, True, "32-true"),  # set: kept
         ("16-mixed", "auto", True, True, "16-mixed"),  # configs/base.yaml, the seed's fp16
         ("16-mixed", "auto", False, False, "32-true"),  # configs/base.yaml on a CPU
+        ("16", "auto", False, False, "32-true"),  # its older spelling
     ],
 )
 def test_unset_precision_is_bf16_mixed_on_gpus_that_have_it(monkeypatch, precision, accelerator, cuda, bf16, expected):

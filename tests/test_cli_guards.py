@@ -428,3 +428,17 @@ def test_a_typed_setting_that_another_one_turns_off_is_said(tmp_path, capsys, mo
     # A recipe's teacher_weight stays in the config under --model.teacher null: not typed, not said.
     (tmp_path / "recipe.yaml").write_text("model:\n  teacher_weight: 0.75\n  focal_gamma: 1.0\n")
     assert notes("--config", "recipe.yaml") == []
+
+
+@pytest.mark.parametrize("bar, summary, kept", [(None, False, ["RichProgressBar", "Interrupts"]),
+                                                (False, None, ["RichModelSummary", "Interrupts"]),
+                                                (False, False, ["Interrupts"]), (None, None, ["RichProgressBar", "RichModelSummary", "Interrupts"])])  # fmt: skip
+def test_a_terminal_callback_that_its_switch_turns_off_is_dropped_from_the_config(bar, summary, kept, capsys):
+    """`--trainer.enable_model_summary false` beside the config's RichModelSummary: Lightning refuses the two."""
+    from types import SimpleNamespace
+
+    callbacks = [SimpleNamespace(class_path=f"lightning.pytorch.callbacks.{n}") for n in ("RichProgressBar", "RichModelSummary")]
+    callbacks.append(SimpleNamespace(class_path="goemo.reliability.Interrupts"))
+    trainer = SimpleNamespace(callbacks=callbacks, enable_progress_bar=bar, enable_model_summary=summary)
+    assert [c.class_path.rpartition(".")[2] for c in GoemoCLI._callbacks(trainer)] == kept
+    assert ("note: dropped the callbacks" in capsys.readouterr().err) is (len(kept) < 3)

@@ -81,7 +81,7 @@ class Scaled(torch.nn.Module):
 
 
 def test_the_examples_table_shows_the_averaged_weights_at_the_thresholds_tuned_on_that_validation():
-    rows = {"text": ["low", "high"], "input_ids": [[1, 5], [3]], "attention_mask": [[1, 1], [1]],
+    rows = {"text": ["lo|w", "high"], "input_ids": [[1, 5], [3]], "attention_mask": [[1, 1], [1]],
             "labels": [[0.0, 1.0], [1.0, 0.0]]}  # fmt: skip
     ds = Dataset.from_dict(rows).with_format("torch", columns=["input_ids", "attention_mask", "labels"])
     writer, model = Writer(), Scaled()
@@ -105,7 +105,8 @@ def test_the_examples_table_shows_the_averaged_weights_at_the_thresholds_tuned_o
     (tag, text, step), = writer.texts
     assert (tag, step) == (TAG, 7)
     # sigmoid(3 * (1 - 2)) = 0.05 (anger only, > 0.02); sigmoid(3 * (3 - 2)) = 0.95 (both)
-    assert text.splitlines()[2:] == ["| low | anger | anger (0.05) |", "| high | joy | joy (0.95), anger (0.95) |"]
+    # (a | in a text is escaped: it would end the cell)
+    assert text.splitlines()[2:] == ["| lo\\|w | anger | anger (0.05) |", "| high | joy | joy (0.95), anger (0.95) |"]
     examples.on_validation_end(trainer, model)  # a validation with no table started logs nothing
     trainer.sanity_checking = True
     examples.on_validation_epoch_start(trainer, model)

@@ -166,6 +166,21 @@ def test_mean_pooling_exports_goemo_class_and_onnx(tmp_path, tiny_model, pooling
     assert labels == [set(r["labels"]) for r in clf.predict(TEXTS)]
 
 
+def test_an_exported_goemo_model_gives_the_multi_label_loss_for_labels(tiny_model):
+    """Fine-tuning an export further (Hugging Face's Trainer) needs the loss back from `labels`: BCE on the logits."""
+    from transformers import AutoConfig
+
+    from goemo.hf_model import GoemoConfig, GoemoForSequenceClassification
+
+    torch.manual_seed(0)
+    model = GoemoForSequenceClassification(GoemoConfig(AutoConfig.from_pretrained(tiny_model).to_dict(), "mean", num_labels=4))
+    ids, labels = torch.randint(5, 50, (3, 6)), torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+    out = model(ids, labels=labels)
+    assert out.loss is not None and out.loss.dtype == torch.float32  # int multi-hot labels taken as floats
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels.float()))
+    assert model(ids).loss is None
+
+
 # -- the export folder: readable by others, --force only over an earlier export, one-line errors ------------------
 def test_exported_files_are_readable_by_other_users(tmp_path, tiny_model):
     """safetensors writes model.safetensors 0600: with umask 022 another user could not load the export."""

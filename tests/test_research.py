@@ -69,6 +69,7 @@ model.loss: {grid: [bce, 1e5x]}
         ("- not a mapping", "a space file maps config keys to distributions"),
         ("seed_everything: {grid: [42, 1, 42]}", "seed_everything: grid lists 42 twice (each value is one trial"),
         ("model.loss: {categorical: [bce, focal, bce]}", "model.loss: categorical lists 'bce' twice"),
+        ("seed_everything: {grid: [42, 42]}", "seed_everything: grid lists 42 twice (each value is one trial"),  # side by side
         ("model.learning_rate: {float: [1.0e-5, 1.0e-4], log: 'false'}", "model.learning_rate: log must be true or false, got 'false'"),
         ("model.loss: {categorical: [bce, focal], log: true}", "model.loss: categorical takes its list of values only (log is for"),
         ("seed_everything: {grid: [1, 2], step: 1}", "seed_everything: grid takes its list of values only (step is for"),
