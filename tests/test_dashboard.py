@@ -111,7 +111,14 @@ def test_the_examples_table_shows_the_averaged_weights_at_the_thresholds_tuned_o
     trainer.sanity_checking = True
     examples.on_validation_epoch_start(trainer, model)
     examples.on_validation_end(trainer, model)
+    trainer.sanity_checking, trainer.is_global_zero = False, False  # under DDP: rank 0's table only
+    examples.on_validation_epoch_start(trainer, model)
+    examples.on_validation_end(trainer, model)
     assert len(writer.texts) == 1
+    trainer.is_global_zero, more = True, ValidationExamples(num_examples=5)  # more than the split's 2 rows: all of them
+    more.on_validation_epoch_start(trainer, model)
+    more.on_validation_end(trainer, model)
+    assert len(writer.texts) == 2 and len(writer.texts[1][1].splitlines()) == 4  # header, rule and the 2 rows
 
 
 @pytest.mark.slow

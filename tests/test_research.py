@@ -117,9 +117,24 @@ def test_a_space_file_that_is_not_utf8_is_one_line(tmp_path):
     assert sweep.read_space(space_file(tmp_path, "model.loss: {categorical: [bce, focal]}"))  # a UTF-8 one reads
 
 
+def test_a_trial_draws_from_the_space_files_distributions_and_keeps_by_the_studys_direction():
+    import optuna
+
+    trial = optuna.create_study().ask()
+    sweep.suggest(trial, {"data.train_batch_size": {"kind": "int", "low": 8, "high": 512, "step": None, "log": True},
+                          "model.learning_rate": {"kind": "float", "low": 1e-5, "high": 1e-3, "step": None, "log": True}})  # fmt: skip
+    assert trial.distributions["data.train_batch_size"].log and trial.distributions["model.learning_rate"].log
+    for metric, direction, mode in (("val/f1_macro", "maximize", "max"), ("val/loss", "minimize", "min")):
+        args = sweep.fit_args(sweep.parse_args(["--seeds", "42", "--metric", metric, "--direction", direction]), {})
+        assert args[args.index("--checkpoint.monitor") + 1] == metric and args[args.index("--checkpoint.mode") + 1] == mode
+    with pytest.raises(GoemoError, match="^--trials must be at least 1, got 0$"):
+        sweep.parse_args(["--seeds", "42,1", "--trials", "0"])
+
+
 def test_a_seed_group_is_never_pruned_and_never_runs_a_seed_twice(tmp_path, capsys):
-    with pytest.raises(GoemoError, match=r"^--trials 5: the grid has 3 points, each run once; give --trials 3 or fewer"):
-        sweep.run_sweep(sweep.parse_args(["--seeds", "42,1,7", "--trials", "5"]))
+    for trials in ("5", "4"):  # one more than the grid: a seed run twice
+        with pytest.raises(GoemoError, match=rf"^--trials {trials}: the grid has 3 points, each run once; give --trials 3 or fewer"):
+            sweep.run_sweep(sweep.parse_args(["--seeds", "42,1,7", "--trials", trials]))
     a = sweep.parse_args(["--seeds", "42,1,7", "--config", str(tmp_path / "nope.yaml")])
     assert a.prune  # pruning is on by default ...
     with pytest.raises(GoemoError, match="no such file"):  # (stops here, after the sweep's settings are made)

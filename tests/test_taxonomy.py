@@ -86,3 +86,10 @@ def test_coarse_taxonomy_needs_goemotions_labels(tiny_data):
     for other in ([f"label{i}" for i in range(28)], GOEMOTIONS_LABELS[::-1]):
         with pytest.raises(GoemoError, match=r"maps GoEmotions' 28 labels, but the data has 28 others"):
             taxonomy_matrix("sentiment", other)
+
+
+def test_an_unknown_taxonomy_from_python_is_one_line():
+    """The CLI's type refuses it first; the Python API (GoEmotionsDataModule(taxonomy=...)) got a KeyError."""
+    for f in (taxonomy_labels, taxonomy_matrix):
+        with pytest.raises(GoemoError, match="^data.taxonomy 'plutchik': unknown; use original, ekman or sentiment$"):
+            f("plutchik", GOEMOTIONS_LABELS)
