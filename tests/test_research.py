@@ -398,6 +398,27 @@ def test_a_seed_groups_trials_are_told_not_to_prune(tmp_path, monkeypatch):
     assert args[args.index("--trainer.callbacks.prune") + 1] == "false"
 
 
+@pytest.mark.parametrize("metric, direction, best", [("val/f1_macro", "maximize", 0.6), ("val/loss", "minimize", 0.4)])
+def test_a_trial_scores_its_best_validation_as_its_run_keeps_its_best_checkpoint(tmp_path, monkeypatch, metric, direction, best):
+    """The trial's value is its best epoch's (the checkpoint `best` keeps), not its last one's."""
+    import optuna
+
+    class FakeProc:  # the fit: it reported 0.4, 0.6 and 0.5, and ended well
+        def __init__(self, args, **kw):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeProc)
+    a = sweep.parse_args(["--seeds", "42", "--metric", metric, "--direction", direction])
+    a.sweep_dir, a.study = tmp_path, "s"
+    trial = optuna.create_study(direction=direction).ask()
+    for step, value in enumerate((0.4, 0.6, 0.5)):  # neither best is the last
+        trial.report(value, step)
+    assert sweep.run_trial(trial, a, {"seed_everything": {"kind": "grid", "values": [42]}}, "sqlite://") == best
+
+
 def test_optuna_report_ignores_the_sanity_check(tmp_path):
     """Lightning keeps the sanity check's metrics until it ends: reported, they would be validation 0."""
     from types import SimpleNamespace
