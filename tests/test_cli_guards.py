@@ -162,6 +162,13 @@ def test_predict_output_never_replaces_the_checkpoint_or_the_runs_configs(tmp_pa
         assert line == (f"error: --output {output} is {what}, which the predictions would replace; write them elsewhere "
                         "(by default: predictions.jsonl in the run folder)")  # fmt: skip
     assert (run / "config.yaml").read_text() == "{}"
+    # no --output: the default, the run's predictions.jsonl, is the file of texts here
+    (run / "predictions.jsonl").write_text('{"text": "happy"}\n')
+    line = cli(capsys, monkeypatch, tmp_path, "predict", "--ckpt_path", "best", "--data.predict_file",
+               "lightning_logs/version_0/predictions.jsonl", "--model.model_name_or_path", str(tmp_path / "no-model"))  # fmt: skip
+    assert line == ("error: --output lightning_logs/version_0/predictions.jsonl is the file of texts it would replace; write "
+                    "the predictions elsewhere")  # fmt: skip
+    assert (run / "predictions.jsonl").read_text() == '{"text": "happy"}\n'
 
 
 def test_predict_refuses_a_threshold_from_a_config_file_too(tmp_path, capsys, monkeypatch):
