@@ -166,6 +166,22 @@ def test_mean_pooling_exports_goemo_class_and_onnx(tmp_path, tiny_model, pooling
     assert labels == [set(r["labels"]) for r in clf.predict(TEXTS)]
 
 
+def test_the_exported_pooling_is_the_pooler_for_cls_and_the_masked_mean_for_mean(tiny_model):
+    """What GoemoForSequenceClassification pools, checked against the encoder's outputs directly (the export tests
+    compare the export with goemo's module, which pools through the same function)."""
+    from transformers import AutoModel
+
+    from goemo.hf_model import pool
+
+    encoder = AutoModel.from_pretrained(tiny_model).eval()
+    ids, mask = torch.randint(5, 50, (2, 6)), torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    with torch.no_grad():
+        out = encoder(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(pool(out, mask, "cls"), out.pooler_output)
+    torch.testing.assert_close(pool(out, mask, "mean")[1], out.last_hidden_state[1, :3].mean(0))
+    torch.testing.assert_close(pool(out, mask, "cls+mean"), torch.cat([out.pooler_output, pool(out, mask, "mean")], -1))
+
+
 def test_an_exported_goemo_model_gives_the_multi_label_loss_for_labels(tiny_model):
     """Fine-tuning an export further (Hugging Face's Trainer) needs the loss back from `labels`: BCE on the logits."""
     from transformers import AutoConfig
