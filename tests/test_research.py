@@ -376,10 +376,8 @@ def test_optuna_report_prunes_at_the_validations_number_whatever_the_step_count(
     assert not trainer.should_stop
 
 
-def test_a_seed_groups_trials_are_told_not_to_prune(tmp_path, monkeypatch):
-    """The worker of a seed group does not prune, and each trial's process must not either (its own pruner)."""
-    import optuna
-
+def fake_fits(monkeypatch, returncode: int) -> list:
+    """A trial's fit process that runs nothing and ends with `returncode`; returns the list its arguments go into."""
     seen = []
 
     class FakeProc:
@@ -387,9 +385,17 @@ def test_a_seed_groups_trials_are_told_not_to_prune(tmp_path, monkeypatch):
             seen.append(args)
 
         def wait(self):
-            return 1
+            return returncode
 
     monkeypatch.setattr(sweep.subprocess, "Popen", FakeProc)
+    return seen
+
+
+def test_a_seed_groups_trials_are_told_not_to_prune(tmp_path, monkeypatch):
+    """The worker of a seed group does not prune, and each trial's process must not either (its own pruner)."""
+    import optuna
+
+    seen = fake_fits(monkeypatch, returncode=1)
     a = sweep.parse_args(["--seeds", "42,1"])
     a.prune, a.sweep_dir, a.study = False, tmp_path, "seeds"  # as run_sweep leaves them for a seed group
     trial = optuna.create_study().ask()
@@ -403,14 +409,7 @@ def test_a_trial_scores_its_best_validation_as_its_run_keeps_its_best_checkpoint
     """The trial's value is its best epoch's (the checkpoint `best` keeps), not its last one's."""
     import optuna
 
-    class FakeProc:  # the fit: it reported 0.4, 0.6 and 0.5, and ended well
-        def __init__(self, args, **kw):
-            pass
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(sweep.subprocess, "Popen", FakeProc)
+    fake_fits(monkeypatch, returncode=0)  # the fit: it reported 0.4, 0.6 and 0.5 (below), and ended well
     a = sweep.parse_args(["--seeds", "42", "--metric", metric, "--direction", direction])
     a.sweep_dir, a.study = tmp_path, "s"
     trial = optuna.create_study(direction=direction).ask()
